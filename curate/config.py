@@ -1,0 +1,183 @@
+"""Typed pipeline specs. A spec is data (pipelines/*.toml); every model here rejects unknown keys,
+so a typo in a spec is an error that names the key, never a silently ignored setting."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpecError(ValueError):
+    """A pipeline spec that cannot be used; the message names the file and the key."""
+
+
+# --------------------------------------------------------------------------------------------------
+class InputConfig(Strict):
+    paths: list[str] = Field(min_length=1, description="parquet files, directories or globs; any fsspec URL")
+    layout: Literal["auto", "laion", "datacomp", "custom"] = "auto"
+    url_column: Optional[str] = None  # for layout="custom" (or to override)
+    caption_column: Optional[str] = None
+    uid_column: Optional[str] = None  # None: the layout's own, else uid = md5(url \x00 caption)
+    keep_columns: list[str] = Field(default_factory=list, description="input columns carried into outputs")
+    max_caption_chars: int = Field(4096, ge=16, description="captions are truncated to this for annotation")
+
+
+class OutputConfig(Strict):
+    dir: str = "runs/default"
+    overwrite: bool = False  # refuse to mix a run into a directory made with another input/model
+
+
+class FetchConfig(Strict):
+    enabled: bool = True
+    processes: int = Field(1, ge=1)  # concurrent shard fetches per node (Ray CPU tasks)
+    threads: int = Field(16, ge=1)  # threads per shard fetch (img2dataset thread_count)
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0)
+    image_size: int = Field(384, ge=32, description="images larger than this are downscaled (keep ratio) before storing")
+    user_agent_token: str = "curate"
+    disallowed_header_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+
+
+class ScoreConfig(Strict):
+    """CLIP image-text similarity. Either a model scores fetched images (source="model"), or the
+    spec selects on a similarity column the input already carries (source="column")."""
+
+    source: Literal["model", "column"] = "model"
+    column: Optional[str] = None  # for source="column": e.g. "similarity", "clip_l14_similarity_score"
+    model: str = "curate-tiny"  # an open_clip architecture name
+    pretrained: str = "bundled"  # a pretrained tag, a local/bucket checkpoint path, or "bundled"
+    batch_size: int = Field(64, ge=1)
+    actors: int = Field(1, ge=1, description="scoring actors (one model each); 1 per GPU on a GPU cluster")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    cpu_threads: Optional[int] = Field(None, ge=1, description="torch threads per actor; default: the actor's CPUs")
+
+    @model_validator(mode="after")
+    def _column_needs_name(self) -> "ScoreConfig":
+        if self.source == "column" and not self.column:
+            raise ValueError("score.source = 'column' needs score.column (e.g. 'similarity')")
+        return self
+
+
+class AnnotateConfig(Strict):
+    language: bool = True
+
+
+class ClipRule(Strict):
+    min_score: Optional[float] = Field(None, ge=-1, le=1)
+    top_fraction: Optional[float] = Field(None, gt=0, le=1, description="keep exactly the top fraction by score (DataComp --fraction)")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ClipRule":
+        if self.min_score is not None and self.top_fraction is not None:
+            raise ValueError("clip: give min_score or top_fraction, not both")
+        return self
+
+
+class LanguageRule(Strict):
+    allow: list[str] = Field(default_factory=list, description="ISO 639-1 codes; empty: any language")
+    min_confidence: float = Field(0.0, ge=0, le=1)
+
+
+class CaptionRule(Strict):
+    min_words: int = Field(0, ge=0, description="at least this many whitespace-separated words")
+    min_chars: int = Field(0, ge=0, description="at least this many characters")
+    max_chars: Optional[int] = Field(None, ge=1)
+
+
+class ImageRule(Strict):
+    min_side: int = Field(0, ge=0, description="minimum of width and height, in pixels, of the image as served")
+    max_aspect: Optional[float] = Field(None, ge=1, description="max(w,h)/min(w,h)")
+
+
+class DedupRule(Strict):
+    url: bool = True  # normalised URL
+    image_sha256: bool = True
+
+
+class SelectionConfig(Strict):
+    """Rules applied to cached annotations; cheap, no model and no network."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    clip: ClipRule = ClipRule()
+    language: LanguageRule = LanguageRule()
+    caption: CaptionRule = CaptionRule()
+    image: ImageRule = ImageRule()
+    dedup: DedupRule = DedupRule()
+
+
+class RayConfig(Strict):
+    address: Optional[str] = None  # None: a local ray.init(); "auto" or "ray://host:10001" for a cluster
+    num_cpus: Optional[int] = None  # local runs only
+
+
+class ReportConfig(Strict):
+    group_columns: list[str] = Field(default_factory=list, description="extra columns to report removal rates by")
+    min_group_size: int = Field(30, ge=1)
+    top_groups: int = Field(25, ge=1)
+
+
+class PipelineSpec(Strict):
+    name: str
+    description: str = ""
+    input: InputConfig
+    output: OutputConfig = OutputConfig()
+    fetch: FetchConfig = FetchConfig()
+    score: ScoreConfig = ScoreConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
+    selection: SelectionConfig = SelectionConfig()
+    ray: RayConfig = RayConfig()
+    report: ReportConfig = ReportConfig()
+
+    @property
+    def needs_images(self) -> bool:
+        return self.fetch.enabled and self.score.source == "model"
+
+    def with_overrides(self, **dotted: Any) -> "PipelineSpec":
+        """Return a copy with dotted-key overrides applied, e.g. {"output.dir": "/tmp/x"}; validated."""
+        data = self.model_dump(mode="json")
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return PipelineSpec.model_validate(data)
+
+    def resolved_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.resolved_json().encode()).hexdigest()
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    return parse_spec(raw, source=str(path))
+
+
+def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> PipelineSpec:
+    try:
+        return PipelineSpec.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise SpecError(f"{source}: invalid pipeline spec\n" + "\n".join(lines)) from None

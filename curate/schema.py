@@ -1,0 +1,93 @@
+"""Column names, statuses and removal reasons: the vocabulary every stage shares.
+
+One place for these strings, so a stage, a filter and a report can never disagree on a spelling.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+# --- identity columns (present on every row from the read stage on) -----------------------------
+UID = "uid"  # 32 hex chars: the input's own uid, or md5(url \x00 caption) (DataComp-style, 128 bit)
+URL = "url"
+CAPTION = "caption"
+SHARD = "shard"  # the input shard's stem, e.g. "part-00003"; annotations/<shard>.parquet holds its rows
+ROW = "row"  # 0-based row index inside the input shard; (shard, row) is the row's key
+
+# --- annotation columns ---------------------------------------------------------------------------
+LANGUAGE = "language"
+LANGUAGE_SCORE = "language_score"
+CAPTION_CHARS = "caption_chars"
+CAPTION_WORDS = "caption_words"
+DOMAIN = "domain"  # registered domain (public suffix list), e.g. "wp.com", "bbc.co.uk"
+TLD = "tld"  # public suffix, e.g. "com", "co.uk"
+URL_NORMALIZED = "url_normalized"
+
+FETCH_STATUS = "fetch_status"
+FETCH_ERROR = "fetch_error"
+WIDTH = "width"  # of the stored (possibly downscaled) image
+HEIGHT = "height"
+ORIGINAL_WIDTH = "original_width"  # of the image as served, or from input metadata
+ORIGINAL_HEIGHT = "original_height"
+IMAGE_SHA256 = "image_sha256"  # sha256 of the bytes as served
+
+CLIP_SCORE = "clip_score"
+CLIP_MODEL = "clip_model"  # "<architecture>/<pretrained tag or checkpoint name>"
+
+# --- selection columns ----------------------------------------------------------------------------
+KEPT = "kept"
+REASON = "reason"  # first failing rule, in RULE_ORDER; null when kept
+REASONS = "reasons"  # every failing rule, in RULE_ORDER
+DUPLICATE_OF = "duplicate_of"  # uid of the surviving copy, for duplicate removals
+
+IMAGE_BYTES = "jpg"  # column of the per-shard image cache written by the fetch stage
+
+
+class FetchStatus(str, Enum):
+    """Outcome of fetching one row's image. Every row has exactly one."""
+
+    OK = "ok"
+    NOT_ATTEMPTED = "not_attempted"  # removed by a cheap text rule before fetching
+    NOT_NEEDED = "not_needed"  # the spec scores from an input column; no image is fetched
+    DOWNLOAD_FAILED = "download_failed"  # HTTP error, timeout, refused connection, ...
+    DECODE_FAILED = "decode_failed"  # bytes arrived but are not a decodable image
+    LOST = "lost"  # the fetcher returned no record for the row (reported loudly)
+
+
+class Reason(str, Enum):
+    """Why a row was removed. The order of RULE_ORDER is the order rules are checked in."""
+
+    FETCH_FAILED = "fetch_failed"
+    LANGUAGE = "language"
+    CAPTION_LENGTH = "caption_length"
+    IMAGE_SIZE = "image_size"
+    NOT_SCORED = "not_scored"
+    CLIP_SCORE = "clip_score"
+    DUPLICATE_URL = "duplicate_url"
+    DUPLICATE_IMAGE = "duplicate_image"
+
+
+# Text rules first (they decide what is worth fetching), then what the fetch tells us, then the
+# model's score, then dedup last: a duplicate's survivor is chosen among copies that pass every
+# other rule, so dedup must see the outcome of all of them.
+RULE_ORDER: tuple[Reason, ...] = (
+    Reason.LANGUAGE,
+    Reason.CAPTION_LENGTH,
+    Reason.FETCH_FAILED,
+    Reason.IMAGE_SIZE,
+    Reason.NOT_SCORED,
+    Reason.CLIP_SCORE,
+    Reason.DUPLICATE_URL,
+    Reason.DUPLICATE_IMAGE,
+)
+
+REASON_HELP: dict[Reason, str] = {
+    Reason.LANGUAGE: "caption language not in the allow-list, or detected with too little confidence",
+    Reason.CAPTION_LENGTH: "caption too short or too long (words or characters)",
+    Reason.FETCH_FAILED: "image could not be downloaded or decoded (see fetch_status / fetch_error)",
+    Reason.IMAGE_SIZE: "image smaller than the minimum side, or aspect ratio too extreme",
+    Reason.NOT_SCORED: "row has no CLIP score because an earlier, stricter run skipped it; rerun to score it",
+    Reason.CLIP_SCORE: "image-text similarity below the threshold",
+    Reason.DUPLICATE_URL: "another row has the same normalised URL; duplicate_of names the survivor",
+    Reason.DUPLICATE_IMAGE: "another row has the same image bytes (sha256); duplicate_of names the survivor",
+}
