@@ -1,0 +1,121 @@
+"""Filesystem access through fsspec: local paths and bucket URLs (s3://, gs://, ...) alike.
+
+Every write that a reader could observe half-done goes through `atomic_write_*`: local files are
+written to a temporary name and renamed; object stores publish an object only when the upload
+completes, so a plain write there is already all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    fs, _ = fs_and_path(url)
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def join(base: str, *parts: str) -> str:
+    if "://" in base:
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def exists(url: str) -> bool:
+    fs, path = fs_and_path(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = fs_and_path(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def _unprotocol(fs: fsspec.AbstractFileSystem, url: str, found: str) -> str:
+    """fsspec's glob/ls drop the protocol; put it back so the path can be opened anywhere."""
+    if "://" in url and "://" not in found:
+        proto = url.split("://", 1)[0]
+        return f"{proto}://{found}"
+    return found
+
+
+def list_files(url: str, suffix: str = ".parquet") -> list[str]:
+    """Files under a directory, matching a glob, or the file itself; sorted, protocol kept."""
+    fs, path = fs_and_path(url)
+    if any(ch in path for ch in "*?["):
+        found = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isdir(path):
+        found = [p for p in fs.find(path) if p.endswith(suffix)]
+    elif fs.exists(path):
+        found = [path]
+    else:
+        raise FileNotFoundError(f"{url}: no such file or directory")
+    return sorted(_unprotocol(fs, url, p) for p in found)
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    fs, path = fs_and_path(url)
+    parent = posixpath.dirname(path) if "://" in url else os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if is_local(url):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(url: str, text: str) -> None:
+    atomic_write_bytes(url, text.encode("utf-8"))
+
+
+def write_json(url: str, obj: Any) -> None:
+    atomic_write_text(url, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(url: str) -> Any:
+    fs, path = fs_and_path(url)
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def write_parquet(url: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    atomic_write_bytes(url, buf.getvalue())
+
+
+def read_parquet(url: str, columns: Iterable[str] | None = None) -> pa.Table:
+    fs, path = fs_and_path(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=list(columns) if columns is not None else None)
+
+
+def file_size(url: str) -> int:
+    fs, path = fs_and_path(url)
+    return int(fs.size(path))
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = fs_and_path(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)

