@@ -1,0 +1,496 @@
+"""The selection report: what one selection kept and removed, why, and for whom.
+
+Everything here is polars group-by aggregation over the per-row decisions (lazy, run with the
+streaming engine), so it works on tens of millions of rows without per-row Python. The result of
+:func:`build_report` is a plain JSON-serialisable dict; :func:`write_report` writes it as
+``report.json`` and, rendered by :mod:`curate.reports.html`, as ``report.html``.
+
+Counting rules (the report's own definitions, checked by ``reconciles``):
+
+* ``rows_in``  = every row; ``kept`` = rows with ``kept == True``; ``removed`` = rows with
+  ``kept == False``. A row with a null ``kept`` is neither, so kept + removed != rows_in.
+* ``removed_by_reason[r]`` = removed rows whose first failing rule (``reason``) is ``r``, for ``r`` in
+  RULE_ORDER. A removed row with a null reason, or a reason outside RULE_ORDER, is counted as
+  ``removed_unexplained``; then Σ removed_by_reason != removed.
+* A slice (the whole selection, one shard, one group) *reconciles* iff kept + removed == rows_in and
+  Σ removed_by_reason == removed. ``reconciles`` at the top is True iff the totals, every shard and
+  every grouping (each group, and the groups summing to the totals) reconcile, and no kept row
+  carries a reason. Nothing is dropped to make the numbers agree: a broken row shows up as a count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import polars as pl
+
+from curate.schema import (
+    CLIP_SCORE,
+    FETCH_STATUS,
+    KEPT,
+    REASON,
+    REASON_HELP,
+    REASONS,
+    RULE_ORDER,
+    SHARD,
+)
+
+REPORT_VERSION = 1
+UNKNOWN = "(unknown)"  # how a null group value is shown
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+HIST_BINS = 20
+QUANTILES = {"p05": 0.05, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p95": 0.95}
+DEFAULT_GROUP_COLUMNS = ("domain", "tld", "language")
+
+_REASONS = [r.value for r in RULE_ORDER]
+
+
+# --------------------------------------------------------------------------------------------------
+# small numeric helpers
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float] | None:
+    """Wilson score interval for a binomial proportion; None when n == 0."""
+    if n <= 0:
+        return None
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def _rate(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def _json_value(v: Any) -> Any:
+    """A group value as JSON: str/int/bool/finite float as is, anything else as its str()."""
+    if v is None:
+        return UNKNOWN
+    if isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# the aggregations
+
+
+def _count_exprs() -> list[pl.Expr]:
+    """Per-slice counts: rows_in, kept, removed, removed_by_reason (one column per rule)."""
+    kept = pl.col(KEPT)
+    removed = kept.not_()  # null kept -> null -> not counted anywhere but rows_in
+    exprs = [
+        pl.len().cast(pl.Int64).alias("rows_in"),
+        kept.cast(pl.Int64).sum().alias("kept"),
+        removed.cast(pl.Int64).sum().alias("removed"),
+    ]
+    for r in _REASONS:
+        exprs.append((removed & (pl.col(REASON) == r)).cast(pl.Int64).sum().alias(f"r:{r}"))
+    return exprs
+
+
+def _check_columns(lf: pl.LazyFrame, group_cols: Sequence[str]) -> set[str]:
+    names = set(lf.collect_schema().names())
+    missing = [c for c in (SHARD, KEPT, REASON, *group_cols) if c not in names]
+    if missing:
+        raise ValueError(
+            f"decisions frame lacks column(s) {missing}; it has {sorted(names)}"
+        )
+    return names
+
+
+def report_tables(
+    decisions: pl.LazyFrame | pl.DataFrame,
+    *,
+    group_columns: Sequence[str] = DEFAULT_GROUP_COLUMNS,
+    extra_group_columns: Sequence[str] = (),
+    hist_bins: int = HIST_BINS,
+) -> dict[str, pl.DataFrame]:
+    """The report's raw tables, all small (one row per reason / shard / group / bin).
+
+    Keys: ``kept_reason`` (kept, reason, n: every combination that occurs), ``failed_any``
+    (one row, a column per rule), ``shards``, ``group:<column>`` for each grouping column,
+    ``fetch_status`` (status, n), ``clip_stats`` (one row) and ``clip_hist`` (bin, lo, hi, n).
+    Optional input columns (reasons, clip_score, fetch_status) that are absent give no table.
+    """
+    lf = decisions.lazy()
+    group_cols = list(dict.fromkeys([*group_columns, *extra_group_columns]))
+    names = _check_columns(lf, group_cols)
+
+    queries: dict[str, pl.LazyFrame] = {}
+    queries["kept_reason"] = lf.group_by([KEPT, REASON]).agg(pl.len().cast(pl.Int64).alias("n"))
+    if REASONS in names:
+        queries["failed_any"] = lf.select(
+            [pl.col(REASONS).list.contains(r).cast(pl.Int64).sum().alias(r) for r in _REASONS]
+        )
+    queries["shards"] = lf.group_by(SHARD).agg(_count_exprs())
+    for c in group_cols:
+        queries[f"group:{c}"] = lf.group_by(c).agg(_count_exprs())
+    if FETCH_STATUS in names:
+        queries["fetch_status"] = lf.group_by(FETCH_STATUS).agg(pl.len().cast(pl.Int64).alias("n"))
+    score = pl.col(CLIP_SCORE).cast(pl.Float64).fill_nan(None)
+    if CLIP_SCORE in names:
+        queries["clip_stats"] = lf.select(
+            pl.len().cast(pl.Int64).alias("rows"),
+            score.count().cast(pl.Int64).alias("scored"),
+            score.min().alias("min"),
+            score.max().alias("max"),
+            score.mean().alias("mean"),
+            *[score.quantile(q, interpolation="linear").alias(k) for k, q in QUANTILES.items()],
+        )
+
+    keys = list(queries)
+    frames = pl.collect_all([queries[k] for k in keys], engine="streaming")
+    tables = dict(zip(keys, frames))
+
+    if "clip_stats" in tables:
+        st = tables["clip_stats"].row(0, named=True)
+        lo, hi = _finite(st["min"]), _finite(st["max"])
+        if lo is None or hi is None:
+            tables["clip_hist"] = pl.DataFrame(
+                schema={"bin": pl.Int64, "lo": pl.Float64, "hi": pl.Float64, "n": pl.Int64}
+            )
+        else:
+            nb = hist_bins if hi > lo else 1
+            width = (hi - lo) / nb if hi > lo else 1.0
+            idx = ((score - lo) / width).floor().cast(pl.Int64).clip(0, nb - 1)
+            counts = (
+                lf.select(idx.alias("bin"))
+                .drop_nulls()
+                .group_by("bin")
+                .agg(pl.len().cast(pl.Int64).alias("n"))
+                .collect(engine="streaming")
+            )
+            full = pl.DataFrame(
+                {
+                    "bin": list(range(nb)),
+                    "lo": [lo + i * width for i in range(nb)],
+                    "hi": [hi if i == nb - 1 else lo + (i + 1) * width for i in range(nb)],
+                }
+            )
+            tables["clip_hist"] = (
+                full.join(counts, on="bin", how="left").with_columns(pl.col("n").fill_null(0)).sort("bin")
+            )
+    return tables
+
+
+# --------------------------------------------------------------------------------------------------
+# tables -> JSON
+
+
+def _slice_record(row: dict[str, Any]) -> dict[str, Any]:
+    rows_in, kept, removed = int(row["rows_in"]), int(row["kept"] or 0), int(row["removed"] or 0)
+    by_reason = {r: int(row[f"r:{r}"] or 0) for r in _REASONS}
+    explained = sum(by_reason.values())
+    return {
+        "rows_in": rows_in,
+        "kept": kept,
+        "removed": removed,
+        "removal_rate": _rate(removed, rows_in),
+        "removed_by_reason": by_reason,
+        "removed_unexplained": removed - explained,
+        "kept_null": rows_in - kept - removed,
+        "reconciles": kept + removed == rows_in and explained == removed,
+    }
+
+
+def _group_section(
+    df: pl.DataFrame,
+    column: str,
+    *,
+    overall_rate: float | None,
+    min_group_size: int,
+    top_groups: int,
+    totals: dict[str, int],
+) -> tuple[dict[str, Any], list[str]]:
+    problems: list[str] = []
+    # sort by size desc, then value (nulls last) for a stable order
+    df = df.sort(["rows_in", column], descending=[True, False], nulls_last=True)
+    records = []
+    for row in df.iter_rows(named=True):
+        rec = {"value": _json_value(row[column]), "unknown": row[column] is None, **_slice_record(row)}
+        records.append(rec)
+
+    bad = [r for r in records if not r["reconciles"]]
+    if bad:
+        problems.append(
+            f"{column}: {len(bad)} group(s) do not reconcile, e.g. {bad[0]['value']!r} "
+            f"(rows_in {bad[0]['rows_in']}, kept {bad[0]['kept']}, removed {bad[0]['removed']}, "
+            f"unexplained removals {bad[0]['removed_unexplained']})"
+        )
+    for k in ("rows_in", "kept", "removed"):
+        s = sum(r[k] for r in records)
+        if s != totals[k]:
+            problems.append(f"{column}: groups sum to {k}={s}, totals say {totals[k]}")
+
+    shown, rest = records[:top_groups], records[top_groups:]
+    if rest:
+        agg: dict[str, Any] = {
+            "rows_in": sum(r["rows_in"] for r in rest),
+            "kept": sum(r["kept"] for r in rest),
+            "removed": sum(r["removed"] for r in rest),
+            "removed_by_reason": {x: sum(r["removed_by_reason"][x] for r in rest) for x in _REASONS},
+            "removed_unexplained": sum(r["removed_unexplained"] for r in rest),
+            "kept_null": sum(r["kept_null"] for r in rest),
+            "reconciles": all(r["reconciles"] for r in rest),
+        }
+        agg["removal_rate"] = _rate(agg["removed"], agg["rows_in"])
+        shown.append({"value": f"(other {len(rest)} groups)", "unknown": False, "other_groups": len(rest), **agg})
+
+    out = []
+    for rec in shown:
+        rec.setdefault("other_groups", 0)
+        rec["ci95"] = wilson_interval(rec["removed"], rec["rows_in"])
+        rate = rec["removal_rate"]
+        rec["ratio_to_overall"] = (rate / overall_rate) if (rate is not None and overall_rate) else None
+        rec["too_small"] = rec["rows_in"] < min_group_size
+        out.append(_order_group(rec))
+    return (
+        {
+            "column": column,
+            "distinct": len(records),
+            "shown": min(len(records), top_groups),
+            "too_small_groups": sum(r["rows_in"] < min_group_size for r in records),
+            "reconciles": not problems,
+            "rows": out,
+        },
+        problems,
+    )
+
+
+_GROUP_KEYS = (
+    "value", "unknown", "other_groups", "rows_in", "kept", "removed", "removal_rate", "ci95",
+    "ratio_to_overall", "too_small", "removed_by_reason", "removed_unexplained", "kept_null", "reconciles",
+)  # fmt: skip
+
+
+def _order_group(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: rec[k] for k in _GROUP_KEYS}
+
+
+def build_report(
+    decisions: pl.LazyFrame | pl.DataFrame,
+    *,
+    group_columns: Sequence[str] = DEFAULT_GROUP_COLUMNS,
+    extra_group_columns: Sequence[str] = (),
+    min_group_size: int = 30,
+    top_groups: int = 25,
+    meta: dict | None = None,
+) -> dict[str, Any]:
+    """Summarise one selection's per-row decisions as a JSON-serialisable dict (see module doc)."""
+    if top_groups < 1:
+        raise ValueError("top_groups must be >= 1")
+    group_cols = list(dict.fromkeys([*group_columns, *extra_group_columns]))
+    tables = report_tables(decisions, group_columns=group_cols)
+    problems: list[str] = []
+
+    # ---- totals and first reasons, from the (kept, reason) table ---------------------------------
+    kr = tables["kept_reason"]
+    rows_in = int(kr["n"].sum())
+    kept = int(kr.filter(pl.col(KEPT) == True)["n"].sum())  # noqa: E712
+    removed = int(kr.filter(pl.col(KEPT) == False)["n"].sum())  # noqa: E712
+    kept_null = rows_in - kept - removed
+    rem = kr.filter(pl.col(KEPT) == False)  # noqa: E712
+    first = {r: int(rem.filter(pl.col(REASON) == r)["n"].sum()) for r in _REASONS}
+    removed_no_reason = int(rem.filter(pl.col(REASON).is_null())["n"].sum())
+    unknown_reasons = {
+        str(row[REASON]): int(row["n"])
+        for row in rem.filter(pl.col(REASON).is_not_null() & ~pl.col(REASON).is_in(_REASONS))
+        .sort("n", descending=True)
+        .iter_rows(named=True)
+    }
+    kept_with_reason = int(kr.filter((pl.col(KEPT) == True) & pl.col(REASON).is_not_null())["n"].sum())  # noqa: E712
+
+    if kept_null:
+        problems.append(f"{kept_null:,} row(s) have a null 'kept': neither kept nor removed")
+    if removed_no_reason:
+        problems.append(f"{removed_no_reason:,} removed row(s) have no reason")
+    if unknown_reasons:
+        problems.append(
+            f"{sum(unknown_reasons.values()):,} removed row(s) have a reason outside RULE_ORDER: "
+            + ", ".join(f"{k!r} ({v:,})" for k, v in list(unknown_reasons.items())[:5])
+        )
+    if kept_with_reason:
+        problems.append(f"{kept_with_reason:,} kept row(s) carry a removal reason")
+    totals_ok = kept + removed == rows_in and sum(first.values()) == removed
+
+    totals = {
+        "rows_in": rows_in,
+        "kept": kept,
+        "removed": removed,
+        "removal_rate": _rate(removed, rows_in),
+        "kept_rate": _rate(kept, rows_in),
+        "reconciles": totals_ok,
+    }
+    overall_rate = totals["removal_rate"]
+
+    failed_any = tables["failed_any"].row(0, named=True) if "failed_any" in tables else None
+    reasons = []
+    for r in RULE_ORDER:
+        fa = int(failed_any[r.value] or 0) if failed_any is not None else None
+        reasons.append(
+            {
+                "reason": r.value,
+                "removed_first": first[r.value],
+                "removed_first_share": _rate(first[r.value], rows_in),
+                "share_of_removed": _rate(first[r.value], removed),
+                "failed_any": fa,
+                "failed_any_share": _rate(fa, rows_in) if fa is not None else None,
+                "help": REASON_HELP[r],
+            }
+        )
+
+    anomalies = {
+        "kept_null": kept_null,
+        "removed_without_reason": removed_no_reason,
+        "removed_unknown_reason": unknown_reasons,
+        "kept_with_reason": kept_with_reason,
+    }
+
+    # ---- shards ------------------------------------------------------------------------------------
+    shards = []
+    for row in tables["shards"].sort(SHARD, nulls_last=True).iter_rows(named=True):
+        shards.append({"shard": _json_value(row[SHARD]), **_slice_record(row)})
+    bad_shards = [s["shard"] for s in shards if not s["reconciles"]]
+    if bad_shards:
+        problems.append(
+            f"{len(bad_shards)} shard(s) do not reconcile: " + ", ".join(map(str, bad_shards[:10]))
+            + (" ..." if len(bad_shards) > 10 else "")
+        )
+    for k in ("rows_in", "kept", "removed"):
+        s = sum(x[k] for x in shards)
+        if s != totals[k]:
+            problems.append(f"shards sum to {k}={s}, totals say {totals[k]}")
+
+    # ---- groups ------------------------------------------------------------------------------------
+    groups = {}
+    for c in group_cols:
+        sec, probs = _group_section(
+            tables[f"group:{c}"],
+            c,
+            overall_rate=overall_rate,
+            min_group_size=min_group_size,
+            top_groups=top_groups,
+            totals=totals,
+        )
+        groups[c] = sec
+        problems.extend(probs)
+
+    # ---- clip score ----------------------------------------------------------------------------------
+    clip = None
+    if "clip_stats" in tables:
+        st = tables["clip_stats"].row(0, named=True)
+        hist = tables["clip_hist"]
+        clip = {
+            "scored": int(st["scored"]),
+            "null": int(st["rows"]) - int(st["scored"]),
+            "min": _finite(st["min"]),
+            "max": _finite(st["max"]),
+            "mean": _finite(st["mean"]),
+            "quantiles": {k: _finite(st[k]) for k in QUANTILES},
+            "histogram": {
+                "edges": (hist["lo"].to_list() + hist["hi"].tail(1).to_list()) if hist.height else [],
+                "counts": [int(x) for x in hist["n"].to_list()],
+            },
+        }
+
+    fetch = None
+    if "fetch_status" in tables:
+        fetch = {
+            str(_json_value(row[FETCH_STATUS])): int(row["n"])
+            for row in tables["fetch_status"].sort(["n", FETCH_STATUS], descending=[True, False]).iter_rows(named=True)
+        }
+
+    reconciles = totals_ok and not problems
+    return {
+        "report_version": REPORT_VERSION,
+        "meta": dict(meta or {}),
+        "reconciles": reconciles,
+        "problems": problems,
+        "totals": totals,
+        "anomalies": anomalies,
+        "reasons": reasons,
+        "shards": shards,
+        "groups": groups,
+        "clip_score": clip,
+        "fetch_status": fetch,
+        "settings": {
+            "group_columns": group_cols,
+            "min_group_size": min_group_size,
+            "top_groups": top_groups,
+            "ci": "Wilson score interval, 95%",
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write bytes to path: temp file + rename on a local filesystem; one whole-object put elsewhere
+    (object stores publish an object only when its upload completes)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[str, str]:
+    """Write ``report.json`` and ``report.html`` under out_dir (a local path or any fsspec URL).
+
+    The HTML is written first, so a present report.json means both are complete. Returns the two
+    paths as given (out_dir joined with the file name)."""
+    import fsspec
+
+    from curate.reports.html import render_html
+
+    out = os.fspath(out_dir)
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    body = json.dumps(report, indent=2, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    page = render_html(report).encode("utf-8")
+    _write_atomic(fs, posixpath.join(root, "report.html"), page)
+    _write_atomic(fs, posixpath.join(root, "report.json"), body)
+    sep = "" if out.endswith("/") else "/"
+    if "://" in out:
+        return out + sep + "report.json", out + sep + "report.html"
+    return os.path.join(out, "report.json"), os.path.join(out, "report.html")
+
+
+__all__: Iterable[str] = [
+    "build_report",
+    "report_tables",
+    "write_report",
+    "wilson_interval",
+    "UNKNOWN",
+]
