@@ -1,0 +1,83 @@
+"""The annotation table: one row per input row, every annotation a column. It is the cache that
+selection, reports and reruns read; nothing downstream touches the input, a model or the network.
+
+Layout in a run directory: annotations/<shard>.parquet, written atomically, then
+annotations/<shard>.done (a small JSON with the shard's counts) written last as its completion
+marker. Readers trust only shards that have a marker.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+
+from curate import io, schema
+
+# Columns every annotation shard has, with their types; input keep_columns follow them.
+ANNOTATION_FIELDS: list[pa.Field] = [
+    pa.field(schema.SHARD, pa.string()),
+    pa.field(schema.ROW, pa.int64()),
+    pa.field(schema.UID, pa.string()),
+    pa.field(schema.URL, pa.string()),
+    pa.field(schema.CAPTION, pa.string()),
+    pa.field(schema.LANGUAGE, pa.string()),
+    pa.field(schema.LANGUAGE_SCORE, pa.float32()),
+    pa.field(schema.CAPTION_CHARS, pa.int32()),
+    pa.field(schema.CAPTION_WORDS, pa.int32()),
+    pa.field(schema.DOMAIN, pa.string()),
+    pa.field(schema.TLD, pa.string()),
+    pa.field(schema.URL_NORMALIZED, pa.string()),
+    pa.field(schema.FETCH_STATUS, pa.string()),
+    pa.field(schema.FETCH_ERROR, pa.string()),
+    pa.field(schema.WIDTH, pa.int32()),
+    pa.field(schema.HEIGHT, pa.int32()),
+    pa.field(schema.ORIGINAL_WIDTH, pa.int32()),
+    pa.field(schema.ORIGINAL_HEIGHT, pa.int32()),
+    pa.field(schema.IMAGE_SHA256, pa.string()),
+    pa.field(schema.CLIP_SCORE, pa.float32()),
+    pa.field(schema.CLIP_MODEL, pa.string()),
+]
+ANNOTATION_COLUMNS = [f.name for f in ANNOTATION_FIELDS]
+
+
+def conform(table: pa.Table, keep_columns: list[str] = ()) -> pa.Table:
+    """Order and type the annotation columns; add missing ones as nulls; keep the spec's extras."""
+    n = table.num_rows
+    cols, fields = [], []
+    for f in ANNOTATION_FIELDS:
+        if f.name in table.column_names:
+            cols.append(table.column(f.name).cast(f.type))
+        else:
+            cols.append(pa.nulls(n, f.type))
+        fields.append(f)
+    for name in keep_columns:
+        if name not in ANNOTATION_COLUMNS:
+            cols.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def shard_path(run_dir: str, shard: str) -> str:
+    return io.join(run_dir, "annotations", f"{shard}.parquet")
+
+
+def marker_path(run_dir: str, shard: str) -> str:
+    return io.join(run_dir, "annotations", f"{shard}.done")
+
+
+def completed_shards(run_dir: str) -> list[str]:
+    """Shards whose marker exists (marker is written after the data: only these are trusted)."""
+    d = io.join(run_dir, "annotations")
+    if not io.exists(d):
+        return []
+    return sorted(
+        p.rsplit("/", 1)[-1][: -len(".done")] for p in io.list_files(d, suffix=".done")
+    )
+
+
+def scan(run_dir: str, shards: list[str] | None = None) -> pl.LazyFrame:
+    """Lazily scan completed annotation shards (or the named ones)."""
+    shards = completed_shards(run_dir) if shards is None else shards
+    if not shards:
+        raise FileNotFoundError(f"{run_dir}: no completed annotation shards (annotations/*.done)")
+    return pl.scan_parquet([shard_path(run_dir, s) for s in shards])

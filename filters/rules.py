@@ -1,0 +1,98 @@
+"""Selection rules as polars expressions over annotation columns.
+
+Each rule is a boolean *failure* expression: true means the row fails that rule. A rule that is
+switched off in the spec fails nothing. Null annotations never fail a rule by accident: a missing
+score is `not_scored`, a failed fetch is `fetch_failed`; each case has its own reason.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from curate import schema
+from curate.config import CaptionRule, ImageRule, LanguageRule, SelectionConfig
+from curate.schema import FetchStatus, Reason
+
+FETCH_FAILURES = [FetchStatus.DOWNLOAD_FAILED.value, FetchStatus.DECODE_FAILED.value, FetchStatus.LOST.value]
+
+_FALSE = pl.lit(False)
+
+
+def language_fails(rule: LanguageRule) -> pl.Expr:
+    expr = _FALSE
+    if rule.allow:
+        expr = expr | pl.col(schema.LANGUAGE).is_in(rule.allow).not_().fill_null(True)
+    if rule.min_confidence > 0:
+        expr = expr | (pl.col(schema.LANGUAGE_SCORE) < rule.min_confidence).fill_null(True)
+    return expr
+
+
+def caption_fails(rule: CaptionRule) -> pl.Expr:
+    expr = _FALSE
+    if rule.min_words:
+        expr = expr | (pl.col(schema.CAPTION_WORDS) < rule.min_words)
+    if rule.min_chars:
+        expr = expr | (pl.col(schema.CAPTION_CHARS) < rule.min_chars)
+    if rule.max_chars is not None:
+        expr = expr | (pl.col(schema.CAPTION_CHARS) > rule.max_chars)
+    return expr
+
+
+def text_rules_pass(sel: SelectionConfig) -> pl.Expr:
+    """The cheap rules that decide whether a row is worth fetching and scoring at all."""
+    return (language_fails(sel.language) | caption_fails(sel.caption)).not_()
+
+
+def fetch_fails() -> pl.Expr:
+    return pl.col(schema.FETCH_STATUS).is_in(FETCH_FAILURES)
+
+
+def _dims() -> tuple[pl.Expr, pl.Expr]:
+    w = pl.col(schema.ORIGINAL_WIDTH).cast(pl.Float64)
+    h = pl.col(schema.ORIGINAL_HEIGHT).cast(pl.Float64)
+    return pl.min_horizontal(w, h), pl.max_horizontal(w, h)
+
+
+def image_rule_active(rule: ImageRule) -> bool:
+    return rule.min_side > 0 or rule.max_aspect is not None
+
+
+def image_fails(rule: ImageRule) -> pl.Expr:
+    lo, hi = _dims()
+    expr = _FALSE
+    if rule.min_side > 0:
+        expr = expr | (lo < rule.min_side).fill_null(False)
+    if rule.max_aspect is not None:
+        expr = expr | ((hi / lo) > rule.max_aspect).fill_null(False) | (lo <= 0).fill_null(False)
+    return expr
+
+
+def not_scored(sel: SelectionConfig, clip_active: bool) -> pl.Expr:
+    """Rows a rule needs an annotation for that an earlier, stricter run never produced
+    (it skipped the row before fetching). Reported, never guessed."""
+    skipped = pl.col(schema.FETCH_STATUS) == FetchStatus.NOT_ATTEMPTED.value
+    lo, _ = _dims()
+    expr = _FALSE
+    if clip_active:
+        expr = expr | (pl.col(schema.CLIP_SCORE).is_null() & fetch_fails().not_())
+    if image_rule_active(sel.image):
+        expr = expr | (lo.is_null() & skipped)
+    return expr
+
+
+def clip_fails(threshold: float | None) -> pl.Expr:
+    if threshold is None:
+        return _FALSE
+    return (pl.col(schema.CLIP_SCORE) < threshold).fill_null(False)
+
+
+def rule_failures(sel: SelectionConfig, clip_threshold: float | None) -> dict[Reason, pl.Expr]:
+    """Every pre-dedup rule's failure expression, in RULE_ORDER."""
+    return {
+        Reason.LANGUAGE: language_fails(sel.language),
+        Reason.CAPTION_LENGTH: caption_fails(sel.caption),
+        Reason.FETCH_FAILED: fetch_fails(),
+        Reason.IMAGE_SIZE: image_fails(sel.image),
+        Reason.NOT_SCORED: not_scored(sel, clip_threshold is not None),
+        Reason.CLIP_SCORE: clip_fails(clip_threshold),
+    }

@@ -1,0 +1,117 @@
+"""Selection: annotations in, one decision per row out.
+
+decide() adds `kept`, `reason` (first failing rule in RULE_ORDER), `reasons` (all failing rules)
+and `duplicate_of` to every annotation row. It reads annotations only: no model, no network.
+
+Dedup runs last and only among rows that pass every other rule, so a copy that would be removed
+anyway never wins. The survivor of a duplicate group is deterministic: the highest CLIP score
+(rows without a score rank last), then the smallest uid, then the smallest (shard, row).
+Changing the CLIP threshold therefore re-picks survivors without recomputing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from curate import schema
+from curate.config import SelectionConfig
+from curate.schema import RULE_ORDER, Reason
+from curate.filters.rules import rule_failures
+
+_SURVIVOR_ORDER = [schema.CLIP_SCORE, schema.UID, schema.SHARD, schema.ROW]
+_SURVIVOR_DESC = [True, False, False, False]
+
+
+@dataclass(frozen=True)
+class ResolvedSelection:
+    """What a selection actually applied, e.g. the score threshold a top_fraction turned into."""
+
+    clip_threshold: float | None
+    clip_rule: str  # "off", "min_score", "top_fraction"
+    scored_pool: int | None  # rows with a score, for top_fraction
+
+    def as_dict(self) -> dict:
+        return {"clip_threshold": self.clip_threshold, "clip_rule": self.clip_rule, "scored_pool": self.scored_pool}
+
+
+def resolve_clip_threshold(annotations: pl.LazyFrame, sel: SelectionConfig) -> ResolvedSelection:
+    if sel.clip.min_score is not None:
+        return ResolvedSelection(sel.clip.min_score, "min_score", None)
+    if sel.clip.top_fraction is None:
+        return ResolvedSelection(None, "off", None)
+    # Exactly DataComp's --fraction: n = int(N * fraction); threshold = the (n+1)-th highest score
+    # over the whole scored pool; keep score >= threshold.
+    scores = (
+        annotations.select(pl.col(schema.CLIP_SCORE).cast(pl.Float64))
+        .drop_nulls()
+        .filter(pl.col(schema.CLIP_SCORE).is_nan().not_())
+        .collect()
+        .get_column(schema.CLIP_SCORE)
+        .sort(descending=True)
+    )
+    n_pool = scores.len()
+    if n_pool == 0:
+        raise ValueError("clip.top_fraction: no row has a CLIP score; nothing to rank")
+    n = min(int(n_pool * sel.clip.top_fraction), n_pool - 1)
+    return ResolvedSelection(float(scores[n]), "top_fraction", n_pool)
+
+
+def _fail(reason: Reason) -> str:
+    return f"_fails_{reason.value}"
+
+
+def _of(reason: Reason) -> str:
+    return f"_{reason.value}_of"
+
+
+def _dedup(frame: pl.LazyFrame, key: str, eligible: str, reason: Reason) -> pl.LazyFrame:
+    """Mark rows that duplicate an eligible survivor on `key`; adds `<reason>` and `<reason>_of`."""
+    fail_col, of_col = _fail(reason), _of(reason)
+    cands = (
+        frame.filter(pl.col(eligible) & pl.col(key).is_not_null())
+        .select(schema.SHARD, schema.ROW, schema.UID, schema.CLIP_SCORE, key)
+        .sort(_SURVIVOR_ORDER, descending=_SURVIVOR_DESC, nulls_last=True)
+        .with_columns(
+            (pl.int_range(pl.len()).over(key) > 0).alias(fail_col),
+            pl.col(schema.UID).first().over(key).alias(of_col),
+        )
+        .filter(pl.col(fail_col))
+        .select(schema.SHARD, schema.ROW, fail_col, of_col)
+    )
+    return (
+        frame.join(cands, on=[schema.SHARD, schema.ROW], how="left")
+        .with_columns(pl.col(fail_col).fill_null(False))
+    )
+
+
+def decide(annotations: pl.LazyFrame, sel: SelectionConfig) -> tuple[pl.LazyFrame, ResolvedSelection]:
+    resolved = resolve_clip_threshold(annotations, sel)
+    fails = rule_failures(sel, resolved.clip_threshold)
+    frame = annotations.with_columns(
+        pl.col(schema.CLIP_SCORE).fill_nan(None),
+        *[expr.alias(_fail(reason)) for reason, expr in fails.items()],
+    )
+    frame = frame.with_columns(pl.any_horizontal([pl.col(_fail(r)) for r in fails]).not_().alias("_eligible"))
+
+    for reason, key, on in (
+        (Reason.DUPLICATE_URL, schema.URL_NORMALIZED, sel.dedup.url),
+        (Reason.DUPLICATE_IMAGE, schema.IMAGE_SHA256, sel.dedup.image_sha256),
+    ):
+        if on:
+            frame = _dedup(frame, key, "_eligible", reason)
+        else:
+            frame = frame.with_columns(pl.lit(False).alias(_fail(reason)), pl.lit(None, pl.String).alias(_of(reason)))
+        frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(reason)).not_()).alias("_eligible"))
+
+    reasons = pl.concat_list(
+        [pl.when(pl.col(_fail(r))).then(pl.lit(r.value)).otherwise(pl.lit(None, pl.String)) for r in RULE_ORDER]
+    ).list.drop_nulls()
+    frame = frame.with_columns(reasons.alias(schema.REASONS)).with_columns(
+        (pl.col(schema.REASONS).list.len() == 0).alias(schema.KEPT),
+        pl.col(schema.REASONS).list.first().alias(schema.REASON),
+        pl.coalesce(_of(Reason.DUPLICATE_URL), _of(Reason.DUPLICATE_IMAGE)).alias(schema.DUPLICATE_OF),
+    )
+    drop = [*(_fail(r) for r in RULE_ORDER), _of(Reason.DUPLICATE_URL), _of(Reason.DUPLICATE_IMAGE), "_eligible"]
+    return frame.drop(drop), resolved
