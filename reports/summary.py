@@ -222,42 +222,39 @@ def _group_section(
     totals: dict[str, int],
 ) -> tuple[dict[str, Any], list[str]]:
     problems: list[str] = []
-    # sort by size desc, then value (nulls last) for a stable order
-    df = df.sort(["rows_in", column], descending=[True, False], nulls_last=True)
-    records = []
-    for row in df.iter_rows(named=True):
-        rec = {"value": _json_value(row[column]), "unknown": row[column] is None, **_slice_record(row)}
-        records.append(rec)
-
-    bad = [r for r in records if not r["reconciles"]]
-    if bad:
+    # Work on the group table in polars (it can have millions of rows, e.g. domains); only the
+    # shown groups and the rollup become Python dicts. Sort by size desc, then value, nulls last.
+    counts = ["rows_in", "kept", "removed", *(f"r:{r}" for r in _REASONS)]
+    df = df.with_columns(pl.col(c).fill_null(0) for c in counts[1:]).sort(
+        ["rows_in", column], descending=[True, False], nulls_last=True
+    )
+    explained = pl.sum_horizontal(f"r:{r}" for r in _REASONS)
+    broken = df.filter((pl.col("kept") + pl.col("removed") != pl.col("rows_in")) | (explained != pl.col("removed")))
+    if broken.height:
+        b = {"value": _json_value(broken[column][0]), **_slice_record(broken.row(0, named=True))}
         problems.append(
-            f"{column}: {len(bad)} group(s) do not reconcile, e.g. {bad[0]['value']!r} "
-            f"(rows_in {bad[0]['rows_in']}, kept {bad[0]['kept']}, removed {bad[0]['removed']}, "
-            f"unexplained removals {bad[0]['removed_unexplained']})"
+            f"{column}: {broken.height} group(s) do not reconcile, e.g. {b['value']!r} "
+            f"(rows_in {b['rows_in']}, kept {b['kept']}, removed {b['removed']}, "
+            f"unexplained removals {b['removed_unexplained']})"
         )
+    sums = df.select(pl.col(c).sum() for c in counts).row(0, named=True)
     for k in ("rows_in", "kept", "removed"):
-        s = sum(r[k] for r in records)
-        if s != totals[k]:
-            problems.append(f"{column}: groups sum to {k}={s}, totals say {totals[k]}")
+        if int(sums[k]) != totals[k]:
+            problems.append(f"{column}: groups sum to {k}={int(sums[k])}, totals say {totals[k]}")
 
-    shown, rest = records[:top_groups], records[top_groups:]
-    if rest:
-        agg: dict[str, Any] = {
-            "rows_in": sum(r["rows_in"] for r in rest),
-            "kept": sum(r["kept"] for r in rest),
-            "removed": sum(r["removed"] for r in rest),
-            "removed_by_reason": {x: sum(r["removed_by_reason"][x] for r in rest) for x in _REASONS},
-            "removed_unexplained": sum(r["removed_unexplained"] for r in rest),
-            "kept_null": sum(r["kept_null"] for r in rest),
-            "reconciles": all(r["reconciles"] for r in rest),
-        }
-        agg["removal_rate"] = _rate(agg["removed"], agg["rows_in"])
-        shown.append({"value": f"(other {len(rest)} groups)", "unknown": False, "other_groups": len(rest), **agg})
+    distinct = df.height
+    shown = [
+        {"value": _json_value(row[column]), "unknown": row[column] is None, "other_groups": 0, **_slice_record(row)}
+        for row in df.head(top_groups).iter_rows(named=True)
+    ]
+    rest = df.slice(top_groups)
+    if rest.height:
+        agg = _slice_record(rest.select(pl.col(c).sum() for c in counts).row(0, named=True))
+        agg["reconciles"] = agg["reconciles"] and not rest.join(broken, on=column, how="semi", nulls_equal=True).height
+        shown.append({"value": f"(other {rest.height} groups)", "unknown": False, "other_groups": rest.height, **agg})
 
     out = []
     for rec in shown:
-        rec.setdefault("other_groups", 0)
         rec["ci95"] = wilson_interval(rec["removed"], rec["rows_in"])
         rate = rec["removal_rate"]
         rec["ratio_to_overall"] = (rate / overall_rate) if (rate is not None and overall_rate) else None
@@ -266,9 +263,9 @@ def _group_section(
     return (
         {
             "column": column,
-            "distinct": len(records),
-            "shown": min(len(records), top_groups),
-            "too_small_groups": sum(r["rows_in"] < min_group_size for r in records),
+            "distinct": distinct,
+            "shown": min(distinct, top_groups),
+            "too_small_groups": df.filter(pl.col("rows_in") < min_group_size).height,
             "reconciles": not problems,
             "rows": out,
         },

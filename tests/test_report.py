@@ -214,7 +214,11 @@ def test_wilson_hand_computed():
 
 def test_removed_without_reason_is_detected(df):
     # one removed row in part-00001 loses its reason: must be reported, not hidden
-    idx = next(i for i, (k, s) in enumerate(zip(df["kept"], df["shard"])) if not k and s == "part-00001")
+    idx = next(
+        i
+        for i, (k, s, d) in enumerate(zip(df["kept"], df["shard"], df["domain"]))
+        if not k and s == "part-00001" and d == "shop.de"
+    )
     bad = df.with_columns(
         pl.when(pl.int_range(pl.len()) == idx).then(None).otherwise(pl.col("reason")).alias("reason")
     )
@@ -233,6 +237,12 @@ def test_removed_without_reason_is_detected(df):
     assert rep["totals"]["removed"] == int((~df["kept"]).sum())
     page = render_html(rep)
     assert "DO NOT RECONCILE" in page and "part-00001" in page
+    # the broken row's group is hidden in a rollup: the rollup row must say so
+    rep = build_report(bad.lazy(), group_columns=("domain",), top_groups=1)
+    rows = rep["groups"]["domain"]["rows"]
+    assert sum(g["removed_unexplained"] for g in rows) == 1
+    assert [g["reconciles"] for g in rows] == [True, False] and rows[1]["other_groups"] == 10
+    assert rep["groups"]["domain"]["reconciles"] is False
 
 
 def test_other_anomalies_detected(df):
