@@ -81,7 +81,7 @@ def fmt_num(x: Any, digits: int = 3) -> str:
 
 
 def _td(x: str, cls: str = "n") -> str:
-    return f'<td class="{cls}">{x}</td>'
+    return f'<td class="{cls}">{x}</td>' if cls else f"<td>{x}</td>"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,10 +253,8 @@ def _group(name: str, sec: dict[str, Any], overall: float | None) -> str:
     rows = sec.get("rows") or []
     distinct = sec.get("distinct", len(rows))
     shown = sec.get("shown", len(rows))
-    out = [f"<h3>By {esc(name)} <span class=\"note\">({esc(fmt_int(distinct))} distinct"]
-    if distinct > shown:
-        out.append(f", largest {esc(fmt_int(shown))} shown, the rest rolled up")
-    out.append(")</span></h3>")
+    more = f", largest {esc(fmt_int(shown))} shown, the rest rolled up" if distinct > shown else ""
+    out = [f'<h3>By {esc(name)} <span class="note">({esc(fmt_int(distinct))} distinct{more})</span></h3>']
     if not sec.get("reconciles", True):
         out.append(f'<p class="bad" style="padding:.3rem .6rem">Grouping by {esc(name)} does not reconcile.</p>')
     out.append(
@@ -362,7 +360,7 @@ def render_html(report: dict[str, Any]) -> str:
     """The whole report as one self-contained HTML page (a str)."""
     meta = report.get("meta") or {}
     name = meta.get("selection") or meta.get("selection_name") or meta.get("name") or "selection"
-    sub = " · ".join(esc(meta[k]) for k in ("created_at", "run_dir") if meta.get(k))
+    sub = " · ".join(esc(meta[k]) for k in ("model", "created_at", "run_dir") if meta.get(k))
     title = f"Selection report: {name}"
     body = [
         f"<h1>{esc(title)}</h1>",
