@@ -49,9 +49,10 @@ class FetchConfig(Strict):
 
 class ScoreConfig(Strict):
     """CLIP image-text similarity. Either a model scores fetched images (source="model"), or the
-    spec selects on a similarity column the input already carries (source="column")."""
+    spec selects on a similarity column the input already carries (source="column"), or there is
+    no score at all (source="none": text-only curation, e.g. language and caption rules)."""
 
-    source: Literal["model", "column"] = "model"
+    source: Literal["model", "column", "none"] = "model"
     column: Optional[str] = None  # for source="column": e.g. "similarity", "clip_l14_similarity_score"
     model: str = "curate-tiny"  # an open_clip architecture name
     pretrained: str = "bundled"  # a pretrained tag, a local/bucket checkpoint path, or "bundled"
@@ -137,9 +138,16 @@ class PipelineSpec(Strict):
     ray: RayConfig = RayConfig()
     report: ReportConfig = ReportConfig()
 
+    @model_validator(mode="after")
+    def _clip_rule_needs_scores(self) -> "PipelineSpec":
+        clip = self.selection.clip
+        if self.score.source == "none" and (clip.min_score is not None or clip.top_fraction is not None):
+            raise ValueError("selection.clip sets a threshold but score.source = 'none' produces no scores")
+        return self
+
     @property
     def needs_images(self) -> bool:
-        return self.fetch.enabled and self.score.source == "model"
+        return self.fetch.enabled and self.score.source in ("model", "none")
 
     def with_overrides(self, **dotted: Any) -> "PipelineSpec":
         """Return a copy with dotted-key overrides applied, e.g. {"output.dir": "/tmp/x"}; validated."""

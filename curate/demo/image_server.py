@@ -59,9 +59,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, owner: "ImageServer") -> None:
+    def __init__(self, owner: "ImageServer", host: str) -> None:
         self.owner = owner
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__((host, 0), _Handler)
 
     def handle_error(self, request: object, client_address: object) -> None:
         exc = sys.exc_info()[1]
@@ -71,16 +71,18 @@ class _Server(ThreadingHTTPServer):
 
 
 class ImageServer:
-    """ThreadingHTTPServer on a free 127.0.0.1 port, serving in a daemon thread.
+    """ThreadingHTTPServer on a free port of a loopback address (127.0.0.1 by default), serving in a daemon thread.
 
     Starts on construction (or on `with`), stops on `close()` or leaving the `with` block.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        if not host.startswith("127."):
+            raise ValueError(f"ImageServer binds loopback addresses only (127.0.0.0/8), not {host!r}")
         self._lock = threading.Lock()
         self._routes: dict[str, Route] = {}
         self._hits: Counter[str] = Counter()
-        self._server = _Server(self)
+        self._server = _Server(self, host)
         self.host, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"ImageServer:{self.port}", daemon=True

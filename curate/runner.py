@@ -1,0 +1,119 @@
+"""`curate run`: drive every input shard through prepare (CPU tasks) and scoring (actors) on Ray,
+then write the spec's default selection. Shards flow through as they finish (fetching shard k+1
+overlaps scoring shard k); a failed shard is recorded with its error and the run exits non-zero,
+but never hides or stops the other shards."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from curate import annotations, io, manifest
+from curate.config import PipelineSpec
+from curate.stages.read import list_shards, shard_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    shards_done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    selection: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def run(spec: PipelineSpec) -> RunResult:
+    from curate import ray_adapter as rx
+    from curate.selection import write_selection
+    from curate.shard_jobs import ShardScorer, prepare_shard
+
+    run_dir = spec.output.dir
+    shards = list_shards(spec.input)
+    if io.exists(manifest.path(run_dir)):
+        if spec.output.overwrite:
+            io.remove(run_dir, recursive=True)
+        else:
+            manifest.check_compatible(manifest.read(run_dir), spec)
+    io.makedirs(run_dir)
+    m = manifest.new(spec, shards)
+    if io.exists(manifest.path(run_dir)):
+        m["selections"] = manifest.read(run_dir).get("selections", [])
+    manifest.write(run_dir, m)
+
+    info = rx.connect(spec.ray)
+    m["cluster"] = info.as_dict()
+    spec_json = spec.model_dump_json()
+    result = RunResult(run_dir)
+
+    pool = None
+    if spec.score.source == "model" and spec.fetch.enabled:
+        gpus = 1.0 if info.gpus > 0 else 0.0
+        pool = rx.ActorPool(ShardScorer, (spec_json,), size=spec.score.actors, gpus_per_actor=gpus, cpus_per_actor=1)
+        m["model"] = pool.call_all("describe")[0]  # also fails fast on a bad checkpoint
+    elif spec.score.source == "column":
+        m["model"] = {"model_id": f"input-column:{spec.score.column}"}
+    from curate.stages.annotate import LANGUAGE_MODEL_ID
+
+    m["language_model"] = LANGUAGE_MODEL_ID if spec.annotate.language else None
+
+    prepare = rx.cpu_task(prepare_shard)
+    # ref -> (stage, shard, actor index or -1)
+    by_ref = {prepare.remote(p, spec_json, run_dir): ("prepare", shard_name(p), -1) for p in shards}
+    with _progress(len(shards)) as bar:
+        while by_ref:
+            ready, _ = rx.wait_one(by_ref)
+            ref = ready[0]
+            kind, shard, actor = by_ref.pop(ref)
+            if actor >= 0 and pool is not None:
+                pool.done(actor)
+            try:
+                res = rx.get(ref)
+            except Exception as e:  # noqa: BLE001 - recorded and reported, never swallowed
+                result.failed[shard] = rx.describe_error(e)
+                log.error("shard %s failed in %s: %s", shard, kind, result.failed[shard])
+                bar.update(1)
+                continue
+            m["shards"].setdefault(shard, {}).update({k: v for k, v in res.items() if k not in ("shard", "state")})
+            if res["state"] == "needs_scoring":
+                assert pool is not None
+                sref, i = pool.submit("score_shard", run_dir, shard)
+                by_ref[sref] = ("score", shard, i)
+                continue
+            result.shards_done.append(shard)
+            bar.update(1)
+    if pool is not None:
+        pool.kill()
+
+    m["failed_shards"] = result.failed
+    done = annotations.completed_shards(run_dir)
+    m["counts"] = _totals(run_dir, done)
+    m["state"] = "failed" if result.failed else "complete"
+    m["finished_at"] = manifest.now()
+    manifest.write(run_dir, m)
+    if done:
+        result.selection = write_selection(run_dir, spec.selection, spec.report)
+    return result
+
+
+def _totals(run_dir: str, shards: list[str]) -> dict:
+    tot: dict = {"shards_complete": len(shards), "rows": 0, "scored": 0, "fetch_status": {}}
+    for s in shards:
+        mk = io.read_json(annotations.marker_path(run_dir, s))
+        tot["rows"] += mk["rows"]
+        tot["scored"] += mk["scored"]
+        for k, v in mk["fetch_status"].items():
+            tot["fetch_status"][k] = tot["fetch_status"].get(k, 0) + v
+    return tot
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    from curate.ray_adapter import progress_disabled
+
+    return tqdm(total=total, desc="shards", unit="shard", disable=progress_disabled())

@@ -1,0 +1,187 @@
+"""The per-shard work of a run, as plain functions and one actor class (Ray-free; the runner
+decides where they execute). One input shard is the unit of work throughout:
+
+  prepare_shard (CPU task)   read -> annotate text -> cheap text rules -> fetch survivors
+                             writes _work/<shard>.parquet (+ images/<shard>.parquet)
+  ShardScorer.score_shard    CLIP-scores fetched rows that have no score yet
+  (actor, GPU if any)        writes annotations/<shard>.parquet, then annotations/<shard>.done
+
+A shard that needs no scoring is finished by prepare_shard itself. Every output has a
+deterministic name, so a task that Ray runs twice writes the same bytes twice, never two copies.
+A rerun with a looser spec re-opens finished shards and fetches/scores only the rows that the
+earlier, stricter spec skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from curate import annotations, io, schema
+from curate.config import PipelineSpec
+from curate.filters.rules import text_rules_pass
+from curate.schema import FetchStatus
+from curate.stages.annotate import annotate_text
+from curate.stages.read import read_shard, shard_name
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending"  # internal, never written to a finished annotation shard
+
+
+def work_path(run_dir: str, shard: str) -> str:
+    return io.join(run_dir, "_work", f"{shard}.parquet")
+
+
+def images_path(run_dir: str, shard: str) -> str:
+    return io.join(run_dir, "images", f"{shard}.parquet")
+
+
+def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
+    """Returns {"shard", "state": "done" | "needs_scoring" | "unchanged", counts...}."""
+    spec = PipelineSpec.model_validate_json(spec_json)
+    shard = shard_name(path)
+    t0 = time.time()
+    done = io.exists(annotations.marker_path(run_dir, shard))
+
+    if done:
+        ann = pl.from_arrow(io.read_parquet(annotations.shard_path(run_dir, shard)))
+        if not spec.needs_images:
+            return {"shard": shard, "state": "unchanged", "rows": ann.height}
+        todo = ann.select(
+            (pl.col(schema.FETCH_STATUS) == FetchStatus.NOT_ATTEMPTED.value) & text_rules_pass(spec.selection)
+        ).to_series()
+        if not todo.any():
+            return {"shard": shard, "state": "unchanged", "rows": ann.height}
+    else:
+        extra = (spec.score.column,) if spec.score.source == "column" and spec.score.column else ()
+        table = read_shard(path, spec.input, extra_columns=extra)
+        ann = pl.from_arrow(annotate_text(table, spec.annotate.language, spec.input.max_caption_chars))
+        if spec.score.source == "column":
+            ann = ann.with_columns(
+                pl.col(spec.score.column).cast(pl.Float32).alias(schema.CLIP_SCORE),
+                pl.lit(f"input-column:{spec.score.column}").alias(schema.CLIP_MODEL),
+            )
+        if spec.needs_images:
+            todo = ann.select(text_rules_pass(spec.selection)).to_series()
+            ann = ann.with_columns(
+                pl.when(todo).then(pl.lit(PENDING)).otherwise(pl.lit(FetchStatus.NOT_ATTEMPTED.value)).alias(schema.FETCH_STATUS)
+            )
+        else:
+            todo = pl.Series([False] * ann.height)
+            ann = ann.with_columns(pl.lit(FetchStatus.NOT_NEEDED.value).alias(schema.FETCH_STATUS))
+
+    fetched_ok = 0
+    n_fetch = int(todo.sum())
+    if n_fetch:
+        rows = ann.filter(todo).select(schema.ROW, schema.URL, schema.CAPTION).to_arrow()
+        ann, images = _fetch_into(ann, rows, spec, run_dir, shard)
+        fetched_ok = images.num_rows
+        _merge_images(run_dir, shard, images)
+
+    counts = {"rows": ann.height, "fetch_attempted": n_fetch, "fetch_ok": fetched_ok, "prepare_s": round(time.time() - t0, 3)}
+    needs_scoring = spec.score.source == "model" and ann.select(
+        (pl.col(schema.FETCH_STATUS) == FetchStatus.OK.value) & pl.col(schema.CLIP_SCORE).is_null()
+    ).to_series().any()
+    if needs_scoring:
+        io.write_parquet(work_path(run_dir, shard), ann.to_arrow())
+        return {"shard": shard, "state": "needs_scoring", **counts}
+    finish_shard(run_dir, shard, ann, spec.input.keep_columns, counts)
+    return {"shard": shard, "state": "done", **counts}
+
+
+def _fetch_into(ann: pl.DataFrame, rows: pa.Table, spec: PipelineSpec, run_dir: str, shard: str) -> tuple[pl.DataFrame, pa.Table]:
+    from curate.stages.fetch import fetch_shard  # img2dataset is heavy: import where used
+
+    tmp_root = io.join(run_dir, "_work") if io.is_local(run_dir) else tempfile.gettempdir()
+    os.makedirs(tmp_root, exist_ok=True)
+    status, images = fetch_shard(rows, spec.fetch, tmp_root, shard)
+    if status.num_rows != rows.num_rows:
+        raise RuntimeError(f"shard {shard}: fetch returned {status.num_rows} statuses for {rows.num_rows} rows")
+    st = pl.from_arrow(status)
+    # fetched sizes replace input metadata only where the fetch produced them (nulls do not overwrite)
+    ann = ann.update(st, on=schema.ROW, how="left", include_nulls=False)
+    return ann, images
+
+
+def _merge_images(run_dir: str, shard: str, images: pa.Table) -> None:
+    path = images_path(run_dir, shard)
+    if io.exists(path):
+        old = io.read_parquet(path)
+        keep = pa.compute.invert(pa.compute.is_in(old.column(schema.ROW), value_set=images.column(schema.ROW)))
+        images = pa.concat_tables([old.filter(keep), images.cast(old.schema)])
+    io.write_parquet(path, images.sort_by(schema.ROW))
+
+
+def finish_shard(run_dir: str, shard: str, ann: pl.DataFrame, keep_columns: list[str], counts: dict) -> None:
+    if (ann.get_column(schema.FETCH_STATUS) == PENDING).any():
+        raise RuntimeError(f"shard {shard}: rows left in an internal 'pending' fetch state")
+    table = annotations.conform(ann.sort(schema.ROW).to_arrow(), keep_columns)
+    io.write_parquet(annotations.shard_path(run_dir, shard), table)
+    final = pl.from_arrow(table)
+    status_counts = final.get_column(schema.FETCH_STATUS).value_counts().rows()
+    marker = {
+        "shard": shard,
+        "rows": table.num_rows,
+        "scored": int(final.get_column(schema.CLIP_SCORE).is_not_null().sum()),
+        "fetch_status": {k: int(v) for k, v in status_counts},
+        **counts,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    io.write_json(annotations.marker_path(run_dir, shard), marker)  # last: the completion marker
+    io.remove(work_path(run_dir, shard))
+
+
+class ShardScorer:
+    """Loads the CLIP model once; scores whole shards. Runs as a Ray actor (see ray_adapter)."""
+
+    def __init__(self, spec_json: str):
+        from curate.stages.score import ClipScorer
+
+        self.spec = PipelineSpec.model_validate_json(spec_json)
+        self.scorer = ClipScorer(self.spec.score)
+
+    def describe(self) -> dict:
+        loaded = self.scorer.loaded
+        return {
+            "model_id": self.scorer.model_id,
+            "model": loaded.model_name,
+            "pretrained": loaded.pretrained,
+            "checkpoint_sha256": loaded.checkpoint_sha256,
+            "device": str(loaded.device),
+            "precision": loaded.precision,
+        }
+
+    def score_shard(self, run_dir: str, shard: str) -> dict:
+        t0 = time.time()
+        ann = pl.from_arrow(io.read_parquet(work_path(run_dir, shard)))
+        todo = ann.filter((pl.col(schema.FETCH_STATUS) == FetchStatus.OK.value) & pl.col(schema.CLIP_SCORE).is_null())
+        imgs = pl.from_arrow(io.read_parquet(images_path(run_dir, shard)))
+        todo = todo.select(schema.ROW, schema.CAPTION).join(imgs, on=schema.ROW, how="left")
+        missing = todo.get_column(schema.IMAGE_BYTES).is_null()
+        if missing.any():
+            raise RuntimeError(f"shard {shard}: {int(missing.sum())} fetched rows have no stored image in {images_path(run_dir, shard)}")
+        scores = self.scorer.score(todo.get_column(schema.IMAGE_BYTES).to_list(), todo.get_column(schema.CAPTION).fill_null("").to_list())
+        scores = np.asarray(scores, dtype=np.float32)
+        bad = np.isnan(scores)
+        upd = pl.DataFrame(
+            {
+                schema.ROW: todo.get_column(schema.ROW),
+                schema.CLIP_SCORE: pl.Series(np.where(bad, None, scores).tolist(), dtype=pl.Float32),
+                schema.CLIP_MODEL: pl.Series([self.scorer.model_id] * todo.height, dtype=pl.String),
+                schema.FETCH_STATUS: pl.Series(
+                    [FetchStatus.DECODE_FAILED.value if b else FetchStatus.OK.value for b in bad], dtype=pl.String
+                ),
+                schema.FETCH_ERROR: pl.Series(["image could not be decoded for scoring" if b else None for b in bad], dtype=pl.String),
+            }
+        )
+        ann = ann.update(upd, on=schema.ROW, how="left", include_nulls=False)
+        counts = {"scored_now": int((~bad).sum()), "score_s": round(time.time() - t0, 3)}
+        finish_shard(run_dir, shard, ann, self.spec.input.keep_columns, counts)
+        return {"shard": shard, "state": "done", **counts}

@@ -1,0 +1,2 @@
+"""Pipeline specs shipped with curate (installed as curate.pipelines so `curate run <preset>` works
+from any directory). Each .toml is data: see curate/config.py for every key."""
