@@ -67,7 +67,8 @@ def _of(reason: Reason) -> str:
 
 
 def _dedup(frame: pl.LazyFrame, key: str, eligible: str, reason: Reason) -> pl.LazyFrame:
-    """Mark rows that duplicate an eligible survivor on `key`; adds `<reason>` and `<reason>_of`."""
+    """Mark rows that duplicate an eligible survivor on `key`; adds the failure flag, the
+    survivor's uid and the survivor's (shard, row)."""
     fail_col, of_col = _fail(reason), _of(reason)
     cands = (
         frame.filter(pl.col(eligible) & pl.col(key).is_not_null())
@@ -76,13 +77,29 @@ def _dedup(frame: pl.LazyFrame, key: str, eligible: str, reason: Reason) -> pl.L
         .with_columns(
             (pl.int_range(pl.len()).over(key) > 0).alias(fail_col),
             pl.col(schema.UID).first().over(key).alias(of_col),
+            pl.col(schema.SHARD).first().over(key).alias(f"{of_col}_shard"),
+            pl.col(schema.ROW).first().over(key).alias(f"{of_col}_row"),
         )
         .filter(pl.col(fail_col))
-        .select(schema.SHARD, schema.ROW, fail_col, of_col)
+        .select(schema.SHARD, schema.ROW, fail_col, of_col, f"{of_col}_shard", f"{of_col}_row")
     )
     return (
         frame.join(cands, on=[schema.SHARD, schema.ROW], how="left")
         .with_columns(pl.col(fail_col).fill_null(False))
+    )
+
+
+def _follow_url_survivor(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """A URL duplicate's survivor may itself lose the image dedup that runs next; point the URL
+    duplicate at the final survivor then, so duplicate_of always names a kept row."""
+    url_of, img_of = _of(Reason.DUPLICATE_URL), _of(Reason.DUPLICATE_IMAGE)
+    img_losers = frame.filter(pl.col(_fail(Reason.DUPLICATE_IMAGE))).select(
+        pl.col(schema.SHARD).alias(f"{url_of}_shard"), pl.col(schema.ROW).alias(f"{url_of}_row"), pl.col(img_of).alias("_final_of")
+    )
+    return (
+        frame.join(img_losers, on=[f"{url_of}_shard", f"{url_of}_row"], how="left")
+        .with_columns(pl.coalesce("_final_of", url_of).alias(url_of))
+        .drop("_final_of")
     )
 
 
@@ -102,8 +119,12 @@ def decide(annotations: pl.LazyFrame, sel: SelectionConfig) -> tuple[pl.LazyFram
         if on:
             frame = _dedup(frame, key, "_eligible", reason)
         else:
-            frame = frame.with_columns(pl.lit(False).alias(_fail(reason)), pl.lit(None, pl.String).alias(_of(reason)))
+            frame = frame.with_columns(
+                pl.lit(False).alias(_fail(reason)), pl.lit(None, pl.String).alias(_of(reason)),
+                pl.lit(None, pl.String).alias(f"{_of(reason)}_shard"), pl.lit(None, pl.Int64).alias(f"{_of(reason)}_row"),
+            )
         frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(reason)).not_()).alias("_eligible"))
+    frame = _follow_url_survivor(frame)
 
     reasons = pl.concat_list(
         [pl.when(pl.col(_fail(r))).then(pl.lit(r.value)).otherwise(pl.lit(None, pl.String)) for r in RULE_ORDER]
@@ -113,5 +134,6 @@ def decide(annotations: pl.LazyFrame, sel: SelectionConfig) -> tuple[pl.LazyFram
         pl.col(schema.REASONS).list.first().alias(schema.REASON),
         pl.coalesce(_of(Reason.DUPLICATE_URL), _of(Reason.DUPLICATE_IMAGE)).alias(schema.DUPLICATE_OF),
     )
-    drop = [*(_fail(r) for r in RULE_ORDER), _of(Reason.DUPLICATE_URL), _of(Reason.DUPLICATE_IMAGE), "_eligible"]
+    drop = [*(_fail(r) for r in RULE_ORDER), "_eligible"]
+    drop += [f"{_of(r)}{suffix}" for r in (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE) for suffix in ("", "_shard", "_row")]
     return frame.drop(drop), resolved

@@ -77,7 +77,7 @@ def normalize_url(url: str | None) -> str | None:
     except ValueError:
         return url.strip()
     scheme = parts.scheme.lower()
-    netloc = host
+    netloc = f"[{host}]" if ":" in host else host  # IPv6 literals keep their brackets
     if parts.username or parts.password:
         netloc = f"{parts.username or ''}{':' + parts.password if parts.password else ''}@{host}"
     if port is not None and port != _DEFAULT_PORTS.get(scheme):

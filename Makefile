@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine:  make demo   and   make test
+# Both create .venv when missing and (re)install the project when its sources change.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.curate-installed
+# torch/torchvision first, pinned to the releases on this machine's disk (pip takes them from there;
+# a plain `torch` would pull a multi-GB build from the index).
+TORCH  := torch==2.14.1 torchvision==0.29.1
+SOURCES := pyproject.toml $(shell find curate filters reports pipelines -name '*.py' -o -name '*.toml' 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean help
+
+help:
+	@echo "make demo   - install into .venv and run the offline end-to-end demo"
+	@echo "make test   - install into .venv and run the test suite"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# editable_mode=strict: a module missing from pyproject's package list fails here, as it would in a wheel
+$(STAMP): $(SOURCES) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=strict
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/curate demo --out demo-output
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build demo-output .pytest_cache test-artifacts

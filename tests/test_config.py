@@ -1,0 +1,68 @@
+import pytest
+
+from curate.config import PipelineSpec, SpecError, load_spec, parse_spec
+from curate.presets import preset_names, preset_path
+
+MINIMAL = {"name": "t", "input": {"paths": ["x.parquet"]}}
+
+
+def test_unknown_key_is_an_error_that_names_it():
+    with pytest.raises(SpecError) as e:
+        parse_spec({**MINIMAL, "selection": {"clip": {"min_scor": 0.3}}}, source="spec.toml")
+    assert "spec.toml" in str(e.value)
+    assert "selection.clip.min_scor" in str(e.value)
+
+
+def test_unknown_top_level_section_is_an_error():
+    with pytest.raises(SpecError, match="fetchh"):
+        parse_spec({**MINIMAL, "fetchh": {}})
+
+
+def test_clip_rule_takes_one_of_min_score_and_top_fraction():
+    with pytest.raises(SpecError, match="not both"):
+        parse_spec({**MINIMAL, "selection": {"clip": {"min_score": 0.3, "top_fraction": 0.3}}})
+
+
+def test_a_clip_threshold_needs_a_score_source():
+    with pytest.raises(SpecError, match="source = 'none'"):
+        parse_spec({**MINIMAL, "score": {"source": "none"}, "selection": {"clip": {"min_score": 0.3}}})
+
+
+def test_column_source_needs_a_column_name():
+    with pytest.raises(SpecError, match="score.column"):
+        parse_spec({**MINIMAL, "score": {"source": "column"}})
+
+
+def test_every_preset_loads_and_has_a_source_comment():
+    names = preset_names()
+    assert {"demo", "laion400m", "laion2b_en", "datacomp_basic", "datacomp_clip_score", "laion_sample"} <= set(names)
+    for name in names:
+        path = preset_path(name)
+        spec = load_spec(path)
+        assert spec.name == name
+        if name not in ("demo", "laion_sample"):
+            assert "Source:" in path.read_text(), f"{name}.toml must cite its source"
+
+
+def test_published_recipes_carry_their_thresholds():
+    assert load_spec(preset_path("laion400m")).selection.clip.min_score == 0.30
+    l2b = load_spec(preset_path("laion2b_en"))
+    assert l2b.selection.clip.min_score == 0.28 and l2b.selection.language.allow == ["en"]
+    basic = load_spec(preset_path("datacomp_basic")).selection
+    assert (basic.caption.min_words, basic.caption.min_chars, basic.image.min_side, basic.image.max_aspect) == (3, 6, 200, 3.0)
+    cs = load_spec(preset_path("datacomp_clip_score"))
+    assert cs.selection.clip.top_fraction == 0.30 and cs.score.column == "clip_l14_similarity_score"
+
+
+def test_overrides_are_validated():
+    spec = PipelineSpec.model_validate(MINIMAL)
+    assert spec.with_overrides(**{"output.dir": "/tmp/x"}).output.dir == "/tmp/x"
+    with pytest.raises(Exception):
+        spec.with_overrides(**{"score.batch_size": 0})
+
+
+def test_config_hash_changes_with_any_setting():
+    a = PipelineSpec.model_validate(MINIMAL)
+    b = a.with_overrides(**{"selection.clip.min_score": 0.25})
+    assert a.config_hash() != b.config_hash()
+    assert a.config_hash() == PipelineSpec.model_validate(MINIMAL).config_hash()

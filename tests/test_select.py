@@ -1,0 +1,125 @@
+"""Selection semantics on hand-built annotation tables: rule order, all reasons, not_scored,
+DataComp-exact top fraction, and deterministic dedup survivors."""
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from curate.annotations import conform
+from curate.config import SelectionConfig
+from curate.filters.select import decide
+
+
+def ann(rows: list[dict]) -> pl.LazyFrame:
+    base = {
+        "shard": "s", "uid": None, "url": "http://x/1", "caption": "a b c d", "language": "en", "language_score": 0.9,
+        "caption_chars": 20, "caption_words": 4, "domain": "x", "tld": None, "url_normalized": None,
+        "fetch_status": "ok", "original_width": 100, "original_height": 100, "image_sha256": None, "clip_score": 0.5,
+    }
+    recs = []
+    for i, r in enumerate(rows):
+        rec = {**base, "row": i, "uid": f"{i:032x}", "url_normalized": f"http://x/{i}", **r}
+        recs.append(rec)
+    return pl.from_arrow(conform(pa.Table.from_pylist(recs))).lazy()
+
+
+def run(rows, **sel):
+    d, resolved = decide(ann(rows), SelectionConfig(**sel))
+    return d.collect().sort("row"), resolved
+
+
+def test_first_reason_follows_rule_order_and_reasons_lists_all():
+    d, _ = run(
+        [
+            {"language": "fr", "caption_words": 1, "clip_score": 0.1},  # fails language, caption, clip
+            {"clip_score": 0.1},  # clip only
+            {},  # kept
+        ],
+        language={"allow": ["en"]}, caption={"min_words": 3}, clip={"min_score": 0.3},
+    )
+    assert d["kept"].to_list() == [False, False, True]
+    assert d["reason"].to_list() == ["language", "clip_score", None]
+    assert d["reasons"].to_list()[0] == ["language", "caption_length", "clip_score"]
+    assert d["reasons"].to_list()[2] == []
+
+
+def test_fetch_failures_and_unscored_rows_get_their_own_reasons():
+    d, _ = run(
+        [
+            {"fetch_status": "download_failed", "clip_score": None},
+            {"fetch_status": "not_attempted", "clip_score": None, "original_width": None, "original_height": None},
+            {"fetch_status": "ok", "clip_score": 0.2},
+        ],
+        clip={"min_score": 0.3}, image={"min_side": 50},
+    )
+    assert d["reason"].to_list() == ["fetch_failed", "not_scored", "clip_score"]
+    # a failed fetch is never also reported as "not scored": the fetch is the cause
+    assert d["reasons"].to_list()[0] == ["fetch_failed"]
+
+
+def test_image_size_uses_served_dimensions():
+    d, _ = run(
+        [{"original_width": 40, "original_height": 300}, {"original_width": 300, "original_height": 1000}, {}],
+        image={"min_side": 50, "max_aspect": 3.0},
+    )
+    assert d["reason"].to_list() == ["image_size", "image_size", None]
+
+
+def test_top_fraction_is_exactly_datacomps_rule():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0.3, 0.05, 1000).astype(np.float32)
+    scores[10] = scores[11]  # a tie
+    d, resolved = run([{"clip_score": float(s)} for s in scores], clip={"top_fraction": 0.3}, dedup={"url": False, "image_sha256": False})
+    # datacomp baselines.get_threshold: n = int(len * fraction); threshold = -np.sort(-scores)[n]; keep >= threshold
+    s64 = d["clip_score"].cast(pl.Float64).to_numpy()
+    threshold = -np.sort(-s64)[int(len(s64) * 0.3)]
+    assert resolved.clip_threshold == pytest.approx(threshold)
+    assert d["kept"].to_numpy().tolist() == (s64 >= threshold).tolist()
+    assert d["kept"].sum() == int(1000 * 0.3) + 1
+
+
+def test_duplicate_survivor_is_the_best_scored_eligible_copy():
+    same = "http://x/same.jpg"
+    d, _ = run(
+        [
+            {"url_normalized": same, "clip_score": 0.40},
+            {"url_normalized": same, "clip_score": 0.90, "language": "fr"},  # best score but fails language
+            {"url_normalized": same, "clip_score": 0.60},  # survivor
+            {"url_normalized": same, "clip_score": 0.60, "uid": "f" * 32},  # tie on score: larger uid loses
+        ],
+        language={"allow": ["en"]},
+    )
+    assert d["kept"].to_list() == [False, False, True, False]
+    assert d["reason"].to_list() == ["duplicate_url", "language", None, "duplicate_url"]
+    survivor = d["uid"][2]
+    assert d["duplicate_of"].to_list() == [survivor, None, None, survivor]
+
+
+def test_changing_the_threshold_repicks_the_survivor():
+    same = "http://x/same.jpg"
+    rows = [{"url_normalized": same, "clip_score": 0.35, "language": "en"}, {"url_normalized": same, "clip_score": 0.50, "language": "de"}]
+    d1, _ = run(rows, language={"allow": ["en"]})
+    d2, _ = run(rows)
+    assert d1["kept"].to_list() == [True, False]
+    assert d2["kept"].to_list() == [False, True]
+
+
+def test_image_duplicates_and_every_duplicate_points_at_a_kept_row():
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(300):
+        rows.append({
+            "url_normalized": f"http://x/{rng.integers(0, 150)}",
+            "image_sha256": f"{rng.integers(0, 200):064x}",
+            "clip_score": float(rng.random()),
+        })
+    d, _ = run(rows, clip={"min_score": 0.2})
+    kept_uids = set(d.filter(pl.col("kept"))["uid"].to_list())
+    dups = d.filter(pl.col("reason").is_in(["duplicate_url", "duplicate_image"]))
+    assert dups.height > 0
+    assert set(dups["duplicate_of"].to_list()) <= kept_uids
+    # kept rows are unique on both keys
+    k = d.filter(pl.col("kept"))
+    assert k["url_normalized"].n_unique() == k.height and k["image_sha256"].n_unique() == k.height
+    assert d.height == 300 and (d["kept"] | d["reason"].is_not_null()).all()
