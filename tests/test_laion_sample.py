@@ -1,0 +1,67 @@
+"""The real LAION sample (URL/TEXT) through read -> annotate -> select on real Ray, no fetch:
+language and domain reports that reconcile."""
+
+import json
+
+import polars as pl
+import pytest
+
+from curate.config import load_spec
+from curate.presets import preset_path
+from curate.runner import run
+
+
+@pytest.fixture(scope="module")
+def laion_run(tmp_path_factory, laion_sample, ray_session):
+    out = tmp_path_factory.mktemp("laion") / "run"
+    spec = load_spec(preset_path("laion_sample")).with_overrides(**{"input.paths": [str(laion_sample)], "output.dir": str(out)})
+    result = run(spec)
+    assert result.ok, result.failed
+    return out, result
+
+
+def test_every_row_is_kept_or_removed_with_a_reason(laion_run):
+    out, result = laion_run
+    sel = out / "selections" / "default"
+    kept = pl.read_parquet(sel / "kept" / "*.parquet")
+    removed = pl.read_parquet(sel / "removed" / "*.parquet")
+    assert kept.height + removed.height == 10_000
+    assert removed["reason"].null_count() == 0
+    assert set(removed["reason"].unique()) <= {"language", "caption_length", "duplicate_url"}
+    rows = pl.concat([kept.select("shard", "row"), removed.select("shard", "row")])
+    assert rows.n_unique() == 10_000
+    # no fetch, no model: nothing was downloaded or scored
+    assert kept["fetch_status"].unique().to_list() == ["not_needed"]
+    assert kept["clip_score"].null_count() == kept.height
+
+
+def test_language_and_domain_reports(laion_run):
+    out, _ = laion_run
+    rep = json.loads((out / "selections" / "default" / "report.json").read_text())
+    assert rep["reconciles"] is True
+    assert rep["totals"]["rows_in"] == 10_000
+    langs = {g["value"]: g for g in rep["groups"]["language"]["rows"]}
+    assert langs["en"]["rows_in"] > 8_000
+    # the language rule removes every non-English caption, so e.g. German is removed entirely
+    assert langs["de"]["removal_rate"] == 1.0
+    domains = {g["value"]: g for g in rep["groups"]["domain"]["rows"]}
+    assert "wp.com" in domains  # i0.wp.com, i1.wp.com, ... grouped under the registered domain
+    assert not any(v.startswith("i0.") or v.startswith("www.") for v in domains)
+    tlds = {g["value"] for g in rep["groups"]["tld"]["rows"]}
+    assert "co.uk" in tlds
+    html = (out / "selections" / "default" / "report.html").read_text()
+    assert "wp.com" in html and "10,000" in html
+
+
+def test_uid_file_is_sorted_datacomp_pairs(laion_run):
+    import numpy as np
+
+    out, _ = laion_run
+    uids = np.load(out / "selections" / "default" / "uids.npy")
+    assert uids.dtype == np.dtype("u8,u8")
+    kept = pl.read_parquet(out / "selections" / "default" / "kept" / "*.parquet")
+    assert len(uids) == kept["uid"].n_unique()
+    as_list = uids.tolist()
+    assert as_list == sorted(as_list)
+    first = kept["uid"].sort()[0]
+    assert (int(first[:16], 16), int(first[16:], 16)) in set(as_list)
