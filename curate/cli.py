@@ -116,9 +116,10 @@ def select(
     except ValueError as e:
         _fail(str(e))
     _print_selection(summary)
-    notscored = summary.get("not_scored", 0)
+    notscored = summary["counts"]["not_scored"]
     if notscored:
-        typer.echo(f"{notscored:,} rows are not scored under these rules; rerun `curate run` with them to score")
+        typer.echo(f"{notscored:,} rows were never fetched or scored (an earlier, stricter run skipped them): "
+                   "they are removed as 'not_scored'; rerun `curate run` with these rules to score them")
 
 
 @app.command()

@@ -78,10 +78,10 @@ def run(spec: PipelineSpec) -> RunResult:
                 log.error("shard %s failed in %s: %s", shard, kind, result.failed[shard])
                 bar.update(1)
                 continue
-            m["shards"].setdefault(shard, {}).update({k: v for k, v in res.items() if k not in ("shard", "state")})
+            m["shards"].setdefault(shard, {}).update({k: v for k, v in res.items() if k not in ("shard", "state", "counts")})
             if res["state"] == "needs_scoring":
                 assert pool is not None
-                sref, i = pool.submit("score_shard", run_dir, shard)
+                sref, i = pool.submit("score_shard", run_dir, shard, res["counts"])
                 by_ref[sref] = ("score", shard, i)
                 continue
             result.shards_done.append(shard)
@@ -101,11 +101,13 @@ def run(spec: PipelineSpec) -> RunResult:
 
 
 def _totals(run_dir: str, shards: list[str]) -> dict:
-    tot: dict = {"shards_complete": len(shards), "rows": 0, "scored": 0, "fetch_status": {}}
+    """Counts per stage over completed shards, from their markers: rows read, rows that passed
+    the text rules and were fetched (this run), fetched OK, and rows holding a score."""
+    tot: dict = {"shards_complete": len(shards), "rows": 0, "fetch_attempted": 0, "fetch_ok": 0, "scored": 0, "fetch_status": {}}
     for s in shards:
         mk = io.read_json(annotations.marker_path(run_dir, s))
-        tot["rows"] += mk["rows"]
-        tot["scored"] += mk["scored"]
+        for key in ("rows", "fetch_attempted", "fetch_ok", "scored"):
+            tot[key] += int(mk.get(key, 0))
         for k, v in mk["fetch_status"].items():
             tot["fetch_status"][k] = tot["fetch_status"].get(k, 0) + v
     return tot

@@ -66,6 +66,7 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
         "kept": int(decisions.get_column(schema.KEPT).sum()),
         "removed": int((~decisions.get_column(schema.KEPT)).sum()),
         "kept_unique_uids": len(set(kept_uids)),
+        "not_scored": int((decisions.get_column(schema.REASON) == "not_scored").sum()),
     }
     meta = {
         "selection": sel.name,

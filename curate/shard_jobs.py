@@ -91,7 +91,7 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
     ).to_series().any()
     if needs_scoring:
         io.write_parquet(work_path(run_dir, shard), ann.to_arrow())
-        return {"shard": shard, "state": "needs_scoring", **counts}
+        return {"shard": shard, "state": "needs_scoring", "counts": counts, **counts}
     finish_shard(run_dir, shard, ann, spec.input.keep_columns, counts)
     return {"shard": shard, "state": "done", **counts}
 
@@ -158,7 +158,7 @@ class ShardScorer:
             "precision": loaded.precision,
         }
 
-    def score_shard(self, run_dir: str, shard: str) -> dict:
+    def score_shard(self, run_dir: str, shard: str, prepare_counts: dict | None = None) -> dict:
         t0 = time.time()
         ann = pl.from_arrow(io.read_parquet(work_path(run_dir, shard)))
         todo = ann.filter((pl.col(schema.FETCH_STATUS) == FetchStatus.OK.value) & pl.col(schema.CLIP_SCORE).is_null())
@@ -167,7 +167,9 @@ class ShardScorer:
         missing = todo.get_column(schema.IMAGE_BYTES).is_null()
         if missing.any():
             raise RuntimeError(f"shard {shard}: {int(missing.sum())} fetched rows have no stored image in {images_path(run_dir, shard)}")
-        scores = self.scorer.score(todo.get_column(schema.IMAGE_BYTES).to_list(), todo.get_column(schema.CAPTION).fill_null("").to_list())
+        # the tokenizer truncates to its context length anyway; cutting first keeps a 1 MB caption cheap
+        captions = todo.get_column(schema.CAPTION).fill_null("").str.slice(0, self.spec.input.max_caption_chars).to_list()
+        scores = self.scorer.score(todo.get_column(schema.IMAGE_BYTES).to_list(), captions)
         scores = np.asarray(scores, dtype=np.float32)
         bad = np.isnan(scores)
         upd = pl.DataFrame(
@@ -182,6 +184,6 @@ class ShardScorer:
             }
         )
         ann = ann.update(upd, on=schema.ROW, how="left", include_nulls=False)
-        counts = {"scored_now": int((~bad).sum()), "score_s": round(time.time() - t0, 3)}
+        counts = {**(prepare_counts or {}), "scored_now": int((~bad).sum()), "score_s": round(time.time() - t0, 3)}
         finish_shard(run_dir, shard, ann, self.spec.input.keep_columns, counts)
         return {"shard": shard, "state": "done", **counts}
