@@ -1,0 +1,209 @@
+"""CLIP model loading: the bundled tiny checkpoint, pretrained tags, local and bucket checkpoints.
+
+Every model, the bundled one included, is built by ``open_clip.create_model_and_transforms(name,
+pretrained=<tag or local file>)``: the bundled checkpoint takes the same path a real LAION or
+DataComp checkpoint does, so the tests exercise the production code path.
+
+    clip = load_clip("curate-tiny", "bundled")             # curate/assets/curate-tiny.safetensors
+    clip = load_clip("ViT-B-32", "laion2b_s34b_b79k")       # an open_clip tag (downloads)
+    clip = load_clip("ViT-B-32", "s3://bucket/ckpt.pt")     # fetched once into a local cache
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+BUNDLED_MODEL = "curate-tiny"
+BUNDLED_CHECKPOINT = ASSETS_DIR / f"{BUNDLED_MODEL}.safetensors"
+BUNDLED = "bundled"
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where checkpoints fetched from fsspec URLs are kept: $CURATE_CACHE_DIR, else
+    ~/.cache/curate/checkpoints."""
+    env = os.environ.get("CURATE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "curate" / "checkpoints"
+
+
+def register_bundled_configs() -> None:
+    """Make the model configs in curate/assets known to open_clip. Idempotent: the directory is
+    added only while one of its configs is still missing from open_clip's registry."""
+    import open_clip
+
+    ours = {p.stem for p in ASSETS_DIR.glob("*.json")}
+    if ours - set(open_clip.list_models()):
+        open_clip.add_model_config(ASSETS_DIR)
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s
+
+
+def _fetch_to_cache(url: str) -> str:
+    """Copy a checkpoint at an fsspec URL (s3://, gs://, https://, memory://, ...) to the local
+    cache, once; a cached copy of the same size is reused. Written atomically (temp + rename)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    size = info.get("size")
+    name = Path(path).name or "checkpoint"
+    dest_dir = cache_dir()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    if dest.is_file() and (size is None or dest.stat().st_size == size):
+        return str(dest)
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open(path, "rb") as src:
+            while True:
+                chunk = src.read(8 << 20)
+                if not chunk:
+                    break
+                out.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return str(dest)
+
+
+def resolve_pretrained(model: str, pretrained: str) -> str:
+    """What to pass to open_clip as ``pretrained``.
+
+    "bundled" -> the committed checkpoint (only for curate-tiny); an fsspec URL (s3://...) -> a
+    local cached copy; "file://..." -> the local path; anything else (a pretrained tag such as
+    "laion2b_s34b_b79k", or a local path) is passed through unchanged.
+    """
+    if pretrained == BUNDLED:
+        if model != BUNDLED_MODEL:
+            raise ValueError(f"pretrained='bundled' exists only for model {BUNDLED_MODEL!r}, not {model!r}")
+        if not BUNDLED_CHECKPOINT.is_file():
+            raise FileNotFoundError(
+                f"bundled checkpoint missing: {BUNDLED_CHECKPOINT} (train it: python scripts/train_small_clip.py)")
+        return str(BUNDLED_CHECKPOINT)
+    if pretrained.startswith("file://"):
+        return pretrained[len("file://"):]
+    if _is_url(pretrained):
+        return _fetch_to_cache(pretrained)
+    return pretrained
+
+
+def checkpoint_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in chunks (checkpoints can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "auto":
+        # bf16 on CPU is faster on AMX machines but changes scores slightly; choosing it
+        # automatically waits for a precision guard, so "auto" means fp32 on CPU for now.
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision 'fp16' needs a CUDA device (got {device}); use 'bf16' or 'fp32' on CPU")
+    return precision
+
+
+@dataclass
+class LoadedClip:
+    model: torch.nn.Module  # eval mode, requires_grad False
+    preprocess: Callable[[Any], torch.Tensor]  # the eval transform (PIL image -> CHW float tensor)
+    tokenizer: Callable[..., torch.Tensor]
+    model_name: str
+    pretrained: str  # as given: "bundled", a tag, a path or URL
+    checkpoint_sha256: Optional[str]  # of the checkpoint file; None for a pretrained tag
+    device: torch.device
+    precision: str  # resolved: "fp32", "bf16" or "fp16"
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """dtype the image tensor must have: the weights' dtype (open_clip casts Linear/Conv/
+        attention weights to bf16/fp16 and keeps LayerNorm in fp32)."""
+        return _LOW_PRECISION.get(self.precision, torch.float32)
+
+    @property
+    def pretrained_label(self) -> str:
+        """"bundled:<sha12>" for the bundled checkpoint, the tag for a tag, else
+        "<file name>:<sha12>"."""
+        if self.checkpoint_sha256 is None:
+            return self.pretrained
+        name = BUNDLED if self.pretrained == BUNDLED else Path(self.pretrained.rstrip("/")).name
+        return f"{name}:{self.checkpoint_sha256[:12]}"
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.model_name}/{self.pretrained_label}"
+
+    def autocast(self):
+        """Autocast context for CUDA low precision; a no-op on CPU (bf16 there is cast weights)."""
+        if self.device.type == "cuda" and self.precision in _LOW_PRECISION:
+            return torch.autocast(device_type="cuda", dtype=_LOW_PRECISION[self.precision])
+        return contextlib.nullcontext()
+
+
+def load_clip(
+    model_name: str,
+    pretrained: str,
+    device: Optional[str | torch.device] = None,
+    precision: str = "auto",
+    threads: Optional[int] = None,
+) -> LoadedClip:
+    """Load a CLIP model for inference through open_clip.create_model_and_transforms."""
+    import open_clip
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError("threads must be >= 1")
+        torch.set_num_threads(threads)
+    register_bundled_configs()
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    path_or_tag = resolve_pretrained(model_name, pretrained)
+
+    is_tag = bool(open_clip.get_pretrained_cfg(model_name, path_or_tag)) and not os.path.isfile(path_or_tag)
+    if not is_tag and not os.path.isfile(path_or_tag):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise FileNotFoundError(
+            f"pretrained={pretrained!r} for {model_name!r} is neither a checkpoint file nor a known tag "
+            f"(tags: {', '.join(tags) or 'none'})")
+    sha = None if is_tag else checkpoint_sha256(path_or_tag)
+
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=path_or_tag, device=dev, precision=prec)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedClip(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        model_name=model_name,
+        pretrained=pretrained,
+        checkpoint_sha256=sha,
+        device=dev,
+        precision=prec,
+    )
