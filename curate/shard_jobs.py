@@ -76,6 +76,8 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
         else:
             todo = pl.Series([False] * ann.height)
             ann = ann.with_columns(pl.lit(FetchStatus.NOT_NEEDED.value).alias(schema.FETCH_STATUS))
+        # every annotation column from here on (fetch and score fill theirs in)
+        ann = pl.from_arrow(annotations.conform(ann.to_arrow(), spec.input.keep_columns))
 
     fetched_ok = 0
     n_fetch = int(todo.sum())
@@ -148,7 +150,7 @@ class ShardScorer:
         self.scorer = ClipScorer(self.spec.score)
 
     def describe(self) -> dict:
-        loaded = self.scorer.loaded
+        loaded = self.scorer.clip
         return {
             "model_id": self.scorer.model_id,
             "model": loaded.model_name,

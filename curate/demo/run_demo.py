@@ -62,10 +62,10 @@ def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> d
         return (float(sub.select(what.mean()).item()) if sub.height else float("nan")), sub.height
 
     allowed = pl.col("expected") != "language"
-    keep_rate, n_keep = rate(pl.col("expected") == "keep", pl.col("kept"))
+    keep_rate, n_keep = rate(pl.col("expected") == "keep", pl.col("kept").fill_null(False))
     mism_rate, n_mism = rate(
         allowed & pl.col("row_kind").is_in(["unique", "near_duplicate"]) & pl.col("matched").not_(),
-        (pl.col(schema.REASON) == "clip_score"),
+        (pl.col(schema.REASON) == "clip_score").fill_null(False),
     )
     dup_groups = (
         j.filter(pl.col("row_kind").is_in(["url_duplicate", "image_duplicate"]))
