@@ -67,6 +67,37 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float] | Non
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def two_proportion_p(x1, n1, x2, n2):
+    """Two-sided p-values of the pooled two-proportion z-test, x1/n1 vs x2/n2 (numpy arrays or
+    scalars). NaN where a side is empty; 1.0 where the pooled rate is 0 or 1 (nothing differs)."""
+    import numpy as np
+
+    x1, n1, x2, n2 = (np.asarray(a, dtype=np.float64) for a in (x1, n1, x2, n2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pooled = (x1 + x2) / (n1 + n2)
+        se = np.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+        z = np.abs(x1 / n1 - x2 / n2) / se
+    erfc = np.frompyfunc(math.erfc, 1, 1)
+    p = np.where(np.isfinite(z), erfc(np.nan_to_num(z) / math.sqrt(2)).astype(np.float64), 1.0)
+    return np.where((n1 > 0) & (n2 > 0), p, np.nan)
+
+
+def benjamini_hochberg(p):
+    """Benjamini-Hochberg adjusted p-values (q-values); NaN in, NaN out (not counted as a test)."""
+    import numpy as np
+
+    p = np.asarray(p, dtype=np.float64)
+    q = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = ok.size
+    if m == 0:
+        return q
+    order = ok[np.argsort(p[ok], kind="stable")]
+    ranked = p[order] * m / np.arange(1, m + 1)
+    q[order] = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
+    return q
+
+
 def _rate(num: int, den: int) -> float | None:
     return num / den if den else None
 
@@ -93,8 +124,10 @@ def _finite(x: Any) -> float | None:
 # the aggregations
 
 
-def _count_exprs() -> list[pl.Expr]:
-    """Per-slice counts: rows_in, kept, removed, removed_by_reason (one column per rule)."""
+def _count_exprs(with_reasons: bool = False) -> list[pl.Expr]:
+    """Per-slice counts: rows_in, kept, removed, removed_by_reason (one column per rule) and, with
+    the ``reasons`` list, failed_any (``a:<rule>``, the rule's marginal effect: rows that fail it,
+    whatever else they fail) and removed_only (``o:<rule>``: rows that this rule alone removes)."""
     kept = pl.col(KEPT)
     removed = kept.not_()  # null kept -> null -> not counted anywhere but rows_in
     exprs = [
@@ -104,6 +137,11 @@ def _count_exprs() -> list[pl.Expr]:
     ]
     for r in _REASONS:
         exprs.append((removed & (pl.col(REASON) == r)).cast(pl.Int64).sum().alias(f"r:{r}"))
+    if with_reasons:
+        rs = pl.col(REASONS)
+        for r in _REASONS:
+            exprs.append(rs.list.contains(r).cast(pl.Int64).sum().alias(f"a:{r}"))
+            exprs.append(((rs.list.len() == 1) & (rs.list.first() == r)).cast(pl.Int64).sum().alias(f"o:{r}"))
     return exprs
 
 
@@ -143,7 +181,7 @@ def report_tables(
         )
     queries["shards"] = lf.group_by(SHARD).agg(_count_exprs())
     for c in group_cols:
-        queries[f"group:{c}"] = lf.group_by(c).agg(_count_exprs())
+        queries[f"group:{c}"] = lf.group_by(c).agg(_count_exprs(REASONS in names))
     if FETCH_STATUS in names:
         queries["fetch_status"] = lf.group_by(FETCH_STATUS).agg(pl.len().cast(pl.Int64).alias("n"))
     score = pl.col(CLIP_SCORE).cast(pl.Float64).fill_nan(None)
@@ -212,6 +250,44 @@ def _slice_record(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _with_stats(df: pl.DataFrame, *, min_group_size: int, alpha: float) -> pl.DataFrame:
+    """Add rate, Wilson CI, rest-of-rows rate, two-proportion p (group vs the rest), BH q-value
+    across the groups big enough to test, and the flag, to a full per-group count table."""
+    import numpy as np
+
+    n1 = df["rows_in"].to_numpy().astype(np.float64)
+    x1 = df["removed"].to_numpy().astype(np.float64)
+    tot_n, tot_x = n1.sum(), x1.sum()
+    n2, x2 = tot_n - n1, tot_x - x1
+    tested = n1 >= min_group_size
+    p = np.where(tested, two_proportion_p(x1, n1, x2, n2), np.nan)
+    q = benjamini_hochberg(p)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = x1 / n1
+        rest = np.where(n2 > 0, x2 / n2, np.nan)
+        z2 = Z95 * Z95
+        den = 1 + z2 / n1
+        centre = (rate + z2 / (2 * n1)) / den
+        half = Z95 * np.sqrt(rate * (1 - rate) / n1 + z2 / (4 * n1 * n1)) / den
+    sig = (q < alpha) & ~np.isnan(q)
+    direction = np.where(~sig, None, np.where(rate > rest, "higher", "lower"))
+    return df.with_columns(
+        pl.Series("removal_rate", rate).fill_nan(None),
+        pl.Series("ci_lo", np.maximum(0.0, centre - half)).fill_nan(None),
+        pl.Series("ci_hi", np.minimum(1.0, centre + half)).fill_nan(None),
+        pl.Series("rest_rate", rest).fill_nan(None),
+        pl.Series("p_value", p).fill_nan(None),
+        pl.Series("q_value", q).fill_nan(None),
+        pl.Series("too_small", ~tested),
+        pl.Series("significant", sig),
+        pl.Series("direction", direction.tolist(), dtype=pl.String),
+    )
+
+
+def _nan_none(x: Any) -> float | None:
+    return None if x is None else _finite(x)
+
+
 def _group_section(
     df: pl.DataFrame,
     column: str,
@@ -220,14 +296,17 @@ def _group_section(
     min_group_size: int,
     top_groups: int,
     totals: dict[str, int],
-) -> tuple[dict[str, Any], list[str]]:
+    alpha: float = 0.05,
+) -> tuple[dict[str, Any], list[str], pl.DataFrame]:
     problems: list[str] = []
     # Work on the group table in polars (it can have millions of rows, e.g. domains); only the
     # shown groups and the rollup become Python dicts. Sort by size desc, then value, nulls last.
     counts = ["rows_in", "kept", "removed", *(f"r:{r}" for r in _REASONS)]
-    df = df.with_columns(pl.col(c).fill_null(0) for c in counts[1:]).sort(
+    extra = [c for c in df.columns if c[:2] in ("a:", "o:")]
+    df = df.with_columns(pl.col(c).fill_null(0) for c in counts[1:] + extra).sort(
         ["rows_in", column], descending=[True, False], nulls_last=True
     )
+    df = _with_stats(df, min_group_size=min_group_size, alpha=alpha)
     explained = pl.sum_horizontal(f"r:{r}" for r in _REASONS)
     broken = df.filter((pl.col("kept") + pl.col("removed") != pl.col("rows_in")) | (explained != pl.col("removed")))
     if broken.height:
@@ -243,15 +322,37 @@ def _group_section(
             problems.append(f"{column}: groups sum to {k}={int(sums[k])}, totals say {totals[k]}")
 
     distinct = df.height
-    shown = [
-        {"value": _json_value(row[column]), "unknown": row[column] is None, "other_groups": 0, **_slice_record(row)}
-        for row in df.head(top_groups).iter_rows(named=True)
-    ]
-    rest = df.slice(top_groups)
+    # shown: the largest top_groups, plus up to top_groups more flagged groups (most significant
+    # first) so that a significant small group is never hidden in the rollup
+    idx = pl.int_range(pl.len()).alias("_i")
+    df = df.with_columns(idx)
+    flagged_extra = (
+        df.slice(top_groups).filter(pl.col("significant")).sort("q_value").head(top_groups)["_i"].to_list()
+    )
+    shown_idx = sorted(set(range(min(top_groups, distinct))) | set(flagged_extra))
+    shown_df = df.filter(pl.col("_i").is_in(shown_idx))
+    rest = df.filter(~pl.col("_i").is_in(shown_idx))
+    shown = []
+    for row in shown_df.iter_rows(named=True):
+        rec = {"value": _json_value(row[column]), "unknown": row[column] is None, "other_groups": 0, **_slice_record(row)}
+        rec["rest_rate"] = _nan_none(row["rest_rate"])
+        rec["p_value"] = _nan_none(row["p_value"])
+        rec["q_value"] = _nan_none(row["q_value"])
+        rec["significant"] = bool(row["significant"])
+        rec["direction"] = row["direction"]
+        if extra:
+            rec["failed_any"] = {r: int(row[f"a:{r}"]) for r in _REASONS}
+            rec["removed_only"] = {r: int(row[f"o:{r}"]) for r in _REASONS}
+        shown.append(rec)
     if rest.height:
         agg = _slice_record(rest.select(pl.col(c).sum() for c in counts).row(0, named=True))
         agg["reconciles"] = agg["reconciles"] and not rest.join(broken, on=column, how="semi", nulls_equal=True).height
-        shown.append({"value": f"(other {rest.height} groups)", "unknown": False, "other_groups": rest.height, **agg})
+        rec = {"value": f"(other {rest.height} groups)", "unknown": False, "other_groups": rest.height, **agg}
+        rec.update(rest_rate=None, p_value=None, q_value=None, significant=False, direction=None)
+        if extra:
+            rec["failed_any"] = {r: int(rest[f"a:{r}"].sum()) for r in _REASONS}
+            rec["removed_only"] = {r: int(rest[f"o:{r}"].sum()) for r in _REASONS}
+        shown.append(rec)
 
     out = []
     for rec in shown:
@@ -260,27 +361,35 @@ def _group_section(
         rec["ratio_to_overall"] = (rate / overall_rate) if (rate is not None and overall_rate) else None
         rec["too_small"] = rec["rows_in"] < min_group_size
         out.append(_order_group(rec))
+    tested = df.filter(~pl.col("too_small"))
+    full = df.drop("_i").rename({column: "value"} if column != "value" else {})
     return (
         {
             "column": column,
             "distinct": distinct,
-            "shown": min(distinct, top_groups),
-            "too_small_groups": df.filter(pl.col("rows_in") < min_group_size).height,
+            "shown": len(shown_idx),
+            "too_small_groups": df.filter(pl.col("too_small")).height,
+            "tested_groups": tested.height,
+            "flagged_groups": int(df["significant"].sum()),
+            "flagged_higher": df.filter(pl.col("direction") == "higher").height,
+            "flagged_lower": df.filter(pl.col("direction") == "lower").height,
             "reconciles": not problems,
             "rows": out,
         },
         problems,
+        full,
     )
 
 
 _GROUP_KEYS = (
     "value", "unknown", "other_groups", "rows_in", "kept", "removed", "removal_rate", "ci95",
-    "ratio_to_overall", "too_small", "removed_by_reason", "removed_unexplained", "kept_null", "reconciles",
+    "ratio_to_overall", "rest_rate", "p_value", "q_value", "significant", "direction", "too_small",
+    "removed_by_reason", "failed_any", "removed_only", "removed_unexplained", "kept_null", "reconciles",
 )  # fmt: skip
 
 
 def _order_group(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: rec[k] for k in _GROUP_KEYS}
+    return {k: rec[k] for k in _GROUP_KEYS if k in rec}
 
 
 def build_report(
@@ -291,8 +400,13 @@ def build_report(
     min_group_size: int = 30,
     top_groups: int = 25,
     meta: dict | None = None,
-) -> dict[str, Any]:
-    """Summarise one selection's per-row decisions as a JSON-serialisable dict (see module doc)."""
+    alpha: float = 0.05,
+    return_tables: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], dict[str, pl.DataFrame]]:
+    """Summarise one selection's per-row decisions as a JSON-serialisable dict (see module doc).
+
+    With ``return_tables`` also returns the full machine tables (every group of every grouping,
+    with its statistics, not only the shown ones) as polars DataFrames keyed by name."""
     if top_groups < 1:
         raise ValueError("top_groups must be >= 1")
     group_cols = list(dict.fromkeys([*group_columns, *extra_group_columns]))
@@ -379,17 +493,34 @@ def build_report(
 
     # ---- groups ------------------------------------------------------------------------------------
     groups = {}
+    full_tables: dict[str, pl.DataFrame] = {}
     for c in group_cols:
-        sec, probs = _group_section(
+        sec, probs, full = _group_section(
             tables[f"group:{c}"],
             c,
             overall_rate=overall_rate,
             min_group_size=min_group_size,
             top_groups=top_groups,
             totals=totals,
+            alpha=alpha,
         )
         groups[c] = sec
+        full_tables[f"groups_{c}"] = full
         problems.extend(probs)
+    names = set(decisions.lazy().collect_schema().names())
+    if CLIP_SCORE in names and group_cols:
+        dists = _clip_by_group(decisions.lazy(), groups)
+        for c, d in dists.items():
+            full_tables[f"clip_by_{c}"] = d
+            byval = {(None if r[c] is None else r[c]): r for r in d.iter_rows(named=True)}
+            for g in groups[c]["rows"]:
+                if g["other_groups"]:
+                    continue
+                r = byval.get(None if g["unknown"] else g["value"])
+                g["clip_score"] = None if r is None else {
+                    "scored": int(r["scored"]), "mean": _finite(r["mean"]),
+                    **{k: _finite(r[k]) for k in QUANTILES},
+                }
 
     # ---- clip score ----------------------------------------------------------------------------------
     clip = None
@@ -417,7 +548,7 @@ def build_report(
         }
 
     reconciles = totals_ok and not problems
-    return {
+    rep = {
         "report_version": REPORT_VERSION,
         "meta": dict(meta or {}),
         "reconciles": reconciles,
@@ -434,8 +565,37 @@ def build_report(
             "min_group_size": min_group_size,
             "top_groups": top_groups,
             "ci": "Wilson score interval, 95%",
+            "test": "two-sided pooled two-proportion z-test, group vs the rest of the rows; "
+            "Benjamini-Hochberg across the groups of each grouping with at least min_group_size rows",
+            "alpha": alpha,
         },
     }
+    if not return_tables:
+        return rep
+    full_tables["totals"] = pl.DataFrame([{k: v for k, v in totals.items()}])
+    full_tables["reasons"] = pl.DataFrame(reasons)
+    full_tables["shards"] = tables["shards"].sort(SHARD, nulls_last=True)
+    return rep, full_tables
+
+
+def _clip_by_group(lf: pl.LazyFrame, groups: dict[str, dict[str, Any]]) -> dict[str, pl.DataFrame]:
+    """CLIP score distribution (count, mean, quantiles) of the shown groups of every grouping,
+    one streaming pass per grouping restricted to those groups."""
+    score = pl.col(CLIP_SCORE).cast(pl.Float64).fill_nan(None)
+    queries = {}
+    for c, sec in groups.items():
+        vals = [g["value"] for g in sec["rows"] if not g["other_groups"] and not g["unknown"]]
+        has_null = any(g["unknown"] for g in sec["rows"] if not g["other_groups"])
+        keep = pl.col(c).is_in(pl.Series(vals).cast(lf.collect_schema()[c], strict=False)) if vals else pl.lit(False)
+        if has_null:
+            keep = keep | pl.col(c).is_null()
+        queries[c] = lf.filter(keep).group_by(c).agg(
+            score.count().cast(pl.Int64).alias("scored"),
+            score.mean().alias("mean"),
+            *[score.quantile(q, interpolation="linear").alias(k) for k, q in QUANTILES.items()],
+        )
+    keys = list(queries)
+    return dict(zip(keys, pl.collect_all([queries[k] for k in keys], engine="streaming")))
 
 
 # --------------------------------------------------------------------------------------------------

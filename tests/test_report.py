@@ -183,20 +183,25 @@ def test_too_small_present_and_flagged(report):
 def test_top_groups_rollup(df):
     rep = build_report(df, top_groups=3)
     sec = rep["groups"]["domain"]
-    assert sec["distinct"] == 11 and sec["shown"] == 3
-    assert len(sec["rows"]) == 4
+    rows = [g for g in sec["rows"] if not g["other_groups"]]
+    # the largest 3, plus every flagged group outside them (never hidden in the rollup)
+    assert [g["value"] for g in rows[:3]] == ["big.com", "news.co.uk", "shop.de"]
+    assert all(g["significant"] for g in rows[3:]) and len(rows) == sec["shown"] > 3
+    assert sec["distinct"] == 11
     other = sec["rows"][-1]
-    assert other["value"] == "(other 8 groups)" and other["other_groups"] == 8
-    assert [g["value"] for g in sec["rows"][:3]] == ["big.com", "news.co.uk", "shop.de"]
+    n_other = 11 - sec["shown"]
+    assert other["value"] == f"(other {n_other} groups)" and other["other_groups"] == n_other
+    assert not any(g["significant"] for g in sec["rows"][-1:])
     for k in ("rows_in", "kept", "removed"):
         assert sum(g[k] for g in sec["rows"]) == rep["totals"][k]
     for r in REASONS:
         assert sum(g["removed_by_reason"][r] for g in sec["rows"]) == next(
             x["removed_first"] for x in rep["reasons"] if x["reason"] == r
         )
+        assert sum(g["failed_any"][r] for g in sec["rows"]) == next(x["failed_any"] for x in rep["reasons"] if x["reason"] == r)
     assert other["removal_rate"] == other["removed"] / other["rows_in"]
     assert other["kept"] + sum(other["removed_by_reason"].values()) == other["rows_in"]
-    # language has 4 groups: top_groups=3 rolls up exactly one
+    # language has 4 groups, none flagged: top_groups=3 rolls up exactly one
     lang = rep["groups"]["language"]["rows"]
     assert lang[-1]["value"] == "(other 1 groups)" and sum(g["rows_in"] for g in lang) == rep["totals"]["rows_in"]
     assert rep["reconciles"] is True
@@ -241,7 +246,8 @@ def test_removed_without_reason_is_detected(df):
     rep = build_report(bad.lazy(), group_columns=("domain",), top_groups=1)
     rows = rep["groups"]["domain"]["rows"]
     assert sum(g["removed_unexplained"] for g in rows) == 1
-    assert [g["reconciles"] for g in rows] == [True, False] and rows[1]["other_groups"] == 10
+    assert [g["reconciles"] for g in rows[:-1]] == [True] * (len(rows) - 1)
+    assert rows[-1]["reconciles"] is False and rows[-1]["other_groups"] == 11 - (len(rows) - 1)
     assert rep["groups"]["domain"]["reconciles"] is False
 
 
