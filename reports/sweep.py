@@ -1,0 +1,189 @@
+"""CLIP-threshold sweep from cached annotations: retention vs. threshold, overall and per group,
+and what flips between two thresholds. Same rule semantics as :func:`curate.filters.select.decide`.
+
+Why this is exact, not an approximation. Vary only the CLIP threshold ``t``; every other rule is
+fixed. Dedup runs among rows that pass every other rule and the threshold, and a duplicate group's
+survivor is the highest score (then uid, shard, row). So within a URL group the survivor at any
+``t`` is the group's top row whenever that top row passes ``t`` (and nobody survives otherwise);
+image dedup then runs among URL survivors with the same order. Hence there is a fixed set of
+*representative* rows -- exactly the rows ``decide()`` keeps with the threshold at -inf -- and at
+threshold ``t`` the kept rows are precisely the representatives with ``score >= t``. We compute
+the representatives once with ``decide()`` itself and then count, per group, the representatives
+at or above each threshold: one sort for dedup plus a group-by, instead of one ``decide()`` per
+threshold. (A ``top_fraction`` rule is a threshold too; the sweep varies the threshold directly.)
+With the threshold active, rows without a score are ``not_scored`` at every threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import polars as pl
+
+from curate import schema
+from curate.config import ClipRule, SelectionConfig
+
+SCORE = "_score"
+IDX = "_above"  # number of sweep thresholds <= the row's score
+
+
+def thresholds(start: float, stop: float, step: float) -> list[float]:
+    """start, start+step, ..., up to stop inclusive (rounded to 10 decimals, no float drift)."""
+    if step <= 0:
+        raise ValueError("step must be > 0")
+    if stop < start:
+        raise ValueError("--to must be >= --from")
+    n = int(math.floor((stop - start) / step + 1e-9)) + 1
+    return [round(start + i * step, 10) for i in range(n)]
+
+
+def representatives(annotations: pl.LazyFrame, sel: SelectionConfig) -> pl.LazyFrame:
+    """Rows kept at threshold -inf (see module doc): kept at t iff their score >= t."""
+    from curate.filters.select import decide
+
+    loose = sel.model_copy(update={"clip": ClipRule.model_construct(min_score=float("-inf"), top_fraction=None)})
+    # A NaN score is no score (not_scored), as the schema documents. (decide() as of this writing
+    # tests its rules on the raw column, where NaN is neither null nor < t; see docs/REPORTS.md.)
+    annotations = annotations.with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
+    decisions, _ = decide(annotations, loose)
+    return (
+        decisions.filter(pl.col(schema.KEPT))
+        .with_columns(pl.col(schema.CLIP_SCORE).cast(pl.Float64).alias(SCORE))
+        .filter(pl.col(SCORE).is_not_null())
+    )
+
+
+def _above(thr: Sequence[float], dtype: pl.DataType = pl.Float64) -> pl.Expr:
+    # decide() compares the score column with a float literal, which polars casts to the column's
+    # type: a float32 score is compared with float32(t). Do the same, or a score of 0.301f would
+    # be kept at t=0.301 by the selection and not by the sweep.
+    cut = pl.Series(list(thr), dtype=pl.Float64).cast(dtype).cast(pl.Float64)
+    return pl.lit(cut).search_sorted(pl.col(SCORE), side="right").cast(pl.Int64)
+
+
+def _curve(counts: dict[int, int], n_thr: int) -> list[int]:
+    """kept at threshold i = representatives with more than i thresholds <= their score."""
+    out, acc = [0] * n_thr, 0
+    for i in range(n_thr - 1, -1, -1):
+        acc += counts.get(i + 1, 0)
+        out[i] = acc
+    return out
+
+
+def sweep(
+    annotations: pl.LazyFrame,
+    sel: SelectionConfig,
+    thr: Sequence[float],
+    *,
+    group_columns: Sequence[str] = (),
+    top_groups: int = 6,
+    include: dict[str, Sequence[str]] | None = None,
+    reps: pl.LazyFrame | None = None,
+) -> dict[str, Any]:
+    """Retention vs threshold overall and, per grouping column, for its ``top_groups`` largest
+    groups plus any named in ``include[column]``. Returns a JSON-able dict; ``tables`` holds the
+    long-form polars tables (threshold, group, rows_in, kept, retention)."""
+    thr = sorted(float(t) for t in thr)
+    if not thr:
+        raise ValueError("no thresholds to sweep")
+    include = include or {}
+    lf = annotations
+    reps = representatives(lf, sel) if reps is None else reps
+    dtype = lf.collect_schema().get(schema.CLIP_SCORE, pl.Float64)
+    reps = reps.with_columns(_above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64).alias(IDX))
+    queries: dict[str, pl.LazyFrame] = {
+        "rows": lf.select(pl.len().cast(pl.Int64).alias("n")),
+        "overall": reps.group_by(IDX).agg(pl.len().cast(pl.Int64).alias("n")),
+    }
+    for c in group_columns:
+        queries[f"size:{c}"] = lf.group_by(c).agg(pl.len().cast(pl.Int64).alias("rows_in"))
+        queries[f"hist:{c}"] = reps.group_by(c, IDX).agg(pl.len().cast(pl.Int64).alias("n"))
+    keys = list(queries)
+    res = dict(zip(keys, pl.collect_all([queries[k] for k in keys], engine="streaming")))
+    rows_in = int(res["rows"]["n"][0])
+    overall_kept = _curve(dict(res["overall"].iter_rows()), len(thr))
+    out: dict[str, Any] = {
+        "thresholds": thr,
+        "rows_in": rows_in,
+        "overall": {"kept": overall_kept, "retention": [k / rows_in if rows_in else None for k in overall_kept]},
+        "groups": {},
+        "method": "exact: representatives (decide() at threshold -inf) counted at or above each threshold",
+    }
+    long = [pl.DataFrame({"column": "(all)", "value": "(all)", "threshold": thr, "rows_in": rows_in,
+                          "kept": overall_kept}, schema_overrides={"rows_in": pl.Int64, "kept": pl.Int64})]
+    for c in group_columns:
+        sizes = res[f"size:{c}"].sort(["rows_in", c], descending=[True, False], nulls_last=True)
+        wanted = sizes.head(top_groups)[c].to_list()
+        named = [v for v in include.get(c, []) if v not in wanted]
+        if named:
+            have = set(sizes[c].cast(pl.String).to_list())
+            wanted += [v for v in named if v in have]
+        hist = res[f"hist:{c}"]
+        curves = []
+        size_of = {r[0]: r[1] for r in sizes.iter_rows()}
+        for v in wanted:
+            key = v
+            if key not in size_of:  # a named value given as a string for a non-string column
+                key = next((k for k in size_of if str(k) == str(v)), v)
+            h = hist.filter(pl.col(c).is_null() if key is None else pl.col(c) == key)
+            kept = _curve(dict(h.select(IDX, "n").iter_rows()), len(thr))
+            n = int(size_of.get(key, 0))
+            curves.append({"value": "(unknown)" if key is None else str(key), "rows_in": n, "kept": kept,
+                           "retention": [k / n if n else None for k in kept], "named": v in named})
+            long.append(pl.DataFrame({"column": c, "value": "(unknown)" if key is None else str(key), "threshold": thr,
+                                      "rows_in": n, "kept": kept}, schema_overrides={"rows_in": pl.Int64, "kept": pl.Int64}))
+        out["groups"][c] = curves
+    table = pl.concat(long).with_columns((pl.col("kept") / pl.col("rows_in")).alias("retention"))
+    out["tables"] = {"sweep": table}
+    return out
+
+
+def flips(
+    reps: pl.LazyFrame,
+    a: float,
+    b: float,
+    *,
+    group_columns: Sequence[str] = (),
+    sizes: dict[str, pl.DataFrame] | None = None,
+    sample: int = 20,
+    top: int = 10,
+    score_dtype: pl.DataType = pl.Float32,
+) -> dict[str, Any]:
+    """What changes between threshold a and b (a < b is stricter at b): the representatives with
+    a <= score < b are kept at a and removed (clip_score) at b; nothing else changes fate. Per
+    group: rows that flip and the change in retention, largest change first."""
+    lo, hi = (a, b) if a <= b else (b, a)
+    if score_dtype == pl.Float32:  # compare as decide() does (see _above)
+        lo, hi = (float(pl.Series([x], dtype=pl.Float32)[0]) for x in (lo, hi))
+    band = reps.filter((pl.col(SCORE) >= lo) & (pl.col(SCORE) < hi))
+    queries = {"n": band.select(pl.len().cast(pl.Int64).alias("n"))}
+    cols = [c for c in (schema.UID, schema.SHARD, schema.ROW, schema.CAPTION, SCORE, *group_columns) if c]
+    queries["sample"] = band.sort(SCORE, schema.UID).select(cols).head(sample)
+    for c in group_columns:
+        queries[f"g:{c}"] = band.group_by(c).agg(pl.len().cast(pl.Int64).alias("flips"))
+    keys = list(queries)
+    res = dict(zip(keys, pl.collect_all([queries[k] for k in keys], engine="streaming")))
+    out: dict[str, Any] = {"a": a, "b": b, "rows": int(res["n"]["n"][0]),
+                           "direction": "kept at the lower threshold, removed at the higher", "groups": {}}
+    s = res["sample"].rename({SCORE: "clip_score"})
+    out["sample"] = [{k: (str(v) if k in group_columns and v is not None else v) for k, v in r.items()}
+                     for r in s.iter_rows(named=True)]
+    tables = {"flips_sample": s}
+    for c in group_columns:
+        g = res[f"g:{c}"]
+        if sizes and c in sizes:
+            g = g.join(sizes[c].select(c, "rows_in"), on=c, how="left", nulls_equal=True)
+            g = g.with_columns((pl.col("flips") / pl.col("rows_in")).alias("retention_change"))
+        else:
+            g = g.with_columns(pl.lit(None, pl.Int64).alias("rows_in"), pl.lit(None, pl.Float64).alias("retention_change"))
+        g = g.sort(["retention_change", "flips"], descending=True, nulls_last=True)
+        tables[f"flips_{c}"] = g
+        out["groups"][c] = [
+            {"value": "(unknown)" if r[c] is None else str(r[c]), "flips": int(r["flips"]),
+             "rows_in": r["rows_in"], "retention_change": r["retention_change"]}
+            for r in g.head(top).iter_rows(named=True)
+        ]
+    out["tables"] = tables
+    return out
