@@ -21,7 +21,7 @@ import polars as pl
 from curate import annotations, io, manifest, schema
 from curate.config import ReportConfig, SelectionConfig
 from curate.filters.select import decide
-from curate.reports.summary import build_report, write_report
+from curate.reports.audit import build_audit, write_audit
 
 _DROP_FROM_OUTPUTS = (schema.URL_NORMALIZED,)
 
@@ -83,11 +83,11 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
     missing = [c for c in report_cfg.group_columns if c not in decisions.columns]
     if missing:
         raise ValueError(f"report.group_columns {missing} are not annotation columns; add them to input.keep_columns")
-    report = build_report(
-        decisions.lazy(), extra_group_columns=extra, min_group_size=report_cfg.min_group_size,
-        top_groups=report_cfg.top_groups, meta=meta,
+    report, tables = build_audit(
+        decisions.lazy(), ann, sel, resolved.clip_threshold, report_cfg=report_cfg,
+        extra_group_columns=extra, meta=meta, run_dir=run_dir,
     )
-    json_path, html_path = write_report(report, out)
+    json_path, html_path = write_audit(report, tables, out)
     summary = {
         **meta,
         "counts": counts,

@@ -634,7 +634,8 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[st
     out = os.fspath(out_dir)
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
-    body = json.dumps(report, indent=2, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    public = {k: v for k, v in report.items() if not k.startswith("_")}  # e.g. _thumbs: HTML only
+    body = json.dumps(public, indent=2, allow_nan=False, ensure_ascii=False).encode("utf-8")
     page = render_html(report).encode("utf-8")
     _write_atomic(fs, posixpath.join(root, "report.html"), page)
     _write_atomic(fs, posixpath.join(root, "report.json"), body)

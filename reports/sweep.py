@@ -159,7 +159,8 @@ def flips(
         lo, hi = (float(pl.Series([x], dtype=pl.Float32)[0]) for x in (lo, hi))
     band = reps.filter((pl.col(SCORE) >= lo) & (pl.col(SCORE) < hi))
     queries = {"n": band.select(pl.len().cast(pl.Int64).alias("n"))}
-    cols = [c for c in (schema.UID, schema.SHARD, schema.ROW, schema.CAPTION, SCORE, *group_columns) if c]
+    have = set(reps.collect_schema().names())
+    cols = [c for c in dict.fromkeys((schema.UID, schema.SHARD, schema.ROW, schema.CAPTION, SCORE, *group_columns)) if c in have]
     queries["sample"] = band.sort(SCORE, schema.UID).select(cols).head(sample)
     for c in group_columns:
         queries[f"g:{c}"] = band.group_by(c).agg(pl.len().cast(pl.Int64).alias("flips"))

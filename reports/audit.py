@@ -1,0 +1,256 @@
+"""The full audit report of one selection: the counts report (:mod:`curate.reports.summary`), the
+threshold sweep and A/B flips (:mod:`curate.reports.sweep`), the boundary gallery, and every table
+as parquet under ``selections/<name>/tables/``. Written by ``curate select``/``run`` and
+re-rendered by ``curate report``."""
+
+from __future__ import annotations
+
+import base64
+import io as _io
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import polars as pl
+
+from curate import io, schema
+from curate.config import ReportConfig, SelectionConfig
+from curate.reports.summary import build_report, write_report
+from curate.reports.sweep import SCORE, flips, representatives, sweep, thresholds
+
+SWEEP_STEPS = 26
+GALLERY_GROUPS = 6
+GALLERY_PER_SIDE = 4
+GALLERY_WINDOW = 30  # sample from the this-many rows nearest the threshold on each side
+THUMB_PX = 112
+
+
+def _nice_range(reps: pl.DataFrame, t0: float | None) -> list[float]:
+    """Default sweep: 26 thresholds over the 2nd..98th percentile of the representatives' scores
+    (rounded to a step of 0.01, 0.005, ...), always including the selection's own threshold."""
+    s = reps[SCORE]
+    if s.len() == 0:
+        return [t0] if t0 is not None else []
+    lo, hi = float(s.quantile(0.02)), float(s.quantile(0.98))
+    if t0 is not None:
+        lo, hi = min(lo, t0), max(hi, t0)
+    span = max(hi - lo, 1e-6)
+    raw = span / (SWEEP_STEPS - 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    n = max(1, math.ceil((hi - start) / step - 1e-9))
+    thr = thresholds(round(start, 10), round(start + step * n, 10), step)
+    if t0 is not None and all(abs(t - t0) > 1e-12 for t in thr):
+        thr = sorted(thr + [t0])
+    return thr
+
+
+def _thumb(jpg: bytes) -> str | None:
+    try:
+        from PIL import Image
+
+        im = Image.open(_io.BytesIO(jpg))
+        im = im.convert("RGB")
+        im.thumbnail((THUMB_PX, THUMB_PX))
+        buf = _io.BytesIO()
+        im.save(buf, format="JPEG", quality=75)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    except Exception:  # a corrupt cached image: shown as "no image", never fails the report
+        return None
+
+
+def _thumbnails(run_dir: str, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    import pyarrow.compute as pc
+
+    out: dict[tuple[str, int], str] = {}
+    by_shard: dict[str, list[int]] = {}
+    for shard, row in keys:
+        by_shard.setdefault(shard, []).append(int(row))
+    for shard, rows in by_shard.items():
+        path = io.join(run_dir, "images", f"{shard}.parquet")
+        if not io.exists(path):
+            continue
+        t = io.read_parquet(path, columns=[schema.ROW, schema.IMAGE_BYTES])
+        t = t.filter(pc.is_in(t[schema.ROW], value_set=__import__("pyarrow").array(rows, type=t.schema.field(schema.ROW).type)))
+        for r, b in zip(t[schema.ROW].to_pylist(), t[schema.IMAGE_BYTES].to_pylist()):
+            if b:
+                uri = _thumb(b)
+                if uri:
+                    out[(shard, int(r))] = uri
+    return out
+
+
+def boundary_gallery(
+    run_dir: str | None,
+    reps: pl.DataFrame,
+    annotations: pl.LazyFrame,
+    threshold: float,
+    column: str,
+    values: Sequence[Any],
+    *,
+    per_side: int = GALLERY_PER_SIDE,
+    window: int = GALLERY_WINDOW,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """For each group value: ``per_side`` rows sampled (seeded) from the ``window`` rows just above
+    the threshold (kept) and just below it (removed by clip_score). Only representatives, i.e. rows
+    whose fate the threshold decides. Returns the JSON part and the thumbnails ({uid: data URI})."""
+    picked: list[dict[str, Any]] = []
+    groups = []
+    for v in values:
+        sub = reps.filter(pl.col(column).is_null() if v is None else pl.col(column) == v)
+        sides = {}
+        for side, part in (
+            ("above", sub.filter(pl.col(SCORE) >= threshold).sort([SCORE, schema.UID]).head(window)),
+            ("below", sub.filter(pl.col(SCORE) < threshold).sort([SCORE, schema.UID], descending=[True, False]).head(window)),
+        ):
+            rows = part.select(schema.UID, schema.SHARD, schema.ROW, SCORE).to_dicts()
+            rng = random.Random(f"{seed}|{column}|{v}|{side}")
+            chosen = sorted(rng.sample(rows, min(per_side, len(rows))), key=lambda r: r[SCORE])
+            sides[side] = chosen
+            picked += chosen
+        groups.append({"value": "(unknown)" if v is None else str(v), **sides})
+    thumbs: dict[str, str] = {}
+    if picked:
+        keys = pl.DataFrame({schema.SHARD: [p[schema.SHARD] for p in picked], schema.ROW: [p[schema.ROW] for p in picked]},
+                            schema={schema.SHARD: pl.String, schema.ROW: pl.Int64})
+        info = (
+            annotations.join(keys.lazy(), on=[schema.SHARD, schema.ROW], how="semi")
+            .select(schema.SHARD, schema.ROW, schema.CAPTION, schema.URL)
+            .collect()
+        )
+        text = {(r[schema.SHARD], r[schema.ROW]): r for r in info.iter_rows(named=True)}
+        images = _thumbnails(run_dir, [(p[schema.SHARD], p[schema.ROW]) for p in picked]) if run_dir else {}
+        for g in groups:
+            for side in ("above", "below"):
+                for p in g[side]:
+                    k = (p[schema.SHARD], p[schema.ROW])
+                    p["clip_score"] = p.pop(SCORE)
+                    p["caption"] = (text.get(k) or {}).get(schema.CAPTION)
+                    p["url"] = (text.get(k) or {}).get(schema.URL)
+                    if k in images:
+                        thumbs[p[schema.UID]] = images[k]
+                    p["has_image"] = k in images
+    return (
+        {"column": column, "threshold": threshold, "per_side": per_side, "window": window, "seed": seed, "groups": groups},
+        thumbs,
+    )
+
+
+def build_audit(
+    decisions: pl.LazyFrame,
+    annotations: pl.LazyFrame,
+    sel: SelectionConfig,
+    clip_threshold: float | None,
+    *,
+    report_cfg: ReportConfig | None = None,
+    extra_group_columns: Sequence[str] = (),
+    meta: dict | None = None,
+    run_dir: str | None = None,
+    sweep_thresholds: Sequence[float] | None = None,
+    compare: tuple[float, float] | None = None,
+    sweep_include: dict[str, Sequence[str]] | None = None,
+    gallery_column: str | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, pl.DataFrame]]:
+    """The report dict (with ``sweep``, ``flips``, ``gallery`` and ``_thumbs``) and its tables."""
+    cfg = report_cfg or ReportConfig()
+    report, tables = build_report(
+        decisions, extra_group_columns=extra_group_columns, min_group_size=cfg.min_group_size,
+        top_groups=cfg.top_groups, meta=meta, return_tables=True,
+    )
+    report["clip_threshold"] = clip_threshold
+    group_cols = report["settings"]["group_columns"]
+    names = set(annotations.collect_schema().names())
+    if schema.CLIP_SCORE not in names or not (report.get("clip_score") or {}).get("scored"):
+        report["sweep"] = None
+        report["sweep_note"] = "no CLIP scores in this run: no sweep, no boundary gallery"
+        return report, tables
+    keep = [SCORE, schema.UID, schema.SHARD, schema.ROW, *group_cols]
+    reps = representatives(annotations, sel).select(keep).collect(engine="streaming")
+    thr = list(sweep_thresholds) if sweep_thresholds else _nice_range(reps, clip_threshold)
+    sw = sweep(annotations, sel, thr, group_columns=group_cols, include=sweep_include, reps=reps.lazy())
+    tables.update(sw.pop("tables"))
+    sw["selection_threshold"] = clip_threshold
+    report["sweep"] = sw
+    # flips: the selection's threshold vs. the sweep's next-but-one stricter step, unless given
+    if compare is None:
+        t = sw["thresholds"]
+        a = clip_threshold if clip_threshold is not None else t[len(t) // 2]
+        above = [x for x in t if x > a + 1e-12]
+        b = above[min(1, len(above) - 1)] if above else a
+        compare = (a, b)
+    sizes = {c: tables[f"groups_{c}"].select(pl.col("value").alias(c), "rows_in") for c in group_cols}
+    fl = flips(reps.lazy(), compare[0], compare[1], group_columns=group_cols, sizes=sizes,
+               score_dtype=annotations.collect_schema()[schema.CLIP_SCORE])
+    tables.update(fl.pop("tables"))
+    report["flips"] = fl
+    # boundary gallery
+    if clip_threshold is not None:
+        gc = gallery_column or (schema.LANGUAGE if schema.LANGUAGE in group_cols else group_cols[0])
+        sec = report["groups"][gc]
+        values = [None if g["unknown"] else g["value"] for g in sec["rows"] if not g["other_groups"]][:GALLERY_GROUPS]
+        gal, thumbs = boundary_gallery(run_dir, reps, annotations, clip_threshold, gc, values, seed=seed)
+        report["gallery"] = gal
+        report["_thumbs"] = thumbs
+        tables["gallery"] = pl.DataFrame(
+            [{"group": g["value"], "side": side, **{k: p[k] for k in ("uid", "shard", "row", "clip_score", "caption", "has_image")}}
+             for g in gal["groups"] for side in ("above", "below") for p in g[side]],
+            schema={"group": pl.String, "side": pl.String, "uid": pl.String, "shard": pl.String, "row": pl.Int64,
+                    "clip_score": pl.Float64, "caption": pl.String, "has_image": pl.Boolean},
+        )
+    return report, tables
+
+
+def write_tables(tables: dict[str, pl.DataFrame], out_dir: str) -> list[str]:
+    paths = []
+    for name, df in tables.items():
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        p = io.join(out_dir, "tables", f"{safe}.parquet")
+        io.write_parquet(p, df.to_arrow())
+        paths.append(p)
+    return paths
+
+
+def write_audit(report: dict[str, Any], tables: dict[str, pl.DataFrame], out_dir: str) -> tuple[str, str]:
+    write_tables(tables, out_dir)
+    return write_report(report, out_dir)
+
+
+def rebuild_report(
+    run_dir: str,
+    name: str = "default",
+    *,
+    sweep_thresholds: Sequence[float] | None = None,
+    compare: tuple[float, float] | None = None,
+    sweep_include: dict[str, Sequence[str]] | None = None,
+    gallery_column: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Re-render selections/<name>/ report from the run's annotations: the selection's recorded
+    rules are re-applied with decide() (no model, no network), then the audit is rebuilt."""
+    from curate import annotations as ann_mod, manifest
+    from curate.config import PipelineSpec
+    from curate.filters.select import decide
+
+    out = io.join(run_dir, "selections", name)
+    summary = io.read_json(io.join(out, "selection.json"))
+    sel = SelectionConfig.model_validate(summary["rules"])
+    m = manifest.read(run_dir)
+    cfg = PipelineSpec.model_validate(m["spec"]).report
+    ann = ann_mod.scan(run_dir)
+    decisions, resolved = decide(ann, sel)
+    names = set(ann.collect_schema().names())
+    extra = [c for c in cfg.group_columns if c in names]
+    meta = {k: summary.get(k) for k in ("selection", "run_dir", "rules", "resolved", "model", "language_model",
+                                        "run_state", "failed_shards", "created_at")}
+    meta["resolved"] = resolved.as_dict()
+    report, tables = build_audit(
+        decisions, ann, sel, resolved.clip_threshold, report_cfg=cfg, extra_group_columns=extra, meta=meta,
+        run_dir=run_dir, sweep_thresholds=sweep_thresholds, compare=compare, sweep_include=sweep_include,
+        gallery_column=gallery_column, seed=seed,
+    )
+    json_path, html_path = write_audit(report, tables, out)
+    return {"report": report, "report_json": json_path, "report_html": html_path}
