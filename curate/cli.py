@@ -147,6 +147,115 @@ def show_spec(spec_path: Path = typer.Argument(..., help="pipeline spec (TOML)")
         _fail(str(e))
 
 
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., help="a run directory written by `curate run`"),
+    selection: str = typer.Option("default", "--selection", "-s", help="selection name (selections/<name>/)"),
+    sweep_from: Optional[float] = typer.Option(None, "--from", help="sweep start (default: the scores' 2nd percentile)"),
+    sweep_to: Optional[float] = typer.Option(None, "--to", help="sweep end (default: the scores' 98th percentile)"),
+    step: Optional[float] = typer.Option(None, "--step"),
+    compare: Optional[str] = typer.Option(None, "--compare", help="'A,B': list what flips between thresholds A and B"),
+    gallery_group: Optional[str] = typer.Option(None, "--gallery-group", help="grouping column for the boundary gallery"),
+    seed: int = typer.Option(0, "--seed", help="seed of the boundary-gallery sample"),
+) -> None:
+    """Re-render a selection's audit report (HTML, JSON, tables/*.parquet) from the run's annotations."""
+    from curate.reports.audit import rebuild_report
+    from curate.reports.sweep import thresholds
+
+    thr = None
+    if sweep_from is not None or sweep_to is not None or step is not None:
+        if sweep_from is None or sweep_to is None or step is None:
+            _fail("give --from, --to and --step together")
+        thr = thresholds(sweep_from, sweep_to, step)
+    cmp_ = None
+    if compare:
+        try:
+            a, b = (float(x) for x in compare.split(","))
+        except ValueError:
+            _fail("--compare takes 'A,B', e.g. 0.25,0.30")
+        cmp_ = (a, b)
+    try:
+        res = rebuild_report(run_dir, selection, sweep_thresholds=thr, compare=cmp_, gallery_column=gallery_group, seed=seed)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(str(e))
+    rep = res["report"]
+    t = rep["totals"]
+    flagged = sum(sec.get("flagged_groups", 0) for sec in rep["groups"].values())
+    typer.echo(f"{t['rows_in']:,} rows, kept {t['kept']:,}, removal rate {t['removal_rate'] or 0:.1%}; "
+               f"{flagged} group(s) flagged; counts reconcile: {'yes' if rep['reconciles'] else 'NO'}")
+    typer.echo(f"report: {res['report_html']}")
+
+
+@app.command()
+def sweep(
+    run_dir: str = typer.Argument(..., help="a run directory written by `curate run`"),
+    rule: str = typer.Option("clip", "--rule", help="the rule to sweep (only 'clip')"),
+    sweep_from: float = typer.Option(..., "--from"),
+    sweep_to: float = typer.Option(..., "--to"),
+    step: float = typer.Option(0.01, "--step"),
+    group: Optional[list[str]] = typer.Option(None, "--group", "-g", help="grouping column (repeatable), e.g. language"),
+    include: Optional[list[str]] = typer.Option(None, "--include", help="also sweep this group, COLUMN=VALUE (repeatable)"),
+    top: int = typer.Option(6, "--top", help="largest groups per grouping"),
+    selection: str = typer.Option("default", "--selection", "-s", help="whose other rules stay fixed"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="write the long table here (.parquet or .csv)"),
+) -> None:
+    """Retention vs CLIP threshold from cached scores (other rules fixed, exact; no model)."""
+    from curate import annotations, io
+    from curate.config import SelectionConfig
+    from curate.reports.sweep import sweep as run_sweep, thresholds
+
+    if rule != "clip":
+        _fail("only --rule clip can be swept")
+    try:
+        thr = thresholds(sweep_from, sweep_to, step)
+        sel = SelectionConfig.model_validate(io.read_json(io.join(run_dir, "selections", selection, "selection.json"))["rules"])
+        ann = annotations.scan(run_dir)
+        inc: dict[str, list[str]] = {}
+        for item in include or []:
+            k, _, v = item.partition("=")
+            inc.setdefault(k, []).append(v)
+        groups = list(dict.fromkeys([*(group or []), *inc]))
+        res = run_sweep(ann, sel, thr, group_columns=groups, top_groups=top, include=inc)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(str(e))
+    table = res["tables"]["sweep"]
+    if out:
+        table.write_csv(out) if out.endswith(".csv") else table.write_parquet(out)
+    labels = ["all"] + [f"{c}={g['value']}" for c, gs in res["groups"].items() for g in gs]
+    series = [res["overall"]["retention"]] + [g["retention"] for gs in res["groups"].values() for g in gs]
+    typer.echo("threshold  " + "  ".join(f"{x[:12]:>12}" for x in labels))
+    for i, t in enumerate(res["thresholds"]):
+        typer.echo(f"{t:9.4f}  " + "  ".join(f"{(s[i] if s[i] is not None else float('nan')):12.1%}" for s in series))
+
+
+@app.command()
+def diff(
+    a: str = typer.Argument(..., help="selection dir (selections/<name>) or run dir"),
+    b: str = typer.Argument(..., help="selection dir or run dir"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="write diff.json and diff.html into this directory"),
+) -> None:
+    """Compare two selections or runs: kept-uid overlap, per-group retention change, config differences."""
+    from curate import io
+    from curate.reports.diff import diff as run_diff, render_diff_html
+
+    try:
+        d = run_diff(a, b)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"kept A {d['kept_a']:,}, kept B {d['kept_b']:,}, both {d['kept_both']:,}; Jaccard "
+               + ("n/a" if d["jaccard"] is None else f"{d['jaccard']:.4f}"))
+    for k, v in d["config"].items():
+        typer.echo(f"  {k}: {json.dumps(v['a'], default=str)} -> {json.dumps(v['b'], default=str)}")
+    for c, rows in d["groups"].items():
+        for r in rows[:5]:
+            if r["change"]:
+                typer.echo(f"  {c}={r['value']}: retention {r['retention_a'] or 0:.1%} -> {r['retention_b'] or 0:.1%}")
+    if out:
+        io.write_json(io.join(out, "diff.json"), d)
+        io.atomic_write_text(io.join(out, "diff.html"), render_diff_html(d))
+        typer.echo(f"diff: {io.join(out, 'diff.html')}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
