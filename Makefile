@@ -11,7 +11,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 SOURCES := pyproject.toml $(shell find curate filters reports pipelines -name '*.py' -o -name '*.toml' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean help
+.PHONY: demo test install clean help chromium
 
 help:
 	@echo "make demo   - install into .venv and run the offline end-to-end demo"
@@ -32,7 +32,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/curate demo --out demo-output
 
-test: $(STAMP)
+# The report test opens the HTML in headless Chromium; install Debian's chromium when it is missing
+# and we are root (idempotent: nothing happens when /usr/bin/chromium exists).
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = "0" ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else echo "chromium missing: run 'sudo apt-get install -y chromium' (the report test needs it)"; fi; \
+	fi
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

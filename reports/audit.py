@@ -169,7 +169,7 @@ def build_audit(
         report["sweep_note"] = "no CLIP scores in this run: no sweep, no boundary gallery"
         return report, tables
     keep = [SCORE, schema.UID, schema.SHARD, schema.ROW, *group_cols]
-    reps = representatives(annotations, sel).select(keep).collect(engine="streaming")
+    reps = representatives(annotations, sel, keep=keep).select(keep).collect(engine="streaming")
     thr = list(sweep_thresholds) if sweep_thresholds else _nice_range(reps, clip_threshold)
     sw = sweep(annotations, sel, thr, group_columns=group_cols, include=sweep_include, reps=reps.lazy())
     tables.update(sw.pop("tables"))

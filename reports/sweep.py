@@ -39,9 +39,21 @@ def thresholds(start: float, stop: float, step: float) -> list[float]:
     return [round(start + i * step, 10) for i in range(n)]
 
 
-def representatives(annotations: pl.LazyFrame, sel: SelectionConfig) -> pl.LazyFrame:
-    """Rows kept at threshold -inf (see module doc): kept at t iff their score >= t."""
+_RULE_INPUTS = (
+    schema.SHARD, schema.ROW, schema.UID, schema.LANGUAGE, schema.LANGUAGE_SCORE, schema.CAPTION_CHARS,
+    schema.CAPTION_WORDS, schema.FETCH_STATUS, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.CLIP_SCORE,
+    schema.URL_NORMALIZED, schema.IMAGE_SHA256,
+)
+
+
+def representatives(annotations: pl.LazyFrame, sel: SelectionConfig, keep: Sequence[str] | None = None) -> pl.LazyFrame:
+    """Rows kept at threshold -inf (see module doc): kept at t iff their score >= t. With ``keep``,
+    only the rule inputs and these columns go through decide() (much less to sort and join)."""
     from curate.filters.select import decide
+
+    if keep is not None:
+        have = annotations.collect_schema().names()
+        annotations = annotations.select([c for c in have if c in _RULE_INPUTS or c in keep])
 
     loose = sel.model_copy(update={"clip": ClipRule.model_construct(min_score=float("-inf"), top_fraction=None)})
     # A NaN score is no score (not_scored), as the schema documents. (decide() as of this writing
@@ -90,7 +102,7 @@ def sweep(
         raise ValueError("no thresholds to sweep")
     include = include or {}
     lf = annotations
-    reps = representatives(lf, sel) if reps is None else reps
+    reps = representatives(lf, sel, keep=list(group_columns)) if reps is None else reps
     dtype = lf.collect_schema().get(schema.CLIP_SCORE, pl.Float64)
     reps = reps.with_columns(_above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64).alias(IDX))
     queries: dict[str, pl.LazyFrame] = {
