@@ -106,10 +106,9 @@ def _follow_url_survivor(frame: pl.LazyFrame) -> pl.LazyFrame:
 def decide(annotations: pl.LazyFrame, sel: SelectionConfig) -> tuple[pl.LazyFrame, ResolvedSelection]:
     resolved = resolve_clip_threshold(annotations, sel)
     fails = rule_failures(sel, resolved.clip_threshold)
-    frame = annotations.with_columns(
-        pl.col(schema.CLIP_SCORE).fill_nan(None),
-        *[expr.alias(_fail(reason)) for reason, expr in fails.items()],
-    )
+    # NaN is "no score", never a score that passes or fails: normalise before any rule reads it
+    frame = annotations.with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
+    frame = frame.with_columns(*[expr.alias(_fail(reason)) for reason, expr in fails.items()])
     frame = frame.with_columns(pl.any_horizontal([pl.col(_fail(r)) for r in fails]).not_().alias("_eligible"))
 
     for reason, key, on in (

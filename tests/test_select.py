@@ -123,3 +123,8 @@ def test_image_duplicates_and_every_duplicate_points_at_a_kept_row():
     k = d.filter(pl.col("kept"))
     assert k["url_normalized"].n_unique() == k.height and k["image_sha256"].n_unique() == k.height
     assert d.height == 300 and (d["kept"] | d["reason"].is_not_null()).all()
+
+
+def test_nan_scores_are_not_scored_never_kept():
+    d, _ = run([{"clip_score": float("nan")}, {"clip_score": 0.9}], clip={"min_score": 0.3})
+    assert d["reason"].to_list() == ["not_scored", None]
