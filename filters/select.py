@@ -70,8 +70,12 @@ def _dedup(frame: pl.LazyFrame, key: str, eligible: str, reason: Reason) -> pl.L
     """Mark rows that duplicate an eligible survivor on `key`; adds the failure flag, the
     survivor's uid and the survivor's (shard, row)."""
     fail_col, of_col = _fail(reason), _of(reason)
+    pool = frame.filter(pl.col(eligible) & pl.col(key).is_not_null())
+    # Only keys that occur more than once need ranking: a hash count first, so the sort below
+    # touches the (usually few) duplicated rows rather than the whole pool.
+    repeated = pool.group_by(key).agg(pl.len().alias("_n")).filter(pl.col("_n") > 1).select(key)
     cands = (
-        frame.filter(pl.col(eligible) & pl.col(key).is_not_null())
+        pool.join(repeated, on=key, how="semi")
         .select(schema.SHARD, schema.ROW, schema.UID, schema.CLIP_SCORE, key)
         .sort(_SURVIVOR_ORDER, descending=_SURVIVOR_DESC, nulls_last=True)
         .with_columns(
