@@ -20,6 +20,7 @@ from curate.config import SelectionConfig
 from curate.schema import RULE_ORDER, Reason
 from curate.filters.rules import rule_failures
 
+_IDX = "_i"  # a row index for the joins inside decide(): cheaper than joining on (shard, row)
 _SURVIVOR_ORDER = [schema.CLIP_SCORE, schema.UID, schema.SHARD, schema.ROW]
 _SURVIVOR_DESC = [True, False, False, False]
 
@@ -76,21 +77,17 @@ def _dedup(frame: pl.LazyFrame, key: str, eligible: str, reason: Reason) -> pl.L
     repeated = pool.group_by(key).agg(pl.len().alias("_n")).filter(pl.col("_n") > 1).select(key)
     cands = (
         pool.join(repeated, on=key, how="semi")
-        .select(schema.SHARD, schema.ROW, schema.UID, schema.CLIP_SCORE, key)
+        .select(_IDX, schema.SHARD, schema.ROW, schema.UID, schema.CLIP_SCORE, key)
         .sort(_SURVIVOR_ORDER, descending=_SURVIVOR_DESC, nulls_last=True)
         .with_columns(
             (pl.int_range(pl.len()).over(key) > 0).alias(fail_col),
             pl.col(schema.UID).first().over(key).alias(of_col),
-            pl.col(schema.SHARD).first().over(key).alias(f"{of_col}_shard"),
-            pl.col(schema.ROW).first().over(key).alias(f"{of_col}_row"),
+            pl.col(_IDX).first().over(key).alias(f"{of_col}_idx"),
         )
         .filter(pl.col(fail_col))
-        .select(schema.SHARD, schema.ROW, fail_col, of_col, f"{of_col}_shard", f"{of_col}_row")
+        .select(_IDX, fail_col, of_col, f"{of_col}_idx")
     )
-    return (
-        frame.join(cands, on=[schema.SHARD, schema.ROW], how="left")
-        .with_columns(pl.col(fail_col).fill_null(False))
-    )
+    return frame.join(cands, on=_IDX, how="left").with_columns(pl.col(fail_col).fill_null(False))
 
 
 def _follow_url_survivor(frame: pl.LazyFrame) -> pl.LazyFrame:
@@ -98,10 +95,10 @@ def _follow_url_survivor(frame: pl.LazyFrame) -> pl.LazyFrame:
     duplicate at the final survivor then, so duplicate_of always names a kept row."""
     url_of, img_of = _of(Reason.DUPLICATE_URL), _of(Reason.DUPLICATE_IMAGE)
     img_losers = frame.filter(pl.col(_fail(Reason.DUPLICATE_IMAGE))).select(
-        pl.col(schema.SHARD).alias(f"{url_of}_shard"), pl.col(schema.ROW).alias(f"{url_of}_row"), pl.col(img_of).alias("_final_of")
+        pl.col(_IDX).alias(f"{url_of}_idx"), pl.col(img_of).alias("_final_of")
     )
     return (
-        frame.join(img_losers, on=[f"{url_of}_shard", f"{url_of}_row"], how="left")
+        frame.join(img_losers, on=f"{url_of}_idx", how="left")
         .with_columns(pl.coalesce("_final_of", url_of).alias(url_of))
         .drop("_final_of")
     )
@@ -111,7 +108,7 @@ def decide(annotations: pl.LazyFrame, sel: SelectionConfig) -> tuple[pl.LazyFram
     resolved = resolve_clip_threshold(annotations, sel)
     fails = rule_failures(sel, resolved.clip_threshold)
     # NaN is "no score", never a score that passes or fails: normalise before any rule reads it
-    frame = annotations.with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
+    frame = annotations.with_row_index(_IDX).with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
     frame = frame.with_columns(*[expr.alias(_fail(reason)) for reason, expr in fails.items()])
     frame = frame.with_columns(pl.any_horizontal([pl.col(_fail(r)) for r in fails]).not_().alias("_eligible"))
 
@@ -124,7 +121,7 @@ def decide(annotations: pl.LazyFrame, sel: SelectionConfig) -> tuple[pl.LazyFram
         else:
             frame = frame.with_columns(
                 pl.lit(False).alias(_fail(reason)), pl.lit(None, pl.String).alias(_of(reason)),
-                pl.lit(None, pl.String).alias(f"{_of(reason)}_shard"), pl.lit(None, pl.Int64).alias(f"{_of(reason)}_row"),
+                pl.lit(None, pl.UInt32).alias(f"{_of(reason)}_idx"),
             )
         frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(reason)).not_()).alias("_eligible"))
     frame = _follow_url_survivor(frame)
@@ -138,5 +135,6 @@ def decide(annotations: pl.LazyFrame, sel: SelectionConfig) -> tuple[pl.LazyFram
         pl.coalesce(_of(Reason.DUPLICATE_URL), _of(Reason.DUPLICATE_IMAGE)).alias(schema.DUPLICATE_OF),
     )
     drop = [*(_fail(r) for r in RULE_ORDER), "_eligible"]
-    drop += [f"{_of(r)}{suffix}" for r in (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE) for suffix in ("", "_shard", "_row")]
+    drop += [f"{_of(r)}{suffix}" for r in (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE) for suffix in ("", "_idx")]
+    drop.append(_IDX)
     return frame.drop(drop), resolved

@@ -105,6 +105,9 @@ def sweep(
     reps = representatives(lf, sel, keep=list(group_columns)) if reps is None else reps
     dtype = lf.collect_schema().get(schema.CLIP_SCORE, pl.Float64)
     reps = reps.with_columns(_above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64).alias(IDX))
+    # decide() runs once: materialise the few columns the counts need (a threshold index and the
+    # group keys), so the per-group queries below do not each re-run the dedup plan.
+    reps = reps.select(IDX, *group_columns).collect(engine="streaming").lazy()
     queries: dict[str, pl.LazyFrame] = {
         "rows": lf.select(pl.len().cast(pl.Int64).alias("n")),
         "overall": reps.group_by(IDX).agg(pl.len().cast(pl.Int64).alias("n")),
