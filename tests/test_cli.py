@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from curate.cli import app
 
-COMMANDS = ["run", "select", "demo", "show-spec"]
+COMMANDS = ["run", "select", "demo", "show-spec", "report", "sweep", "diff"]
 
 
 @pytest.mark.parametrize("cmd", [None, *COMMANDS])

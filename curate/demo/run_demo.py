@@ -44,7 +44,10 @@ def write_inputs(out: Path, rows: int, shards: int, seed: int, servers: dict[str
     truth = truth.with_columns(
         pl.Series(schema.UID, compute_uids(truth["URL"].to_list(), truth["TEXT"].to_list())),
         expected_outcome(truth),
+        pl.col("row_kind").is_in(["broken_404", "corrupt"]).alias("broken"),
     )
+    originals = truth.select(pl.col("index").alias("duplicate_of_index"), pl.col(schema.UID).alias("duplicate_of_uid"))
+    truth = truth.join(originals, on="duplicate_of_index", how="left", maintain_order="left")
     truth.write_parquet(out / "input" / "ground_truth.parquet")
     return truth
 

@@ -1,0 +1,73 @@
+"""DataComp participants start from metadata: the datacomp presets select on the pool's own
+columns (similarity scores, original sizes) with no fetch and no model, on real Ray."""
+
+import hashlib
+
+import numpy as np
+import polars as pl
+import pytest
+
+from curate.config import load_spec
+from curate.presets import preset_path
+from curate.runner import run
+
+N = 2000
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pool")
+    rng = np.random.default_rng(3)
+    words = ["a", "photo", "of", "the", "red", "dog", "on", "grass", "near", "house"]
+    for s in range(2):
+        n = N // 2
+        texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 8)))) for _ in range(n)]
+        urls = [f"https://img{s}.example.com/{i}.jpg" for i in range(n)]
+        pl.DataFrame({
+            "uid": [hashlib.md5(f"{s}-{i}".encode()).hexdigest() for i in range(n)],
+            "url": urls,
+            "text": texts,
+            "original_width": rng.integers(50, 1200, n).astype(np.int64),
+            "original_height": rng.integers(50, 1200, n).astype(np.int64),
+            "clip_l14_similarity_score": rng.normal(0.25, 0.06, n).astype(np.float32),
+        }).write_parquet(d / f"{s:08d}.parquet")
+    return d
+
+
+def _decisions(out):
+    sel = out / "selections" / "default"
+    kept = pl.read_parquet(sel / "kept" / "*.parquet").with_columns(pl.lit(True).alias("kept"))
+    removed = pl.read_parquet(sel / "removed" / "*.parquet")
+    return pl.concat([kept, removed], how="diagonal_relaxed")
+
+
+def test_clip_score_preset_keeps_datacomps_top_fraction_from_metadata(pool, tmp_path, ray_session):
+    spec = load_spec(preset_path("datacomp_clip_score")).with_overrides(**{"input.paths": [str(pool)], "output.dir": str(tmp_path / "run")})
+    result = run(spec)
+    assert result.ok
+    d = _decisions(tmp_path / "run")
+    assert d.height == N
+    assert set(d["fetch_status"]) == {"not_needed"}  # nothing fetched
+    assert set(d["clip_model"]) == {"input-column:clip_l14_similarity_score"}
+    # datacomp baselines: n = int(len * fraction); threshold = -np.sort(-scores)[n]; keep >= threshold
+    scores = pl.read_parquet(pool / "*.parquet")["clip_l14_similarity_score"].to_numpy()
+    threshold = -np.sort(-scores)[int(len(scores) * 0.3)]
+    expected = set(pl.read_parquet(pool / "*.parquet").filter(pl.col("clip_l14_similarity_score") >= threshold)["uid"])
+    assert set(d.filter(pl.col("kept"))["uid"]) == expected
+    uids = np.load(tmp_path / "run" / "selections" / "default" / "uids.npy")
+    assert len(uids) == len(expected)
+
+
+def test_basic_preset_filters_on_metadata_sizes_and_captions(pool, tmp_path, ray_session):
+    spec = load_spec(preset_path("datacomp_basic")).with_overrides(
+        **{"input.paths": [str(pool)], "output.dir": str(tmp_path / "run"), "selection.language.allow": []}
+    )
+    assert run(spec).ok
+    d = _decisions(tmp_path / "run")
+    lo = np.minimum(d["original_width"].to_numpy(), d["original_height"].to_numpy())
+    hi = np.maximum(d["original_width"].to_numpy(), d["original_height"].to_numpy())
+    words = d["caption"].str.split(" ").list.len().to_numpy()
+    chars = d["caption"].str.len_chars().to_numpy()
+    should_keep = (lo >= 200) & (hi / lo <= 3.0) & (words > 2) & (chars > 5)
+    assert d["kept"].to_numpy().tolist() == should_keep.tolist()
+    assert set(d.filter(~pl.col("kept"))["reason"]) <= {"caption_length", "image_size"}
