@@ -40,11 +40,34 @@ class FetchConfig(Strict):
     enabled: bool = True
     processes: int = Field(1, ge=1)  # concurrent shard fetches per node (Ray CPU tasks)
     threads: int = Field(16, ge=1)  # threads per shard fetch (img2dataset thread_count)
-    timeout_s: float = Field(10.0, gt=0)
-    retries: int = Field(0, ge=0)
+    timeout_s: float = Field(10.0, gt=0, description="per socket operation (connect, each read)")
+    deadline_s: float = Field(30.0, gt=0, description="total per URL: every attempt, redirect, body byte and backoff wait")
+    retries: int = Field(2, ge=0, description="extra attempts for transient failures (timeout, connection, 5xx, 429)")
+    retry_backoff_s: float = Field(0.5, ge=0, description="base of the exponential backoff between attempts (full jitter)")
+    max_retry_after_s: float = Field(30.0, ge=0, description="longest Retry-After (429/503) honoured; longer ones give up")
+    max_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest response body read; longer is too_large")
+    max_redirects: int = Field(5, ge=0)
+    max_pixels: int = Field(64_000_000, ge=1, description="from the image header, before decoding: more is too_many_pixels")
+    per_domain_concurrency: int = Field(8, ge=1, description="simultaneous requests per host within one shard fetch")
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs exempt from the SSRF guard (e.g. 127.0.0.0/8 for local test servers); empty = only public addresses",
+    )
+    image_formats: list[str] = Field(default_factory=lambda: ["jpeg", "png", "gif", "webp"], description="by magic bytes")
     image_size: int = Field(384, ge=32, description="images larger than this are downscaled (keep ratio) before storing")
     user_agent_token: str = "curate"
     disallowed_header_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+
+    @model_validator(mode="after")
+    def _valid_fetch(self) -> "FetchConfig":
+        import ipaddress
+
+        for cidr in self.allow_networks:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad entry
+        unknown = set(self.image_formats) - {"jpeg", "png", "gif", "webp", "bmp", "tiff"}
+        if unknown:
+            raise ValueError(f"fetch.image_formats: unknown format(s) {sorted(unknown)}")
+        return self
 
 
 class ScoreConfig(Strict):

@@ -52,12 +52,30 @@ class FetchStatus(str, Enum):
     DOWNLOAD_FAILED = "download_failed"  # HTTP error, timeout, refused connection, ...
     DECODE_FAILED = "decode_failed"  # bytes arrived but are not a decodable image
     LOST = "lost"  # the fetcher returned no record for the row (reported loudly)
+    # finer outcomes of curate's own fetch layer (curate/fetching/, docs/FETCH.md); the two above
+    # (download_failed, decode_failed) stay for older annotations and for the scorer's decode check
+    BAD_URL = "bad_url"  # empty, unparsable, or not http(s)
+    BLOCKED_ADDRESS = "blocked_address"  # resolves to / redirects to an address the SSRF policy refuses
+    CONNECTION_ERROR = "connection_error"  # DNS failure, refused, reset (transient)
+    TIMEOUT = "timeout"  # socket timeout or the per-URL total deadline (transient)
+    HTTP_4XX = "http_4xx"  # a 4xx answer other than 408/429 (permanent)
+    HTTP_5XX = "http_5xx"  # a 5xx answer (transient)
+    RATE_LIMITED = "rate_limited"  # 429, or a 503 / domain backoff longer than the deadline allows (transient)
+    TOO_MANY_REDIRECTS = "too_many_redirects"  # more than fetch.max_redirects hops, or a bad Location
+    TOO_LARGE = "too_large"  # the response is longer than fetch.max_bytes
+    OPT_OUT = "opt_out"  # an X-Robots-Tag directive excludes the image (not a failure: reason opt_out)
+    BAD_FORMAT = "bad_format"  # magic bytes are not an allow-listed image format (HTML, SVG, ...)
+    TOO_MANY_PIXELS = "too_many_pixels"  # header says more than fetch.max_pixels: a decompression bomb
+    DECODE_ERROR = "decode_error"  # allow-listed format, but truncated or corrupt
+    HASH_MISMATCH = "hash_mismatch"  # the input's sha256 column disagrees with the bytes served
+    INTERNAL_ERROR = "internal_error"  # an unexpected exception for this URL (traceback in fetch_error)
 
 
 class Reason(str, Enum):
     """Why a row was removed. The order of RULE_ORDER is the order rules are checked in."""
 
     FETCH_FAILED = "fetch_failed"
+    OPT_OUT = "opt_out"
     LANGUAGE = "language"
     CAPTION_LENGTH = "caption_length"
     IMAGE_SIZE = "image_size"
@@ -74,6 +92,7 @@ RULE_ORDER: tuple[Reason, ...] = (
     Reason.LANGUAGE,
     Reason.CAPTION_LENGTH,
     Reason.FETCH_FAILED,
+    Reason.OPT_OUT,
     Reason.IMAGE_SIZE,
     Reason.NOT_SCORED,
     Reason.CLIP_SCORE,
@@ -85,6 +104,7 @@ REASON_HELP: dict[Reason, str] = {
     Reason.LANGUAGE: "caption language not in the allow-list, or detected with too little confidence",
     Reason.CAPTION_LENGTH: "caption too short or too long (words or characters)",
     Reason.FETCH_FAILED: "image could not be downloaded or decoded (see fetch_status / fetch_error)",
+    Reason.OPT_OUT: "the server opted the image out of AI use (X-Robots-Tag noai / noimageai / our user agent's token)",
     Reason.IMAGE_SIZE: "image smaller than the minimum side, or aspect ratio too extreme",
     Reason.NOT_SCORED: "row has no CLIP score because an earlier, stricter run skipped it; rerun to score it",
     Reason.CLIP_SCORE: "image-text similarity below the threshold",

@@ -13,7 +13,12 @@ from curate import schema
 from curate.config import CaptionRule, ImageRule, LanguageRule, SelectionConfig
 from curate.schema import FetchStatus, Reason
 
-FETCH_FAILURES = [FetchStatus.DOWNLOAD_FAILED.value, FetchStatus.DECODE_FAILED.value, FetchStatus.LOST.value]
+# every fetch outcome except ok, opt_out and the never-fetched ones is a failure
+FETCH_FAILURES = [
+    s.value
+    for s in FetchStatus
+    if s not in (FetchStatus.OK, FetchStatus.OPT_OUT, FetchStatus.NOT_ATTEMPTED, FetchStatus.NOT_NEEDED)
+]
 
 _FALSE = pl.lit(False)
 
@@ -47,6 +52,10 @@ def fetch_fails() -> pl.Expr:
     return pl.col(schema.FETCH_STATUS).is_in(FETCH_FAILURES)
 
 
+def opt_out_fails() -> pl.Expr:
+    return pl.col(schema.FETCH_STATUS) == FetchStatus.OPT_OUT.value
+
+
 def _dims() -> tuple[pl.Expr, pl.Expr]:
     w = pl.col(schema.ORIGINAL_WIDTH).cast(pl.Float64)
     h = pl.col(schema.ORIGINAL_HEIGHT).cast(pl.Float64)
@@ -74,7 +83,7 @@ def not_scored(sel: SelectionConfig, clip_active: bool) -> pl.Expr:
     lo, _ = _dims()
     expr = _FALSE
     if clip_active:
-        expr = expr | (pl.col(schema.CLIP_SCORE).is_null() & fetch_fails().not_())
+        expr = expr | (pl.col(schema.CLIP_SCORE).is_null() & fetch_fails().not_() & opt_out_fails().not_())
     if image_rule_active(sel.image):
         expr = expr | (lo.is_null() & skipped)
     return expr
@@ -92,6 +101,7 @@ def rule_failures(sel: SelectionConfig, clip_threshold: float | None) -> dict[Re
         Reason.LANGUAGE: language_fails(sel.language),
         Reason.CAPTION_LENGTH: caption_fails(sel.caption),
         Reason.FETCH_FAILED: fetch_fails(),
+        Reason.OPT_OUT: opt_out_fails(),
         Reason.IMAGE_SIZE: image_fails(sel.image),
         Reason.NOT_SCORED: not_scored(sel, clip_threshold is not None),
         Reason.CLIP_SCORE: clip_fails(clip_threshold),

@@ -77,8 +77,8 @@ def test_every_row_is_accounted_for_per_shard_and_overall(demo):
 def test_fetch_outcomes_follow_the_ground_truth(demo):
     d = _selection(demo["result"].run_dir).join(demo["truth"].select("shard", "row", "row_kind", "gt_language"), on=["shard", "row"])
     allowed = pl.col("gt_language") != "it"
-    assert set(d.filter(allowed & (pl.col("row_kind") == "broken_404"))["fetch_status"]) == {"download_failed"}
-    assert set(d.filter(allowed & (pl.col("row_kind") == "corrupt"))["fetch_status"]) == {"decode_failed"}
+    assert set(d.filter(allowed & (pl.col("row_kind") == "broken_404"))["fetch_status"]) == {"http_4xx"}
+    assert set(d.filter(allowed & (pl.col("row_kind") == "corrupt"))["fetch_status"]) == {"decode_error"}
     assert set(d.filter(allowed & (pl.col("row_kind") == "tiny"))["reason"]) <= {"image_size", "language", "caption_length"}
     # rows removed by a text rule were never fetched
     assert set(d.filter(pl.col("reason") == "language")["fetch_status"]) == {"not_attempted"}

@@ -6,13 +6,17 @@
         fetch(server.url("/red.jpg"))
         assert server.hits["/red.jpg"] == 1
 
-Unknown paths get a 404. Nothing is logged per request.
+Unknown paths get a 404. Nothing is logged per request. For hostile-input tests a route can also
+redirect (`redirect`), wait before answering (`delay_s`), drip its body a byte at a time
+(`drip_s`), stream without end (`endless`), or answer differently on each hit (`add_sequence`,
+e.g. a 503 with Retry-After, then the image). `max_in_flight` is the most requests served at once.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +30,9 @@ class Route:
     content_type: str = "image/jpeg"
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0  # wait before the status line
+    drip_s: float = 0.0  # > 0: send the body one byte every drip_s seconds
+    endless: bool = False  # stream 64 KiB chunks until the client hangs up (no Content-Length)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -39,18 +46,36 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, send_body: bool) -> None:
         owner = self.server.owner
-        owner._record(self.path)
-        route = owner._route(self.path)
-        if route is None:
-            route = Route(b"not found", content_type="text/plain", status=404)
-        self.send_response(route.status)
-        self.send_header("Content-Type", route.content_type)
-        self.send_header("Content-Length", str(len(route.body)))
-        for name, value in route.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if send_body:
-            self.wfile.write(route.body)
+        route = owner._record(self.path)
+        try:
+            if route is None:
+                route = Route(b"not found", content_type="text/plain", status=404)
+            if route.delay_s:
+                time.sleep(route.delay_s)
+            self.send_response(route.status)
+            self.send_header("Content-Type", route.content_type)
+            if not route.endless:
+                self.send_header("Content-Length", str(len(route.body)))
+            for name, value in route.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if not send_body:
+                return
+            if route.endless:
+                chunk = (route.body or b"\xff\xd8\xff\xe0") * (65536 // max(1, len(route.body or b"1234")))
+                while not owner._closing.is_set():
+                    self.wfile.write(chunk)
+            elif route.drip_s > 0:
+                for i in range(len(route.body)):
+                    if owner._closing.is_set():
+                        break
+                    self.wfile.write(route.body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(route.drip_s)
+            else:
+                self.wfile.write(route.body)
+        finally:
+            owner._done()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (base class's name)
         pass  # quiet: no per-request line on stderr
@@ -82,6 +107,10 @@ class ImageServer:
         self._lock = threading.Lock()
         self._routes: dict[str, Route] = {}
         self._hits: Counter[str] = Counter()
+        self._sequences: dict[str, list[Route]] = {}
+        self._in_flight = 0
+        self.max_in_flight = 0
+        self._closing = threading.Event()
         self._server = _Server(self, host)
         self.host, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(
@@ -97,11 +126,27 @@ class ImageServer:
         content_type: str = "image/jpeg",
         status: int = 200,
         headers: Optional[dict[str, str]] = None,
+        delay_s: float = 0.0,
+        drip_s: float = 0.0,
+        endless: bool = False,
     ) -> str:
         """Register (or replace) what `path` serves; returns its full URL."""
         path = _norm(path)
         with self._lock:
-            self._routes[path] = Route(bytes(body), content_type, status, dict(headers or {}))
+            self._routes[path] = Route(bytes(body), content_type, status, dict(headers or {}), delay_s, drip_s, endless)
+            self._sequences.pop(path, None)
+        return self.url(path)
+
+    def redirect(self, path: str, location: str, status: int = 302) -> str:
+        """`path` answers `status` with a Location header (absolute or relative); returns its URL."""
+        return self.add(path, b"", content_type="text/plain", status=status, headers={"Location": location})
+
+    def add_sequence(self, path: str, routes: list[Route]) -> str:
+        """The n-th request for `path` gets routes[n]; once they run out, the last one repeats."""
+        path = _norm(path)
+        with self._lock:
+            self._sequences[path] = list(routes)
+            self._routes[path] = routes[-1]
         return self.url(path)
 
     def url(self, path: str) -> str:
@@ -113,16 +158,25 @@ class ImageServer:
         with self._lock:
             return Counter(self._hits)
 
-    def _record(self, path: str) -> None:
+    def _record(self, path: str) -> Optional[Route]:
+        """Count the request, mark it in flight and pick its route."""
         with self._lock:
+            n = self._hits[path]
             self._hits[path] += 1
-
-    def _route(self, path: str) -> Optional[Route]:
-        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            seq = self._sequences.get(path)
+            if seq:
+                return seq[min(n, len(seq) - 1)]
             return self._routes.get(path)
+
+    def _done(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     # --- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
+        self._closing.set()  # endless and dripping responses stop
         if self._thread.is_alive():
             self._server.shutdown()
             self._thread.join(timeout=5)

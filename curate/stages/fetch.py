@@ -1,33 +1,50 @@
-"""Fetch stage: download one shard's images with img2dataset and account for every row.
+"""Fetch stage: download one shard's images safely and account for every row.
 
-img2dataset is driven one level below its CLI: we write the Arrow IPC file its Downloader reads,
-call `Downloader.download_shard` ourselves (its `__call__` swallows shard failures) and read back
-the parquet its ParquetSampleWriter wrote. Results are joined back by our `row` column, never by
-order, and reconciled so that every input row gets exactly one status:
+Design (docs/FETCH.md has the long form). img2dataset's Downloader hard-wires
+`urllib.request.urlopen` (follows redirects anywhere, reads file://, no byte cap, no total
+deadline) and its loop is one closed method, so guarding it would mean monkeypatching a module
+global that every thread of the process shares. Instead this module is a fetch loop of our own
+with img2dataset's shape -- a ThreadPool downloads (imap_unordered, at most 2 x threads samples in
+flight), the consuming thread resizes -- and it uses img2dataset for what it does well: its
+Resizer (OpenCV decode, keep-ratio downscale, JPEG encode) turns every valid image into the
+stored JPEG exactly as img2dataset would. Around it, ours:
 
-- a sample img2dataset raised on inside its loop is printed there and simply not written: such a
-  row comes back as `lost` (and is logged), never silently missing;
-- a shard-level failure raises FetchError naming the shard;
-- URLs that are not http(s) are refused before img2dataset sees them (urllib would happily read
-  file:// and ftp:// URLs from untrusted input).
+- curate.fetching.http.GuardedFetcher: SSRF guard on the connected IP at every redirect hop,
+  byte cap, redirect cap, total per-URL deadline enforced by a watchdog;
+- curate.fetching.robots: X-Robots-Tag opt-outs, checked on every response before the body;
+- curate.fetching.images: magic-byte allow-list, pixel cap from the header, truncation, EXIF
+  orientation, CMYK / 16-bit / alpha / animation normalised before the Resizer sees the bytes;
+- politeness: per-host concurrency limit, Retry-After backoff shared by the host's URLs, retries
+  of transient failures with full jitter, all inside the URL's deadline;
+- integrity: an input `sha256` column is compared with the bytes served (hash_mismatch).
+
+Every input row gets exactly one status (FetchStatus); detail goes to fetch_error. A failure of
+the shard as a whole raises FetchError naming the shard (the runner records it and exits non-zero).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Sequence
+import random
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curate.config import FetchConfig
+from curate.fetching import images as image_checks
+from curate.fetching import robots
+from curate.fetching.http import FetchFailure, GuardedFetcher
+from curate.fetching.policy import AddressPolicy
 from curate.schema import (
     FETCH_ERROR,
     FETCH_STATUS,
@@ -59,39 +76,47 @@ STATUS_SCHEMA = pa.schema(
 IMAGES_SCHEMA = pa.schema([pa.field(ROW, pa.int64()), pa.field(IMAGE_BYTES, pa.binary())])
 
 FETCHABLE_SCHEMES = frozenset({"http", "https"})
+EXPECTED_SHA256 = "sha256"  # optional input column: hex sha256 of the bytes the URL must serve
 
-# img2dataset's names for things
-_I2D_HASH = "sha256"  # its compute_hash column: sha256 of the bytes as downloaded
-_I2D_IMAGE = "jpg"  # its encode_format, and the name of its image column
-_I2D_STATUS = {
-    "success": FetchStatus.OK,
-    "failed_to_download": FetchStatus.DOWNLOAD_FAILED,
-    "failed_to_resize": FetchStatus.DECODE_FAILED,
-}
+# Outcomes worth another attempt (in this run, and by a rerun); everything else is final.
+TRANSIENT = frozenset(
+    {
+        FetchStatus.TIMEOUT,
+        FetchStatus.CONNECTION_ERROR,
+        FetchStatus.HTTP_5XX,
+        FetchStatus.RATE_LIMITED,
+        FetchStatus.INTERNAL_ERROR,
+        FetchStatus.LOST,
+        FetchStatus.DOWNLOAD_FAILED,
+    }
+)
 _SIZE_COLUMNS = (WIDTH, HEIGHT, ORIGINAL_WIDTH, ORIGINAL_HEIGHT)
 
 
 class FetchError(RuntimeError):
-    """A shard could not be fetched, or img2dataset's output broke an invariant. Names the shard."""
+    """A shard could not be fetched as a whole, or an invariant broke. Names the shard."""
+
+
+def user_agent(token: str) -> str:
+    return f"Mozilla/5.0 (compatible; {token}; +image-text dataset curation; honours X-Robots-Tag noai)"
 
 
 def fetch_shard(rows: pa.Table, cfg: FetchConfig, work_dir: str, shard: str) -> tuple[pa.Table, pa.Table]:
-    """Fetch the images of one shard's rows (columns `row`, `url`, ...).
+    """Fetch the images of one shard's rows (columns `row`, `url`, optional `sha256`, ...).
 
     Returns (status, images): `status` has exactly one row per input row (STATUS_SCHEMA, sorted by
     row); `images` holds the stored JPEG of each ok row (IMAGES_SCHEMA, sorted by row).
-    Raises FetchError (naming the shard) when img2dataset fails for the shard as a whole.
+    Raises FetchError (naming the shard) when the shard fails as a whole. `work_dir` is unused
+    (nothing is written to disk) and kept for the contract.
     """
     rows = _checked_rows(rows, shard)
-    fetchable, refused = _split_fetchable(rows)
-    status_parts = [_refused_status(refused)]
-    images = IMAGES_SCHEMA.empty_table()
-    if fetchable.num_rows:
-        results = _run_img2dataset(fetchable, cfg, work_dir, shard)
-        status, images = reconcile(fetchable[ROW].to_pylist(), results, shard)
-        status_parts.append(status)
-    status = pa.concat_tables(status_parts).sort_by(ROW).combine_chunks()
-    return status, images
+    try:
+        records, images = _ShardFetch(cfg).run(rows)
+    except FetchError:
+        raise
+    except Exception as err:
+        raise FetchError(f"shard {shard!r}: fetch failed: {type(err).__name__}: {err}") from err
+    return reconcile(rows[ROW].to_pylist(), records, images, shard)
 
 
 # --- input ----------------------------------------------------------------------------------------
@@ -99,7 +124,10 @@ def _checked_rows(rows: pa.Table, shard: str) -> pa.Table:
     missing = {ROW, URL} - set(rows.column_names)
     if missing:
         raise ValueError(f"shard {shard!r}: fetch input lacks column(s) {sorted(missing)}")
-    out = pa.table({ROW: rows[ROW].cast(pa.int64()), URL: rows[URL].cast(pa.string())})
+    cols = {ROW: rows[ROW].cast(pa.int64()), URL: rows[URL].cast(pa.string())}
+    if EXPECTED_SHA256 in rows.column_names:
+        cols[EXPECTED_SHA256] = rows[EXPECTED_SHA256].cast(pa.string())
+    out = pa.table(cols)
     if out[ROW].null_count:
         raise ValueError(f"shard {shard!r}: fetch input has null `{ROW}` values")
     if len(pc.unique(out[ROW])) != out.num_rows:
@@ -108,7 +136,7 @@ def _checked_rows(rows: pa.Table, shard: str) -> pa.Table:
 
 
 def _refusal(url: Optional[str]) -> Optional[str]:
-    """Why `url` is not handed to img2dataset, or None when it is."""
+    """Why `url` is not fetched at all, or None when it is."""
     if url is None or not url.strip():
         return "no URL"
     try:
@@ -120,163 +148,225 @@ def _refusal(url: Optional[str]) -> Optional[str]:
     return None
 
 
-def _split_fetchable(rows: pa.Table) -> tuple[pa.Table, dict[int, str]]:
-    reasons = [_refusal(u) for u in rows[URL].to_pylist()]
-    refused = {r: why for r, why in zip(rows[ROW].to_pylist(), reasons) if why is not None}
-    mask = pa.array([why is None for why in reasons], pa.bool_())
-    return rows.filter(mask), refused
-
-
-def _refused_status(refused: dict[int, str]) -> pa.Table:
-    n = len(refused)
-    return pa.table(
-        {
-            ROW: list(refused),
-            FETCH_STATUS: [FetchStatus.DOWNLOAD_FAILED.value] * n,
-            FETCH_ERROR: list(refused.values()),
-            **{name: [None] * n for name in (*_SIZE_COLUMNS, IMAGE_SHA256)},
-        },
-        schema=STATUS_SCHEMA,
-    )
-
-
-# --- img2dataset ----------------------------------------------------------------------------------
-def _run_img2dataset(rows: pa.Table, cfg: FetchConfig, work_dir: str, shard: str) -> pa.Table:
-    """Run img2dataset's downloader on `rows` (columns row, url) in a private temp dir; returns its
-    parquet output as a table. The temp dir is removed whatever happens."""
-    os.makedirs(work_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f"fetch-{_safe_name(shard)}-", dir=work_dir)
+def _host(url: str) -> str:
     try:
-        in_path = os.path.join(tmp, "input.arrow")
-        out_dir = os.path.join(tmp, "out")
-        os.makedirs(out_dir)
-        _write_ipc_file(rows, in_path)
-        downloader = _make_downloader(cfg, out_dir, column_list=[URL, ROW], n_samples=rows.num_rows)
+        return (urlsplit(url.strip()).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _interleaved(items: list[tuple[int, str, Optional[str]]]) -> list[tuple[int, str, Optional[str]]]:
+    """Round-robin over hosts, so a shard dominated by one host does not park every thread on it."""
+    by_host: OrderedDict[str, list[tuple[int, str, Optional[str]]]] = OrderedDict()
+    for item in items:
+        by_host.setdefault(_host(item[1]), []).append(item)
+    queues = [iter(v) for v in by_host.values()]
+    out: list[tuple[int, str, Optional[str]]] = []
+    while queues:
+        alive = []
+        for q in queues:
+            nxt = next(q, None)
+            if nxt is not None:
+                out.append(nxt)
+                alive.append(q)
+        queues = alive
+    return out
+
+
+# --- politeness -----------------------------------------------------------------------------------
+class _Hosts:
+    """Per-host concurrency slots and a shared 'not before' time set by Retry-After / backoff."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._not_before: dict[str, float] = {}
+
+    def slot(self, host: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            sem = self._slots.get(host)
+            if sem is None:
+                sem = self._slots[host] = threading.BoundedSemaphore(self.limit)
+            return sem
+
+    def not_before(self, host: str) -> float:
+        with self._lock:
+            return self._not_before.get(host, 0.0)
+
+    def back_off(self, host: str, until: float) -> None:
+        with self._lock:
+            self._not_before[host] = max(self._not_before.get(host, 0.0), until)
+
+
+# --- the fetch loop -------------------------------------------------------------------------------
+class _ShardFetch:
+    def __init__(self, cfg: FetchConfig) -> None:
+        self.cfg = cfg
+        self.fetcher = GuardedFetcher(
+            AddressPolicy(cfg.allow_networks),
+            timeout_s=cfg.timeout_s,
+            max_bytes=cfg.max_bytes,
+            max_redirects=cfg.max_redirects,
+            user_agent=user_agent(cfg.user_agent_token),
+        )
+        self.hosts = _Hosts(cfg.per_domain_concurrency)
+        self.disallowed = [d.strip().lower() for d in cfg.disallowed_header_directives]
+        self.token = cfg.user_agent_token.strip().lower()
+
+    def run(self, rows: pa.Table) -> tuple[list[dict[str, Any]], list[tuple[int, bytes]]]:
+        from multiprocessing.pool import ThreadPool
+
+        urls = rows[URL].to_pylist()
+        shas = rows[EXPECTED_SHA256].to_pylist() if EXPECTED_SHA256 in rows.column_names else [None] * rows.num_rows
+        records: list[dict[str, Any]] = []
+        todo: list[tuple[int, str, Optional[str]]] = []
+        for row, url, sha in zip(rows[ROW].to_pylist(), urls, shas):
+            why = _refusal(url)
+            if why is not None:
+                records.append(_record(row, FetchStatus.BAD_URL, why))
+            else:
+                todo.append((row, url.strip(), sha.strip().lower() if isinstance(sha, str) and sha.strip() else None))
+        images: list[tuple[int, bytes]] = []
+        if not todo:
+            return records, images
+        resizer = _make_resizer(self.cfg)
+        in_flight = threading.Semaphore(self.cfg.threads * 2)  # bounds bodies waiting for the resizer
+
+        def feed() -> Iterator[tuple[int, str, Optional[str]]]:
+            for item in _interleaved(todo):
+                in_flight.acquire()
+                yield item
+
+        with ThreadPool(self.cfg.threads) as pool:
+            for row, got in pool.imap_unordered(self._download, feed()):
+                try:
+                    if isinstance(got, dict):
+                        records.append(got)
+                        continue
+                    prepared, sha = got
+                    del got
+                    img, width, height, ow, oh, err = resizer(io.BytesIO(prepared))
+                    del prepared
+                    if err is not None:
+                        records.append(_record(row, FetchStatus.DECODE_ERROR, f"image decoding error: {err}"))
+                        continue
+                    records.append(_record(row, FetchStatus.OK, None, (width, height, ow, oh), sha))
+                    images.append((row, img))
+                except Exception as err:  # noqa: BLE001 (one row's surprise is that row's status)
+                    records.append(_record(row, FetchStatus.INTERNAL_ERROR, _internal(err)))
+                finally:
+                    in_flight.release()
+        return records, images
+
+    def _download(self, item: tuple[int, str, Optional[str]]) -> tuple[int, Any]:
+        """Worker thread: (row, record) for a final failure, or (row, (bytes for the Resizer, sha256))."""
+        row, url, expected = item
         try:
-            downloader.download_shard((0, in_path))
-        except Exception as err:
-            raise FetchError(f"shard {shard!r}: img2dataset failed: {type(err).__name__}: {err}") from err
-        out_file = os.path.join(out_dir, "0.parquet")  # shard_id 0, oom_shard_count 1
-        if not os.path.exists(out_file):
-            raise FetchError(f"shard {shard!r}: img2dataset wrote no {out_file}")
-        return pq.read_table(out_file)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            body = self._get_with_retries(url)
+            sha = hashlib.sha256(body).hexdigest()
+            if expected is not None and sha != expected:
+                return row, _record(row, FetchStatus.HASH_MISMATCH, f"sha256 of the bytes served {sha} != input sha256 {expected}")
+            prepared = image_checks.prepare(body, self.cfg.image_formats, self.cfg.max_pixels)
+            return row, (prepared, sha)
+        except FetchFailure as f:
+            return row, _record(row, f.status, f.detail)
+        except Exception as err:  # noqa: BLE001
+            return row, _record(row, FetchStatus.INTERNAL_ERROR, _internal(err))
+
+    def _check_headers(self, status: int, headers: Any) -> None:
+        values = headers.get_all("X-Robots-Tag") or []
+        if values and self.disallowed:
+            hit = robots.opt_out(values, self.token, self.disallowed)
+            if hit:
+                raise FetchFailure(FetchStatus.OPT_OUT, f"X-Robots-Tag {hit!r} applies to {self.token!r}: {'; '.join(values)[:200]}")
+
+    def _get_with_retries(self, url: str) -> bytes:
+        cfg = self.cfg
+        host = _host(url)
+        slot = self.hosts.slot(host)
+        deadline: Optional[float] = None  # starts when the first attempt gets its host slot
+        attempt = 0
+        while True:
+            if deadline is None:
+                slot.acquire()
+                deadline = time.monotonic() + cfg.deadline_s
+            elif not slot.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise FetchFailure(FetchStatus.TIMEOUT, f"total deadline {cfg.deadline_s:g}s passed waiting for a slot on {host}")
+            try:
+                wait = self.hosts.not_before(host) - time.monotonic()
+                if wait > 0:
+                    if time.monotonic() + wait >= deadline:
+                        raise FetchFailure(FetchStatus.RATE_LIMITED, f"{host} asked us to back off for {wait:.1f}s more, beyond the deadline")
+                    time.sleep(wait)
+                return self.fetcher.get(url, deadline, self._check_headers).body
+            except FetchFailure as f:
+                if f.retry_after is not None:
+                    if f.retry_after > cfg.max_retry_after_s:
+                        raise FetchFailure(f.status, f"{f.detail} (Retry-After {f.retry_after:g}s > max_retry_after_s)") from f
+                    self.hosts.back_off(host, time.monotonic() + f.retry_after)  # every URL of the host waits
+                if f.status not in TRANSIENT or attempt >= cfg.retries:
+                    raise
+                pause = random.uniform(0, cfg.retry_backoff_s * (2**attempt))  # full jitter
+                if f.retry_after is not None:
+                    pause = max(pause, f.retry_after)
+                if time.monotonic() + pause >= deadline:
+                    raise
+                attempt += 1
+            finally:
+                slot.release()
+            time.sleep(pause)
 
 
-def _write_ipc_file(rows: pa.Table, path: str) -> None:
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, rows.schema) as writer:
-        writer.write_table(rows)
-
-
-def _make_downloader(cfg: FetchConfig, out_dir: str, column_list: list[str], n_samples: int) -> Any:
+def _make_resizer(cfg: FetchConfig) -> Any:
     # albumentations (imported by img2dataset's resizer) otherwise asks PyPI for a newer version on
     # import, over the network, and warns about it.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import downloader as i2d_downloader
     from img2dataset import resizer as i2d_resizer
-    from img2dataset import writer as i2d_writer
 
-    resizer = i2d_resizer.Resizer(
-        image_size=cfg.image_size,
-        resize_mode="keep_ratio",
-        resize_only_if_bigger=True,
-        encode_format=_I2D_IMAGE,
-    )
-    return i2d_downloader.Downloader(
-        sample_writer_class=i2d_writer.ParquetSampleWriter,
-        resizer=resizer,
-        thread_count=cfg.threads,
-        save_caption=False,
-        extract_exif=False,
-        output_folder=out_dir,
-        column_list=column_list,
-        timeout=cfg.timeout_s,
-        number_sample_per_shard=max(n_samples, 10),  # keys are the sample's index in the file
-        oom_shard_count=1,
-        compute_hash=_I2D_HASH,
-        verify_hash_type=None,
-        encode_format=_I2D_IMAGE,
-        retries=cfg.retries,
-        user_agent_token=cfg.user_agent_token,
-        disallowed_header_directives=list(cfg.disallowed_header_directives),
-    )
+    # Not thread-safe (it swaps the process's stdout/stderr fds around OpenCV calls): one thread only.
+    return i2d_resizer.Resizer(image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_format="jpg")
 
 
-def _safe_name(shard: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", shard)[:64] or "shard"
+def _internal(err: BaseException) -> str:
+    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=-3))
+    return f"internal error: {type(err).__name__}: {err}\n{tb}"[:2000]
 
 
-# --- reconciliation -------------------------------------------------------------------------------
-def reconcile(expected_rows: Sequence[int], results: pa.Table, shard: str) -> tuple[pa.Table, pa.Table]:
-    """Turn img2dataset's output into (status, images) with exactly one status per expected row.
-
-    `expected_rows` are in the order they were handed to img2dataset (the index is its sample key);
-    `results` is its parquet output (row, status, error_message, sizes, sha256, jpg). A row with no
-    record becomes `lost`; a duplicate record, a record for an unknown row or an unknown status
-    raises FetchError.
-    """
-    position = _index_results(results, expected_rows, shard)
-    cols = {name: results[name].to_pylist() for name in ("status", "error_message", *_SIZE_COLUMNS, _I2D_HASH)}
-    has_image = pc.is_valid(results[_I2D_IMAGE]).to_pylist()
-    out: dict[str, list[Any]] = {name: [] for name in STATUS_SCHEMA.names}
-    ok_positions: list[int] = []
-    lost: list[int] = []
-    for key, row in enumerate(expected_rows):
-        i = position.get(row)
-        if i is None:
-            lost.append(row)
-            _append(out, row, FetchStatus.LOST, _lost_message(key))
-            continue
-        status = _I2D_STATUS.get(cols["status"][i])
-        if status is None:
-            raise FetchError(f"shard {shard!r}: img2dataset returned unknown status {cols['status'][i]!r} for row {row}")
-        if status is not FetchStatus.OK:
-            _append(out, row, status, cols["error_message"][i] or f"img2dataset: {cols['status'][i]}")
-            continue
-        if not has_image[i] or cols[_I2D_HASH][i] is None:
-            raise FetchError(f"shard {shard!r}: img2dataset reported success without an image or hash for row {row}")
-        ok_positions.append(i)
-        _append(out, row, status, None, [cols[c][i] for c in _SIZE_COLUMNS], cols[_I2D_HASH][i])
-    if lost:
-        log.warning("shard %r: img2dataset returned no record for %d row(s), marked lost: %s", shard, len(lost), lost[:20])
-    status_table = pa.table(out, schema=STATUS_SCHEMA).sort_by(ROW)
-    images = results.select([ROW, _I2D_IMAGE]).take(pa.array(ok_positions, pa.int64()))
-    images = images.rename_columns([ROW, IMAGE_BYTES]).cast(IMAGES_SCHEMA).sort_by(ROW).combine_chunks()
-    return status_table, images
-
-
-def _index_results(results: pa.Table, expected_rows: Sequence[int], shard: str) -> dict[int, int]:
-    """row -> position of its record in `results`; raises on duplicates and unknown rows."""
-    expected = set(expected_rows)
-    position: dict[int, int] = {}
-    for i, row in enumerate(results[ROW].to_pylist()):
-        if row not in expected:
-            raise FetchError(f"shard {shard!r}: img2dataset returned a record for row {row}, which was not requested")
-        if row in position:
-            raise FetchError(f"shard {shard!r}: img2dataset returned two records for row {row}")
-        position[row] = i
-    return position
-
-
-def _lost_message(key: int) -> str:
-    return (
-        f"img2dataset returned no record for this row: an exception inside its download loop dropped "
-        f"it (look for 'Sample {key} failed to download' in the worker's stdout)"
-    )
-
-
-def _append(
-    out: dict[str, list[Any]],
+def _record(
     row: int,
     status: FetchStatus,
     error: Optional[str],
     sizes: Sequence[Optional[int]] = (None, None, None, None),
     sha256: Optional[str] = None,
-) -> None:
-    out[ROW].append(row)
-    out[FETCH_STATUS].append(status.value)
-    out[FETCH_ERROR].append(error)
-    for name, value in zip(_SIZE_COLUMNS, sizes):
-        out[name].append(value)
-    out[IMAGE_SHA256].append(sha256)
+) -> dict[str, Any]:
+    return {ROW: row, FETCH_STATUS: status.value, FETCH_ERROR: error, **dict(zip(_SIZE_COLUMNS, sizes)), IMAGE_SHA256: sha256}
+
+
+# --- reconciliation -------------------------------------------------------------------------------
+def reconcile(
+    expected_rows: Sequence[int], records: list[dict[str, Any]], images: list[tuple[int, bytes]], shard: str
+) -> tuple[pa.Table, pa.Table]:
+    """Exactly one status per expected row: a row with no record is `lost` (logged); a duplicate
+    record, a record for an unknown row, or an ok row without its image raises FetchError."""
+    expected = set(expected_rows)
+    by_row: dict[int, dict[str, Any]] = {}
+    for rec in records:
+        row = rec[ROW]
+        if row not in expected:
+            raise FetchError(f"shard {shard!r}: fetch produced a record for row {row}, which was not requested")
+        if row in by_row:
+            raise FetchError(f"shard {shard!r}: fetch produced two records for row {row}")
+        by_row[row] = rec
+    lost = [r for r in expected_rows if r not in by_row]
+    for row in lost:
+        by_row[row] = _record(row, FetchStatus.LOST, "the fetch loop returned no record for this row")
+    if lost:
+        log.warning("shard %r: no fetch record for %d row(s), marked lost: %s", shard, len(lost), lost[:20])
+    image_rows = [r for r, _ in images]
+    ok_rows = sorted(r for r, rec in by_row.items() if rec[FETCH_STATUS] == FetchStatus.OK.value)
+    if sorted(image_rows) != ok_rows:
+        raise FetchError(f"shard {shard!r}: ok rows and stored images disagree")
+    status = pa.Table.from_pylist([by_row[r] for r in sorted(by_row)], schema=STATUS_SCHEMA)
+    imgs = pa.table({ROW: pa.array(image_rows, pa.int64()), IMAGE_BYTES: pa.array([b for _, b in images], pa.binary())}, schema=IMAGES_SCHEMA)
+    return status, imgs.sort_by(ROW).combine_chunks()
