@@ -8,16 +8,26 @@ is equally usable directly:
     scorer.score([jpeg_bytes, ...], ["a caption", ...])  # float32, NaN where the image is unusable
     scorer(table)                                      # table + float32 "clip_score" column
 
-Scores come back in input order whatever the batching: rows are scored in batches of
-``cfg.batch_size`` usable rows, and every score is written back to the row index it came from. A
-row whose image bytes cannot be decoded (or are null/empty), or whose caption is null, scores NaN;
-it never raises and never shifts another row's score.
+Scores come back in input order whatever the batching: every score is written back to the row
+index it came from. A row whose image bytes cannot be decoded (or are null/empty), or whose caption
+is null, scores NaN; it never raises and never shifts another row's score.
+
+How the work is done (docs/PERFORMANCE.md has the measurements):
+
+- Rows are taken in windows of ``TEXT_WINDOW`` rows. In a window each *distinct* caption is
+  tokenized and embedded once; the distinct captions are sorted by token length and embedded in
+  batches cut to their longest real caption (exact for causal text towers: curate/text_length.py).
+- Images are decoded and preprocessed in batches of ``cfg.batch_size`` on a background thread
+  (``cfg.decode_threads``), one batch ahead of the image tower, so decode overlaps the model.
+- The towers run in the precision ``load_clip`` resolved (``clip.precision``: "auto" is fp16 on
+  CUDA, bf16 weights on CPUs with native bf16, else fp32); features are normalised in fp32.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any, Optional, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +37,9 @@ from PIL import Image
 from curate import schema
 from curate.config import ScoreConfig
 from curate.model import LoadedClip, load_clip
+from curate.text_length import encode_text_trimmed, real_length, unique_index
+
+TEXT_WINDOW = 4096  # rows whose distinct captions are embedded together (length-sorted)
 
 
 class ClipScorer:
@@ -37,6 +50,8 @@ class ClipScorer:
         self.clip: LoadedClip = load_clip(
             cfg.model, cfg.pretrained, device=device, precision=cfg.precision, threads=cfg.cpu_threads)
         self.batch_size = cfg.batch_size
+        self.decode_threads = getattr(cfg, "decode_threads", 1)
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     @property
     def model_id(self) -> str:
@@ -54,54 +69,98 @@ class ClipScorer:
         except Exception:  # undecodable, truncated, decompression bomb, odd mode: no score
             return None
 
-    @torch.inference_mode()
-    def _score_batch(self, pixels: list[torch.Tensor], captions: list[str]) -> np.ndarray:
-        clip = self.clip
-        x = torch.stack(pixels)
-        tokens = clip.tokenizer(captions)
-        if clip.device.type == "cuda":
-            x = x.pin_memory().to(clip.device, non_blocking=True)
-            tokens = tokens.pin_memory().to(clip.device, non_blocking=True)
-        else:
-            x, tokens = x.to(clip.device), tokens.to(clip.device)
-        x = x.to(clip.input_dtype)
-        with clip.autocast():
-            image_features = clip.model.encode_image(x)
-            text_features = clip.model.encode_text(tokens)
-        # normalise in fp32, whatever precision the towers ran in
-        image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
-        text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
-        return (image_features * text_features).sum(dim=-1).cpu().numpy().astype(np.float32)
+    def _decode_batch(self, images: Sequence[Any], rows: Sequence[int]) -> tuple[list[int], Optional[torch.Tensor]]:
+        ok: list[int] = []
+        pixels: list[torch.Tensor] = []
+        for i in rows:
+            px = self._decode(images[i])
+            if px is not None:
+                ok.append(i)
+                pixels.append(px)
+        return ok, (torch.stack(pixels) if pixels else None)
 
+    def _decoded_batches(self, images: Sequence[Any], rows: list[int]) -> Iterator[tuple[list[int], Optional[torch.Tensor]]]:
+        """(usable rows, pixel batch) per chunk of ``batch_size`` candidate rows; with decode
+        threads, chunk k+1 is decoded while the caller runs the model on chunk k."""
+        chunks = [rows[s:s + self.batch_size] for s in range(0, len(rows), self.batch_size)]
+        if self.decode_threads <= 0 or len(chunks) <= 1:
+            for c in chunks:
+                yield self._decode_batch(images, c)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="curate-decode")
+        ahead = max(1, self.decode_threads)
+        pending: list[Future] = [self._pool.submit(self._decode_batch, images, c) for c in chunks[:ahead]]
+        nxt = ahead
+        while pending:
+            fut = pending.pop(0)
+            if nxt < len(chunks):
+                pending.append(self._pool.submit(self._decode_batch, images, chunks[nxt]))
+                nxt += 1
+            yield fut.result()
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.clip.device.type == "cuda":
+            return t.pin_memory().to(self.clip.device, non_blocking=True)
+        return t
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fp32 image features for a preprocessed batch [B, 3, H, W]."""
+        clip = self.clip
+        x = self._to_device(pixels).to(clip.input_dtype)
+        with clip.autocast():
+            f = clip.model.encode_image(x)
+        return torch.nn.functional.normalize(f.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_texts(self, captions: Sequence[str]) -> torch.Tensor:
+        """L2-normalised fp32 text features, one row per caption, in input order. Captions are
+        embedded in batches sorted by token length, each cut to its longest real caption."""
+        clip = self.clip
+        if not captions:
+            return torch.empty(0, 0)
+        tokens = clip.tokenizer(list(captions))
+        lengths = (tokens != 0).sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        out: Optional[torch.Tensor] = None
+        bs = max(self.batch_size, 1)
+        for s in range(0, len(order), bs):
+            idx = order[s:s + bs]
+            tok = tokens[idx]
+            tok = tok[:, :real_length(tok)]  # also cuts the host->device copy
+            with clip.autocast():
+                f = encode_text_trimmed(clip.model, self._to_device(tok))
+            f = torch.nn.functional.normalize(f.float(), dim=-1)
+            if out is None:
+                out = torch.empty(len(captions), f.shape[1], dtype=torch.float32, device=f.device)
+            out[idx.to(f.device)] = f
+        return out
+
+    # ----------------------------------------------------------------------------------------------
     def score(self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]]) -> np.ndarray:
         """Cosine similarity of each (image bytes, caption) pair, float32, in input order; NaN for
         rows with an undecodable/missing image or a missing caption."""
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         out = np.full(len(images), np.nan, dtype=np.float32)
-        rows: list[int] = []
-        pixels: list[torch.Tensor] = []
-        texts: list[str] = []
-
-        def flush() -> None:
-            if rows:
-                out[np.asarray(rows, dtype=np.int64)] = self._score_batch(pixels, texts)
-                rows.clear()
-                pixels.clear()
-                texts.clear()
-
-        for i, (data, text) in enumerate(zip(images, captions)):
-            if text is None:
+        for start in range(0, len(images), TEXT_WINDOW):
+            stop = min(start + TEXT_WINDOW, len(images))
+            rows = [i for i in range(start, stop) if captions[i] is not None and images[i]]
+            if not rows:
                 continue
-            px = self._decode(data)
-            if px is None:
-                continue
-            rows.append(i)
-            pixels.append(px)
-            texts.append(str(text))
-            if len(rows) >= self.batch_size:
-                flush()
-        flush()
+            batches = self._decoded_batches(images, rows)  # starts decoding now
+            first = next(batches, None)
+            distinct, inverse = unique_index([str(captions[i]) for i in rows])
+            text = self.encode_texts(distinct)
+            where = {r: k for k, r in enumerate(rows)}
+            inverse_t = torch.as_tensor(inverse, dtype=torch.long, device=text.device)
+            for ok, pixels in _chain(first, batches):
+                if pixels is None:
+                    continue
+                img = self.encode_images(pixels)
+                t = text[inverse_t[torch.as_tensor([where[r] for r in ok], device=text.device)]]
+                out[np.asarray(ok, dtype=np.int64)] = (img * t).sum(dim=-1).cpu().numpy().astype(np.float32)
         return out
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table | dict:
@@ -120,3 +179,20 @@ class ClipScorer:
             captions = [None if v is None else str(v) for v in batch[schema.CAPTION]]
             return {**batch, schema.CLIP_SCORE: self.score(images, captions)}
         raise TypeError(f"expected a pyarrow.Table or a dict of columns, not {type(batch).__name__}")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+    yield from rest
