@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Route:
     body: bytes
     content_type: str = "image/jpeg"
     status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, Any] = field(default_factory=dict)  # a list value sends the header once per item
     delay_s: float = 0.0  # wait before the status line
     drip_s: float = 0.0  # > 0: send the body one byte every drip_s seconds
     endless: bool = False  # stream 64 KiB chunks until the client hangs up (no Content-Length)
@@ -57,7 +57,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not route.endless:
                 self.send_header("Content-Length", str(len(route.body)))
             for name, value in route.headers.items():
-                self.send_header(name, value)
+                for one in value if isinstance(value, (list, tuple)) else [value]:  # a list: that header several times
+                    self.send_header(name, one)
             self.end_headers()
             if not send_body:
                 return
@@ -125,7 +126,7 @@ class ImageServer:
         body: bytes,
         content_type: str = "image/jpeg",
         status: int = 200,
-        headers: Optional[dict[str, str]] = None,
+        headers: Optional[dict[str, Any]] = None,
         delay_s: float = 0.0,
         drip_s: float = 0.0,
         endless: bool = False,

@@ -78,7 +78,7 @@ def prepare(body: bytes, formats: list[str], max_pixels: int) -> bytes:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(body), formats=[_PIL_NAME[fmt]])
     except Image.DecompressionBombError as err:
-        raise FetchFailure(FetchStatus.TOO_MANY_PIXELS, f"decompression bomb: {err}") from err
+        raise FetchFailure(FetchStatus.TOO_MANY_PIXELS, f"decompression bomb (from the header, not decoded): {err}") from err
     except Exception as err:  # noqa: BLE001 (Pillow raises many kinds on bad headers)
         raise FetchFailure(FetchStatus.DECODE_ERROR, f"image decoding error: unreadable {fmt} header: {err}") from err
     with im:
