@@ -40,8 +40,11 @@ chromium:
 	  else echo "chromium missing: run 'sudo apt-get install -y chromium' (the report test needs it)"; fi; \
 	fi
 
+# -P: do not put the current directory first on sys.path, so `curate` resolves to the installed
+# (strict editable) package, where filters/ and reports/ are mapped to curate.filters/.reports,
+# not to the bare source folder ./curate.
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -P -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf build demo-output .pytest_cache test-artifacts

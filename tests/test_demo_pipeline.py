@@ -115,7 +115,7 @@ assert res.exit_code == 0, res.output
 heavy = [m for m in ("torch", "open_clip", "ray", "img2dataset") if m in sys.modules]
 print(json.dumps(heavy))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []  # no model, no Ray, no fetcher imported
     strict = json.loads((Path(run_dir) / "selections" / "strict" / "selection.json").read_text())
