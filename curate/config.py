@@ -81,8 +81,9 @@ class ScoreConfig(Strict):
     pretrained: str = "bundled"  # a pretrained tag, a local/bucket checkpoint path, or "bundled"
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1, description="scoring actors (one model each); 1 per GPU on a GPU cluster")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "bf16-image", "fp16"] = "auto"  # resolved by curate.model.resolve_precision
     cpu_threads: Optional[int] = Field(None, ge=1, description="torch threads per actor; default: the actor's CPUs")
+    decode_threads: int = Field(1, ge=0, description="threads decoding the next image batch while the model runs; 0 = inline")
 
     @model_validator(mode="after")
     def _column_needs_name(self) -> "ScoreConfig":
