@@ -34,6 +34,7 @@ ANNOTATION_FIELDS: list[pa.Field] = [
     pa.field(schema.ORIGINAL_WIDTH, pa.int32()),
     pa.field(schema.ORIGINAL_HEIGHT, pa.int32()),
     pa.field(schema.IMAGE_SHA256, pa.string()),
+    pa.field(schema.EXPECTED_SHA256, pa.string()),
     pa.field(schema.CLIP_SCORE, pa.float32()),
     pa.field(schema.CLIP_MODEL, pa.string()),
 ]

@@ -30,6 +30,7 @@ HEIGHT = "height"
 ORIGINAL_WIDTH = "original_width"  # of the image as served, or from input metadata
 ORIGINAL_HEIGHT = "original_height"
 IMAGE_SHA256 = "image_sha256"  # sha256 of the bytes as served
+EXPECTED_SHA256 = "sha256"  # the input's own sha256 of the image (DataComp); a mismatch is hash_mismatch
 
 CLIP_SCORE = "clip_score"
 CLIP_MODEL = "clip_model"  # "<architecture>/<pretrained tag or checkpoint name>"

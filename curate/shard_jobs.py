@@ -28,6 +28,7 @@ from curate.config import PipelineSpec
 from curate.filters.rules import text_rules_pass
 from curate.schema import FetchStatus
 from curate.stages.annotate import annotate_text
+from curate.stages.fetch import TRANSIENT
 from curate.stages.read import read_shard, shard_name
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,11 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
         ann = pl.from_arrow(io.read_parquet(annotations.shard_path(run_dir, shard)))
         if not spec.needs_images:
             return {"shard": shard, "state": "unchanged", "rows": ann.height}
-        todo = ann.select(
-            (pl.col(schema.FETCH_STATUS) == FetchStatus.NOT_ATTEMPTED.value) & text_rules_pass(spec.selection)
-        ).to_series()
+        # rows a stricter spec skipped and that pass the text rules now, and rows whose fetch
+        # failed transiently (timeouts, 5xx, 429, ...): nothing else is fetched again
+        skipped = pl.col(schema.FETCH_STATUS) == FetchStatus.NOT_ATTEMPTED.value
+        transient = pl.col(schema.FETCH_STATUS).is_in([s.value for s in TRANSIENT])
+        todo = ann.select((skipped | transient) & text_rules_pass(spec.selection)).to_series()
         if not todo.any():
             return {"shard": shard, "state": "unchanged", "rows": ann.height}
     else:
@@ -82,7 +85,7 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
     fetched_ok = 0
     n_fetch = int(todo.sum())
     if n_fetch:
-        rows = ann.filter(todo).select(schema.ROW, schema.URL, schema.CAPTION).to_arrow()
+        rows = ann.filter(todo).select(schema.ROW, schema.URL, schema.CAPTION, schema.EXPECTED_SHA256).to_arrow()
         ann, images = _fetch_into(ann, rows, spec, run_dir, shard)
         fetched_ok = images.num_rows
         _merge_images(run_dir, shard, images)

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate import schema
 from curate.config import FetchConfig
 from curate.fetching import images as image_checks
 from curate.fetching import robots
@@ -76,7 +77,7 @@ STATUS_SCHEMA = pa.schema(
 IMAGES_SCHEMA = pa.schema([pa.field(ROW, pa.int64()), pa.field(IMAGE_BYTES, pa.binary())])
 
 FETCHABLE_SCHEMES = frozenset({"http", "https"})
-EXPECTED_SHA256 = "sha256"  # optional input column: hex sha256 of the bytes the URL must serve
+EXPECTED_SHA256 = schema.EXPECTED_SHA256  # optional input column: hex sha256 of the bytes the URL must serve
 
 # Outcomes worth another attempt (in this run, and by a rerun); everything else is final.
 TRANSIENT = frozenset(

@@ -38,7 +38,7 @@ LAYOUTS = {
     # DataComp CommonPool metadata: uid, url, text, original_width, original_height, sha256, clip_*_similarity_score
     "datacomp": Layout(
         "datacomp", "url", "text", "uid",
-        (("original_width", schema.ORIGINAL_WIDTH), ("original_height", schema.ORIGINAL_HEIGHT), ("sha256", "sha256")),
+        (("original_width", schema.ORIGINAL_WIDTH), ("original_height", schema.ORIGINAL_HEIGHT), ("sha256", schema.EXPECTED_SHA256)),
     ),
 }
 
