@@ -9,7 +9,7 @@
 Unknown paths get a 404. Nothing is logged per request. For hostile-input tests a route can also
 redirect (`redirect`), wait before answering (`delay_s`), drip its body a byte at a time
 (`drip_s`), stream without end (`endless`), or answer differently on each hit (`add_sequence`,
-e.g. a 503 with Retry-After, then the image). `max_in_flight` is the most requests served at once.
+e.g. a 503 with Retry-After, then the image). `max_in_flight` is the most requests waiting for their answer to start at once.
 """
 
 from __future__ import annotations
@@ -47,11 +47,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, send_body: bool) -> None:
         owner = self.server.owner
         route = owner._record(self.path)
+        counted = True
         try:
             if route is None:
                 route = Route(b"not found", content_type="text/plain", status=404)
             if route.delay_s:
                 time.sleep(route.delay_s)
+            # "in flight" ends when the answer starts: a client cannot have its next request on
+            # the same connection slot under way before then, so max_in_flight has no races
+            owner._done()
+            counted = False
             self.send_response(route.status)
             self.send_header("Content-Type", route.content_type)
             if not route.endless:
@@ -76,7 +81,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self.wfile.write(route.body)
         finally:
-            owner._done()
+            if counted:
+                owner._done()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (base class's name)
         pass  # quiet: no per-request line on stderr
