@@ -42,11 +42,13 @@ def supports_trim(model: torch.nn.Module) -> bool:
         return False
     if getattr(model.transformer, "batch_first", True) is not True:
         return False
-    cached = getattr(model, "_curate_causal", None)
-    if cached is None:
-        cached = _is_causal(getattr(model, "attn_mask", None))
+    mask = getattr(model, "attn_mask", None)
+    key = (id(mask), None if mask is None else mask.data_ptr())
+    cached = getattr(model, "_curate_causal", None)  # (key, verdict): re-checked if the mask changes
+    if cached is None or cached[0] != key:
+        cached = (key, _is_causal(mask))
         model._curate_causal = cached  # type: ignore[attr-defined]
-    return cached
+    return cached[1]
 
 
 def real_length(tokens: torch.Tensor) -> int:
