@@ -55,6 +55,7 @@ def test_demo_quality_bar(demo):
     assert ev["mismatched_n"] >= 50 and ev["matched_unique_fetchable_n"] >= 100
     assert ev["mismatched_removed_by_clip"] >= 0.90, ev
     assert ev["matched_unique_fetchable_kept"] >= 0.90, ev
+    assert ev["duplicate_groups"] >= 5 and ev["duplicate_groups_keeping_more"] == 0, ev
 
 
 def test_every_row_is_accounted_for_per_shard_and_overall(demo):

@@ -162,17 +162,21 @@ def _reencode(jpeg: bytes) -> bytes:
 def expected_outcome(rows: pl.DataFrame) -> pl.Series:
     """What a correct pipeline should do with each row, from ground truth alone:
     "keep" for matched, unique, fetchable pairs in an allowed language; otherwise the reason family.
-    Duplicates are "duplicate" (one copy of each group survives, which one depends on scores)."""
+    Every member of an exact-duplicate group, the original included, is "duplicate": one of the
+    group survives, and which one depends on the scores."""
+    copied = set(
+        rows.filter(pl.col("row_kind").is_in(["url_duplicate", "image_duplicate"]))["duplicate_of_index"].to_list()
+    )
     out = []
-    for kind, matched, lang in zip(rows["row_kind"], rows["matched"], rows["gt_language"]):
+    for index, kind, matched, lang in zip(rows["index"], rows["row_kind"], rows["matched"], rows["gt_language"]):
         if lang not in DEMO_ALLOWED_LANGUAGES:
             out.append("language")
         elif kind in ("broken_404", "corrupt"):
             out.append("fetch_failed")
         elif kind == "tiny":
             out.append("image_size")
-        elif kind in ("url_duplicate", "image_duplicate"):
-            out.append("duplicate")
+        elif kind in ("url_duplicate", "image_duplicate") or index in copied:
+            out.append("duplicate")  # the original and its exact copies: one of the group survives
         elif not matched:
             out.append("clip_score")
         else:

@@ -11,7 +11,7 @@ import typer
 
 from curate import io, schema
 from curate.config import PipelineSpec, load_spec
-from curate.demo.data import SITES, expected_outcome, generate
+from curate.demo.data import DEMO_ALLOWED_LANGUAGES, SITES, expected_outcome, generate
 from curate.demo.image_server import ImageServer
 from curate.presets import preset_path
 
@@ -70,12 +70,14 @@ def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> d
         allowed & pl.col("row_kind").is_in(["unique", "near_duplicate"]) & pl.col("matched").not_(),
         (pl.col(schema.REASON) == "clip_score").fill_null(False),
     )
-    dup_groups = (
-        j.filter(pl.col("row_kind").is_in(["url_duplicate", "image_duplicate"]))
-        .select(pl.col("duplicate_of_index"))
-        .unique()
-        .height
+    # an exact-duplicate group (original + copies) whose members all pass the other rules keeps one
+    groups = (
+        j.filter(pl.col("expected") == "duplicate")
+        .with_columns(pl.coalesce("duplicate_of_index", "index").alias("_group"))
+        .group_by("_group")
+        .agg(pl.col("kept").fill_null(False).sum().alias("kept"), (pl.col("matched").all() & (pl.col("gt_language").is_in(list(DEMO_ALLOWED_LANGUAGES))).all()).alias("eligible"))
     )
+    eligible_groups = groups.filter(pl.col("eligible"))
     return {
         "rows": truth.height,
         "decided": int(j["kept"].is_not_null().sum()),
@@ -84,7 +86,9 @@ def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> d
         "matched_unique_fetchable_n": n_keep,
         "mismatched_removed_by_clip": mism_rate,
         "mismatched_n": n_mism,
-        "duplicate_groups": dup_groups,
+        "duplicate_groups": groups.height,
+        "duplicate_groups_keeping_one": float((eligible_groups["kept"] == 1).mean()) if eligible_groups.height else float("nan"),
+        "duplicate_groups_keeping_more": int((groups["kept"] > 1).sum()),
     }
 
 
@@ -109,6 +113,8 @@ def run_demo(out: Path, rows: int = 600, shards: int = 3, seed: int = 0) -> int:
                f"counts reconcile: {'yes' if sel.get('reconciles') else 'NO'}")
     typer.echo(f"matched, unique, fetchable pairs kept:  {ev['matched_unique_fetchable_kept']:.1%} of {ev['matched_unique_fetchable_n']}")
     typer.echo(f"mismatched pairs removed by CLIP rule:  {ev['mismatched_removed_by_clip']:.1%} of {ev['mismatched_n']}")
+    typer.echo(f"exact-duplicate groups keeping one copy: {ev['duplicate_groups_keeping_one']:.1%} of eligible groups "
+               f"({ev['duplicate_groups_keeping_more']} groups kept more than one)")
     typer.echo(f"ground truth: {out / 'input' / 'ground_truth.parquet'}")
     typer.echo(f"run directory: {result.run_dir}")
     typer.secho(f"report: {sel.get('report_html')}", bold=True)
