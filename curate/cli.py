@@ -35,7 +35,7 @@ def _print_selection(summary: dict) -> None:
 
 @app.command()
 def run(
-    spec_path: Path = typer.Argument(..., help="pipeline spec (TOML), e.g. pipelines/laion400m.toml"),
+    spec_path: str = typer.Argument(..., help="pipeline spec: a TOML file, or a preset name (laion400m, laion2b_en, datacomp_basic, ...)"),
     input: Optional[list[str]] = typer.Option(None, "--input", "-i", help="input parquet file/dir/glob (repeatable); overrides input.paths"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="run directory (local or bucket URL); overrides output.dir"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: local Ray"),
@@ -43,14 +43,15 @@ def run(
 ) -> None:
     """Run a pipeline spec: read, annotate, fetch, score on Ray, then write the default selection."""
     from curate.config import SpecError, load_spec
+    from curate.presets import preset_path
     from curate.runner import run as run_pipeline
 
     try:
-        spec = load_spec(spec_path).with_overrides(
+        spec = load_spec(preset_path(spec_path)).with_overrides(
             **{"input.paths": list(input) if input else None, "output.dir": out, "ray.address": address,
                "output.overwrite": overwrite or None}
         )
-    except SpecError as e:
+    except (SpecError, FileNotFoundError) as e:
         _fail(str(e))
     try:
         result = run_pipeline(spec)
@@ -137,13 +138,14 @@ def demo(
 
 
 @app.command("show-spec")
-def show_spec(spec_path: Path = typer.Argument(..., help="pipeline spec (TOML)")) -> None:
+def show_spec(spec_path: str = typer.Argument(..., help="pipeline spec: a TOML file or a preset name")) -> None:
     """Validate a spec and print it fully resolved (every default filled in)."""
     from curate.config import SpecError, load_spec
+    from curate.presets import preset_path
 
     try:
-        typer.echo(load_spec(spec_path).resolved_json())
-    except SpecError as e:
+        typer.echo(load_spec(preset_path(spec_path)).resolved_json())
+    except (SpecError, FileNotFoundError) as e:
         _fail(str(e))
 
 

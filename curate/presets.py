@@ -14,8 +14,8 @@ def preset_names() -> list[str]:
 def preset_path(name: str) -> Path:
     """A preset by name ("demo", "laion400m", ...), or the path itself if it is a file."""
     p = Path(name)
-    if p.suffix == ".toml" and p.exists():
-        return p
+    if p.suffix == ".toml" or p.exists():
+        return p  # a file path (load_spec names it if it does not exist)
     candidate = resources.files("curate.pipelines") / f"{name}.toml"
     if not candidate.is_file():
         raise FileNotFoundError(f"{name}: neither a spec file nor a preset (presets: {', '.join(preset_names())})")
