@@ -74,11 +74,15 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
         fs.makedirs(parent, exist_ok=True)
     if is_local(url):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):  # a failed write leaves no temp file behind
+                os.unlink(tmp)
     else:
         with fs.open(path, "wb") as f:
             f.write(data)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import posixpath
-import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -602,47 +600,22 @@ def _clip_by_group(lf: pl.LazyFrame, groups: dict[str, dict[str, Any]]) -> dict[
 # writing
 
 
-def _write_atomic(fs: Any, path: str, data: bytes) -> None:
-    """Write bytes to path: temp file + rename on a local filesystem; one whole-object put elsewhere
-    (object stores publish an object only when its upload completes)."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    else:
-        fs.pipe_file(path, data)
-
-
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[str, str]:
     """Write ``report.json`` and ``report.html`` under out_dir (a local path or any fsspec URL).
 
     The HTML is written first, so a present report.json means both are complete. Returns the two
     paths as given (out_dir joined with the file name)."""
-    import fsspec
-
+    from curate import io
     from curate.reports.html import render_html
 
     out = os.fspath(out_dir)
-    fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
     public = {k: v for k, v in report.items() if not k.startswith("_")}  # e.g. _thumbs: HTML only
     body = json.dumps(public, indent=2, allow_nan=False, ensure_ascii=False).encode("utf-8")
     page = render_html(report).encode("utf-8")
-    _write_atomic(fs, posixpath.join(root, "report.html"), page)
-    _write_atomic(fs, posixpath.join(root, "report.json"), body)
-    sep = "" if out.endswith("/") else "/"
-    if "://" in out:
-        return out + sep + "report.json", out + sep + "report.html"
-    return os.path.join(out, "report.json"), os.path.join(out, "report.html")
+    html_path, json_path = io.join(out, "report.html"), io.join(out, "report.json")
+    io.atomic_write_bytes(html_path, page)
+    io.atomic_write_bytes(json_path, body)
+    return json_path, html_path
 
 
 __all__: Iterable[str] = [
