@@ -104,9 +104,16 @@ def _follow_url_survivor(frame: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def decide(annotations: pl.LazyFrame, sel: SelectionConfig) -> tuple[pl.LazyFrame, ResolvedSelection]:
+def decide(
+    annotations: pl.LazyFrame, sel: SelectionConfig, *, explain: bool = True
+) -> tuple[pl.LazyFrame, ResolvedSelection]:
+    """Add kept / reason / reasons / duplicate_of to every row. explain=False adds `kept` only
+    (same decisions, no reason lists): what a threshold sweep needs, at a fraction of the cost."""
     resolved = resolve_clip_threshold(annotations, sel)
     fails = rule_failures(sel, resolved.clip_threshold)
+    dedup_reasons = {Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE}
+    if set(fails) | dedup_reasons != set(RULE_ORDER):  # `kept` below must mean "no rule fails"
+        raise RuntimeError(f"rules {sorted(set(RULE_ORDER) - set(fails) - dedup_reasons)} have no failure expression")
     # NaN is "no score", never a score that passes or fails: normalise before any rule reads it
     frame = annotations.with_row_index(_IDX).with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
     frame = frame.with_columns(*[expr.alias(_fail(reason)) for reason, expr in fails.items()])
@@ -126,6 +133,12 @@ def decide(annotations: pl.LazyFrame, sel: SelectionConfig) -> tuple[pl.LazyFram
         frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(reason)).not_()).alias("_eligible"))
     frame = _follow_url_survivor(frame)
 
+    drop = [*(_fail(r) for r in RULE_ORDER), "_eligible"]
+    drop += [f"{_of(r)}{suffix}" for r in (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE) for suffix in ("", "_idx")]
+    drop.append(_IDX)
+    if not explain:
+        return frame.with_columns(pl.col("_eligible").alias(schema.KEPT)).drop(drop), resolved
+
     reasons = pl.concat_list(
         [pl.when(pl.col(_fail(r))).then(pl.lit(r.value)).otherwise(pl.lit(None, pl.String)) for r in RULE_ORDER]
     ).list.drop_nulls()
@@ -134,7 +147,4 @@ def decide(annotations: pl.LazyFrame, sel: SelectionConfig) -> tuple[pl.LazyFram
         pl.col(schema.REASONS).list.first().alias(schema.REASON),
         pl.coalesce(_of(Reason.DUPLICATE_URL), _of(Reason.DUPLICATE_IMAGE)).alias(schema.DUPLICATE_OF),
     )
-    drop = [*(_fail(r) for r in RULE_ORDER), "_eligible"]
-    drop += [f"{_of(r)}{suffix}" for r in (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE) for suffix in ("", "_idx")]
-    drop.append(_IDX)
     return frame.drop(drop), resolved

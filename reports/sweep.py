@@ -59,7 +59,7 @@ def representatives(annotations: pl.LazyFrame, sel: SelectionConfig, keep: Seque
     # A NaN score is no score (not_scored), as the schema documents. (decide() as of this writing
     # tests its rules on the raw column, where NaN is neither null nor < t; see docs/REPORTS.md.)
     annotations = annotations.with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
-    decisions, _ = decide(annotations, loose)
+    decisions, _ = decide(annotations, loose, explain=False)
     return (
         decisions.filter(pl.col(schema.KEPT))
         .with_columns(pl.col(schema.CLIP_SCORE).cast(pl.Float64).alias(SCORE))
