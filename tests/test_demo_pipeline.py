@@ -128,6 +128,42 @@ print(json.dumps(heavy))
     assert set(d_strict.filter(pl.col("kept"))["uid"]) <= set(d_base.filter(pl.col("kept"))["uid"])
 
 
+def test_report_sweep_and_diff_commands(demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    run_dir = demo["result"].run_dir
+    cli = CliRunner()
+    res = cli.invoke(app, ["report", run_dir, "--selection", "default", "--from", "0.5", "--to", "0.95", "--step", "0.05"])
+    assert res.exit_code == 0, res.output
+    assert (Path(run_dir) / "selections" / "default" / "report.html").stat().st_size > 10_000
+
+    out = tmp_path / "sweep.parquet"
+    res = cli.invoke(app, ["sweep", run_dir, "--rule", "clip", "--from", "0.5", "--to", "0.95", "--step", "0.05", "--group", "language", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    table = pl.read_parquet(out)
+    overall = table.filter(pl.col("column") == "(all)").sort("threshold")
+    assert overall.height == 10 and overall["rows_in"].unique().to_list() == [ROWS]
+    kept = overall["kept"].to_list()
+    assert kept == sorted(kept, reverse=True)  # retention never rises with the threshold
+    # at a threshold of the sweep, the count equals what a real selection at that threshold keeps
+    res = cli.invoke(app, ["select", run_dir, "--name", "at_090", "--clip-min-score", "0.9"])
+    assert res.exit_code == 0, res.output
+    at_090 = json.loads((Path(run_dir) / "selections" / "at_090" / "selection.json").read_text())["counts"]["kept"]
+    assert overall.filter(pl.col("threshold").round(4) == 0.9)["kept"].item() == at_090
+    assert table.filter(pl.col("column") == "language").height > 0
+
+    d = _selection(run_dir)
+
+    res = cli.invoke(app, ["diff", str(Path(run_dir) / "selections" / "default"), str(Path(run_dir) / "selections" / "strict"), "--out", str(tmp_path / "diff")])
+    assert res.exit_code == 0, res.output
+    diff = json.loads((tmp_path / "diff" / "diff.json").read_text())
+    kept_a = set(d.filter(pl.col("kept"))["uid"])
+    kept_b = set(_selection(run_dir, "strict").filter(pl.col("kept"))["uid"])
+    assert diff["jaccard"] == pytest.approx(len(kept_a & kept_b) / len(kept_a | kept_b))
+
+
 def test_looser_rule_reports_not_scored_then_a_rerun_fetches_only_those_rows(demo):
     run_dir = demo["result"].run_dir
     from curate.config import SelectionConfig
