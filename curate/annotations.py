@@ -37,6 +37,7 @@ ANNOTATION_FIELDS: list[pa.Field] = [
     pa.field(schema.EXPECTED_SHA256, pa.string()),
     pa.field(schema.CLIP_SCORE, pa.float32()),
     pa.field(schema.CLIP_MODEL, pa.string()),
+    pa.field(schema.CAPTION_LSH, pa.list_(pa.uint64())),  # null unless annotate.caption_minhash
 ]
 ANNOTATION_COLUMNS = [f.name for f in ANNOTATION_FIELDS]
 

@@ -94,6 +94,10 @@ class ScoreConfig(Strict):
 
 class AnnotateConfig(Strict):
     language: bool = True
+    # caption MinHash LSH band keys (column caption_lsh) for selection.dedup.caption_jaccard; docs/DEDUP.md
+    caption_minhash: bool = False
+    caption_minhash_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    caption_minhash_threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard threshold the LSH bands are tuned for")
 
 
 class ClipRule(Strict):
@@ -126,6 +130,11 @@ class ImageRule(Strict):
 class DedupRule(Strict):
     url: bool = True  # normalised URL
     image_sha256: bool = True
+    # near-duplicate captions: rows sharing an LSH band key (annotation caption_lsh) whose word
+    # n-gram Jaccard is >= this are one cluster; None = off. Needs annotate.caption_minhash.
+    caption_jaccard: Optional[float] = Field(None, gt=0, le=1)
+    caption_ngram: int = Field(2, ge=1, le=8, description="word n-gram size (CJK: characters) of the shingles")
+    caption_verify: bool = Field(True, description="check each LSH candidate pair's exact Jaccard before merging")
 
 
 class SelectionConfig(Strict):

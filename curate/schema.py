@@ -40,6 +40,7 @@ KEPT = "kept"
 REASON = "reason"  # first failing rule, in RULE_ORDER; null when kept
 REASONS = "reasons"  # every failing rule, in RULE_ORDER
 DUPLICATE_OF = "duplicate_of"  # uid of the surviving copy, for duplicate removals
+CAPTION_LSH = "caption_lsh"  # list<uint64>: LSH band keys of the caption's MinHash (curate/stages/caption_minhash.py)
 
 IMAGE_BYTES = "jpg"  # column of the per-shard image cache written by the fetch stage
 
@@ -84,6 +85,7 @@ class Reason(str, Enum):
     CLIP_SCORE = "clip_score"
     DUPLICATE_URL = "duplicate_url"
     DUPLICATE_IMAGE = "duplicate_image"
+    DUPLICATE_CAPTION = "duplicate_caption"
 
 
 # Text rules first (they decide what is worth fetching), then what the fetch tells us, then the
@@ -99,6 +101,7 @@ RULE_ORDER: tuple[Reason, ...] = (
     Reason.CLIP_SCORE,
     Reason.DUPLICATE_URL,
     Reason.DUPLICATE_IMAGE,
+    Reason.DUPLICATE_CAPTION,
 )
 
 REASON_HELP: dict[Reason, str] = {
@@ -111,4 +114,5 @@ REASON_HELP: dict[Reason, str] = {
     Reason.CLIP_SCORE: "image-text similarity below the threshold",
     Reason.DUPLICATE_URL: "another row has the same normalised URL; duplicate_of names the survivor",
     Reason.DUPLICATE_IMAGE: "another row has the same image bytes (sha256); duplicate_of names the survivor",
+    Reason.DUPLICATE_CAPTION: "another row's caption is a near-duplicate (MinHash LSH, word n-gram Jaccard >= dedup.caption_jaccard); duplicate_of names the survivor",
 }

@@ -66,6 +66,11 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
         extra = (spec.score.column,) if spec.score.source == "column" and spec.score.column else ()
         table = read_shard(path, spec.input, extra_columns=extra)
         ann = pl.from_arrow(annotate_text(table, spec.annotate.language, spec.input.max_caption_chars))
+        if spec.annotate.caption_minhash:
+            from curate.stages.caption_minhash import annotate_caption_lsh
+
+            a = spec.annotate
+            ann = annotate_caption_lsh(ann, a.caption_minhash_threshold, a.caption_minhash_perm, spec.selection.dedup.caption_ngram)
         if spec.score.source == "column":
             ann = ann.with_columns(
                 pl.col(spec.score.column).cast(pl.Float32).alias(schema.CLIP_SCORE),

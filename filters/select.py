@@ -90,18 +90,47 @@ def _dedup(frame: pl.LazyFrame, key: str, eligible: str, reason: Reason) -> pl.L
     return frame.join(cands, on=_IDX, how="left").with_columns(pl.col(fail_col).fill_null(False))
 
 
-def _follow_url_survivor(frame: pl.LazyFrame) -> pl.LazyFrame:
-    """A URL duplicate's survivor may itself lose the image dedup that runs next; point the URL
+def _follow_survivor(frame: pl.LazyFrame, earlier: Reason, later: Reason) -> pl.LazyFrame:
+    """An `earlier` duplicate's survivor may itself lose the `later` dedup; point the earlier
     duplicate at the final survivor then, so duplicate_of always names a kept row."""
-    url_of, img_of = _of(Reason.DUPLICATE_URL), _of(Reason.DUPLICATE_IMAGE)
-    img_losers = frame.filter(pl.col(_fail(Reason.DUPLICATE_IMAGE))).select(
-        pl.col(_IDX).alias(f"{url_of}_idx"), pl.col(img_of).alias("_final_of")
+    e_of, l_of = _of(earlier), _of(later)
+    losers = frame.filter(pl.col(_fail(later))).select(
+        pl.col(_IDX).alias(f"{e_of}_idx"), pl.col(l_of).alias("_final_of"), pl.col(f"{l_of}_idx").alias("_final_idx")
     )
     return (
-        frame.join(img_losers, on=f"{url_of}_idx", how="left")
-        .with_columns(pl.coalesce("_final_of", url_of).alias(url_of))
-        .drop("_final_of")
+        frame.join(losers, on=f"{e_of}_idx", how="left")
+        .with_columns(
+            pl.coalesce("_final_of", e_of).alias(e_of),
+            pl.coalesce("_final_idx", f"{e_of}_idx").alias(f"{e_of}_idx"),
+        )
+        .drop("_final_of", "_final_idx")
     )
+
+
+def _follow_url_survivor(frame: pl.LazyFrame) -> pl.LazyFrame:
+    return _follow_survivor(frame, Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE)
+
+
+def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> pl.LazyFrame:
+    """Near-duplicate captions among eligible rows (filters/caption_dedup.py). The global step is
+    eager: it collects the eligible rows' band keys, clusters them, and joins the result back."""
+    from curate.filters.caption_dedup import caption_duplicates
+
+    fail_col, of_col = _fail(Reason.DUPLICATE_CAPTION), _of(Reason.DUPLICATE_CAPTION)
+    if has_lsh:
+        pool = (
+            frame.filter(pl.col("_eligible") & pl.col(schema.CAPTION_LSH).is_not_null())
+            .select(_IDX, schema.CAPTION_LSH, schema.CAPTION, *_SURVIVOR_ORDER)
+            .collect()
+        )
+        d = sel.dedup
+        dups = caption_duplicates(pool, d.caption_jaccard, d.caption_ngram, d.caption_verify, _IDX)
+    else:  # annotations from a run without annotate.caption_minhash: nothing to compare
+        dups = pl.DataFrame(schema={_IDX: pl.UInt32, "of_uid": pl.String, "of_idx": pl.UInt32, "cluster": pl.UInt32})
+    dups = dups.select(
+        pl.col(_IDX), pl.lit(True).alias(fail_col), pl.col("of_uid").alias(of_col), pl.col("of_idx").alias(f"{of_col}_idx")
+    )
+    return frame.join(dups.lazy(), on=_IDX, how="left").with_columns(pl.col(fail_col).fill_null(False))
 
 
 def decide(
@@ -111,7 +140,7 @@ def decide(
     (same decisions, no reason lists): what a threshold sweep needs, at a fraction of the cost."""
     resolved = resolve_clip_threshold(annotations, sel)
     fails = rule_failures(sel, resolved.clip_threshold)
-    dedup_reasons = {Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE}
+    dedup_reasons = {Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, Reason.DUPLICATE_CAPTION}
     if set(fails) | dedup_reasons != set(RULE_ORDER):  # `kept` below must mean "no rule fails"
         raise RuntimeError(f"rules {sorted(set(RULE_ORDER) - set(fails) - dedup_reasons)} have no failure expression")
     # NaN is "no score", never a score that passes or fails: normalise before any rule reads it
@@ -133,8 +162,23 @@ def decide(
         frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(reason)).not_()).alias("_eligible"))
     frame = _follow_url_survivor(frame)
 
+    # near-duplicate captions last: among rows that survive every other rule and exact dedup
+    cap = Reason.DUPLICATE_CAPTION
+    if sel.dedup.caption_jaccard is not None:
+        has_lsh = schema.CAPTION_LSH in annotations.collect_schema().names()
+        frame = _caption_dedup(frame, sel, has_lsh)
+        frame = _follow_survivor(frame, Reason.DUPLICATE_URL, cap)
+        frame = _follow_survivor(frame, Reason.DUPLICATE_IMAGE, cap)
+    else:
+        frame = frame.with_columns(
+            pl.lit(False).alias(_fail(cap)), pl.lit(None, pl.String).alias(_of(cap)),
+            pl.lit(None, pl.UInt32).alias(f"{_of(cap)}_idx"),
+        )
+    frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(cap)).not_()).alias("_eligible"))
+
+    dedups = (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, cap)
     drop = [*(_fail(r) for r in RULE_ORDER), "_eligible"]
-    drop += [f"{_of(r)}{suffix}" for r in (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE) for suffix in ("", "_idx")]
+    drop += [f"{_of(r)}{suffix}" for r in dedups for suffix in ("", "_idx")]
     drop.append(_IDX)
     if not explain:
         return frame.with_columns(pl.col("_eligible").alias(schema.KEPT)).drop(drop), resolved
@@ -145,6 +189,6 @@ def decide(
     frame = frame.with_columns(reasons.alias(schema.REASONS)).with_columns(
         (pl.col(schema.REASONS).list.len() == 0).alias(schema.KEPT),
         pl.col(schema.REASONS).list.first().alias(schema.REASON),
-        pl.coalesce(_of(Reason.DUPLICATE_URL), _of(Reason.DUPLICATE_IMAGE)).alias(schema.DUPLICATE_OF),
+        pl.coalesce(*(_of(r) for r in dedups)).alias(schema.DUPLICATE_OF),
     )
     return frame.drop(drop), resolved

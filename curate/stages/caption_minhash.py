@@ -33,7 +33,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-CAPTION_LSH = "caption_lsh"  # annotation column: list<uint64>, b band keys, null without tokens
+from curate import schema
+
+CAPTION_LSH = schema.CAPTION_LSH  # annotation column: list<uint64>, b band keys, null without tokens
 
 DEFAULT_NGRAM = 2
 DEFAULT_NUM_PERM = 128

@@ -1,0 +1,131 @@
+"""Near-duplicate captions, globally: the selection-time half of caption dedup.
+
+Input: the rows that pass every other rule and have a `caption_lsh` annotation (b uint64 LSH band
+keys per row, computed per shard by curate.stages.caption_minhash). Output: for every row that is
+a near-duplicate of a better copy, the survivor's uid and row index.
+
+  1. Rows with identical key lists (all b bands equal: the same MinHash signature, in practice the
+     same shingle set) collapse into one representative; they are merged without a check.
+  2. Candidate pairs: representatives sharing any band key (explode + self-join on the key). A
+     bucket with more than BUCKET_CAP representatives contributes a star (every member paired with
+     the bucket's first) instead of all pairs, so a degenerate key cannot make the step quadratic.
+  3. Verification (dedup.caption_verify): each candidate pair's exact Jaccard on the same
+     shingles the signatures were built from, by a join of the two rows' shingle-hash sets; pairs
+     below dedup.caption_jaccard are dropped. Without it every candidate pair is an edge.
+  4. Connected components of the edges (scipy.sparse.csgraph); in each component the survivor is
+     the highest clip_score, then the smallest uid, then the smallest (shard, row) -- the same
+     order as exact dedup -- and every other member is a `duplicate_caption` pointing at it.
+
+Everything here is polars joins/group-bys and numpy on the candidate rows only; docs/DEDUP.md
+describes how steps 1-2 (the only ones touching every row) become a Ray shuffle at 1B rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from curate import schema
+from curate.stages.caption_minhash import shingle_hashes
+
+BUCKET_CAP = 64
+_SURVIVOR_ORDER = [schema.CLIP_SCORE, schema.UID, schema.SHARD, schema.ROW]
+_SURVIVOR_DESC = [True, False, False, False]
+
+
+def candidate_pairs(pool: pl.DataFrame, idx: str = "_i") -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rep_of: idx -> rep, pairs: (a, b) of representatives sharing a band key, a < b)."""
+    lsh = schema.CAPTION_LSH
+    reps = pool.select(idx, lsh).with_columns(pl.col(idx).min().over(lsh).alias("_rep"))
+    rep_of = reps.select(idx, "_rep")
+    keys = (
+        reps.filter(pl.col(idx) == pl.col("_rep"))
+        .select(pl.col("_rep"), pl.col(lsh).alias("_k"))
+        .explode("_k")
+    )
+    sizes = keys.group_by("_k").agg(pl.len().alias("_n")).filter(pl.col("_n") > 1)
+    keys = keys.join(sizes, on="_k", how="inner")
+    small = keys.filter(pl.col("_n") <= BUCKET_CAP).select("_k", "_rep")
+    pairs_small = (
+        small.join(small, on="_k", suffix="_b")
+        .filter(pl.col("_rep") < pl.col("_rep_b"))
+        .select(pl.col("_rep").alias("a"), pl.col("_rep_b").alias("b"))
+    )
+    big = keys.filter(pl.col("_n") > BUCKET_CAP).select("_k", "_rep")
+    pairs_big = (
+        big.with_columns(pl.col("_rep").min().over("_k").alias("a"))
+        .filter(pl.col("_rep") != pl.col("a"))
+        .select("a", pl.col("_rep").alias("b"))
+    )
+    pairs = pl.concat([pairs_small, pairs_big]).unique()
+    return rep_of, pairs
+
+
+def exact_jaccard(pairs: pl.DataFrame, captions: pl.DataFrame, ngram: int, idx: str = "_i") -> pl.DataFrame:
+    """pairs (a, b) + column `jaccard`: exact Jaccard of the two captions' shingle-hash sets."""
+    if pairs.height == 0:
+        return pairs.with_columns(pl.lit(None, pl.Float64).alias("jaccard"))
+    ids = pl.concat([pairs.get_column("a"), pairs.get_column("b")]).unique()
+    caps = captions.join(ids.to_frame(idx), on=idx, how="semi")
+    rows, hv = shingle_hashes(caps.get_column(schema.CAPTION).fill_null(""), ngram)
+    sh = pl.DataFrame({idx: caps.get_column(idx).to_numpy()[rows], "h": hv}).unique()
+    size = sh.group_by(idx).agg(pl.len().alias("n"))
+    inter = (
+        pairs.join(sh.rename({idx: "a"}), on="a")
+        .join(sh.rename({idx: "b"}), on=["b", "h"], how="semi")
+        .group_by("a", "b")
+        .agg(pl.len().alias("i"))
+    )
+    return (
+        pairs.join(inter, on=["a", "b"], how="left")
+        .join(size.rename({idx: "a", "n": "na"}), on="a", how="left")
+        .join(size.rename({idx: "b", "n": "nb"}), on="b", how="left")
+        .with_columns(pl.col("i").fill_null(0))
+        .with_columns((pl.col("i") / (pl.col("na") + pl.col("nb") - pl.col("i"))).fill_null(0.0).alias("jaccard"))
+        .select("a", "b", "jaccard")
+    )
+
+
+def caption_duplicates(
+    pool: pl.DataFrame, threshold: float, ngram: int, verify: bool = True, idx: str = "_i"
+) -> pl.DataFrame:
+    """pool: eligible rows with idx, caption_lsh (non-null), caption, clip_score, uid, shard, row.
+    Returns (idx, of_uid, of_idx, cluster) for every row removed as a caption near-duplicate;
+    `cluster` is the survivor's idx."""
+    empty = pl.DataFrame(
+        schema={idx: pl.UInt32, "of_uid": pl.String, "of_idx": pl.UInt32, "cluster": pl.UInt32}
+    )
+    if pool.height < 2:
+        return empty
+    rep_of, pairs = candidate_pairs(pool, idx)
+    if verify:
+        pairs = exact_jaccard(pairs, pool.select(idx, schema.CAPTION), ngram, idx)
+        pairs = pairs.filter(pl.col("jaccard") >= threshold - 1e-12).select("a", "b")
+    edges = pl.concat(
+        [rep_of.filter(pl.col(idx) != pl.col("_rep")).select(pl.col(idx).alias("a"), pl.col("_rep").alias("b")), pairs.cast(pl.UInt32)]
+    )
+    if edges.height == 0:
+        return empty
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    # local node ids over the rows that have an edge
+    nodes = pl.concat([edges.get_column("a"), edges.get_column("b")]).unique().sort()
+    a = np.searchsorted(nodes.to_numpy(), edges.get_column("a").to_numpy())
+    b = np.searchsorted(nodes.to_numpy(), edges.get_column("b").to_numpy())
+    n = nodes.len()
+    _, label = connected_components(coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n)), directed=False)
+    comp = pl.DataFrame({idx: nodes, "_c": label})
+    ranked = (
+        pool.join(comp, on=idx)
+        .select(idx, "_c", *_SURVIVOR_ORDER)
+        .sort(_SURVIVOR_ORDER, descending=_SURVIVOR_DESC, nulls_last=True)
+        .with_columns(
+            pl.col(schema.UID).first().over("_c").alias("of_uid"),
+            pl.col(idx).first().over("_c").alias("of_idx"),
+        )
+        .filter(pl.col(idx) != pl.col("of_idx"))
+    )
+    return ranked.select(
+        pl.col(idx).cast(pl.UInt32), "of_uid", pl.col("of_idx").cast(pl.UInt32), pl.col("of_idx").cast(pl.UInt32).alias("cluster")
+    )
