@@ -119,6 +119,16 @@ def file_size(url: str) -> int:
     return int(fs.size(path))
 
 
+def describe_file(url: str) -> dict:
+    """Path, size and a version tag for the audit trail: the object's ETag on a bucket, the
+    modification time on a local disk (whatever the filesystem reports; None when it has none)."""
+    fs, path = fs_and_path(url)
+    info = fs.info(path)
+    etag = info.get("ETag") or info.get("etag")
+    version = str(etag).strip('"') if etag else (str(info["mtime"]) if info.get("mtime") is not None else None)
+    return {"path": url, "bytes": int(info.get("size") or 0), "version": version}
+
+
 def remove(url: str, recursive: bool = False) -> None:
     fs, path = fs_and_path(url)
     if fs.exists(path):

@@ -52,7 +52,7 @@ def new(spec: PipelineSpec, shards: list[str]) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": package_versions(),
-        "inputs": [{"path": p, "bytes": io.file_size(p)} for p in shards],
+        "inputs": [io.describe_file(p) for p in shards],
         "model": None,
         "language_model": None,
         "cluster": None,

@@ -31,6 +31,8 @@ def test_run_and_select_from_bucket_to_bucket(laion_sample, ray_session, s3_endp
     m = json.loads(fs.cat("curate-test/runs/r1/manifest.json"))
     assert [i["path"] for i in m["inputs"]] == ["s3://curate-test/in/part-0.parquet", "s3://curate-test/in/part-1.parquet"]
     assert all(i["bytes"] > 0 for i in m["inputs"])
+    etags = {i["path"]: i["version"] for i in m["inputs"]}
+    assert etags["s3://curate-test/in/part-0.parquet"] == fs.info("curate-test/in/part-0.parquet")["ETag"].strip('"')
 
     res = CliRunner().invoke(app, ["select", "s3://curate-test/runs/r1", "--name", "any_language", "--languages", ""])
     assert res.exit_code == 0, res.output
