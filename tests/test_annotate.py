@@ -25,6 +25,9 @@ def test_registered_domain_uses_the_public_suffix_list_offline(host, domain, suf
         ("https://example.com:443/x?q=1", "https://example.com/x?q=1"),
         ("http://example.com:8080", "http://example.com:8080/"),
         ("http://[::1]:99/x", "http://[::1]:99/x"),
+        ("https://a.com/i.jpg?utm_source=x&w=640&fbclid=abc&UTM_medium=y", "https://a.com/i.jpg?w=640"),
+        ("https://a.com/i.jpg?utm_source=x", "https://a.com/i.jpg"),
+        ("https://a.com/i.jpg?b=2&a=1", "https://a.com/i.jpg?b=2&a=1"),
         (None, None),
     ],
 )

