@@ -83,3 +83,22 @@ def scan(run_dir: str, shards: list[str] | None = None) -> pl.LazyFrame:
     if not shards:
         raise FileNotFoundError(f"{run_dir}: no completed annotation shards (annotations/*.done)")
     return pl.scan_parquet([shard_path(run_dir, s) for s in shards])
+
+
+# --- image embeddings (score.store_embeddings): embeddings/<shard>.parquet, columns row, image_embedding
+def embeddings_path(run_dir: str, shard: str) -> str:
+    return io.join(run_dir, "embeddings", f"{shard}.parquet")
+
+
+def scan_embeddings(run_dir: str, shards: list[str] | None = None) -> pl.LazyFrame | None:
+    """(shard, row, image_embedding) of the completed shards that have an embeddings file; None
+    when none has one (the run was made without score.store_embeddings)."""
+    shards = completed_shards(run_dir) if shards is None else shards
+    frames = [
+        pl.scan_parquet(embeddings_path(run_dir, s)).select(
+            pl.lit(s).alias(schema.SHARD), pl.col(schema.ROW), pl.col(schema.IMAGE_EMBEDDING)
+        )
+        for s in shards
+        if io.exists(embeddings_path(run_dir, s))
+    ]
+    return pl.concat(frames) if frames else None

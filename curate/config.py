@@ -84,6 +84,9 @@ class ScoreConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "bf16-image", "fp16"] = "auto"  # resolved by curate.model.resolve_precision
     cpu_threads: Optional[int] = Field(None, ge=1, description="torch threads per actor; default: the actor's CPUs")
     decode_threads: int = Field(1, ge=0, description="threads decoding the next image batch while the model runs; 0 = inline")
+    # write the L2-normalised CLIP image embeddings (float16) of the rows scored to
+    # embeddings/<shard>.parquet, for selection.dedup.image_cosine; docs/DEDUP.md
+    store_embeddings: bool = False
 
     @model_validator(mode="after")
     def _column_needs_name(self) -> "ScoreConfig":
@@ -135,6 +138,12 @@ class DedupRule(Strict):
     caption_jaccard: Optional[float] = Field(None, gt=0, le=1)
     caption_ngram: int = Field(2, ge=1, le=8, description="word n-gram size (CJK: characters) of the shingles")
     caption_verify: bool = Field(True, description="check each LSH candidate pair's exact Jaccard before merging")
+    # near-duplicate images (SemDeDup-style): k-means over the stored CLIP image embeddings, then
+    # rows in one cluster with cosine >= this are one group; None = off. Needs score.store_embeddings.
+    image_cosine: Optional[float] = Field(None, gt=0, le=1)
+    image_cluster_size: int = Field(1000, ge=2, description="k-means k = ceil(eligible rows with an embedding / this)")
+    image_kmeans_iters: int = Field(20, ge=1, le=1000)
+    image_kmeans_seed: int = 0
 
 
 class SelectionConfig(Strict):

@@ -42,6 +42,8 @@ REASONS = "reasons"  # every failing rule, in RULE_ORDER
 DUPLICATE_OF = "duplicate_of"  # uid of the surviving copy, for duplicate removals
 CAPTION_LSH = "caption_lsh"  # list<uint64>: LSH band keys of the caption's MinHash (curate/stages/caption_minhash.py)
 
+IMAGE_EMBEDDING = "image_embedding"  # list<float16>, L2-normalised; embeddings/<shard>.parquet (score.store_embeddings)
+
 IMAGE_BYTES = "jpg"  # column of the per-shard image cache written by the fetch stage
 
 
@@ -86,6 +88,7 @@ class Reason(str, Enum):
     DUPLICATE_URL = "duplicate_url"
     DUPLICATE_IMAGE = "duplicate_image"
     DUPLICATE_CAPTION = "duplicate_caption"
+    DUPLICATE_IMAGE_NEAR = "duplicate_image_near"
 
 
 # Text rules first (they decide what is worth fetching), then what the fetch tells us, then the
@@ -102,6 +105,7 @@ RULE_ORDER: tuple[Reason, ...] = (
     Reason.DUPLICATE_URL,
     Reason.DUPLICATE_IMAGE,
     Reason.DUPLICATE_CAPTION,
+    Reason.DUPLICATE_IMAGE_NEAR,
 )
 
 REASON_HELP: dict[Reason, str] = {
@@ -115,4 +119,5 @@ REASON_HELP: dict[Reason, str] = {
     Reason.DUPLICATE_URL: "another row has the same normalised URL; duplicate_of names the survivor",
     Reason.DUPLICATE_IMAGE: "another row has the same image bytes (sha256); duplicate_of names the survivor",
     Reason.DUPLICATE_CAPTION: "another row's caption is a near-duplicate (MinHash LSH, word n-gram Jaccard >= dedup.caption_jaccard); duplicate_of names the survivor",
+    Reason.DUPLICATE_IMAGE_NEAR: "another row's image is a near-duplicate (CLIP image embedding cosine >= dedup.image_cosine within a k-means cluster); duplicate_of names the survivor",
 }

@@ -42,7 +42,15 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
     m = manifest.read(run_dir)
     shards = annotations.completed_shards(run_dir)
     ann = annotations.scan(run_dir, shards)
-    decisions_lf, resolved = decide(ann, sel)
+    embeddings = None
+    if sel.dedup.image_cosine is not None:
+        embeddings = annotations.scan_embeddings(run_dir, shards)
+        if embeddings is None:
+            raise ValueError(
+                f"{run_dir}: dedup.image_cosine needs image embeddings, but the run has no "
+                "embeddings/<shard>.parquet; rerun with score.store_embeddings = true"
+            )
+    decisions_lf, resolved = decide(ann, sel, embeddings=embeddings)
     decisions = decisions_lf.collect()
 
     out = selection_dir(run_dir, sel.name)

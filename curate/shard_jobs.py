@@ -4,7 +4,8 @@ decides where they execute). One input shard is the unit of work throughout:
   prepare_shard (CPU task)   read -> annotate text -> cheap text rules -> fetch survivors
                              writes _work/<shard>.parquet (+ images/<shard>.parquet)
   ShardScorer.score_shard    CLIP-scores fetched rows that have no score yet
-  (actor, GPU if any)        writes annotations/<shard>.parquet, then annotations/<shard>.done
+  (actor, GPU if any)        writes [embeddings/<shard>.parquet if score.store_embeddings,]
+                             annotations/<shard>.parquet, then annotations/<shard>.done
 
 A shard that needs no scoring is finished by prepare_shard itself. Every output has a
 deterministic name, so a task that Ray runs twice writes the same bytes twice, never two copies.
@@ -148,6 +149,23 @@ def finish_shard(run_dir: str, shard: str, ann: pl.DataFrame, keep_columns: list
     io.remove(work_path(run_dir, shard))
 
 
+def _merge_embeddings(run_dir: str, shard: str, rows: np.ndarray, emb: np.ndarray) -> None:
+    """Write embeddings/<shard>.parquet (row int64, image_embedding list<float16>, sorted by row);
+    a rerun that scores more rows of a finished shard merges into the file already there."""
+    d = emb.shape[1] if emb.ndim == 2 else 0
+    values = pa.array(np.ascontiguousarray(emb, dtype=np.float16).reshape(-1), type=pa.float16())
+    offsets = pa.array(np.arange(0, (len(rows) + 1) * d, d, dtype=np.int32)[: len(rows) + 1], type=pa.int32())
+    table = pa.table(
+        {schema.ROW: pa.array(np.asarray(rows, dtype=np.int64)), schema.IMAGE_EMBEDDING: pa.ListArray.from_arrays(offsets, values)}
+    )
+    path = annotations.embeddings_path(run_dir, shard)
+    if io.exists(path):
+        old = io.read_parquet(path)
+        keep = pa.compute.invert(pa.compute.is_in(old.column(schema.ROW), value_set=table.column(schema.ROW)))
+        table = pa.concat_tables([old.filter(keep), table.cast(old.schema)])
+    io.write_parquet(path, table.sort_by(schema.ROW))
+
+
 class ShardScorer:
     """Loads the CLIP model once; scores whole shards. Runs as a Ray actor (see ray_adapter)."""
 
@@ -179,9 +197,15 @@ class ShardScorer:
             raise RuntimeError(f"shard {shard}: {int(missing.sum())} fetched rows have no stored image in {images_path(run_dir, shard)}")
         # the tokenizer truncates to its context length anyway; cutting first keeps a 1 MB caption cheap
         captions = todo.get_column(schema.CAPTION).fill_null("").str.slice(0, self.spec.input.max_caption_chars).to_list()
-        scores = self.scorer.score(todo.get_column(schema.IMAGE_BYTES).to_list(), captions)
+        image_bytes = todo.get_column(schema.IMAGE_BYTES).to_list()
+        if self.spec.score.store_embeddings:
+            scores, emb = self.scorer.score_with_embeddings(image_bytes, captions)
+        else:
+            scores, emb = self.scorer.score(image_bytes, captions), None
         scores = np.asarray(scores, dtype=np.float32)
         bad = np.isnan(scores)
+        if emb is not None:  # before finish_shard: the annotation marker stays the last write
+            _merge_embeddings(run_dir, shard, todo.get_column(schema.ROW).to_numpy()[~bad], emb[~bad])
         upd = pl.DataFrame(
             {
                 schema.ROW: todo.get_column(schema.ROW),

@@ -133,14 +133,50 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> 
     return frame.join(dups.lazy(), on=_IDX, how="left").with_columns(pl.col(fail_col).fill_null(False))
 
 
+def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.LazyFrame) -> pl.LazyFrame:
+    """Near-duplicate images among eligible rows (filters/image_dedup.py): eager like captions."""
+    from curate.filters.image_dedup import image_duplicates
+
+    fail_col, of_col = _fail(Reason.DUPLICATE_IMAGE_NEAR), _of(Reason.DUPLICATE_IMAGE_NEAR)
+    emb = embeddings.select(
+        pl.col(schema.SHARD).cast(pl.String), pl.col(schema.ROW).cast(pl.Int64), pl.col(schema.IMAGE_EMBEDDING)
+    )
+    pool = (
+        frame.filter(pl.col("_eligible"))
+        .select(_IDX, *_SURVIVOR_ORDER)
+        .with_columns(pl.col(schema.SHARD).cast(pl.String), pl.col(schema.ROW).cast(pl.Int64))
+        .join(emb, on=[schema.SHARD, schema.ROW], how="inner")
+        .filter(pl.col(schema.IMAGE_EMBEDDING).is_not_null())
+        .sort(_IDX)
+        .collect()
+    )
+    d = sel.dedup
+    dups = image_duplicates(pool, d.image_cosine, d.image_cluster_size, d.image_kmeans_iters, d.image_kmeans_seed, _IDX)
+    dups = dups.select(
+        pl.col(_IDX), pl.lit(True).alias(fail_col), pl.col("of_uid").alias(of_col), pl.col("of_idx").alias(f"{of_col}_idx")
+    )
+    return frame.join(dups.lazy(), on=_IDX, how="left").with_columns(pl.col(fail_col).fill_null(False))
+
+
 def decide(
-    annotations: pl.LazyFrame, sel: SelectionConfig, *, explain: bool = True
+    annotations: pl.LazyFrame,
+    sel: SelectionConfig,
+    *,
+    explain: bool = True,
+    embeddings: pl.LazyFrame | None = None,
 ) -> tuple[pl.LazyFrame, ResolvedSelection]:
     """Add kept / reason / reasons / duplicate_of to every row. explain=False adds `kept` only
-    (same decisions, no reason lists): what a threshold sweep needs, at a fraction of the cost."""
+    (same decisions, no reason lists): what a threshold sweep needs, at a fraction of the cost.
+    embeddings: (shard, row, image_embedding) rows, needed only by dedup.image_cosine
+    (curate.annotations.scan_embeddings reads a run's embeddings/*.parquet)."""
     resolved = resolve_clip_threshold(annotations, sel)
     fails = rule_failures(sel, resolved.clip_threshold)
-    dedup_reasons = {Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, Reason.DUPLICATE_CAPTION}
+    dedup_reasons = {Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, Reason.DUPLICATE_CAPTION, Reason.DUPLICATE_IMAGE_NEAR}
+    if sel.dedup.image_cosine is not None and embeddings is None:
+        raise ValueError(
+            "dedup.image_cosine is set but no image embeddings were given: the run needs "
+            "score.store_embeddings = true (embeddings/<shard>.parquet), or set dedup.image_cosine = null"
+        )
     if set(fails) | dedup_reasons != set(RULE_ORDER):  # `kept` below must mean "no rule fails"
         raise RuntimeError(f"rules {sorted(set(RULE_ORDER) - set(fails) - dedup_reasons)} have no failure expression")
     # NaN is "no score", never a score that passes or fails: normalise before any rule reads it
@@ -176,7 +212,20 @@ def decide(
         )
     frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(cap)).not_()).alias("_eligible"))
 
-    dedups = (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, cap)
+    # near-duplicate images after that: among rows that survive everything above
+    near = Reason.DUPLICATE_IMAGE_NEAR
+    if sel.dedup.image_cosine is not None:
+        frame = _image_near_dedup(frame, sel, embeddings)
+        for earlier in (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, cap):
+            frame = _follow_survivor(frame, earlier, near)
+    else:
+        frame = frame.with_columns(
+            pl.lit(False).alias(_fail(near)), pl.lit(None, pl.String).alias(_of(near)),
+            pl.lit(None, pl.UInt32).alias(f"{_of(near)}_idx"),
+        )
+    frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(near)).not_()).alias("_eligible"))
+
+    dedups = (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, cap, near)
     drop = [*(_fail(r) for r in RULE_ORDER), "_eligible"]
     drop += [f"{_of(r)}{suffix}" for r in dedups for suffix in ("", "_idx")]
     drop.append(_IDX)

@@ -32,7 +32,7 @@ def synthetic(seed: int) -> pl.DataFrame:
     n = len(names)
     removed = rng.random(n) < p
     # reasons of removed rows: each rule fails with its own probability, at least one
-    fail = rng.random((n, len(REASONS))) < np.array([0.3, 0.1, 0.1, 0.02, 0.05, 0.02, 0.5, 0.1, 0.05, 0.05])  # one per RULE_ORDER entry (opt_out: 0.02)
+    fail = rng.random((n, len(REASONS))) < np.array([0.3, 0.1, 0.1, 0.02, 0.05, 0.02, 0.5, 0.1, 0.05, 0.05, 0.05])  # one per RULE_ORDER entry (opt_out: 0.02)
     none = removed & ~fail.any(axis=1)
     fail[none, rng.integers(0, len(REASONS), none.sum())] = True
     fail &= removed[:, None]

@@ -6,6 +6,7 @@ is equally usable directly:
 
     scorer = ClipScorer(ScoreConfig())                 # curate-tiny, bundled checkpoint
     scorer.score([jpeg_bytes, ...], ["a caption", ...])  # float32, NaN where the image is unusable
+    scorer.score_with_embeddings(images, captions)      # + float16 L2-normalised image embeddings
     scorer(table)                                      # table + float32 "clip_score" column
 
 Scores come back in input order whatever the batching: every score is written back to the row
@@ -141,9 +142,34 @@ class ClipScorer:
     def score(self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]]) -> np.ndarray:
         """Cosine similarity of each (image bytes, caption) pair, float32, in input order; NaN for
         rows with an undecodable/missing image or a missing caption."""
+        return self._score(images, captions, want_embeddings=False)[0]
+
+    def score_with_embeddings(
+        self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """score() plus the L2-normalised image embeddings the scores were computed from:
+        (scores float32 [n], embeddings float16 [n, d]); an embedding row is all NaN exactly where
+        the score is NaN (unusable image, or a missing caption: such rows are not encoded)."""
+        scores, emb = self._score(images, captions, want_embeddings=True)
+        return scores, emb
+
+    def _embedding_dim(self) -> int:
+        d = getattr(getattr(self.clip.model, "visual", None), "output_dim", None)
+        if d is None:
+            with torch.inference_mode():
+                px = self.clip.preprocess(Image.new("RGB", (32, 32)))
+                d = int(self.encode_images(px[None]).shape[1])
+        return int(d)
+
+    def _score(
+        self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]], want_embeddings: bool
+    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         out = np.full(len(images), np.nan, dtype=np.float32)
+        emb: Optional[np.ndarray] = None
+        if want_embeddings:
+            emb = np.full((len(images), self._embedding_dim()), np.nan, dtype=np.float16)
         for start in range(0, len(images), TEXT_WINDOW):
             stop = min(start + TEXT_WINDOW, len(images))
             rows = [i for i in range(start, stop) if captions[i] is not None and images[i]]
@@ -160,8 +186,11 @@ class ClipScorer:
                     continue
                 img = self.encode_images(pixels)
                 t = text[inverse_t[torch.as_tensor([where[r] for r in ok], device=text.device)]]
-                out[np.asarray(ok, dtype=np.int64)] = (img * t).sum(dim=-1).cpu().numpy().astype(np.float32)
-        return out
+                ok_np = np.asarray(ok, dtype=np.int64)
+                out[ok_np] = (img * t).sum(dim=-1).cpu().numpy().astype(np.float32)
+                if emb is not None:
+                    emb[ok_np] = img.cpu().numpy().astype(np.float16)
+        return out, emb
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table | dict:
         """Append a float32 ``clip_score`` column (replacing one already there) to a batch with
