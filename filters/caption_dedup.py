@@ -26,11 +26,10 @@ import numpy as np
 import polars as pl
 
 from curate import schema
+from curate.filters.survivors import as_duplicates, components, duplicates_frame, losers
 from curate.stages.caption_minhash import shingle_hashes
 
 BUCKET_CAP = 64
-_SURVIVOR_ORDER = [schema.CLIP_SCORE, schema.UID, schema.SHARD, schema.ROW]
-_SURVIVOR_DESC = [True, False, False, False]
 
 
 def candidate_pairs(pool: pl.DataFrame, idx: str = "_i") -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -92,9 +91,7 @@ def caption_duplicates(
     """pool: eligible rows with idx, caption_lsh (non-null), caption, clip_score, uid, shard, row.
     Returns (idx, of_uid, of_idx, cluster) for every row removed as a caption near-duplicate;
     `cluster` is the survivor's idx."""
-    empty = pl.DataFrame(
-        schema={idx: pl.UInt32, "of_uid": pl.String, "of_idx": pl.UInt32, "cluster": pl.UInt32}
-    )
+    empty = duplicates_frame(idx)
     if pool.height < 2:
         return empty
     rep_of, pairs = candidate_pairs(pool, idx)
@@ -106,26 +103,9 @@ def caption_duplicates(
     )
     if edges.height == 0:
         return empty
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     # local node ids over the rows that have an edge
     nodes = pl.concat([edges.get_column("a"), edges.get_column("b")]).unique().sort()
     a = np.searchsorted(nodes.to_numpy(), edges.get_column("a").to_numpy())
     b = np.searchsorted(nodes.to_numpy(), edges.get_column("b").to_numpy())
-    n = nodes.len()
-    _, label = connected_components(coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n)), directed=False)
-    comp = pl.DataFrame({idx: nodes, "_c": label})
-    ranked = (
-        pool.join(comp, on=idx)
-        .select(idx, "_c", *_SURVIVOR_ORDER)
-        .sort(_SURVIVOR_ORDER, descending=_SURVIVOR_DESC, nulls_last=True)
-        .with_columns(
-            pl.col(schema.UID).first().over("_c").alias("of_uid"),
-            pl.col(idx).first().over("_c").alias("of_idx"),
-        )
-        .filter(pl.col(idx) != pl.col("of_idx"))
-    )
-    return ranked.select(
-        pl.col(idx).cast(pl.UInt32), "of_uid", pl.col("of_idx").cast(pl.UInt32), pl.col("of_idx").cast(pl.UInt32).alias("cluster")
-    )
+    comp = pl.DataFrame({idx: nodes, "_c": components(a, b, nodes.len())})
+    return as_duplicates(losers(pool.join(comp, on=idx), "_c", idx), idx)

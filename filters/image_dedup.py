@@ -26,9 +26,8 @@ import numpy as np
 import polars as pl
 
 from curate import schema
+from curate.filters.survivors import as_duplicates, components, duplicates_frame, losers
 
-_SURVIVOR_ORDER = [schema.CLIP_SCORE, schema.UID, schema.SHARD, schema.ROW]
-_SURVIVOR_DESC = [True, False, False, False]
 _BLOCK = 4096
 
 
@@ -86,7 +85,7 @@ def image_duplicates(
     """pool: eligible rows with idx, image_embedding (non-null), clip_score, uid, shard, row.
     Returns (idx, of_uid, of_idx, cluster) for every row removed as an image near-duplicate;
     `cluster` is the survivor's idx."""
-    empty = pl.DataFrame(schema={idx: pl.UInt32, "of_uid": pl.String, "of_idx": pl.UInt32, "cluster": pl.UInt32})
+    empty = duplicates_frame(idx)
     if pool.height < 2:
         return empty
     emb = pool.get_column(schema.IMAGE_EMBEDDING)
@@ -101,25 +100,10 @@ def image_duplicates(
     a, b = cluster_edges(x, labels, threshold)
     if a.size == 0:
         return empty
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = x.shape[0]
-    _, comp = connected_components(coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n)), directed=False)
+    comp = components(a, b, n)
     in_edge = np.zeros(n, dtype=bool)
     in_edge[a] = True
     in_edge[b] = True
-    ranked = (
-        pool.select(idx, *_SURVIVOR_ORDER)
-        .with_columns(pl.Series("_c", comp))
-        .filter(pl.Series(in_edge))
-        .sort(_SURVIVOR_ORDER, descending=_SURVIVOR_DESC, nulls_last=True)
-        .with_columns(
-            pl.col(schema.UID).first().over("_c").alias("of_uid"),
-            pl.col(idx).first().over("_c").alias("of_idx"),
-        )
-        .filter(pl.col(idx) != pl.col("of_idx"))
-    )
-    return ranked.select(
-        pl.col(idx).cast(pl.UInt32), "of_uid", pl.col("of_idx").cast(pl.UInt32), pl.col("of_idx").cast(pl.UInt32).alias("cluster")
-    )
+    grouped = pool.with_columns(pl.Series("_c", comp)).filter(pl.Series(in_edge))
+    return as_duplicates(losers(grouped, "_c", idx), idx)

@@ -19,10 +19,9 @@ from curate import schema
 from curate.config import SelectionConfig
 from curate.schema import RULE_ORDER, Reason
 from curate.filters.rules import rule_failures
+from curate.filters.survivors import SURVIVOR_ORDER, duplicates_frame, losers
 
 _IDX = "_i"  # a row index for the joins inside decide(): cheaper than joining on (shard, row)
-_SURVIVOR_ORDER = [schema.CLIP_SCORE, schema.UID, schema.SHARD, schema.ROW]
-_SURVIVOR_DESC = [True, False, False, False]
 
 
 @dataclass(frozen=True)
@@ -68,26 +67,22 @@ def _of(reason: Reason) -> str:
 
 
 def _dedup(frame: pl.LazyFrame, key: str, eligible: str, reason: Reason) -> pl.LazyFrame:
-    """Mark rows that duplicate an eligible survivor on `key`; adds the failure flag, the
-    survivor's uid and the survivor's (shard, row)."""
-    fail_col, of_col = _fail(reason), _of(reason)
+    """Mark rows that duplicate an eligible survivor on `key` (see curate.filters.survivors)."""
     pool = frame.filter(pl.col(eligible) & pl.col(key).is_not_null())
     # Only keys that occur more than once need ranking: a hash count first, so the sort below
     # touches the (usually few) duplicated rows rather than the whole pool.
     repeated = pool.group_by(key).agg(pl.len().alias("_n")).filter(pl.col("_n") > 1).select(key)
-    cands = (
-        pool.join(repeated, on=key, how="semi")
-        .select(_IDX, schema.SHARD, schema.ROW, schema.UID, schema.CLIP_SCORE, key)
-        .sort(_SURVIVOR_ORDER, descending=_SURVIVOR_DESC, nulls_last=True)
-        .with_columns(
-            (pl.int_range(pl.len()).over(key) > 0).alias(fail_col),
-            pl.col(schema.UID).first().over(key).alias(of_col),
-            pl.col(_IDX).first().over(key).alias(f"{of_col}_idx"),
-        )
-        .filter(pl.col(fail_col))
-        .select(_IDX, fail_col, of_col, f"{of_col}_idx")
+    return _mark(frame, losers(pool.join(repeated, on=key, how="semi"), key, _IDX), reason)
+
+
+def _mark(frame: pl.LazyFrame, dups: pl.LazyFrame | pl.DataFrame, reason: Reason) -> pl.LazyFrame:
+    """Join a dedup step's losers (idx, of_uid, of_idx) back as the reason's failure flag, the
+    survivor's uid and the survivor's row index."""
+    fail_col, of_col = _fail(reason), _of(reason)
+    dups = dups.lazy().select(
+        pl.col(_IDX), pl.lit(True).alias(fail_col), pl.col("of_uid").alias(of_col), pl.col("of_idx").alias(f"{of_col}_idx")
     )
-    return frame.join(cands, on=_IDX, how="left").with_columns(pl.col(fail_col).fill_null(False))
+    return frame.join(dups, on=_IDX, how="left").with_columns(pl.col(fail_col).fill_null(False))
 
 
 def _follow_survivor(frame: pl.LazyFrame, earlier: Reason, later: Reason) -> pl.LazyFrame:
@@ -116,34 +111,29 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> 
     eager: it collects the eligible rows' band keys, clusters them, and joins the result back."""
     from curate.filters.caption_dedup import caption_duplicates
 
-    fail_col, of_col = _fail(Reason.DUPLICATE_CAPTION), _of(Reason.DUPLICATE_CAPTION)
     if has_lsh:
         pool = (
             frame.filter(pl.col("_eligible") & pl.col(schema.CAPTION_LSH).is_not_null())
-            .select(_IDX, schema.CAPTION_LSH, schema.CAPTION, *_SURVIVOR_ORDER)
+            .select(_IDX, schema.CAPTION_LSH, schema.CAPTION, *SURVIVOR_ORDER)
             .collect()
         )
         d = sel.dedup
         dups = caption_duplicates(pool, d.caption_jaccard, d.caption_ngram, d.caption_verify, _IDX)
     else:  # annotations from a run without annotate.caption_minhash: nothing to compare
-        dups = pl.DataFrame(schema={_IDX: pl.UInt32, "of_uid": pl.String, "of_idx": pl.UInt32, "cluster": pl.UInt32})
-    dups = dups.select(
-        pl.col(_IDX), pl.lit(True).alias(fail_col), pl.col("of_uid").alias(of_col), pl.col("of_idx").alias(f"{of_col}_idx")
-    )
-    return frame.join(dups.lazy(), on=_IDX, how="left").with_columns(pl.col(fail_col).fill_null(False))
+        dups = duplicates_frame(_IDX)
+    return _mark(frame, dups, Reason.DUPLICATE_CAPTION)
 
 
 def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.LazyFrame) -> pl.LazyFrame:
     """Near-duplicate images among eligible rows (filters/image_dedup.py): eager like captions."""
     from curate.filters.image_dedup import image_duplicates
 
-    fail_col, of_col = _fail(Reason.DUPLICATE_IMAGE_NEAR), _of(Reason.DUPLICATE_IMAGE_NEAR)
     emb = embeddings.select(
         pl.col(schema.SHARD).cast(pl.String), pl.col(schema.ROW).cast(pl.Int64), pl.col(schema.IMAGE_EMBEDDING)
     )
     pool = (
         frame.filter(pl.col("_eligible"))
-        .select(_IDX, *_SURVIVOR_ORDER)
+        .select(_IDX, *SURVIVOR_ORDER)
         .with_columns(pl.col(schema.SHARD).cast(pl.String), pl.col(schema.ROW).cast(pl.Int64))
         .join(emb, on=[schema.SHARD, schema.ROW], how="inner")
         .filter(pl.col(schema.IMAGE_EMBEDDING).is_not_null())
@@ -152,10 +142,7 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
     )
     d = sel.dedup
     dups = image_duplicates(pool, d.image_cosine, d.image_cluster_size, d.image_kmeans_iters, d.image_kmeans_seed, _IDX)
-    dups = dups.select(
-        pl.col(_IDX), pl.lit(True).alias(fail_col), pl.col("of_uid").alias(of_col), pl.col("of_idx").alias(f"{of_col}_idx")
-    )
-    return frame.join(dups.lazy(), on=_IDX, how="left").with_columns(pl.col(fail_col).fill_null(False))
+    return _mark(frame, dups, Reason.DUPLICATE_IMAGE_NEAR)
 
 
 def decide(
