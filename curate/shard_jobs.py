@@ -16,8 +16,6 @@ earlier, stricter spec skipped.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 
 import numpy as np
@@ -29,7 +27,7 @@ from curate.config import PipelineSpec
 from curate.filters.rules import text_rules_pass
 from curate.schema import FetchStatus
 from curate.stages.annotate import annotate_text
-from curate.stages.fetch import TRANSIENT
+from curate.stages.fetch import TRANSIENT, fetch_shard
 from curate.stages.read import read_shard, shard_name
 
 log = logging.getLogger(__name__)
@@ -108,11 +106,7 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
 
 
 def _fetch_into(ann: pl.DataFrame, rows: pa.Table, spec: PipelineSpec, run_dir: str, shard: str) -> tuple[pl.DataFrame, pa.Table]:
-    from curate.stages.fetch import fetch_shard  # img2dataset is heavy: import where used
-
-    tmp_root = io.join(run_dir, "_work") if io.is_local(run_dir) else tempfile.gettempdir()
-    os.makedirs(tmp_root, exist_ok=True)
-    status, images = fetch_shard(rows, spec.fetch, tmp_root, shard)
+    status, images = fetch_shard(rows, spec.fetch, io.join(run_dir, "_work"), shard)
     if status.num_rows != rows.num_rows:
         raise RuntimeError(f"shard {shard}: fetch returned {status.num_rows} statuses for {rows.num_rows} rows")
     st = pl.from_arrow(status)
@@ -122,12 +116,17 @@ def _fetch_into(ann: pl.DataFrame, rows: pa.Table, spec: PipelineSpec, run_dir: 
 
 
 def _merge_images(run_dir: str, shard: str, images: pa.Table) -> None:
-    path = images_path(run_dir, shard)
+    _merge_by_row(images_path(run_dir, shard), images)
+
+
+def _merge_by_row(path: str, table: pa.Table) -> None:
+    """Write a per-shard side file (images/, embeddings/) keyed by row; a rerun that fetches or
+    scores more rows of a finished shard merges into the file already there (new rows win)."""
     if io.exists(path):
         old = io.read_parquet(path)
-        keep = pa.compute.invert(pa.compute.is_in(old.column(schema.ROW), value_set=images.column(schema.ROW)))
-        images = pa.concat_tables([old.filter(keep), images.cast(old.schema)])
-    io.write_parquet(path, images.sort_by(schema.ROW))
+        keep = pa.compute.invert(pa.compute.is_in(old.column(schema.ROW), value_set=table.column(schema.ROW)))
+        table = pa.concat_tables([old.filter(keep), table.cast(old.schema)])
+    io.write_parquet(path, table.sort_by(schema.ROW))
 
 
 def finish_shard(run_dir: str, shard: str, ann: pl.DataFrame, keep_columns: list[str], counts: dict) -> None:
@@ -150,20 +149,14 @@ def finish_shard(run_dir: str, shard: str, ann: pl.DataFrame, keep_columns: list
 
 
 def _merge_embeddings(run_dir: str, shard: str, rows: np.ndarray, emb: np.ndarray) -> None:
-    """Write embeddings/<shard>.parquet (row int64, image_embedding list<float16>, sorted by row);
-    a rerun that scores more rows of a finished shard merges into the file already there."""
+    """embeddings/<shard>.parquet: row int64, image_embedding list<float16>, sorted by row."""
     d = emb.shape[1] if emb.ndim == 2 else 0
     values = pa.array(np.ascontiguousarray(emb, dtype=np.float16).reshape(-1), type=pa.float16())
     offsets = pa.array(np.arange(0, (len(rows) + 1) * d, d, dtype=np.int32)[: len(rows) + 1], type=pa.int32())
     table = pa.table(
         {schema.ROW: pa.array(np.asarray(rows, dtype=np.int64)), schema.IMAGE_EMBEDDING: pa.ListArray.from_arrays(offsets, values)}
     )
-    path = annotations.embeddings_path(run_dir, shard)
-    if io.exists(path):
-        old = io.read_parquet(path)
-        keep = pa.compute.invert(pa.compute.is_in(old.column(schema.ROW), value_set=table.column(schema.ROW)))
-        table = pa.concat_tables([old.filter(keep), table.cast(old.schema)])
-    io.write_parquet(path, table.sort_by(schema.ROW))
+    _merge_by_row(annotations.embeddings_path(run_dir, shard), table)
 
 
 class ShardScorer:
