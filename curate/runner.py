@@ -34,15 +34,16 @@ def run(spec: PipelineSpec) -> RunResult:
 
     run_dir = spec.output.dir
     shards = list_shards(spec.input)
-    if io.exists(manifest.path(run_dir)):
-        if spec.output.overwrite:
-            io.remove(run_dir, recursive=True)
-        else:
-            manifest.check_compatible(manifest.read(run_dir), spec)
+    previous = manifest.read(run_dir) if io.exists(manifest.path(run_dir)) else None
+    if previous is not None and spec.output.overwrite:
+        io.remove(run_dir, recursive=True)
+        previous = None
+    elif previous is not None:
+        manifest.check_compatible(previous, spec)
     io.makedirs(run_dir)
     m = manifest.new(spec, shards)
-    if io.exists(manifest.path(run_dir)):
-        m["selections"] = manifest.read(run_dir).get("selections", [])
+    if previous is not None:
+        m["selections"] = previous.get("selections", [])
     manifest.write(run_dir, m)
 
     info = rx.connect(spec.ray)
