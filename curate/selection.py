@@ -50,6 +50,9 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
                 f"{run_dir}: dedup.image_cosine needs image embeddings, but the run has no "
                 "embeddings/<shard>.parquet; rerun with score.store_embeddings = true"
             )
+    missing = [c for c in report_cfg.group_columns if c not in ann.collect_schema().names()]
+    if missing:  # checked before anything is written
+        raise ValueError(f"report.group_columns {missing} are not annotation columns; add them to input.keep_columns")
     decisions_lf, resolved = decide(ann, sel, embeddings=embeddings)
     decisions = decisions_lf.collect()
 
@@ -87,13 +90,9 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
         "failed_shards": m.get("failed_shards", {}),
         "created_at": manifest.now(),
     }
-    extra = [c for c in report_cfg.group_columns if c in decisions.columns]
-    missing = [c for c in report_cfg.group_columns if c not in decisions.columns]
-    if missing:
-        raise ValueError(f"report.group_columns {missing} are not annotation columns; add them to input.keep_columns")
     report, tables = build_audit(
         decisions.lazy(), ann, sel, resolved.clip_threshold, report_cfg=report_cfg,
-        extra_group_columns=extra, meta=meta, run_dir=run_dir,
+        extra_group_columns=report_cfg.group_columns, meta=meta, run_dir=run_dir,
     )
     json_path, html_path = write_audit(report, tables, out)
     summary = {

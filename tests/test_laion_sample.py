@@ -65,3 +65,13 @@ def test_uid_file_is_sorted_datacomp_pairs(laion_run):
     assert as_list == sorted(as_list)
     first = kept["uid"].sort()[0]
     assert (int(first[:16], 16), int(first[16:], 16)) in set(as_list)
+
+
+def test_unknown_report_group_column_fails_before_writing(laion_run):
+    from curate.config import ReportConfig, SelectionConfig
+    from curate.selection import write_selection
+
+    out, _ = laion_run
+    with pytest.raises(ValueError, match=r"\['source'\] are not annotation columns"):
+        write_selection(str(out), SelectionConfig(name="bad_groups"), ReportConfig(group_columns=["source"]))
+    assert not (out / "selections" / "bad_groups").exists()
