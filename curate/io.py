@@ -114,11 +114,6 @@ def read_parquet(url: str, columns: Iterable[str] | None = None) -> pa.Table:
         return pq.read_table(f, columns=list(columns) if columns is not None else None)
 
 
-def file_size(url: str) -> int:
-    fs, path = fs_and_path(url)
-    return int(fs.size(path))
-
-
 def describe_file(url: str) -> dict:
     """Path, size and a version tag for the audit trail: the object's ETag on a bucket, the
     modification time on a local disk (whatever the filesystem reports; None when it has none)."""
