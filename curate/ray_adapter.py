@@ -57,10 +57,23 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-def cpu_task(fn: Callable, num_cpus: float = 1, max_retries: int = 2) -> Any:
+def cpu_task(fn: Callable, num_cpus: float = 1, max_retries: int = 2, num_returns: int = 1) -> Any:
     """`fn` as a Ray task. System failures (a dead worker or node) are retried; an exception the
-    stage raises is not (a corrupt shard fails the same way every time) and is reported."""
-    return ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False)(fn)
+    stage raises is not (a corrupt shard fails the same way every time) and is reported.
+    num_returns > 1: the task returns that many objects (a shuffle's map side: one per partition)."""
+    return ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False, num_returns=num_returns)(fn)
+
+
+def put(value: Any) -> Any:
+    """Place a value in the object store once, to pass to many tasks by reference."""
+    return ray.put(value)
+
+
+def ensure_connected() -> None:
+    """Steps that may run outside `curate run` (selection with dedup.engine = "ray") join the
+    Ray the process already has, or start a local one."""
+    if not ray.is_initialized():
+        connect(RayConfig())
 
 
 class ActorPool:
@@ -97,6 +110,7 @@ def wait_one(refs: Iterable[Any]) -> tuple[list[Any], list[Any]]:
 
 
 def get(ref: Any) -> Any:
+    """One ref or a list of refs."""
     return ray.get(ref)
 
 
