@@ -144,6 +144,11 @@ class DedupRule(Strict):
     image_cluster_size: int = Field(1000, ge=2, description="k-means k = ceil(eligible rows with an embedding / this)")
     image_kmeans_iters: int = Field(20, ge=1, le=1000)
     image_kmeans_seed: int = 0
+    # where the global near-duplicate steps run: "local" (polars/numpy in this process; no Ray is
+    # imported) or "ray" (caption LSH buckets as a hash shuffle, in-cluster image comparisons as
+    # tasks; curate/distributed_dedup.py). Same results; "ray" is for pools beyond one machine.
+    engine: Literal["local", "ray"] = "local"
+    partitions: int = Field(0, ge=0, description='shuffle partitions for engine = "ray"; 0 = automatic')
 
 
 class SelectionConfig(Strict):

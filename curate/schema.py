@@ -40,6 +40,9 @@ KEPT = "kept"
 REASON = "reason"  # first failing rule, in RULE_ORDER; null when kept
 REASONS = "reasons"  # every failing rule, in RULE_ORDER
 DUPLICATE_OF = "duplicate_of"  # uid of the surviving copy, for duplicate removals
+# a duplicate group's id (its survivor's uid), on every removed copy AND on the kept survivor,
+# so that one filter on it lists the whole group; null for rows with no duplicate
+DUPLICATE_CLUSTER = "duplicate_cluster"
 CAPTION_LSH = "caption_lsh"  # list<uint64>: LSH band keys of the caption's MinHash (curate/stages/caption_minhash.py)
 
 IMAGE_EMBEDDING = "image_embedding"  # list<float16>, L2-normalised; embeddings/<shard>.parquet (score.store_embeddings)

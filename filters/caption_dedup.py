@@ -22,6 +22,8 @@ describes how steps 1-2 (the only ones touching every row) become a Ray shuffle 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import polars as pl
 
@@ -31,17 +33,26 @@ from curate.stages.caption_minhash import shingle_hashes
 
 BUCKET_CAP = 64
 
+PairFinder = Callable[[pl.DataFrame], pl.DataFrame]
 
-def candidate_pairs(pool: pl.DataFrame, idx: str = "_i") -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(rep_of: idx -> rep, pairs: (a, b) of representatives sharing a band key, a < b)."""
+
+def representatives(pool: pl.DataFrame, idx: str = "_i") -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rep_of: idx -> _rep, the smallest idx with the same key list; reps: (_rep, caption_lsh)
+    for each representative)."""
     lsh = schema.CAPTION_LSH
     reps = pool.select(idx, lsh).with_columns(pl.col(idx).min().over(lsh).alias("_rep"))
-    rep_of = reps.select(idx, "_rep")
-    keys = (
-        reps.filter(pl.col(idx) == pl.col("_rep"))
-        .select(pl.col("_rep"), pl.col(lsh).alias("_k"))
-        .explode("_k")
-    )
+    return reps.select(idx, "_rep"), reps.filter(pl.col(idx) == pl.col("_rep")).select("_rep", lsh)
+
+
+def exploded_keys(reps: pl.DataFrame) -> pl.DataFrame:
+    """(_k, _rep): one record per band key of each representative."""
+    return reps.select(pl.col(schema.CAPTION_LSH).alias("_k"), "_rep").explode("_k")
+
+
+def bucket_pairs(keys: pl.DataFrame) -> pl.DataFrame:
+    """Candidate pairs (a, b), a < b, from (_k, _rep) records that hold EVERY record of each key
+    they mention (all of them, or one hash partition of the keys): all pairs within a bucket of
+    up to BUCKET_CAP representatives, a star on the bucket's smallest member above that."""
     sizes = keys.group_by("_k").agg(pl.len().alias("_n")).filter(pl.col("_n") > 1)
     keys = keys.join(sizes, on="_k", how="inner")
     small = keys.filter(pl.col("_n") <= BUCKET_CAP).select("_k", "_rep")
@@ -56,7 +67,20 @@ def candidate_pairs(pool: pl.DataFrame, idx: str = "_i") -> tuple[pl.DataFrame, 
         .filter(pl.col("_rep") != pl.col("a"))
         .select("a", pl.col("_rep").alias("b"))
     )
-    pairs = pl.concat([pairs_small, pairs_big]).unique()
+    return pl.concat([pairs_small, pairs_big]).unique()
+
+
+def local_pairs(reps: pl.DataFrame) -> pl.DataFrame:
+    """The in-process pair finder: every key in one polars group-by."""
+    return bucket_pairs(exploded_keys(reps))
+
+
+def candidate_pairs(pool: pl.DataFrame, idx: str = "_i", pair_finder: PairFinder = local_pairs) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rep_of: idx -> rep, pairs: (a, b) of representatives sharing a band key, a < b).
+    pair_finder maps representatives (_rep, caption_lsh) to pairs: local_pairs here, or the
+    hash-partitioned Ray shuffle of curate.distributed_dedup (same pairs, any number of nodes)."""
+    rep_of, reps = representatives(pool, idx)
+    pairs = pair_finder(reps).sort("a", "b")
     return rep_of, pairs
 
 
@@ -86,7 +110,8 @@ def exact_jaccard(pairs: pl.DataFrame, captions: pl.DataFrame, ngram: int, idx: 
 
 
 def caption_duplicates(
-    pool: pl.DataFrame, threshold: float, ngram: int, verify: bool = True, idx: str = "_i"
+    pool: pl.DataFrame, threshold: float, ngram: int, verify: bool = True, idx: str = "_i",
+    pair_finder: PairFinder = local_pairs,
 ) -> pl.DataFrame:
     """pool: eligible rows with idx, caption_lsh (non-null), caption, clip_score, uid, shard, row.
     Returns (idx, of_uid, of_idx, cluster) for every row removed as a caption near-duplicate;
@@ -94,7 +119,7 @@ def caption_duplicates(
     empty = duplicates_frame(idx)
     if pool.height < 2:
         return empty
-    rep_of, pairs = candidate_pairs(pool, idx)
+    rep_of, pairs = candidate_pairs(pool, idx, pair_finder)
     if verify:
         pairs = exact_jaccard(pairs, pool.select(idx, schema.CAPTION), ngram, idx)
         pairs = pairs.filter(pl.col("jaccard") >= threshold - 1e-12).select("a", "b")

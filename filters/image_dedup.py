@@ -21,6 +21,7 @@ image_cluster_size trades time for recall; with n <= image_cluster_size the comp
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -79,12 +80,17 @@ def cluster_edges(x: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[
     return np.concatenate(aa), np.concatenate(bb)
 
 
+EdgeFinder = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
+
+
 def image_duplicates(
-    pool: pl.DataFrame, threshold: float, cluster_size: int = 1000, iters: int = 20, seed: int = 0, idx: str = "_i"
+    pool: pl.DataFrame, threshold: float, cluster_size: int = 1000, iters: int = 20, seed: int = 0, idx: str = "_i",
+    edge_finder: EdgeFinder = cluster_edges,
 ) -> pl.DataFrame:
     """pool: eligible rows with idx, image_embedding (non-null), clip_score, uid, shard, row.
     Returns (idx, of_uid, of_idx, cluster) for every row removed as an image near-duplicate;
-    `cluster` is the survivor's idx."""
+    `cluster` is the survivor's idx. edge_finder: cluster_edges here, or curate.distributed_dedup's
+    version that compares each k-means cluster in a Ray task (the same edges)."""
     empty = duplicates_frame(idx)
     if pool.height < 2:
         return empty
@@ -97,7 +103,7 @@ def image_duplicates(
     x = _normalise(x)
     k = max(1, math.ceil(x.shape[0] / cluster_size))
     labels = kmeans(x, k, iters, seed)
-    a, b = cluster_edges(x, labels, threshold)
+    a, b = edge_finder(x, labels, threshold)
     if a.size == 0:
         return empty
     n = x.shape[0]

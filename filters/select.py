@@ -118,7 +118,12 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> 
             .collect()
         )
         d = sel.dedup
-        dups = caption_duplicates(pool, d.caption_jaccard, d.caption_ngram, d.caption_verify, _IDX)
+        kw = {}
+        if d.engine == "ray":
+            from curate.distributed_dedup import ray_caption_pairs
+
+            kw["pair_finder"] = ray_caption_pairs(d.partitions)
+        dups = caption_duplicates(pool, d.caption_jaccard, d.caption_ngram, d.caption_verify, _IDX, **kw)
     else:  # annotations from a run without annotate.caption_minhash: nothing to compare
         dups = duplicates_frame(_IDX)
     return _mark(frame, dups, Reason.DUPLICATE_CAPTION)
@@ -141,7 +146,12 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
         .collect()
     )
     d = sel.dedup
-    dups = image_duplicates(pool, d.image_cosine, d.image_cluster_size, d.image_kmeans_iters, d.image_kmeans_seed, _IDX)
+    kw = {}
+    if d.engine == "ray":
+        from curate.distributed_dedup import ray_image_edges
+
+        kw["edge_finder"] = ray_image_edges(d.partitions)
+    dups = image_duplicates(pool, d.image_cosine, d.image_cluster_size, d.image_kmeans_iters, d.image_kmeans_seed, _IDX, **kw)
     return _mark(frame, dups, Reason.DUPLICATE_IMAGE_NEAR)
 
 
@@ -226,5 +236,11 @@ def decide(
         (pl.col(schema.REASONS).list.len() == 0).alias(schema.KEPT),
         pl.col(schema.REASONS).list.first().alias(schema.REASON),
         pl.coalesce(*(_of(r) for r in dedups)).alias(schema.DUPLICATE_OF),
+        pl.coalesce(*(f"{_of(r)}_idx" for r in dedups)).alias("_of_idx"),
     )
-    return frame.drop(drop), resolved
+    # the duplicate group's id is its survivor's uid, on the removed copies and on the survivor
+    survivors = frame.select(pl.col("_of_idx").alias(_IDX)).drop_nulls().unique().with_columns(pl.lit(True).alias("_survivor"))
+    frame = frame.join(survivors, on=_IDX, how="left").with_columns(
+        pl.coalesce(schema.DUPLICATE_OF, pl.when(pl.col("_survivor")).then(pl.col(schema.UID))).alias(schema.DUPLICATE_CLUSTER)
+    )
+    return frame.drop(*drop, "_of_idx", "_survivor"), resolved

@@ -1,8 +1,6 @@
 """Near-duplicate captions: MinHash LSH band keys per shard (curate/stages/caption_minhash.py) and
 the global clustering in selection (filters/caption_dedup.py), against exact brute force."""
 
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -14,7 +12,6 @@ from curate.config import SelectionConfig
 from curate.filters.select import decide
 from curate.stages import caption_minhash as cm
 
-LAION = Path("/work/shared/data/laion-sample/laion_10000.parquet")
 THRESHOLD = 0.8
 
 
@@ -86,10 +83,11 @@ def exact_j(x, size, a, b):
     return inter / (size[a] + size[b] - inter)
 
 
-@pytest.mark.skipif(not LAION.exists(), reason="LAION sample not available")
-def test_quality_vs_brute_force_on_laion_with_injected_near_duplicates():
+@pytest.fixture(scope="module")
+def laion_captions(laion_sample):
+    """The LAION sample + 2,500 injected near-duplicates (upper-cased, or 2-20% of words edited)."""
     rng = np.random.default_rng(7)
-    base = pl.read_parquet(LAION, columns=["TEXT"]).get_column("TEXT").fill_null("").to_list()
+    base = pl.read_parquet(laion_sample, columns=["TEXT"]).get_column("TEXT").fill_null("").to_list()
     vocab = [w for c in base[:2000] for w in c.split()]
     long_enough = [c for c in base if len(c.split()) >= 8]
     injected = []
@@ -98,6 +96,11 @@ def test_quality_vs_brute_force_on_laion_with_injected_near_duplicates():
         injected.append(_edit(c.split(), rate, rng, vocab) if rate else c.upper())
     captions = base + injected
     assert len(captions) >= 12_000
+    return captions
+
+
+def test_quality_vs_brute_force_on_laion_with_injected_near_duplicates(laion_captions):
+    captions = laion_captions
 
     d, _ = decide(pl.from_arrow(ann_table(captions)).lazy(), cap_sel())
     d = d.collect().sort("row")
@@ -170,3 +173,51 @@ def test_old_annotations_without_signatures_still_select():
     t = ann_table(["same caption here", "same caption here"]).drop_columns(["caption_lsh"])
     d = decide(pl.from_arrow(t).lazy(), cap_sel())[0].collect()
     assert d["kept"].all()
+
+
+# --- the Ray engine (curate/distributed_dedup.py): a hash shuffle on band keys, same results ---
+
+
+def test_ray_shuffle_finds_exactly_the_local_candidate_pairs(laion_captions, ray_session):
+    from curate.distributed_dedup import ray_caption_pairs
+    from curate.filters.caption_dedup import local_pairs, representatives
+
+    pool = pl.from_arrow(ann_table(laion_captions)).with_row_index("_i")
+    _, reps = representatives(pool)
+    local = local_pairs(reps).sort("a", "b")
+    assert local.height > 500
+    # 13 map tasks (blocks of 1,000 representatives) x 5 partitions
+    shuffled = ray_caption_pairs(partitions=5, rows_per_block=1000)(reps).sort("a", "b")
+    assert shuffled.equals(local)
+
+
+def test_ray_engine_selects_exactly_like_local(laion_captions, ray_session):
+    frame = pl.from_arrow(ann_table(laion_captions)).lazy()
+    cols = ["uid", "kept", "reason", "duplicate_of", "duplicate_cluster"]
+    local = decide(frame, cap_sel())[0].collect().select(cols).sort("uid")
+    on_ray = decide(frame, cap_sel(dedup={"engine": "ray", "partitions": 3}))[0].collect().select(cols).sort("uid")
+    assert (local["reason"] == "duplicate_caption").sum() > 500
+    assert on_ray.equals(local)
+
+
+def test_a_pair_split_across_two_shards_and_two_map_tasks_is_found(tmp_path, ray_session):
+    from curate.distributed_dedup import ray_caption_pairs
+    from curate.filters.caption_dedup import caption_duplicates
+
+    caps_a = ["a cozy cabin in the snowy mountains at dusk", "red sports car on a race track"]
+    caps_b = ["vintage typewriter on a wooden desk", "a cozy cabin in the snowy mountains at dusk!!"]
+    for shard, caps, scores in (("part-00003", caps_a, [0.3, 0.3]), ("part-09000", caps_b, [0.3, 0.35])):
+        pa.parquet.write_table(ann_table(caps, shard, scores), tmp_path / f"{shard}.parquet")
+    pool = pl.read_parquet([tmp_path / "part-00003.parquet", tmp_path / "part-09000.parquet"]).with_row_index("_i")
+    # one representative per map task: the two copies (idx 0 and 3) are in different Ray tasks
+    dups = caption_duplicates(pool, THRESHOLD, 2, pair_finder=ray_caption_pairs(partitions=2, rows_per_block=1))
+    assert dups.select("_i", "of_idx").rows() == [(0, 3)]
+
+
+def test_duplicate_cluster_names_the_group_on_every_member():
+    caps = ["a bowl of ramen with egg", "A bowl of ramen, with egg", "a plate of spaghetti with basil", "a bowl of ramen with egg!"]
+    d = decide(pl.from_arrow(ann_table(caps, scores=[0.3, 0.9, 0.5, 0.4])).lazy(), cap_sel())[0].collect().sort("row")
+    survivor = d["uid"][1]
+    assert d["kept"].to_list() == [False, True, True, False]
+    assert d["duplicate_cluster"].to_list() == [survivor, survivor, None, survivor]
+    assert d["duplicate_of"].to_list() == [survivor, None, None, survivor]
