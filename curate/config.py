@@ -163,8 +163,22 @@ class SelectionConfig(Strict):
 
 
 class RayConfig(Strict):
-    address: Optional[str] = None  # None: a local ray.init(); "auto" or "ray://host:10001" for a cluster
+    address: Optional[str] = None  # None: a local ray.init() (or RAY_ADDRESS, as inside a Ray job); "auto", "host:6379" or "ray://host:10001" for a cluster
     num_cpus: Optional[int] = None  # local runs only
+    scorer_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each scoring actor requires, e.g. {accel = 1} to place scoring only on nodes "
+        "started with --resources='{\"accel\": 1}'; GPUs are requested on their own (num_gpus=1 when the cluster has any)",
+    )
+
+    @model_validator(mode="after")
+    def _check_resources(self) -> "RayConfig":
+        for name, amount in self.scorer_resources.items():
+            if not name or name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"scorer_resources: {name!r} is not a custom resource name (CPUs and GPUs are set on their own)")
+            if not amount > 0:
+                raise ValueError(f"scorer_resources: {name} = {amount} must be > 0")
+        return self
 
 
 class ReportConfig(Strict):
