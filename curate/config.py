@@ -144,6 +144,11 @@ class DedupRule(Strict):
     image_cluster_size: int = Field(1000, ge=2, description="k-means k = ceil(eligible rows with an embedding / this)")
     image_kmeans_iters: int = Field(20, ge=1, le=1000)
     image_kmeans_seed: int = 0
+    # an image near-duplicate edge also needs the perceptual hashes (imagehash pHash, stored with
+    # the embeddings) within this Hamming distance of 64 bits: embeddings say "same content",
+    # the hash says "same picture" (re-encodes, resizes, small crops stay under ~16; two different
+    # photos of the same thing rarely do). None = embeddings alone (SemDeDup).
+    image_phash_max_distance: Optional[int] = Field(None, ge=0, le=64)
     # where the global near-duplicate steps run: "local" (polars/numpy in this process; no Ray is
     # imported) or "ray" (caption LSH buckets as a hash shuffle, in-cluster image comparisons as
     # tasks; curate/distributed_dedup.py). Same results; "ray" is for pools beyond one machine.
