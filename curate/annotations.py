@@ -77,12 +77,20 @@ def completed_shards(run_dir: str) -> list[str]:
     )
 
 
-def scan(run_dir: str, shards: list[str] | None = None) -> pl.LazyFrame:
-    """Lazily scan completed annotation shards (or the named ones)."""
+def scan(run_dir: str, shards: list[str] | None = None, include_forgotten: bool = False) -> pl.LazyFrame:
+    """Lazily scan completed annotation shards (or the named ones). Rows a `curate forget` key
+    matches by uid or image sha256 are left out (curate/forget.py; none remain after it ran)."""
     shards = completed_shards(run_dir) if shards is None else shards
     if not shards:
         raise FileNotFoundError(f"{run_dir}: no completed annotation shards (annotations/*.done)")
-    return pl.scan_parquet([shard_path(run_dir, s) for s in shards])
+    lf = pl.scan_parquet([shard_path(run_dir, s) for s in shards])
+    if not include_forgotten:
+        from curate import forget
+
+        keys = forget.load_keys(run_dir)
+        if keys:
+            lf = lf.filter(forget.exclude_expr(keys, lf.collect_schema().names()).not_())
+    return lf
 
 
 # --- image embeddings (score.store_embeddings): embeddings/<shard>.parquet, columns row, image_embedding
@@ -91,14 +99,19 @@ def embeddings_path(run_dir: str, shard: str) -> str:
 
 
 def scan_embeddings(run_dir: str, shards: list[str] | None = None) -> pl.LazyFrame | None:
-    """(shard, row, image_embedding) of the completed shards that have an embeddings file; None
-    when none has one (the run was made without score.store_embeddings)."""
+    """(shard, row, image_embedding, image_phash) of the completed shards that have an embeddings
+    file; None when none has one (the run was made without score.store_embeddings). image_phash
+    is null in files written before perceptual hashes were stored."""
     shards = completed_shards(run_dir) if shards is None else shards
-    frames = [
-        pl.scan_parquet(embeddings_path(run_dir, s)).select(
-            pl.lit(s).alias(schema.SHARD), pl.col(schema.ROW), pl.col(schema.IMAGE_EMBEDDING)
-        )
-        for s in shards
-        if io.exists(embeddings_path(run_dir, s))
-    ]
+    frames = []
+    for s in shards:
+        p = embeddings_path(run_dir, s)
+        if not io.exists(p):
+            continue
+        lf = pl.scan_parquet(p)
+        has_phash = schema.IMAGE_PHASH in lf.collect_schema().names()
+        frames.append(lf.select(
+            pl.lit(s).alias(schema.SHARD), pl.col(schema.ROW), pl.col(schema.IMAGE_EMBEDDING),
+            pl.col(schema.IMAGE_PHASH) if has_phash else pl.lit(None, pl.UInt64).alias(schema.IMAGE_PHASH),
+        ))
     return pl.concat(frames) if frames else None

@@ -146,8 +146,8 @@ class DedupRule(Strict):
     image_kmeans_seed: int = 0
     # an image near-duplicate edge also needs the perceptual hashes (imagehash pHash, stored with
     # the embeddings) within this Hamming distance of 64 bits: embeddings say "same content",
-    # the hash says "same picture" (re-encodes, resizes, small crops stay under ~16; two different
-    # photos of the same thing rarely do). None = embeddings alone (SemDeDup).
+    # the hash says "same picture" (docs/DEDUP.md: 10-12 keeps re-encodes, resizes and small crops
+    # while separating look-alikes the embeddings merge). None = embeddings alone (SemDeDup).
     image_phash_max_distance: Optional[int] = Field(None, ge=0, le=64)
     # where the global near-duplicate steps run: "local" (polars/numpy in this process; no Ray is
     # imported) or "ray" (caption LSH buckets as a hash shuffle, in-cluster image comparisons as

@@ -46,6 +46,7 @@ DUPLICATE_CLUSTER = "duplicate_cluster"
 CAPTION_LSH = "caption_lsh"  # list<uint64>: LSH band keys of the caption's MinHash (curate/stages/caption_minhash.py)
 
 IMAGE_EMBEDDING = "image_embedding"  # list<float16>, L2-normalised; embeddings/<shard>.parquet (score.store_embeddings)
+IMAGE_PHASH = "image_phash"  # uint64 perceptual hash (imagehash pHash); embeddings/<shard>.parquet
 
 IMAGE_BYTES = "jpg"  # column of the per-shard image cache written by the fetch stage
 

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from curate import annotations, io, schema
+from curate import annotations, faults, forget, io, schema
 from curate.config import PipelineSpec
 from curate.filters.rules import text_rules_pass
 from curate.schema import FetchStatus
@@ -49,8 +49,12 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
     shard = shard_name(path)
     t0 = time.time()
     done = io.exists(annotations.marker_path(run_dir, shard))
+    keys = forget.load_keys(run_dir)  # `curate forget` requests: those rows never come back
 
     if done:
+        if keys:
+            forget.clean_shard(run_dir, shard, keys)
+        carried = forget.marker_counts(run_dir, shard)
         ann = pl.from_arrow(io.read_parquet(annotations.shard_path(run_dir, shard)))
         if not spec.needs_images:
             return {"shard": shard, "state": "unchanged", "rows": ann.height}
@@ -63,7 +67,7 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
             return {"shard": shard, "state": "unchanged", "rows": ann.height}
     else:
         extra = (spec.score.column,) if spec.score.source == "column" and spec.score.column else ()
-        table = read_shard(path, spec.input, extra_columns=extra)
+        table, carried = forget.drop_at_read(read_shard(path, spec.input, extra_columns=extra), keys)
         ann = pl.from_arrow(annotate_text(table, spec.annotate.language, spec.input.max_caption_chars))
         if spec.annotate.caption_minhash:
             from curate.stages.caption_minhash import annotate_caption_lsh
@@ -91,10 +95,12 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
     if n_fetch:
         rows = ann.filter(todo).select(schema.ROW, schema.URL, schema.CAPTION, schema.EXPECTED_SHA256).to_arrow()
         ann, images = _fetch_into(ann, rows, spec, run_dir, shard)
+        ann, images, k = forget.drop_fetched(ann, images, keys)
+        carried["forgotten"] += k
         fetched_ok = images.num_rows
         _merge_images(run_dir, shard, images)
 
-    counts = {"rows": ann.height, "fetch_attempted": n_fetch, "fetch_ok": fetched_ok, "prepare_s": round(time.time() - t0, 3)}
+    counts = {"rows": ann.height, **carried, "fetch_attempted": n_fetch, "fetch_ok": fetched_ok, "prepare_s": round(time.time() - t0, 3)}
     needs_scoring = spec.score.source == "model" and ann.select(
         (pl.col(schema.FETCH_STATUS) == FetchStatus.OK.value) & pl.col(schema.CLIP_SCORE).is_null()
     ).to_series().any()
@@ -125,7 +131,10 @@ def _merge_by_row(path: str, table: pa.Table) -> None:
     if io.exists(path):
         old = io.read_parquet(path)
         keep = pa.compute.invert(pa.compute.is_in(old.column(schema.ROW), value_set=table.column(schema.ROW)))
-        table = pa.concat_tables([old.filter(keep), table.cast(old.schema)])
+        for f in table.schema:  # a column newer than the file (e.g. image_phash): null for old rows
+            if f.name not in old.schema.names:
+                old = old.append_column(f, pa.nulls(old.num_rows, f.type))
+        table = pa.concat_tables([old.filter(keep), table.select(old.schema.names).cast(old.schema)])
     io.write_parquet(path, table.sort_by(schema.ROW))
 
 
@@ -148,13 +157,18 @@ def finish_shard(run_dir: str, shard: str, ann: pl.DataFrame, keep_columns: list
     io.remove(work_path(run_dir, shard))
 
 
-def _merge_embeddings(run_dir: str, shard: str, rows: np.ndarray, emb: np.ndarray) -> None:
-    """embeddings/<shard>.parquet: row int64, image_embedding list<float16>, sorted by row."""
+def _merge_embeddings(run_dir: str, shard: str, rows: np.ndarray, emb: np.ndarray, phash: np.ndarray) -> None:
+    """embeddings/<shard>.parquet: row int64, image_embedding list<float16>, image_phash uint64,
+    sorted by row."""
     d = emb.shape[1] if emb.ndim == 2 else 0
     values = pa.array(np.ascontiguousarray(emb, dtype=np.float16).reshape(-1), type=pa.float16())
     offsets = pa.array(np.arange(0, (len(rows) + 1) * d, d, dtype=np.int32)[: len(rows) + 1], type=pa.int32())
     table = pa.table(
-        {schema.ROW: pa.array(np.asarray(rows, dtype=np.int64)), schema.IMAGE_EMBEDDING: pa.ListArray.from_arrays(offsets, values)}
+        {
+            schema.ROW: pa.array(np.asarray(rows, dtype=np.int64)),
+            schema.IMAGE_EMBEDDING: pa.ListArray.from_arrays(offsets, values),
+            schema.IMAGE_PHASH: pa.array(np.asarray(phash, dtype=np.uint64), pa.uint64()),
+        }
     )
     _merge_by_row(annotations.embeddings_path(run_dir, shard), table)
 
@@ -169,6 +183,8 @@ class ShardScorer:
         self.scorer = ClipScorer(self.spec.score)
 
     def describe(self) -> dict:
+        from curate.manifest import describe_transform
+
         loaded = self.scorer.clip
         return {
             "model_id": self.scorer.model_id,
@@ -177,10 +193,15 @@ class ShardScorer:
             "checkpoint_sha256": loaded.checkpoint_sha256,
             "device": str(loaded.device),
             "precision": loaded.precision,
+            "preprocess": describe_transform(loaded.preprocess, getattr(loaded.model, "visual", None)),
         }
 
     def score_shard(self, run_dir: str, shard: str, prepare_counts: dict | None = None) -> dict:
         t0 = time.time()
+        if not io.exists(work_path(run_dir, shard)) and io.exists(annotations.marker_path(run_dir, shard)):
+            # a retried call (the actor died after finishing it, before its answer reached the
+            # driver): the shard is done, its marker says with what
+            return {**io.read_json(annotations.marker_path(run_dir, shard)), "state": "done"}
         ann = pl.from_arrow(io.read_parquet(work_path(run_dir, shard)))
         todo = ann.filter((pl.col(schema.FETCH_STATUS) == FetchStatus.OK.value) & pl.col(schema.CLIP_SCORE).is_null())
         imgs = pl.from_arrow(io.read_parquet(images_path(run_dir, shard)))
@@ -192,13 +213,14 @@ class ShardScorer:
         captions = todo.get_column(schema.CAPTION).fill_null("").str.slice(0, self.spec.input.max_caption_chars).to_list()
         image_bytes = todo.get_column(schema.IMAGE_BYTES).to_list()
         if self.spec.score.store_embeddings:
-            scores, emb = self.scorer.score_with_embeddings(image_bytes, captions)
+            scores, emb, phash = self.scorer.score_for_dedup(image_bytes, captions)
         else:
-            scores, emb = self.scorer.score(image_bytes, captions), None
+            scores, emb, phash = self.scorer.score(image_bytes, captions), None, None
         scores = np.asarray(scores, dtype=np.float32)
+        faults.fire("score_first_batch", shard)  # test hook (curate/faults.py); nothing written yet
         bad = np.isnan(scores)
         if emb is not None:  # before finish_shard: the annotation marker stays the last write
-            _merge_embeddings(run_dir, shard, todo.get_column(schema.ROW).to_numpy()[~bad], emb[~bad])
+            _merge_embeddings(run_dir, shard, todo.get_column(schema.ROW).to_numpy()[~bad], emb[~bad], phash[~bad])
         upd = pl.DataFrame(
             {
                 schema.ROW: todo.get_column(schema.ROW),
@@ -213,4 +235,5 @@ class ShardScorer:
         ann = ann.update(upd, on=schema.ROW, how="left", include_nulls=False)
         counts = {**(prepare_counts or {}), "scored_now": int((~bad).sum()), "score_s": round(time.time() - t0, 3)}
         finish_shard(run_dir, shard, ann, self.spec.input.keep_columns, counts)
+        faults.fire("score_after_marker", shard)  # test hook: a retry must find the shard done
         return {"shard": shard, "state": "done", **counts}

@@ -28,6 +28,7 @@ import polars as pl
 
 from curate import schema
 from curate.filters.survivors import as_duplicates, components, duplicates_frame, losers
+from curate.stages.phash import hamming
 
 _BLOCK = 4096
 
@@ -85,12 +86,15 @@ EdgeFinder = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndar
 
 def image_duplicates(
     pool: pl.DataFrame, threshold: float, cluster_size: int = 1000, iters: int = 20, seed: int = 0, idx: str = "_i",
-    edge_finder: EdgeFinder = cluster_edges,
+    edge_finder: EdgeFinder = cluster_edges, phash_max_distance: int | None = None,
 ) -> pl.DataFrame:
     """pool: eligible rows with idx, image_embedding (non-null), clip_score, uid, shard, row.
     Returns (idx, of_uid, of_idx, cluster) for every row removed as an image near-duplicate;
     `cluster` is the survivor's idx. edge_finder: cluster_edges here, or curate.distributed_dedup's
-    version that compares each k-means cluster in a Ray task (the same edges)."""
+    version that compares each k-means cluster in a Ray task (the same edges).
+    phash_max_distance: an edge also needs the two images' perceptual hashes (column image_phash)
+    within this Hamming distance; a row without a hash then has no edge."""
+    """"""
     empty = duplicates_frame(idx)
     if pool.height < 2:
         return empty
@@ -104,6 +108,12 @@ def image_duplicates(
     k = max(1, math.ceil(x.shape[0] / cluster_size))
     labels = kmeans(x, k, iters, seed)
     a, b = edge_finder(x, labels, threshold)
+    if phash_max_distance is not None and a.size:
+        ph = pool.get_column(schema.IMAGE_PHASH)
+        has = ph.is_not_null().to_numpy()
+        hv = ph.fill_null(0).cast(pl.UInt64).to_numpy()
+        keep = has[a] & has[b] & (hamming(hv[a], hv[b]) <= phash_max_distance)
+        a, b = a[keep], b[keep]
     if a.size == 0:
         return empty
     n = x.shape[0]

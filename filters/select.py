@@ -134,7 +134,8 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
     from curate.filters.image_dedup import image_duplicates
 
     emb = embeddings.select(
-        pl.col(schema.SHARD).cast(pl.String), pl.col(schema.ROW).cast(pl.Int64), pl.col(schema.IMAGE_EMBEDDING)
+        pl.col(schema.SHARD).cast(pl.String), pl.col(schema.ROW).cast(pl.Int64), pl.col(schema.IMAGE_EMBEDDING),
+        *([pl.col(schema.IMAGE_PHASH)] if schema.IMAGE_PHASH in embeddings.collect_schema().names() else []),
     )
     pool = (
         frame.filter(pl.col("_eligible"))
@@ -147,6 +148,13 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
     )
     d = sel.dedup
     kw = {}
+    if d.image_phash_max_distance is not None:
+        if schema.IMAGE_PHASH not in pool.columns or pool.height and pool.get_column(schema.IMAGE_PHASH).null_count() == pool.height:
+            raise ValueError(
+                "dedup.image_phash_max_distance is set but the stored embeddings have no image_phash "
+                "(a run made before perceptual hashes were stored): rerun scoring, or set it to null"
+            )
+        kw["phash_max_distance"] = d.image_phash_max_distance
     if d.engine == "ray":
         from curate.distributed_dedup import ray_image_edges
 

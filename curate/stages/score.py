@@ -38,6 +38,7 @@ from PIL import Image
 from curate import schema
 from curate.config import ScoreConfig
 from curate.model import LoadedClip, load_clip
+from curate.stages.phash import phash64
 from curate.text_length import encode_text_trimmed, real_length, unique_index
 
 TEXT_WINDOW = 4096  # rows whose distinct captions are embedded together (length-sorted)
@@ -60,43 +61,50 @@ class ClipScorer:
         return self.clip.model_id
 
     # ----------------------------------------------------------------------------------------------
-    def _decode(self, data: Any) -> Optional[torch.Tensor]:
+    def _decode(self, data: Any, phash: bool = False) -> tuple[Optional[torch.Tensor], int]:
+        """(pixels, perceptual hash when asked for, else 0); (None, 0) for an unusable image."""
         if not data:
-            return None
+            return None, 0
         try:
             with Image.open(io.BytesIO(data)) as im:
                 rgb = im.convert("RGB")
-            return self.clip.preprocess(rgb)
+            return self.clip.preprocess(rgb), (phash64(rgb) if phash else 0)
         except Exception:  # undecodable, truncated, decompression bomb, odd mode: no score
-            return None
+            return None, 0
 
-    def _decode_batch(self, images: Sequence[Any], rows: Sequence[int]) -> tuple[list[int], Optional[torch.Tensor]]:
+    def _decode_batch(
+        self, images: Sequence[Any], rows: Sequence[int], phash: bool = False
+    ) -> tuple[list[int], Optional[torch.Tensor], list[int]]:
         ok: list[int] = []
         pixels: list[torch.Tensor] = []
+        hashes: list[int] = []
         for i in rows:
-            px = self._decode(images[i])
+            px, h = self._decode(images[i], phash)
             if px is not None:
                 ok.append(i)
                 pixels.append(px)
-        return ok, (torch.stack(pixels) if pixels else None)
+                hashes.append(h)
+        return ok, (torch.stack(pixels) if pixels else None), hashes
 
-    def _decoded_batches(self, images: Sequence[Any], rows: list[int]) -> Iterator[tuple[list[int], Optional[torch.Tensor]]]:
+    def _decoded_batches(
+        self, images: Sequence[Any], rows: list[int], phash: bool = False
+    ) -> Iterator[tuple[list[int], Optional[torch.Tensor], list[int]]]:
         """(usable rows, pixel batch) per chunk of ``batch_size`` candidate rows; with decode
         threads, chunk k+1 is decoded while the caller runs the model on chunk k."""
         chunks = [rows[s:s + self.batch_size] for s in range(0, len(rows), self.batch_size)]
         if self.decode_threads <= 0 or len(chunks) <= 1:
             for c in chunks:
-                yield self._decode_batch(images, c)
+                yield self._decode_batch(images, c, phash)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="curate-decode")
         ahead = max(1, self.decode_threads)
-        pending: list[Future] = [self._pool.submit(self._decode_batch, images, c) for c in chunks[:ahead]]
+        pending: list[Future] = [self._pool.submit(self._decode_batch, images, c, phash) for c in chunks[:ahead]]
         nxt = ahead
         while pending:
             fut = pending.pop(0)
             if nxt < len(chunks):
-                pending.append(self._pool.submit(self._decode_batch, images, chunks[nxt]))
+                pending.append(self._pool.submit(self._decode_batch, images, chunks[nxt], phash))
                 nxt += 1
             yield fut.result()
 
@@ -150,8 +158,16 @@ class ClipScorer:
         """score() plus the L2-normalised image embeddings the scores were computed from:
         (scores float32 [n], embeddings float16 [n, d]); an embedding row is all NaN exactly where
         the score is NaN (unusable image, or a missing caption: such rows are not encoded)."""
-        scores, emb = self._score(images, captions, want_embeddings=True)
+        scores, emb, _ = self._score(images, captions, want_embeddings=True)
         return scores, emb
+
+    def score_for_dedup(
+        self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """score_with_embeddings() plus each image's 64-bit perceptual hash (uint64 [n]; 0 where the
+        score is NaN), computed from the same decoded image (curate/stages/phash.py)."""
+        scores, emb, ph = self._score(images, captions, want_embeddings=True, want_phash=True)
+        return scores, emb, ph
 
     def _embedding_dim(self) -> int:
         d = getattr(getattr(self.clip.model, "visual", None), "output_dim", None)
@@ -162,26 +178,28 @@ class ClipScorer:
         return int(d)
 
     def _score(
-        self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]], want_embeddings: bool
-    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]], want_embeddings: bool,
+        want_phash: bool = False,
+    ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         out = np.full(len(images), np.nan, dtype=np.float32)
         emb: Optional[np.ndarray] = None
         if want_embeddings:
             emb = np.full((len(images), self._embedding_dim()), np.nan, dtype=np.float16)
+        phashes = np.zeros(len(images), dtype=np.uint64)
         for start in range(0, len(images), TEXT_WINDOW):
             stop = min(start + TEXT_WINDOW, len(images))
             rows = [i for i in range(start, stop) if captions[i] is not None and images[i]]
             if not rows:
                 continue
-            batches = self._decoded_batches(images, rows)  # starts decoding now
+            batches = self._decoded_batches(images, rows, want_phash)  # starts decoding now
             first = next(batches, None)
             distinct, inverse = unique_index([str(captions[i]) for i in rows])
             text = self.encode_texts(distinct)
             where = {r: k for k, r in enumerate(rows)}
             inverse_t = torch.as_tensor(inverse, dtype=torch.long, device=text.device)
-            for ok, pixels in _chain(first, batches):
+            for ok, pixels, hashes in _chain(first, batches):
                 if pixels is None:
                     continue
                 img = self.encode_images(pixels)
@@ -190,7 +208,9 @@ class ClipScorer:
                 out[ok_np] = (img * t).sum(dim=-1).cpu().numpy().astype(np.float32)
                 if emb is not None:
                     emb[ok_np] = img.cpu().numpy().astype(np.float16)
-        return out, emb
+                if want_phash:
+                    phashes[ok_np] = np.asarray(hashes, dtype=np.uint64)
+        return out, emb, phashes
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table | dict:
         """Append a float32 ``clip_score`` column (replacing one already there) to a batch with
