@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
@@ -41,7 +46,14 @@ def read(run_dir: str) -> dict[str, Any]:
     return io.read_json(p)
 
 
-def new(spec: PipelineSpec, shards: list[str]) -> dict[str, Any]:
+def new(spec: PipelineSpec, shards: list[str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A fresh manifest for a run starting now; `previous` (the run directory's manifest, when a
+    run is resumed or rerun) passes on what outlives one run: its selections and their rules, and
+    the output checksums (reused for files that did not change)."""
+    from curate import forget
+
+    run_dir = spec.output.dir
+    previous = previous or {}
     return {
         "format": 1,
         "state": "running",
@@ -49,18 +61,155 @@ def new(spec: PipelineSpec, shards: list[str]) -> dict[str, Any]:
         "config_hash": spec.config_hash(),
         "started_at": now(),
         "finished_at": None,
+        "code": code_version(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": package_versions(),
         "inputs": [io.describe_file(p) for p in shards],
-        "model": None,
+        "model": None,  # the runner fills in the scorer's description (incl. its image transform)
         "language_model": None,
+        "preprocessing": preprocessing(spec),
+        "opt_out": opt_out_policy(spec),
+        "deletion_lists": forget.describe_lists(run_dir),
+        "forget_requests": forget.read_log(run_dir),
         "cluster": None,
         "counts": {},
         "shards": {},
         "failed_shards": {},
-        "selections": [],
+        "selections": list(previous.get("selections", [])),
+        "selection_specs": dict(previous.get("selection_specs", {})),
+        "outputs": previous.get("outputs") or {"files": {}, "recorded_at": None},
     }
+
+
+def code_version(src: str | None = None) -> dict[str, Any]:
+    """The curate package's version and, when it runs from a git checkout, the commit and whether
+    the working tree has changes (tracked or untracked, .gitignore respected). Never raises: the
+    commit is None when git is missing, the package is not tracked by git (an installed wheel),
+    or git fails."""
+    if src is None:
+        import curate
+
+        src = os.path.dirname(os.path.abspath(curate.__file__))
+    out: dict[str, Any] = {"curate": package_versions().get("curate"), "source_dir": src, "git_commit": None, "dirty": None}
+    git = shutil.which("git")
+    if not git:
+        return out
+
+    def _git(*args: str) -> subprocess.CompletedProcess | None:
+        try:
+            return subprocess.run([git, "-C", src, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    # the package itself must be tracked: a wheel installed into a venv that sits inside some
+    # other checkout would otherwise report that checkout's commit
+    tracked = _git("ls-files", "--error-unmatch", "__init__.py")
+    if tracked is None or tracked.returncode != 0:
+        return out
+    head = _git("rev-parse", "HEAD")
+    if head is None or head.returncode != 0:
+        return out
+    out["git_commit"] = head.stdout.strip() or None
+    status = _git("status", "--porcelain")
+    out["dirty"] = None if status is None or status.returncode != 0 else bool(status.stdout.strip())
+    return out
+
+
+def preprocessing(spec: PipelineSpec) -> dict[str, Any]:
+    """How images are prepared before the model sees them: the fetch stage's resize (img2dataset's
+    Resizer, see curate/stages/fetch.py) here; the model's own eval transform is recorded with the
+    model (manifest["model"]["preprocess"], from the scoring actor)."""
+    f = spec.fetch
+    return {
+        "fetch": None if not spec.needs_images else {
+            "resizer": "img2dataset.resizer.Resizer",
+            "image_size": f.image_size,
+            "resize_mode": "keep_ratio",
+            "resize_only_if_bigger": True,
+            "encode_format": "jpg",
+            "image_formats": list(f.image_formats),
+            "max_pixels": f.max_pixels,
+        },
+    }
+
+
+def describe_transform(preprocess: Any, visual: Any = None) -> dict[str, Any]:
+    """A model's image transform as text (each torchvision step) and, where open_clip records it,
+    its parameters (size, resize mode, interpolation, mean, std)."""
+    steps = getattr(preprocess, "transforms", None)
+    cfg = getattr(visual, "preprocess_cfg", None) if visual is not None else None
+
+    def _plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {
+        "steps": [str(t) for t in steps] if steps is not None else [repr(preprocess)],
+        "config": {k: _plain(v) for k, v in cfg.items()} if isinstance(cfg, dict) else None,
+    }
+
+
+def opt_out_policy(spec: PipelineSpec) -> dict[str, Any]:
+    """Opt-outs honoured while fetching: X-Robots-Tag directives for our user-agent token (the only
+    opt-out source the fetch stage has; there is no opt-out list file to hash). Deletion lists
+    (`curate forget`) are recorded under deletion_lists, each with its sha256."""
+    f = spec.fetch
+    return {
+        "x_robots_tag": {"user_agent_token": f.user_agent_token, "directives": list(f.disallowed_header_directives)}
+        if spec.needs_images else None,
+        "lists": [],
+    }
+
+
+# --- output checksums ------------------------------------------------------------------------------
+OUTPUT_DIRS = ("annotations", "images", "embeddings", "selections", "forget")
+
+
+def sha256_file(url: str, chunk: int = 1 << 20) -> str:
+    fs, p = io.fs_and_path(url)
+    h = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
+    """m["outputs"]: every file under the run's output folders (annotations/, images/,
+    embeddings/, selections/, forget/) as {relative path: {bytes, version, sha256}}. A file whose
+    size and version (mtime locally, ETag on a bucket) match the previous record keeps its
+    checksum; only new or changed files are read (streamed through fsspec)."""
+    old = (m.get("outputs") or {}).get("files") or {}
+    paths: list[str] = []
+    for d in OUTPUT_DIRS:
+        top = io.join(run_dir, d)
+        if io.exists(top):
+            paths += io.list_files(top, suffix="")
+
+    def one(url: str) -> tuple[str, dict[str, Any]]:
+        rel = _relative(run_dir, url)
+        info = io.describe_file(url)
+        prev = old.get(rel)
+        if prev and info["version"] is not None and prev.get("version") == info["version"] and prev.get("bytes") == info["bytes"]:
+            return rel, prev
+        return rel, {"bytes": info["bytes"], "version": info["version"], "sha256": sha256_file(url)}
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        files = dict(sorted(pool.map(one, [p for p in paths if ".tmp-" not in p])))
+    m["outputs"] = {"files": files, "recorded_at": now()}
+    return m
+
+
+def _relative(run_dir: str, url: str) -> str:
+    base = run_dir.rstrip("/")
+    if url.startswith(base + "/"):
+        return url[len(base) + 1:]
+    if "://" not in base:
+        return os.path.relpath(url, base)
+    return url
 
 
 def check_compatible(old: dict[str, Any], spec: PipelineSpec) -> None:
