@@ -98,6 +98,20 @@ def embeddings_path(run_dir: str, shard: str) -> str:
     return io.join(run_dir, "embeddings", f"{shard}.parquet")
 
 
+def embeddings_for(run_dir: str, sel, shards: list[str] | None = None) -> pl.LazyFrame | None:
+    """What decide() needs as `embeddings=` for selection `sel`: the run's stored embeddings when
+    sel.dedup.image_cosine is on (a clear error when the run stored none), else None."""
+    if sel.dedup.image_cosine is None:
+        return None
+    emb = scan_embeddings(run_dir, shards)
+    if emb is None:
+        raise ValueError(
+            f"{run_dir}: dedup.image_cosine needs image embeddings, but the run has no "
+            "embeddings/<shard>.parquet; rerun with score.store_embeddings = true"
+        )
+    return emb
+
+
 def scan_embeddings(run_dir: str, shards: list[str] | None = None) -> pl.LazyFrame | None:
     """(shard, row, image_embedding, image_phash) of the completed shards that have an embeddings
     file; None when none has one (the run was made without score.store_embeddings). image_phash

@@ -217,7 +217,8 @@ def sweep(
             k, _, v = item.partition("=")
             inc.setdefault(k, []).append(v)
         groups = list(dict.fromkeys([*(group or []), *inc]))
-        res = run_sweep(ann, sel, thr, group_columns=groups, top_groups=top, include=inc)
+        res = run_sweep(ann, sel, thr, group_columns=groups, top_groups=top, include=inc,
+                        embeddings=annotations.embeddings_for(run_dir, sel))
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))
     table = res["tables"]["sweep"]

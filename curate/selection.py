@@ -42,14 +42,7 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
     m = manifest.read(run_dir)
     shards = annotations.completed_shards(run_dir)
     ann = annotations.scan(run_dir, shards)
-    embeddings = None
-    if sel.dedup.image_cosine is not None:
-        embeddings = annotations.scan_embeddings(run_dir, shards)
-        if embeddings is None:
-            raise ValueError(
-                f"{run_dir}: dedup.image_cosine needs image embeddings, but the run has no "
-                "embeddings/<shard>.parquet; rerun with score.store_embeddings = true"
-            )
+    embeddings = annotations.embeddings_for(run_dir, sel, shards)
     missing = [c for c in report_cfg.group_columns if c not in ann.collect_schema().names()]
     if missing:  # checked before anything is written
         raise ValueError(f"report.group_columns {missing} are not annotation columns; add them to input.keep_columns")
@@ -92,7 +85,7 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
     }
     report, tables = build_audit(
         decisions.lazy(), ann, sel, resolved.clip_threshold, report_cfg=report_cfg,
-        extra_group_columns=report_cfg.group_columns, meta=meta, run_dir=run_dir,
+        extra_group_columns=report_cfg.group_columns, meta=meta, run_dir=run_dir, embeddings=embeddings,
     )
     json_path, html_path = write_audit(report, tables, out)
     summary = {

@@ -154,8 +154,10 @@ def build_audit(
     sweep_include: dict[str, Sequence[str]] | None = None,
     gallery_column: str | None = None,
     seed: int = 0,
+    embeddings: pl.LazyFrame | None = None,
 ) -> tuple[dict[str, Any], dict[str, pl.DataFrame]]:
-    """The report dict (with ``sweep``, ``flips``, ``gallery`` and ``_thumbs``) and its tables."""
+    """The report dict (with ``sweep``, ``flips``, ``gallery`` and ``_thumbs``) and its tables.
+    embeddings: the run's image embeddings, when the selection uses dedup.image_cosine."""
     cfg = report_cfg or ReportConfig()
     report, tables = build_report(
         decisions, extra_group_columns=extra_group_columns, min_group_size=cfg.min_group_size,
@@ -169,7 +171,7 @@ def build_audit(
         report["sweep_note"] = "no CLIP scores in this run: no sweep, no boundary gallery"
         return report, tables
     keep = [SCORE, schema.UID, schema.SHARD, schema.ROW, *group_cols]
-    reps = representatives(annotations, sel, keep=keep).select(keep).collect(engine="streaming")
+    reps = representatives(annotations, sel, keep=keep, embeddings=embeddings).select(keep).collect(engine="streaming")
     thr = list(sweep_thresholds) if sweep_thresholds else _nice_range(reps, clip_threshold)
     sw = sweep(annotations, sel, thr, group_columns=group_cols, include=sweep_include, reps=reps.lazy())
     tables.update(sw.pop("tables"))
@@ -241,7 +243,8 @@ def rebuild_report(
     m = manifest.read(run_dir)
     cfg = PipelineSpec.model_validate(m["spec"]).report
     ann = ann_mod.scan(run_dir)
-    decisions, resolved = decide(ann, sel)
+    embeddings = ann_mod.embeddings_for(run_dir, sel)
+    decisions, resolved = decide(ann, sel, embeddings=embeddings)
     names = set(ann.collect_schema().names())
     extra = [c for c in cfg.group_columns if c in names]
     meta = {k: summary.get(k) for k in ("selection", "run_dir", "rules", "resolved", "model", "language_model",
@@ -250,7 +253,7 @@ def rebuild_report(
     report, tables = build_audit(
         decisions, ann, sel, resolved.clip_threshold, report_cfg=cfg, extra_group_columns=extra, meta=meta,
         run_dir=run_dir, sweep_thresholds=sweep_thresholds, compare=compare, sweep_include=sweep_include,
-        gallery_column=gallery_column, seed=seed,
+        gallery_column=gallery_column, seed=seed, embeddings=embeddings,
     )
     json_path, html_path = write_audit(report, tables, out)
     return {"report": report, "report_json": json_path, "report_html": html_path}

@@ -42,13 +42,17 @@ def thresholds(start: float, stop: float, step: float) -> list[float]:
 _RULE_INPUTS = (
     schema.SHARD, schema.ROW, schema.UID, schema.LANGUAGE, schema.LANGUAGE_SCORE, schema.CAPTION_CHARS,
     schema.CAPTION_WORDS, schema.FETCH_STATUS, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.CLIP_SCORE,
-    schema.URL_NORMALIZED, schema.IMAGE_SHA256,
+    schema.URL_NORMALIZED, schema.IMAGE_SHA256, schema.CAPTION, schema.CAPTION_LSH,
 )
 
 
-def representatives(annotations: pl.LazyFrame, sel: SelectionConfig, keep: Sequence[str] | None = None) -> pl.LazyFrame:
+def representatives(
+    annotations: pl.LazyFrame, sel: SelectionConfig, keep: Sequence[str] | None = None,
+    embeddings: pl.LazyFrame | None = None,
+) -> pl.LazyFrame:
     """Rows kept at threshold -inf (see module doc): kept at t iff their score >= t. With ``keep``,
-    only the rule inputs and these columns go through decide() (much less to sort and join)."""
+    only the rule inputs and these columns go through decide() (much less to sort and join).
+    embeddings: the run's image embeddings, for selections with dedup.image_cosine."""
     from curate.filters.select import decide
 
     if keep is not None:
@@ -59,7 +63,7 @@ def representatives(annotations: pl.LazyFrame, sel: SelectionConfig, keep: Seque
     # A NaN score is no score (not_scored), as the schema documents. (decide() as of this writing
     # tests its rules on the raw column, where NaN is neither null nor < t; see docs/REPORTS.md.)
     annotations = annotations.with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
-    decisions, _ = decide(annotations, loose, explain=False)
+    decisions, _ = decide(annotations, loose, explain=False, embeddings=embeddings)
     return (
         decisions.filter(pl.col(schema.KEPT))
         .with_columns(pl.col(schema.CLIP_SCORE).cast(pl.Float64).alias(SCORE))
@@ -93,6 +97,7 @@ def sweep(
     top_groups: int = 6,
     include: dict[str, Sequence[str]] | None = None,
     reps: pl.LazyFrame | None = None,
+    embeddings: pl.LazyFrame | None = None,
 ) -> dict[str, Any]:
     """Retention vs threshold overall and, per grouping column, for its ``top_groups`` largest
     groups plus any named in ``include[column]``. Returns a JSON-able dict; ``tables`` holds the
@@ -102,7 +107,7 @@ def sweep(
         raise ValueError("no thresholds to sweep")
     include = include or {}
     lf = annotations
-    reps = representatives(lf, sel, keep=list(group_columns)) if reps is None else reps
+    reps = representatives(lf, sel, keep=list(group_columns), embeddings=embeddings) if reps is None else reps
     dtype = lf.collect_schema().get(schema.CLIP_SCORE, pl.Float64)
     reps = reps.with_columns(_above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64).alias(IDX))
     # decide() runs once: materialise the few columns the counts need (a threshold index and the
