@@ -124,6 +124,32 @@ def select(
 
 
 @app.command()
+def forget(
+    run_dir: str = typer.Argument(..., help="a run directory written by `curate run`"),
+    urls: Optional[str] = typer.Option(None, "--urls", help="file of URLs, one a line (matched as given and normalised)"),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="file of image sha256 hex digests, one a line"),
+    uids: Optional[str] = typer.Option(None, "--uids", help="file of uids, one a line"),
+) -> None:
+    """Delete rows on request: from annotations, images, embeddings, work files and every selection
+    (rewritten from the cleaned annotations), and from every later run and selection."""
+    from curate.forget import forget_rows
+
+    given = [(k, v) for k, v in (("urls", urls), ("sha256", sha256), ("uids", uids)) if v]
+    if len(given) != 1:
+        _fail("give exactly one of --urls, --sha256, --uids")
+    kind, path = given[0]
+    try:
+        rec = forget_rows(run_dir, kind, path)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"forgot {rec['rows_removed']:,} row(s) in {len(rec['rows_removed_by_shard'])} shard(s) "
+               f"({rec['entries']:,} {kind} listed); selections rewritten: {', '.join(rec['selections_rewritten']) or 'none'}; "
+               f"counts reconcile: {'yes' if rec['reconciles'] else 'NO'}")
+    if not rec["reconciles"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-output"), "--out", "-o", help="where the demo writes its inputs and run"),
     rows: int = typer.Option(600, "--rows", min=30, help="number of URL-caption rows to generate"),

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import polars as pl
 
-from curate import annotations, io, manifest, schema
+from curate import annotations, forget, io, manifest, schema
 from curate.config import ReportConfig, SelectionConfig
 from curate.filters.select import decide
 from curate.reports.audit import build_audit, write_audit
@@ -87,6 +87,12 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
         decisions.lazy(), ann, sel, resolved.clip_threshold, report_cfg=report_cfg,
         extra_group_columns=report_cfg.group_columns, meta=meta, run_dir=run_dir, embeddings=embeddings,
     )
+    # forgotten rows (curate forget) are counted: kept + removed + forgotten == rows read, per shard
+    accounting = forget.reconcile_report(report, run_dir, shards, forget.excluded_counts(run_dir, shards))
+    for shard, c in accounting.items():
+        per_shard.setdefault(shard, {"rows": 0, "kept": 0, "removed": 0}).update(c)
+    counts["forgotten"] = sum(c["forgotten"] for c in accounting.values())
+    counts["rows_read"] = sum(c["rows_read"] for c in accounting.values())
     json_path, html_path = write_audit(report, tables, out)
     summary = {
         **meta,
@@ -98,12 +104,16 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
         "seconds": round(time.time() - t0, 3),
     }
     io.write_json(io.join(out, "selection.json"), summary)
-    _record_in_manifest(run_dir, sel.name)
+    _record_in_manifest(run_dir, sel)
     return summary
 
 
-def _record_in_manifest(run_dir: str, name: str) -> None:
+def _record_in_manifest(run_dir: str, sel: SelectionConfig) -> None:
+    """The selection's name and rules (what `curate forget` re-applies), and the checksums of the
+    run's output files (only new or changed files are read)."""
     m = manifest.read(run_dir)
-    if name not in m.get("selections", []):
-        m.setdefault("selections", []).append(name)
-        manifest.write(run_dir, m)
+    if sel.name not in m.get("selections", []):
+        m.setdefault("selections", []).append(sel.name)
+    m.setdefault("selection_specs", {})[sel.name] = sel.model_dump(mode="json")
+    manifest.record_outputs(run_dir, m)
+    manifest.write(run_dir, m)

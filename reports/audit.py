@@ -255,5 +255,9 @@ def rebuild_report(
         run_dir=run_dir, sweep_thresholds=sweep_thresholds, compare=compare, sweep_include=sweep_include,
         gallery_column=gallery_column, seed=seed, embeddings=embeddings,
     )
+    from curate import forget
+
+    shards = ann_mod.completed_shards(run_dir)  # forgotten rows count: kept + removed + forgotten == rows read
+    forget.reconcile_report(report, run_dir, shards, forget.excluded_counts(run_dir, shards))
     json_path, html_path = write_audit(report, tables, out)
     return {"report": report, "report_json": json_path, "report_html": html_path}

@@ -167,6 +167,8 @@ def _headline(rep: dict[str, Any]) -> str:
         ("Removal rate", fmt_pct(t.get("removal_rate")), ""),
         ("Counts", "reconcile" if ok else "DO NOT RECONCILE", "ok" if ok else "bad"),
     ]
+    if t.get("forgotten"):  # rows deleted on request (curate forget): rows read = rows in + forgotten
+        cards.insert(1, ("Forgotten (deletion requests)", fmt_int(t.get("forgotten")), ""))
     flagged = sum((sec.get("flagged_groups") or 0) for sec in (rep.get("groups") or {}).values())
     if rep.get("groups"):
         cards.append(("Groups flagged", fmt_int(flagged), "bad" if flagged else ""))
