@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from curate import annotations, io, manifest
+from curate import annotations, forget, io, manifest
 from curate.config import PipelineSpec
 from curate.stages.read import list_shards, shard_name
 
@@ -36,14 +36,14 @@ def run(spec: PipelineSpec) -> RunResult:
     shards = list_shards(spec.input)
     previous = manifest.read(run_dir) if io.exists(manifest.path(run_dir)) else None
     if previous is not None and spec.output.overwrite:
+        kept = forget.stash(run_dir)  # deletion requests (curate forget) outlive the run
         io.remove(run_dir, recursive=True)
+        forget.restore(kept)
         previous = None
     elif previous is not None:
         manifest.check_compatible(previous, spec)
     io.makedirs(run_dir)
-    m = manifest.new(spec, shards)
-    if previous is not None:
-        m["selections"] = previous.get("selections", [])
+    m = manifest.new(spec, shards, previous)  # carries the selections over
     manifest.write(run_dir, m)
 
     info = rx.connect(spec.ray)
@@ -104,10 +104,10 @@ def run(spec: PipelineSpec) -> RunResult:
 def _totals(run_dir: str, shards: list[str]) -> dict:
     """Counts per stage over completed shards, from their markers: rows read, rows that passed
     the text rules and were fetched (this run), fetched OK, and rows holding a score."""
-    tot: dict = {"shards_complete": len(shards), "rows": 0, "fetch_attempted": 0, "fetch_ok": 0, "scored": 0, "fetch_status": {}}
+    tot: dict = {"shards_complete": len(shards), "rows": 0, "forgotten": 0, "fetch_attempted": 0, "fetch_ok": 0, "scored": 0, "fetch_status": {}}
     for s in shards:
         mk = io.read_json(annotations.marker_path(run_dir, s))
-        for key in ("rows", "fetch_attempted", "fetch_ok", "scored"):
+        for key in ("rows", "forgotten", "fetch_attempted", "fetch_ok", "scored"):  # forgotten: curate forget
             tot[key] += int(mk.get(key, 0))
         for k, v in mk["fetch_status"].items():
             tot["fetch_status"][k] = tot["fetch_status"].get(k, 0) + v
