@@ -56,6 +56,9 @@ def test_demo_quality_bar(demo):
     assert ev["mismatched_removed_by_clip"] >= 0.90, ev
     assert ev["matched_unique_fetchable_kept"] >= 0.90, ev
     assert ev["duplicate_groups"] >= 5 and ev["duplicate_groups_keeping_more"] == 0, ev
+    # re-encoded copies (another URL, other bytes) are found through the stored embeddings + pHash
+    assert ev["near_duplicate_groups"] >= 3 and ev["near_duplicate_groups_keeping_one"] >= 0.9, ev
+    assert ev["false_near_duplicates"] <= 0.02 * ev["matched_unique_fetchable_n"], ev
 
 
 def test_every_row_is_accounted_for_per_shard_and_overall(demo):
@@ -84,8 +87,8 @@ def test_fetch_outcomes_follow_the_ground_truth(demo):
     # rows removed by a text rule were never fetched
     assert set(d.filter(pl.col("reason") == "language")["fetch_status"]) == {"not_attempted"}
     # every removed duplicate points at a kept row
-    dups = d.filter(pl.col("reason").is_in(["duplicate_url", "duplicate_image"]))
-    assert dups.height >= 5
+    dups = d.filter(pl.col("reason").is_in(["duplicate_url", "duplicate_image", "duplicate_image_near"]))
+    assert dups.height >= 5 and (dups["reason"] == "duplicate_image_near").any()
     kept_uids = set(d.filter(pl.col("kept"))["uid"])
     assert set(dups["duplicate_of"]) <= kept_uids
 

@@ -29,6 +29,9 @@ DEMO_ALLOWED_LANGUAGES = ("en", "de", "fr", "es", "pl")  # must match pipelines/
 MISMATCH_RATE = 1 / 3
 DEMO_MIN_SIDE = 32  # must match pipelines/demo.toml
 
+# copies of an earlier unique row: same URL spelled differently, same bytes, re-encoded JPEG
+DUPLICATE_KINDS = ("url_duplicate", "image_duplicate", "near_duplicate")
+
 # row kinds and their shares; the rest are "unique"
 KIND_SHARES = {
     "broken_404": 0.04,
@@ -162,10 +165,11 @@ def _reencode(jpeg: bytes) -> bytes:
 def expected_outcome(rows: pl.DataFrame) -> pl.Series:
     """What a correct pipeline should do with each row, from ground truth alone:
     "keep" for matched, unique, fetchable pairs in an allowed language; otherwise the reason family.
-    Every member of an exact-duplicate group, the original included, is "duplicate": one of the
-    group survives, and which one depends on the scores."""
+    Every member of a duplicate group (exact URL or bytes copies, and re-encoded near-duplicate
+    copies), the original included, is "duplicate": one of the group survives, and which one
+    depends on the scores."""
     copied = set(
-        rows.filter(pl.col("row_kind").is_in(["url_duplicate", "image_duplicate"]))["duplicate_of_index"].to_list()
+        rows.filter(pl.col("row_kind").is_in(DUPLICATE_KINDS))["duplicate_of_index"].to_list()
     )
     out = []
     for index, kind, matched, lang in zip(rows["index"], rows["row_kind"], rows["matched"], rows["gt_language"]):
@@ -175,10 +179,10 @@ def expected_outcome(rows: pl.DataFrame) -> pl.Series:
             out.append("fetch_failed")
         elif kind == "tiny":
             out.append("image_size")
-        elif kind in ("url_duplicate", "image_duplicate") or index in copied:
-            out.append("duplicate")  # the original and its exact copies: one of the group survives
+        elif kind in DUPLICATE_KINDS or index in copied:
+            out.append("duplicate")  # the original and its copies: one of the group survives
         elif not matched:
             out.append("clip_score")
         else:
-            out.append("keep")  # unique and near_duplicate (near-dup removal is not in this version)
+            out.append("keep")
     return pl.Series("expected", out)

@@ -70,14 +70,20 @@ def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> d
         allowed & pl.col("row_kind").is_in(["unique", "near_duplicate"]) & pl.col("matched").not_(),
         (pl.col(schema.REASON) == "clip_score").fill_null(False),
     )
-    # an exact-duplicate group (original + copies) whose members all pass the other rules keeps one
+    # a duplicate group (original + copies) whose members all pass the other rules keeps one; a
+    # group with a re-encoded copy is a near-duplicate group (found by dedup.image_cosine + pHash)
     groups = (
         j.filter(pl.col("expected") == "duplicate")
         .with_columns(pl.coalesce("duplicate_of_index", "index").alias("_group"))
         .group_by("_group")
-        .agg(pl.col("kept").fill_null(False).sum().alias("kept"), (pl.col("matched").all() & (pl.col("gt_language").is_in(list(DEMO_ALLOWED_LANGUAGES))).all()).alias("eligible"))
+        .agg(
+            pl.col("kept").fill_null(False).sum().alias("kept"),
+            (pl.col("matched").all() & (pl.col("gt_language").is_in(list(DEMO_ALLOWED_LANGUAGES))).all()).alias("eligible"),
+            (pl.col("row_kind") == "near_duplicate").any().alias("near"),
+        )
     )
     eligible_groups = groups.filter(pl.col("eligible"))
+    near_groups = eligible_groups.filter(pl.col("near"))
     return {
         "rows": truth.height,
         "decided": int(j["kept"].is_not_null().sum()),
@@ -89,6 +95,10 @@ def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> d
         "duplicate_groups": groups.height,
         "duplicate_groups_keeping_one": float((eligible_groups["kept"] == 1).mean()) if eligible_groups.height else float("nan"),
         "duplicate_groups_keeping_more": int((groups["kept"] > 1).sum()),
+        "near_duplicate_groups": near_groups.height,
+        "near_duplicate_groups_keeping_one": float((near_groups["kept"] == 1).mean()) if near_groups.height else float("nan"),
+        # rows that should be kept but were removed as a near-duplicate of some other image
+        "false_near_duplicates": int(j.filter((pl.col("expected") == "keep") & (pl.col(schema.REASON) == "duplicate_image_near")).height),
     }
 
 
@@ -113,8 +123,10 @@ def run_demo(out: Path, rows: int = 600, shards: int = 3, seed: int = 0) -> int:
                f"counts reconcile: {'yes' if sel.get('reconciles') else 'NO'}")
     typer.echo(f"matched, unique, fetchable pairs kept:  {ev['matched_unique_fetchable_kept']:.1%} of {ev['matched_unique_fetchable_n']}")
     typer.echo(f"mismatched pairs removed by CLIP rule:  {ev['mismatched_removed_by_clip']:.1%} of {ev['mismatched_n']}")
-    typer.echo(f"exact-duplicate groups keeping one copy: {ev['duplicate_groups_keeping_one']:.1%} of eligible groups "
+    typer.echo(f"duplicate groups keeping one copy:      {ev['duplicate_groups_keeping_one']:.1%} of eligible groups "
                f"({ev['duplicate_groups_keeping_more']} groups kept more than one)")
+    typer.echo(f"  of which re-encoded (near) copies:    {ev['near_duplicate_groups_keeping_one']:.1%} of {ev['near_duplicate_groups']}; "
+               f"distinct images removed as near-duplicates: {ev['false_near_duplicates']}")
     typer.echo(f"ground truth: {out / 'input' / 'ground_truth.parquet'}")
     typer.echo(f"run directory: {result.run_dir}")
     typer.secho(f"report: {sel.get('report_html')}", bold=True)
