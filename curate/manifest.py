@@ -183,22 +183,29 @@ def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
     size and version (mtime locally, ETag on a bucket) match the previous record keeps its
     checksum; only new or changed files are read (streamed through fsspec)."""
     old = (m.get("outputs") or {}).get("files") or {}
-    paths: list[str] = []
+    found: dict[str, dict[str, Any]] = {}  # url -> {bytes, version}, from one listing per folder
     for d in OUTPUT_DIRS:
         top = io.join(run_dir, d)
-        if io.exists(top):
-            paths += io.list_files(top, suffix="")
+        fs, tp = io.fs_and_path(top)
+        if not fs.exists(tp):
+            continue
+        for p, info in fs.find(tp, detail=True).items():
+            if info.get("type", "file") != "file" or ".tmp-" in p:
+                continue
+            url = io.join(top, p[len(tp.rstrip("/")) + 1:]) if p.startswith(tp.rstrip("/") + "/") else p
+            etag = info.get("ETag") or info.get("etag")
+            version = str(etag).strip('"') if etag else (str(info["mtime"]) if info.get("mtime") is not None else None)
+            found[url] = {"bytes": int(info.get("size") or 0), "version": version}
 
     def one(url: str) -> tuple[str, dict[str, Any]]:
-        rel = _relative(run_dir, url)
-        info = io.describe_file(url)
+        rel, info = _relative(run_dir, url), found[url]
         prev = old.get(rel)
         if prev and info["version"] is not None and prev.get("version") == info["version"] and prev.get("bytes") == info["bytes"]:
             return rel, prev
-        return rel, {"bytes": info["bytes"], "version": info["version"], "sha256": sha256_file(url)}
+        return rel, {**info, "sha256": sha256_file(url)}
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        files = dict(sorted(pool.map(one, [p for p in paths if ".tmp-" not in p])))
+        files = dict(sorted(pool.map(one, list(found))))
     m["outputs"] = {"files": files, "recorded_at": now()}
     return m
 
