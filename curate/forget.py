@@ -161,7 +161,7 @@ def match(df: pl.DataFrame, keys: Keys) -> pl.Series:
     return mask
 
 
-def exclude_expr(keys: Keys, names: Iterable[str]) -> pl.Expr | None:
+def exclude_expr(keys: Keys, names: Iterable[str]) -> pl.Expr:
     """A lazy filter for annotation scans: rows matching a uid or sha256 key (URL keys need
     hashing and apply where rows enter a run: prepare_shard)."""
     names = set(names)

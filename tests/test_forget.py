@@ -283,3 +283,17 @@ def test_forget_by_image_sha256(demo_run, tmp_path):
     m = json.loads((run / "manifest.json").read_text())
     assert m["forget_requests"][-1]["kind"] == "sha256"
     assert m["model"]["preprocess"]["config"]["size"] == [64, 64]
+
+
+def test_overwrite_discards_the_run_not_the_deletion_requests(laion_forget):
+    """`curate run --overwrite` re-reads every input shard: the forgotten rows stay out."""
+    f = laion_forget
+    run = f["run"]
+    _cli("run", "laion_sample", "--input", str(f["inp"]), "--out", str(run), "--overwrite")
+    s = json.loads((run / "selections" / "default" / "selection.json").read_text())
+    assert s["reconciles"] and s["counts"]["forgotten"] >= f["forgotten"].height
+    assert s["counts"]["kept"] + s["counts"]["removed"] + s["counts"]["forgotten"] == s["counts"]["rows_read"]
+    rows = {(a, b) for a, b in f["forgotten"].select("shard", "row").iter_rows()}
+    _assert_gone(run, uids=f["uids"], urls=f["urls"], rows=rows)
+    m = json.loads((run / "manifest.json").read_text())
+    assert [r["kind"] for r in m["forget_requests"]][:2] == ["uids", "urls"] and m["deletion_lists"]
