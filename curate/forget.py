@@ -16,6 +16,9 @@ Where the keys apply:
     selection       annotations.scan leaves out rows matching a uid or sha256 key (defence in depth:
                     after `curate forget` the annotations hold none).
 
+Run it when no `curate run` writes to the same directory (the runner rewrites the manifest at its
+end; a shard finished during the forget is caught by the next run or forget, not by this one).
+
 Accounting: a shard's completion marker has rows_read (rows in the input shard), rows (rows in its
 annotation file) and forgotten; rows + forgotten == rows_read, and a selection's
 kept + removed + forgotten == rows_read per shard and in total (selection.json, report.json).

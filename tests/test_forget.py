@@ -297,3 +297,12 @@ def test_overwrite_discards_the_run_not_the_deletion_requests(laion_forget):
     _assert_gone(run, uids=f["uids"], urls=f["urls"], rows=rows)
     m = json.loads((run / "manifest.json").read_text())
     assert [r["kind"] for r in m["forget_requests"]][:2] == ["uids", "urls"] and m["deletion_lists"]
+
+
+def test_report_rebuild_keeps_the_forgotten_count(laion_forget):
+    f = laion_forget
+    res = _cli("report", str(f["run"]), "--selection", "default")
+    assert "counts reconcile: yes" in res.output
+    rep = json.loads((f["run"] / "selections" / "default" / "report.json").read_text())
+    assert rep["reconciles"] and rep["totals"]["forgotten"] >= f["forgotten"].height
+    assert rep["totals"]["rows_in"] + rep["totals"]["forgotten"] == rep["totals"]["rows_read"]
