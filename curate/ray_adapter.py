@@ -1,9 +1,17 @@
 """The one module that talks to Ray. Stages are plain Python; this module decides how they run.
 
-- `connect()`: a local `ray.init()` by default, or a cluster address ("auto", "ray://host:10001").
+- `connect()`: a new local Ray by default (never one that happens to run on the machine), the
+  cluster in RAY_ADDRESS (set inside a Ray job), or a given address ("auto", "host:6379",
+  "ray://host:10001").
 - `cpu_task()`: a stage function as a Ray task (fetching, annotating: CPU work, one shard a task).
 - `ActorPool`: long-lived actors that load a model once (`num_gpus=1` when the cluster has GPUs;
-  decided from the cluster's resources, never from the driver's own CUDA).
+  decided from the cluster's resources, never from the driver's own CUDA; plus any custom
+  resources, `ray.scorer_resources`, to keep scoring on the nodes that have them).
+
+Fault tolerance: a task whose worker or node dies is retried (`TASK_RETRIES`); a dead actor is
+restarted (`ACTOR_RESTARTS`) and its unfinished calls are resubmitted to it (`ACTOR_TASK_RETRIES`).
+Redoing work is safe because every output has a deterministic name and the completion marker is
+written last (curate/shard_jobs.py). An exception a stage raises is not retried.
 - `wait_one()` / `get()` / `describe_error()`: the runner's loop over shard futures, so that one
   bad shard is recorded with its error and never hides or stops the others.
 
@@ -18,9 +26,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import ray
+from curate import faults
 from curate.config import RayConfig
 
 log = logging.getLogger(__name__)
+
+TASK_RETRIES = 2  # per CPU task, on a dead worker or node
+ACTOR_RESTARTS = 3  # per scoring actor: a crash or a lost node each cost one; then the actor is dead for good
+# A call to an actor that died before answering is retried until the actor answers again or is
+# dead for good (-1). A finite count is spent by fast-failing retries while the cluster has not
+# yet noticed a lost node (ActorUnavailableError, seconds), failing shards the restarted actor
+# would have scored; the restart budget above is what bounds a crash loop.
+ACTOR_TASK_RETRIES = -1
 
 
 @dataclass(frozen=True)
@@ -36,11 +53,14 @@ class ClusterInfo:
 
 def connect(cfg: RayConfig) -> ClusterInfo:
     if not ray.is_initialized():
-        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
-        if cfg.address:
-            ray.init(address=cfg.address, runtime_env=env, log_to_driver=True)
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning",
+                            **faults.forwarded_env()}}
+        address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
         else:
             ray.init(
+                address="local",  # not a `ray start` instance that ray.init() would otherwise join
                 num_cpus=cfg.num_cpus,
                 include_dashboard=False,
                 runtime_env=env,
@@ -49,7 +69,8 @@ def connect(cfg: RayConfig) -> ClusterInfo:
                 logging_level=logging.WARNING,
             )
     res = ray.cluster_resources()
-    return ClusterInfo(cfg.address, float(res.get("CPU", 0)), float(res.get("GPU", 0)), len(ray.nodes()))
+    alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return ClusterInfo(cfg.address or os.environ.get("RAY_ADDRESS") or None, float(res.get("CPU", 0)), float(res.get("GPU", 0)), alive)
 
 
 def shutdown() -> None:
@@ -57,11 +78,19 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-def cpu_task(fn: Callable, num_cpus: float = 1, max_retries: int = 2, num_returns: int = 1) -> Any:
+def cpu_task(fn: Callable, num_cpus: float = 1, max_retries: int = TASK_RETRIES, num_returns: int = 1) -> Any:
     """`fn` as a Ray task. System failures (a dead worker or node) are retried; an exception the
     stage raises is not (a corrupt shard fails the same way every time) and is reported.
     num_returns > 1: the task returns that many objects (a shuffle's map side: one per partition)."""
-    return ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False, num_returns=num_returns)(fn)
+    return ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False, num_returns=num_returns,
+                      **_forwarded_runtime_env())(fn)
+
+
+def _forwarded_runtime_env() -> dict:
+    """A failpoint set in the driver (curate/faults.py, tests only) reaches workers even when the
+    process joined a Ray that was started before it was set."""
+    env = faults.forwarded_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def put(value: Any) -> Any:
@@ -77,14 +106,19 @@ def ensure_connected() -> None:
 
 
 class ActorPool:
-    """N actors of `cls(*args)`; each loads its model once. Work goes to the least-busy actor."""
+    """N actors of `cls(*args)`; each loads its model once. Work goes to the least-busy actor.
+    `resources`: Ray custom resources each actor requires (e.g. {"accel": 1}), so that actors
+    land only on the nodes that advertise them."""
 
-    def __init__(self, cls: type, args: tuple, size: int, gpus_per_actor: float, cpus_per_actor: float):
+    def __init__(self, cls: type, args: tuple, size: int, gpus_per_actor: float, cpus_per_actor: float,
+                 resources: dict[str, float] | None = None):
         remote_cls = ray.remote(cls).options(
             num_gpus=gpus_per_actor,
             num_cpus=cpus_per_actor,
-            max_restarts=2,
-            max_task_retries=2,  # outputs are written under deterministic names: a rerun is harmless
+            resources=dict(resources or {}),
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=ACTOR_TASK_RETRIES,  # outputs are written under deterministic names: a rerun is harmless
+            **_forwarded_runtime_env(),
         )
         self.actors = [remote_cls.remote(*args) for _ in range(size)]
         self._load = [0] * size
@@ -100,9 +134,17 @@ class ActorPool:
     def call_all(self, method: str, *args: Any) -> list[Any]:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])
 
+    def node_ids(self) -> list[str]:
+        """The Ray node each actor runs on now (for the manifest and placement tests)."""
+        return ray.get([a.__ray_call__.remote(_node_id) for a in self.actors])
+
     def kill(self) -> None:
         for a in self.actors:
             ray.kill(a)
+
+
+def _node_id(_actor: Any) -> str:
+    return ray.get_runtime_context().get_node_id()
 
 
 def wait_one(refs: Iterable[Any]) -> tuple[list[Any], list[Any]]:

@@ -1,7 +1,10 @@
 """`curate run`: drive every input shard through prepare (CPU tasks) and scoring (actors) on Ray,
 then write the spec's default selection. Shards flow through as they finish (fetching shard k+1
-overlaps scoring shard k); a failed shard is recorded with its error and the run exits non-zero,
-but never hides or stops the other shards."""
+overlaps scoring shard k); a failed shard is recorded with its error and its row count (from the
+parquet footer when that is readable, else "unknown") as unaccounted, and the run exits
+non-zero, but never hides or stops the other shards. A worker, node or actor that dies is Ray's
+to retry (curate/ray_adapter.py); a killed driver is resumed by running the same command again:
+shards with a completion marker are not redone."""
 
 from __future__ import annotations
 
@@ -54,8 +57,11 @@ def run(spec: PipelineSpec) -> RunResult:
     pool = None
     if spec.score.source == "model" and spec.fetch.enabled:
         gpus = 1.0 if info.gpus > 0 else 0.0
-        pool = rx.ActorPool(ShardScorer, (spec_json,), size=spec.score.actors, gpus_per_actor=gpus, cpus_per_actor=1)
+        pool = rx.ActorPool(ShardScorer, (spec_json,), size=spec.score.actors, gpus_per_actor=gpus, cpus_per_actor=1,
+                            resources=spec.ray.scorer_resources)
         m["model"] = pool.call_all("describe")[0]  # also fails fast on a bad checkpoint
+        m["cluster"]["scorer_nodes"] = pool.node_ids()
+        manifest.write(run_dir, m)
     elif spec.score.source == "column":
         m["model"] = {"model_id": f"input-column:{spec.score.column}"}
     from curate.stages.annotate import LANGUAGE_MODEL_ID
@@ -63,6 +69,7 @@ def run(spec: PipelineSpec) -> RunResult:
     m["language_model"] = LANGUAGE_MODEL_ID if spec.annotate.language else None
 
     prepare = rx.cpu_task(prepare_shard)
+    paths = {shard_name(p): p for p in shards}
     # ref -> (stage, shard, actor index or -1)
     by_ref = {prepare.remote(p, spec_json, run_dir): ("prepare", shard_name(p), -1) for p in shards}
     with _progress(len(shards)) as bar:
@@ -91,6 +98,7 @@ def run(spec: PipelineSpec) -> RunResult:
         pool.kill()
 
     m["failed_shards"] = result.failed
+    m["unaccounted_rows"] = {s: footer_rows(paths[s]) for s in sorted(result.failed)}
     done = annotations.completed_shards(run_dir)
     m["counts"] = _totals(run_dir, done)
     m["state"] = "failed" if result.failed else "complete"
@@ -99,6 +107,19 @@ def run(spec: PipelineSpec) -> RunResult:
     if done:
         result.selection = write_selection(run_dir, spec.selection, spec.report)
     return result
+
+
+def footer_rows(path: str) -> int | str:
+    """Rows in a parquet file by its footer, without reading data pages (a shard whose pages are
+    corrupt still says how many rows it holds); "unknown" when the footer is unreadable too."""
+    import pyarrow.parquet as pq
+
+    try:
+        fs, p = io.fs_and_path(path)
+        with fs.open(p, "rb") as f:
+            return int(pq.ParquetFile(f).metadata.num_rows)
+    except Exception:  # noqa: BLE001 - any unreadable footer is "unknown", never a second failure
+        return "unknown"
 
 
 def _totals(run_dir: str, shards: list[str]) -> dict:

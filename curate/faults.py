@@ -1,0 +1,67 @@
+"""Failpoints: a test hook that crashes a chosen step once, the way a dead process does in
+production (no exception, no cleanup, no `finally`). Not a user setting; off unless the
+environment variable is set, and then `fire()` costs a dict lookup.
+
+    CURATE_FAILPOINT=<name>:<once-file>[,<name>:<once-file>...]
+
+When the code reaches `fire(name)` and `<name>` is set, the first process to create
+`<once-file>` (O_CREAT | O_EXCL, so exactly one wins across processes and nodes sharing the
+path) calls `os._exit(FAILPOINT_EXIT_CODE)`. Every later arrival, including the restarted actor
+or the retried task that redoes the work, finds the file and goes on. The test then checks that
+Ray redid the work and that the outputs are exactly once.
+
+Names (where they fire):
+  score_first_batch   ShardScorer.score_shard, after the model scored the shard's rows and
+                      before anything of that shard is written
+  score_after_marker  ShardScorer.score_shard, after the completion marker is written and
+                      before the call returns (a retry must find the shard done, not fail)
+
+The driver forwards the variable to its Ray workers (`forwarded_env()`, used by
+curate/ray_adapter.py), so it works the same with a local Ray and with `--address`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+ENV = "CURATE_FAILPOINT"
+FAILPOINT_EXIT_CODE = 75
+NAMES = ("score_first_batch", "score_after_marker")
+
+
+def _parse(value: str) -> dict[str, str]:
+    points: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in value.split(","))):
+        name, sep, once = item.partition(":")
+        if not sep or not once or name not in NAMES:
+            raise ValueError(f"{ENV}={value!r}: expected <name>:<once-file> with name in {NAMES}, got {item!r}")
+        points[name] = once
+    return points
+
+
+def fire(name: str, detail: str = "") -> None:
+    """Crash this process here, once per once-file, if the failpoint `name` is set. The once-file
+    records the name, `detail` (e.g. the shard) and the pid of the process that died."""
+    value = os.environ.get(ENV)
+    if not value:
+        return
+    once = _parse(value).get(name)
+    if once is None:
+        return
+    try:
+        fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return  # fired already: this is the redo
+    os.write(fd, json.dumps({"failpoint": name, "detail": detail, "pid": os.getpid()}).encode())
+    os.close(fd)
+    os._exit(FAILPOINT_EXIT_CODE)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The failpoint variable, validated, for the Ray job's workers ({} when unset)."""
+    value = os.environ.get(ENV)
+    if not value:
+        return {}
+    _parse(value)
+    return {ENV: value}
