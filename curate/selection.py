@@ -81,6 +81,7 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
         "language_model": m.get("language_model"),
         "run_state": m.get("state"),
         "failed_shards": m.get("failed_shards", {}),
+        "unaccounted_rows": m.get("unaccounted_rows", {}),  # failed shards' rows (footer count or "unknown")
         "created_at": manifest.now(),
     }
     report, tables = build_audit(

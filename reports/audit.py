@@ -248,7 +248,7 @@ def rebuild_report(
     names = set(ann.collect_schema().names())
     extra = [c for c in cfg.group_columns if c in names]
     meta = {k: summary.get(k) for k in ("selection", "run_dir", "rules", "resolved", "model", "language_model",
-                                        "run_state", "failed_shards", "created_at")}
+                                        "run_state", "failed_shards", "unaccounted_rows", "created_at")}
     meta["resolved"] = resolved.as_dict()
     report, tables = build_audit(
         decisions, ann, sel, resolved.clip_threshold, report_cfg=cfg, extra_group_columns=extra, meta=meta,

@@ -186,6 +186,27 @@ def _headline(rep: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _failed_shards(rep: dict[str, Any]) -> str:
+    """Shards the run could not process: their rows are in no count of this report."""
+    meta = rep.get("meta") or {}
+    failed = meta.get("failed_shards") or {}
+    if not failed:
+        return ""
+    rows = meta.get("unaccounted_rows") or {}
+    known = [v for v in rows.values() if isinstance(v, int)]
+    total = fmt_int(sum(known)) + ("" if len(known) == len(failed) else " + unknown")
+    out = [
+        f'<div class="alarm">{esc(fmt_int(len(failed)))} input shard(s) failed: {esc(total)} rows are not accounted for '
+        "in this report (neither kept nor removed). Fix the shards and rerun `curate run`.</div>",
+        '<table><thead><tr><th>Failed shard</th><th class="n">Rows unaccounted</th><th>Error</th></tr></thead><tbody>',
+    ]
+    for shard, err in sorted(failed.items()):
+        n = rows.get(shard, "unknown")
+        out.append(f"<tr>{_td(esc(shard), 'val')}{_td(esc(fmt_int(n) if isinstance(n, int) else n))}{_td(esc(err), "")}</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
 def _meta(rep: dict[str, Any]) -> str:
     meta = rep.get("meta") or {}
     settings = rep.get("settings") or {}
@@ -624,6 +645,7 @@ def render_html(report: dict[str, Any]) -> str:
         f"<h1>{esc(title)}</h1>",
         f'<p class="sub">{sub}</p>' if sub else "",
         _headline(report),
+        _failed_shards(report),
         _disparities(report),
         _groups(report),
         _reasons(report),
