@@ -202,7 +202,7 @@ def _failed_shards(rep: dict[str, Any]) -> str:
     ]
     for shard, err in sorted(failed.items()):
         n = rows.get(shard, "unknown")
-        out.append(f"<tr>{_td(esc(shard), 'val')}{_td(esc(fmt_int(n) if isinstance(n, int) else n))}{_td(esc(err), "")}</tr>")
+        out.append(f"<tr>{_td(esc(shard), 'val')}{_td(esc(fmt_int(n) if isinstance(n, int) else n))}{_td(esc(err), '')}</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
