@@ -1,0 +1,121 @@
+"""Fault tolerance, each checked against a clean run of the same input (tests/fault_support.py
+assert_same_outcome): every input row decided exactly once, no duplicate uid, the same kept uid
+set, rows, decisions, scores and annotations.
+
+- a scoring actor that dies (os._exit) in its first shard before writing anything, and one that
+  dies right after writing a shard's completion marker: Ray restarts it and redoes the call; the
+  redo of a finished shard finds it done (curate/faults.py failpoints, forwarded to the session's
+  Ray workers)
+- the worker node that hosts the scoring actor removed without grace from a local three-node
+  cluster at 40% of the shards (tests/cluster_node_kill.py, in a subprocess: a Cluster cannot
+  share this process with the session's Ray); the actor needs the custom resource `accel`, which
+  only the two worker nodes have
+- a killed driver, `curate run --address` and the Ray Jobs API: tests/test_cluster_jobs.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from curate.config import load_spec
+from curate.presets import preset_path
+from curate.runner import run
+from fault_support import (
+    REPO,
+    SHARDS,
+    assert_same_outcome,
+    child_env,
+    demo_inputs,
+    demo_servers,
+    kill_session,
+    short_tmp,
+    slow_down,
+    spec_overrides,
+)
+
+
+def _spec(base: Path, out: Path, **extra):
+    return load_spec(preset_path("demo")).with_overrides(**spec_overrides(base, out), **extra)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_session):
+    base = tmp_path_factory.mktemp("faults")
+    with demo_servers() as servers:
+        truth = demo_inputs(base, servers)
+        ref = base / "reference"
+        res = run(_spec(base, ref))
+        assert res.ok and len(res.shards_done) == SHARDS, res.failed
+        yield {"base": base, "servers": servers, "truth": truth, "ref": ref}
+
+
+def _once(path: Path) -> dict:
+    assert path.exists(), f"failpoint {path.name} never fired"
+    return json.loads(path.read_text())
+
+
+def _dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_scoring_actor_crashes_are_redone_exactly_once(world, tmp_path, monkeypatch):
+    first, after = tmp_path / "score_first_batch.once", tmp_path / "score_after_marker.once"
+    monkeypatch.setenv("CURATE_FAILPOINT", f"score_first_batch:{first},score_after_marker:{after}")
+    out = tmp_path / "run"
+    res = run(_spec(world["base"], out))
+    assert res.ok and len(res.shards_done) == SHARDS, res.failed
+
+    crash1, crash2 = _once(first), _once(after)
+    assert _dead(crash1["pid"]) and _dead(crash2["pid"]) and crash1["pid"] != crash2["pid"]
+    ann = out / "annotations"
+    # crash 1 hit before anything of its shard was written: the shard was scored again afterwards
+    m1 = ann / f"{crash1['detail']}.done"
+    assert m1.stat().st_mtime_ns > first.stat().st_mtime_ns
+    # crash 2 hit after its shard's marker: the retried call found the shard done, wrote nothing
+    m2 = ann / f"{crash2['detail']}.done"
+    assert m2.stat().st_mtime_ns <= after.stat().st_mtime_ns
+    assert (ann / f"{crash2['detail']}.parquet").stat().st_mtime_ns <= m2.stat().st_mtime_ns
+    assert not list((out / "_work").glob("*.parquet"))
+    assert_same_outcome(out, world["ref"], world["truth"])
+
+
+@pytest.mark.slow
+def test_scoring_node_removed_at_40_percent(world, tmp_path):
+    servers, truth = world["servers"], world["truth"]
+    out = tmp_path / "run"
+    spec_file, result_file = tmp_path / "spec.json", tmp_path / "result.json"
+    spec_file.write_text(_spec(world["base"], out).model_dump_json())
+    slow_down(servers, truth, lambda k: 0.3 * k)  # later shards still in flight at 40%
+    cmd = [sys.executable, str(REPO / "tests" / "cluster_node_kill.py"), str(spec_file), str(result_file)]
+    proc = subprocess.Popen(cmd, env=child_env(short_tmp("crc")), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        kill_session(proc.pid)
+        slow_down(servers, truth, lambda k: 0.0)
+    assert proc.returncode == 0, output[-4000:]
+    info = json.loads(result_file.read_text())
+    print(f"node-kill run: {info['seconds']}s, cluster up in {info['cluster_up_s']}s, node removed after {info['kill_after_s']}s")
+
+    # the custom resource placed the scoring actor on an accel node, never on the head (which
+    # has free CPUs and is the driver's own node, where Ray would otherwise put it)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["cluster"]["scorer_nodes"][0] in info["accel_nodes"] and info["head"] not in m["cluster"]["scorer_nodes"]
+    # that node was removed while work was in flight, and the run finished on the others
+    assert info["killed"] == m["cluster"]["scorer_nodes"][0]
+    assert info["killed"] not in info["alive_nodes"] and len(info["alive_nodes"]) == 2
+    assert 0.4 * SHARDS <= len(info["done_at_kill"]) < SHARDS, info["done_at_kill"]
+    assert info["ok"] and len(info["shards_done"]) == SHARDS, info["failed"]
+    assert m["state"] == "complete" and m["counts"]["shards_complete"] == SHARDS
+    assert_same_outcome(out, world["ref"], truth)
