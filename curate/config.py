@@ -168,7 +168,9 @@ class SelectionConfig(Strict):
 
 
 class RayConfig(Strict):
-    address: Optional[str] = None  # None: a local ray.init() (or RAY_ADDRESS, as inside a Ray job); "auto", "host:6379" or "ray://host:10001" for a cluster
+    # None: a new local Ray (or the cluster in RAY_ADDRESS, as inside a Ray job);
+    # "auto", "host:6379" or "ray://host:10001" for a cluster
+    address: Optional[str] = None
     num_cpus: Optional[int] = None  # local runs only
     scorer_resources: dict[str, float] = Field(
         default_factory=dict,

@@ -70,7 +70,8 @@ def job_run(head, data):
     client = JobSubmissionClient(head.dashboard_url)
     t0 = time.monotonic()
     job_id = client.submit_job(entrypoint=f"curate run demo --input {data['inputs']} --out {out}")
-    status = wait_until(lambda: (st := client.get_job_status(job_id)) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and st, 300, 0.5)
+    final = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    status = wait_until(lambda: (st := client.get_job_status(job_id)) in final and st, 300, 0.5)
     print(f"job {job_id}: {status} after {time.monotonic() - t0:.1f}s")
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, f"{client.get_job_status(job_id)}: {logs[-4000:]}"

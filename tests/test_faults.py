@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from curate.config import load_spec
+from curate import faults
+from curate.config import SpecError, load_spec, parse_spec
 from curate.presets import preset_path
 from curate.runner import run
 from fault_support import (
@@ -42,6 +43,34 @@ from fault_support import (
 
 def _spec(base: Path, out: Path, **extra):
     return load_spec(preset_path("demo")).with_overrides(**spec_overrides(base, out), **extra)
+
+
+def test_scorer_resources_are_typed():
+    base = {"name": "t", "input": {"paths": ["x.parquet"]}}
+    assert parse_spec({**base, "ray": {"scorer_resources": {"accel": 1}}}).ray.scorer_resources == {"accel": 1.0}
+    for bad, says in (({"GPU": 1}, "'GPU' is not a custom resource"), ({"accel": 0}, "accel = 0.0 must be > 0"),
+                      ({"accel": "many"}, "ray.scorer_resources.accel")):
+        with pytest.raises(SpecError, match=says):
+            parse_spec({**base, "ray": {"scorer_resources": bad}})
+    with pytest.raises(SpecError, match="ray.scorer_resource: Extra inputs are not permitted"):
+        parse_spec({**base, "ray": {"scorer_resource": {"accel": 1}}})
+
+
+def test_failpoint_fires_once_and_is_checked(tmp_path, monkeypatch):
+    once = tmp_path / "once"
+    env = {**os.environ, faults.ENV: f"score_first_batch:{once}"}
+    code = "from curate import faults; faults.fire('score_after_marker'); faults.fire('score_first_batch', 'part-7'); print('went on')"
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert first.returncode == faults.FAILPOINT_EXIT_CODE and "went on" not in first.stdout
+    assert json.loads(once.read_text())["detail"] == "part-7"
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "went on" in again.stdout
+    monkeypatch.setenv(faults.ENV, "score_frist_batch:/tmp/x")
+    with pytest.raises(ValueError, match="score_frist_batch"):
+        faults.forwarded_env()
+    monkeypatch.delenv(faults.ENV)
+    assert faults.forwarded_env() == {}
+    faults.fire("score_first_batch")  # unset: a no-op
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +97,7 @@ def _dead(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+@pytest.mark.slow
 def test_scoring_actor_crashes_are_redone_exactly_once(world, tmp_path, monkeypatch):
     first, after = tmp_path / "score_first_batch.once", tmp_path / "score_after_marker.once"
     monkeypatch.setenv("CURATE_FAILPOINT", f"score_first_batch:{first},score_after_marker:{after}")
