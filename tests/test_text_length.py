@@ -65,3 +65,27 @@ def test_distinct_captions_and_input_order(clip):
     with torch.inference_mode():
         ref = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(caps)), dim=-1)
     np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)
+
+
+def test_token_budget_batches_cover_every_row_within_a_padded_batch():
+    from curate.stages.score import token_budget_batches
+
+    rng = np.random.default_rng(0)
+    lengths = np.sort(rng.integers(2, 78, 500)).tolist()
+    batches = token_budget_batches(lengths, 32, 77)
+    assert batches[0][0] == 0 and batches[-1][1] == 500
+    assert all(a[1] == b[0] for a, b in zip(batches, batches[1:]))  # contiguous, no row twice or lost
+    for s, e in batches:
+        assert e - s >= min(32, 500 - s)  # never fewer rows than a plain batch
+        assert e - s <= 32 or (e - s) * lengths[e - 1] <= 32 * 77  # bigger only within the token budget
+    assert max(e - s for s, e in batches) > 32  # short captions really share bigger batches
+
+
+def test_big_batches_of_short_captions_score_the_same(clip):
+    """encode_texts with token-budget batches equals the plain padded model, caption by caption."""
+    scorer = ClipScorer(ScoreConfig(precision="fp32", batch_size=8), device="cpu")
+    caps = _laion_captions(300)
+    got = scorer.encode_texts(caps)
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(caps)), dim=-1)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)

@@ -133,9 +133,8 @@ class ClipScorer:
         lengths = (tokens != 0).sum(dim=1)
         order = torch.argsort(lengths, stable=True)
         out: Optional[torch.Tensor] = None
-        bs = max(self.batch_size, 1)
-        for s in range(0, len(order), bs):
-            idx = order[s:s + bs]
+        for s, e in token_budget_batches(lengths[order].tolist(), max(self.batch_size, 1), tokens.shape[1]):
+            idx = order[s:e]
             tok = tokens[idx]
             tok = tok[:, :real_length(tok)]  # also cuts the host->device copy
             with clip.autocast():
@@ -239,6 +238,22 @@ class ClipScorer:
             self.close()
         except Exception:
             pass
+
+
+def token_budget_batches(sorted_lengths: Sequence[int], batch_size: int, context: int) -> list[tuple[int, int]]:
+    """(start, stop) batches over captions sorted by token length: as many captions as fit in the
+    tokens of one padded batch (batch_size x context), i.e. rows x longest length <= that budget,
+    never fewer than batch_size rows. Short captions go in big batches (better matrix shapes),
+    and no batch holds more activations than a padded batch of batch_size would."""
+    budget = batch_size * context
+    out, s, n = [], 0, len(sorted_lengths)
+    while s < n:
+        e = min(s + batch_size, n)
+        while e < n and (e + 1 - s) * max(int(sorted_lengths[e]), 1) <= budget:
+            e += 1
+        out.append((s, e))
+        s = e
+    return out
 
 
 def _chain(first, rest):
