@@ -135,8 +135,12 @@ class ActorPool:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])
 
     def node_ids(self) -> list[str]:
-        """The Ray node each actor runs on now (for the manifest and placement tests)."""
-        return ray.get([a.__ray_call__.remote(_node_id) for a in self.actors])
+        """The Ray node each actor runs on now (for the manifest and placement tests); [] on a Ray
+        without `__ray_call__`."""
+        try:
+            return ray.get([a.__ray_call__.remote(_node_id) for a in self.actors])
+        except AttributeError:
+            return []
 
     def kill(self) -> None:
         for a in self.actors:

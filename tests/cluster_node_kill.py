@@ -4,7 +4,7 @@ hosts the scoring actor removed without grace once 40% of the shards have their 
 
     python tests/cluster_node_kill.py <spec.json> <result.json>
 
-Nodes: the head (2 CPUs, the driver's node, no accelerator), two workers with 2 CPUs and one
+Nodes: the head (1 CPU, the driver's node, no accelerator), two workers with 2 CPUs and one
 `accel` each, the custom resource standing in for a GPU (`ray.scorer_resources = {accel = 1}`;
 `num_gpus` on a real cluster). Fetch tasks run on any CPU; the scoring actor only where `accel`
 is. Writes what happened as JSON; the test checks the outputs.
@@ -32,7 +32,7 @@ def main(spec_file: str, result_file: str) -> int:
     # the GCS notices a lost node after health_check_failure_threshold missed checks (15 s by
     # default); faster here so the test does not wait for it
     fast_checks = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 4}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, "_system_config": fast_checks})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": fast_checks})
     workers = [cluster.add_node(num_cpus=2, resources={"accel": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
     spec = spec.with_overrides(**{"ray.address": cluster.address, "ray.scorer_resources": {"accel": 1}})

@@ -69,13 +69,24 @@ def job_run(head, data):
     out = data["base"] / "job-run"
     client = JobSubmissionClient(head.dashboard_url)
     t0 = time.monotonic()
-    job_id = client.submit_job(entrypoint=f"curate run demo --input {data['inputs']} --out {out}")
+    job_id = wait_until(lambda: _submit(client, f"curate run demo --input {data['inputs']} --out {out}"), 60, 0.5)
+    assert job_id, "the head's job agent never came up"
     final = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
     status = wait_until(lambda: (st := client.get_job_status(job_id)) in final and st, 300, 0.5)
     print(f"job {job_id}: {status} after {time.monotonic() - t0:.1f}s")
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, f"{client.get_job_status(job_id)}: {logs[-4000:]}"
     return {"out": out, "logs": logs, "client": client}
+
+
+def _submit(client, entrypoint: str) -> str | None:
+    """The dashboard answers before the head's job agent has registered: retry until it has."""
+    try:
+        return client.submit_job(entrypoint=entrypoint)
+    except RuntimeError as e:
+        if "No available agent" in str(e):
+            return None
+        raise
 
 
 def test_job_submission_runs_curate_on_the_cluster(data, job_run):
