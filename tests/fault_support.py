@@ -170,7 +170,10 @@ class RayHead:
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--port", str(self.port), "--num-cpus", str(num_cpus), "--num-gpus", "0",
                "--temp-dir", os.path.join(self.tmp, "ray"), "--disable-usage-stats",
-               "--object-store-memory", str(200 * 1024 * 1024)]
+               "--object-store-memory", str(200 * 1024 * 1024),
+               # ports that default to fixed numbers (52365, 10001): free ones, so that two heads
+               # (or a head beside another Ray) on one machine do not collide
+               "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port())]
         if dashboard:
             cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash_port)]
         else:
