@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -218,6 +219,7 @@ class RayHead:
         kill_session(self.proc.pid)
         self.proc.wait(timeout=10)
         self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def session_cmdlines(sid: int, ignore: tuple[str, ...] = ()) -> list[str]:

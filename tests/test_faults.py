@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,13 +128,15 @@ def test_scoring_node_removed_at_40_percent(world, tmp_path):
     spec_file.write_text(_spec(world["base"], out).model_dump_json())
     slow_down(servers, truth, lambda k: 0.3 * k)  # later shards still in flight at 40%
     cmd = [sys.executable, str(REPO / "tests" / "cluster_node_kill.py"), str(spec_file), str(result_file)]
-    proc = subprocess.Popen(cmd, env=child_env(short_tmp("crc")), cwd=REPO, stdout=subprocess.PIPE,
+    ray_tmp = short_tmp("crc")
+    proc = subprocess.Popen(cmd, env=child_env(ray_tmp), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=400)
     finally:
         kill_session(proc.pid)
         slow_down(servers, truth, lambda k: 0.0)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, output[-4000:]
     info = json.loads(result_file.read_text())
     print(f"node-kill run: {info['seconds']}s, cluster up in {info['cluster_up_s']}s, node removed after {info['kill_after_s']}s")
