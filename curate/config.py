@@ -132,6 +132,9 @@ class ImageRule(Strict):
 
 class DedupRule(Strict):
     url: bool = True  # normalised URL
+    # the duplicate_url key: the normalised URL alone, or the (normalised URL, caption) pair --
+    # LAION's rule, which keeps one row per distinct caption of an image URL
+    url_key: Literal["url", "url_caption"] = "url"
     image_sha256: bool = True
     # near-duplicate captions: rows sharing an LSH band key (annotation caption_lsh) whose word
     # n-gram Jaccard is >= this are one cluster; None = off. Needs annotate.caption_minhash.

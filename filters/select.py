@@ -189,8 +189,16 @@ def decide(
     frame = frame.with_columns(*[expr.alias(_fail(reason)) for reason, expr in fails.items()])
     frame = frame.with_columns(pl.any_horizontal([pl.col(_fail(r)) for r in fails]).not_().alias("_eligible"))
 
+    url_key = schema.URL_NORMALIZED
+    if sel.dedup.url and sel.dedup.url_key == "url_caption":  # LAION's rule: the same URL AND caption
+        url_key = "_url_caption"
+        frame = frame.with_columns(
+            pl.when(pl.col(schema.URL_NORMALIZED).is_not_null())
+            .then(pl.concat_str([pl.col(schema.URL_NORMALIZED), pl.col(schema.CAPTION).fill_null("")], separator="\x00"))
+            .alias(url_key)
+        )
     for reason, key, on in (
-        (Reason.DUPLICATE_URL, schema.URL_NORMALIZED, sel.dedup.url),
+        (Reason.DUPLICATE_URL, url_key, sel.dedup.url),
         (Reason.DUPLICATE_IMAGE, schema.IMAGE_SHA256, sel.dedup.image_sha256),
     ):
         if on:
@@ -234,6 +242,8 @@ def decide(
     drop = [*(_fail(r) for r in RULE_ORDER), "_eligible"]
     drop += [f"{_of(r)}{suffix}" for r in dedups for suffix in ("", "_idx")]
     drop.append(_IDX)
+    if url_key != schema.URL_NORMALIZED:
+        drop.append(url_key)
     if not explain:
         return frame.with_columns(pl.col("_eligible").alias(schema.KEPT)).drop(drop), resolved
 

@@ -128,3 +128,24 @@ def test_image_duplicates_and_every_duplicate_points_at_a_kept_row():
 def test_nan_scores_are_not_scored_never_kept():
     d, _ = run([{"clip_score": float("nan")}, {"clip_score": 0.9}], clip={"min_score": 0.3})
     assert d["reason"].to_list() == ["not_scored", None]
+
+
+def test_url_caption_pair_key_keeps_one_row_per_caption_of_a_url():
+    import pyarrow as pa
+
+    from curate.annotations import conform
+
+    t = conform(pa.table({
+        "shard": ["s"] * 4, "row": [0, 1, 2, 3], "uid": [f"{i:032x}" for i in range(4)],
+        "url": ["http://a.test/x.jpg", "HTTP://a.test/x.jpg#frag", "http://a.test/x.jpg", "http://b.test/y.jpg"],
+        "url_normalized": ["http://a.test/x.jpg"] * 3 + ["http://b.test/y.jpg"],
+        "caption": ["a red car", "a red car", "a blue car", "a red car"],
+        "fetch_status": ["not_needed"] * 4,
+        "clip_score": pa.array([0.3, 0.4, 0.2, 0.3], pa.float32()),
+    }))
+    lf = pl.from_arrow(t).lazy()
+    by_url = decide(lf, SelectionConfig(dedup={"image_sha256": False}))[0].collect().sort("row")
+    assert by_url["reason"].to_list() == ["duplicate_url", None, "duplicate_url", None]
+    pair = decide(lf, SelectionConfig(dedup={"image_sha256": False, "url_key": "url_caption"}))[0].collect().sort("row")
+    assert pair["reason"].to_list() == ["duplicate_url", None, None, None]
+    assert pair["duplicate_of"][0] == pair["uid"][1] and "_url_caption" not in pair.columns
