@@ -181,6 +181,12 @@ class RayConfig(Strict):
         "started with --resources='{\"accel\": 1}'; GPUs are requested on their own (num_gpus=1 when the cluster has any)",
     )
 
+    scorer_max_restarts: int = Field(
+        3, ge=0, le=100,
+        description="restarts of one scoring actor (a crash or a lost node each cost one); an actor dead for good is "
+        "replaced by a fresh one, and each shard whose call it took down is resubmitted once",
+    )
+
     @model_validator(mode="after")
     def _check_resources(self) -> "RayConfig":
         for name, amount in self.scorer_resources.items():

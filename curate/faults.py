@@ -15,6 +15,9 @@ Names (where they fire):
                       before anything of that shard is written
   score_after_marker  ShardScorer.score_shard, after the completion marker is written and
                       before the call returns (a retry must find the shard done, not fail)
+  score_poison        ShardScorer.score_shard, EVERY time the shard named instead of a
+                      once-file is scored (`score_poison:part-00003`): a shard that kills its
+                      actor on every try (a poison input)
 
 The driver forwards the variable to its Ray workers (`forwarded_env()`, used by
 curate/ray_adapter.py), so it works the same with a local Ray and with `--address`.
@@ -27,7 +30,8 @@ import os
 
 ENV = "CURATE_FAILPOINT"
 FAILPOINT_EXIT_CODE = 75
-NAMES = ("score_first_batch", "score_after_marker")
+NAMES = ("score_first_batch", "score_after_marker", "score_poison")
+ALWAYS = ("score_poison",)  # their argument is the shard to crash on, every time
 
 
 def _parse(value: str) -> dict[str, str]:
@@ -48,6 +52,10 @@ def fire(name: str, detail: str = "") -> None:
         return
     once = _parse(value).get(name)
     if once is None:
+        return
+    if name in ALWAYS:
+        if detail == once:
+            os._exit(FAILPOINT_EXIT_CODE)
         return
     try:
         fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

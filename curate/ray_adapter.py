@@ -20,6 +20,7 @@ Ray's spelling of these APIs has changed across releases; only this file needs t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -111,22 +112,48 @@ class ActorPool:
     land only on the nodes that advertise them."""
 
     def __init__(self, cls: type, args: tuple, size: int, gpus_per_actor: float, cpus_per_actor: float,
-                 resources: dict[str, float] | None = None):
-        remote_cls = ray.remote(cls).options(
+                 resources: dict[str, float] | None = None, max_restarts: int = ACTOR_RESTARTS):
+        self._remote_cls = ray.remote(cls).options(
             num_gpus=gpus_per_actor,
             num_cpus=cpus_per_actor,
             resources=dict(resources or {}),
-            max_restarts=ACTOR_RESTARTS,
+            max_restarts=max_restarts,
             max_task_retries=ACTOR_TASK_RETRIES,  # outputs are written under deterministic names: a rerun is harmless
             **_forwarded_runtime_env(),
         )
-        self.actors = [remote_cls.remote(*args) for _ in range(size)]
+        self._args = args
+        self.actors = [self._remote_cls.remote(*args) for _ in range(size)]
         self._load = [0] * size
+        self.replaced = 0
 
     def submit(self, method: str, *args: Any) -> tuple[Any, int]:
         i = min(range(len(self.actors)), key=self._load.__getitem__)
         self._load[i] += 1
         return getattr(self.actors[i], method).remote(*args), i
+
+    def loads(self) -> list[int]:
+        """Calls in flight per actor slot."""
+        return list(self._load)
+
+    def submit_to(self, i: int, method: str, *args: Any) -> Any:
+        self._load[i] += 1
+        return getattr(self.actors[i], method).remote(*args)
+
+    def handle(self, i: int) -> Any:
+        return self.actors[i]
+
+    def replace(self, i: int, dead: Any) -> bool:
+        """Put a fresh actor in slot i if it still holds `dead` (an actor whose restarts are used
+        up: every call queued on it fails). Without this one poison shard that crashes its actor
+        on every try would take every later shard sent to that slot down with it. True when
+        replaced now; False when an earlier failure of the same actor already did it."""
+        if self.actors[i] is not dead:
+            return False
+        with contextlib.suppress(Exception):
+            ray.kill(dead)
+        self.actors[i] = self._remote_cls.remote(*self._args)
+        self.replaced += 1
+        return True
 
     def done(self, i: int) -> None:
         self._load[i] -= 1
@@ -149,6 +176,11 @@ class ActorPool:
 
 def _node_id(_actor: Any) -> str:
     return ray.get_runtime_context().get_node_id()
+
+
+def is_actor_dead(e: BaseException) -> bool:
+    """The call failed because its actor is dead for good (restarts used up, or killed)."""
+    return isinstance(e, ray.exceptions.ActorDiedError)
 
 
 def wait_one(refs: Iterable[Any]) -> tuple[list[Any], list[Any]]:

@@ -17,6 +17,9 @@ from curate.stages.read import list_shards, shard_name
 
 log = logging.getLogger(__name__)
 
+SCORE_QUEUE = 2  # scoring calls in flight per actor: one running, one ready to start
+SCORE_RESUBMITS = 2  # times a shard is resubmitted after a dead actor took its call down
+
 
 @dataclass
 class RunResult:
@@ -58,7 +61,7 @@ def run(spec: PipelineSpec) -> RunResult:
     if spec.score.source == "model" and spec.fetch.enabled:
         gpus = 1.0 if info.gpus > 0 else 0.0
         pool = rx.ActorPool(ShardScorer, (spec_json,), size=spec.score.actors, gpus_per_actor=gpus, cpus_per_actor=1,
-                            resources=spec.ray.scorer_resources)
+                            resources=spec.ray.scorer_resources, max_restarts=spec.ray.scorer_max_restarts)
         m["model"] = pool.call_all("describe")[0]  # also fails fast on a bad checkpoint
         m["cluster"]["scorer_nodes"] = pool.node_ids()
         manifest.write(run_dir, m)
@@ -70,31 +73,79 @@ def run(spec: PipelineSpec) -> RunResult:
 
     prepare = rx.cpu_task(prepare_shard)
     paths = {shard_name(p): p for p in shards}
-    # ref -> (stage, shard, actor index or -1)
-    by_ref = {prepare.remote(p, spec_json, run_dir): ("prepare", shard_name(p), -1) for p in shards}
+    # ref -> (stage, shard, actor index or -1, actor handle or None)
+    by_ref = {prepare.remote(p, spec_json, run_dir): ("prepare", shard_name(p), -1, None) for p in shards}
+    prepared: dict[str, dict] = {}  # shard -> its prepare counts, to resubmit a scoring call
+    deaths: dict[str, int] = {}  # shard -> its scoring calls that a dead actor took down
+    waiting: list[str] = []  # prepared shards not yet sent to an actor
+    suspects: list[str] = []  # shards whose call died with an actor: each is retried ALONE on an actor
+    isolated: dict[int, str] = {}  # actor slot -> the suspect it is running, nothing else queued there
+
+    def dispatch() -> None:
+        """Send waiting shards to actors, at most SCORE_QUEUE calls per actor so that work goes to
+        whichever frees up first and a dying actor takes few calls down with it. A suspect runs
+        alone on an idle actor: if that actor dies, the suspect killed it, and no innocent shard
+        queued behind it is taken down again."""
+        assert pool is not None
+        loads = pool.loads()
+        for i in range(len(loads)):
+            if suspects and loads[i] == 0 and i not in isolated:
+                shard = suspects.pop(0)
+                isolated[i] = shard
+                submit(shard, i)
+                loads[i] += 1
+        while waiting:
+            free = [i for i in range(len(loads)) if i not in isolated and loads[i] < SCORE_QUEUE]
+            if not free:
+                return
+            i = min(free, key=loads.__getitem__)
+            submit(waiting.pop(0), i)
+            loads[i] += 1
+
+    def submit(shard: str, i: int) -> None:
+        sref = pool.submit_to(i, "score_shard", run_dir, shard, prepared[shard])
+        by_ref[sref] = ("score", shard, i, pool.handle(i))
+
+    def finished(ref) -> None:
+        kind, shard, actor, handle = by_ref.pop(ref)
+        if actor >= 0 and pool is not None:
+            pool.done(actor)
+            if isolated.get(actor) == shard:
+                del isolated[actor]
+        try:
+            res = rx.get(ref)
+        except Exception as e:  # noqa: BLE001 - recorded and reported, never swallowed
+            if kind == "score" and pool is not None and rx.is_actor_dead(e):
+                if pool.replace(actor, handle):
+                    log.warning("scoring actor %d is dead for good (%s); started a fresh one", actor, rx.describe_error(e))
+                deaths[shard] = deaths.get(shard, 0) + 1
+                if deaths[shard] <= SCORE_RESUBMITS:  # it may only have been queued behind the culprit
+                    suspects.append(shard)
+                    return
+                e = RuntimeError(f"its scoring actor died on all {deaths[shard]} tries, the last ones with this "
+                                 f"shard alone on the actor (a shard that crashes the scorer, or lost nodes): "
+                                 f"{rx.describe_error(e)}")
+            result.failed[shard] = rx.describe_error(e)
+            log.error("shard %s failed in %s: %s", shard, kind, result.failed[shard])
+            bar.update(1)
+            return
+        m["shards"].setdefault(shard, {}).update({k: v for k, v in res.items() if k not in ("shard", "state", "counts")})
+        if res["state"] == "needs_scoring":
+            prepared[shard] = res["counts"]
+            waiting.append(shard)
+            return
+        result.shards_done.append(shard)
+        bar.update(1)
+
     with _progress(len(shards)) as bar:
         while by_ref:
             ready, _ = rx.wait_one(by_ref)
-            ref = ready[0]
-            kind, shard, actor = by_ref.pop(ref)
-            if actor >= 0 and pool is not None:
-                pool.done(actor)
-            try:
-                res = rx.get(ref)
-            except Exception as e:  # noqa: BLE001 - recorded and reported, never swallowed
-                result.failed[shard] = rx.describe_error(e)
-                log.error("shard %s failed in %s: %s", shard, kind, result.failed[shard])
-                bar.update(1)
-                continue
-            m["shards"].setdefault(shard, {}).update({k: v for k, v in res.items() if k not in ("shard", "state", "counts")})
-            if res["state"] == "needs_scoring":
-                assert pool is not None
-                sref, i = pool.submit("score_shard", run_dir, shard, res["counts"])
-                by_ref[sref] = ("score", shard, i)
-                continue
-            result.shards_done.append(shard)
-            bar.update(1)
+            finished(ready[0])
+            if pool is not None:
+                dispatch()
+    assert not waiting and not suspects, (waiting, suspects)  # every prepared shard went to an actor
     if pool is not None:
+        m["cluster"]["scorer_replacements"] = pool.replaced
         pool.kill()
 
     m["failed_shards"] = result.failed

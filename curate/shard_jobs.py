@@ -218,6 +218,7 @@ class ShardScorer:
             scores, emb, phash = self.scorer.score(image_bytes, captions), None, None
         scores = np.asarray(scores, dtype=np.float32)
         faults.fire("score_first_batch", shard)  # test hook (curate/faults.py); nothing written yet
+        faults.fire("score_poison", shard)
         bad = np.isnan(scores)
         if emb is not None:  # before finish_shard: the annotation marker stays the last write
             _merge_embeddings(run_dir, shard, todo.get_column(schema.ROW).to_numpy()[~bad], emb[~bad], phash[~bad])

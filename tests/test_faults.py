@@ -28,9 +28,12 @@ from curate import faults
 from curate.config import SpecError, load_spec, parse_spec
 from curate.presets import preset_path
 from curate.runner import run
+import polars as pl
+
 from fault_support import (
     REPO,
     SHARDS,
+    annotations_frame,
     assert_same_outcome,
     child_env,
     demo_inputs,
@@ -152,3 +155,22 @@ def test_scoring_node_removed_at_40_percent(world, tmp_path):
     assert info["ok"] and len(info["shards_done"]) == SHARDS, info["failed"]
     assert m["state"] == "complete" and m["counts"]["shards_complete"] == SHARDS
     assert_same_outcome(out, world["ref"], truth)
+
+
+@pytest.mark.slow
+def test_a_poison_shard_fails_alone(world, tmp_path, monkeypatch):
+    """A shard that kills its scoring actor on every try (restarts set to 0, so each crash kills
+    the actor for good) fails by name after its resubmissions; a fresh actor replaces each dead
+    one, and every other shard -- including calls the dead actors took down -- completes."""
+    monkeypatch.setenv("CURATE_FAILPOINT", "score_poison:part-00003")
+    out = tmp_path / "run"
+    res = run(_spec(world["base"], out, **{"ray.scorer_max_restarts": 0}))
+    assert list(res.failed) == ["part-00003"], res.failed
+    assert "died on all 3 tries" in res.failed["part-00003"]
+    assert sorted(res.shards_done) == [f"part-{k:05d}" for k in range(SHARDS) if k != 3]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["state"] == "failed" and m["cluster"]["scorer_replacements"] == 3
+    assert m["unaccounted_rows"] == {"part-00003": 20}
+    got = annotations_frame(out)
+    ref = annotations_frame(world["ref"]).filter(pl.col("shard") != "part-00003")
+    assert got.equals(ref)  # the other shards were scored exactly as in a clean run
