@@ -94,7 +94,6 @@ def image_duplicates(
     version that compares each k-means cluster in a Ray task (the same edges).
     phash_max_distance: an edge also needs the two images' perceptual hashes (column image_phash)
     within this Hamming distance; a row without a hash then has no edge."""
-    """"""
     empty = duplicates_frame(idx)
     if pool.height < 2:
         return empty

@@ -6,7 +6,7 @@ is equally usable directly:
 
     scorer = ClipScorer(ScoreConfig())                 # curate-tiny, bundled checkpoint
     scorer.score([jpeg_bytes, ...], ["a caption", ...])  # float32, NaN where the image is unusable
-    scorer.score_with_embeddings(images, captions)      # + float16 L2-normalised image embeddings
+    scorer.score_for_dedup(images, captions)            # + float16 image embeddings, uint64 pHashes
     scorer(table)                                      # table + float32 "clip_score" column
 
 Scores come back in input order whatever the batching: every score is written back to the row
@@ -149,23 +149,17 @@ class ClipScorer:
     def score(self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]]) -> np.ndarray:
         """Cosine similarity of each (image bytes, caption) pair, float32, in input order; NaN for
         rows with an undecodable/missing image or a missing caption."""
-        return self._score(images, captions, want_embeddings=False)[0]
-
-    def score_with_embeddings(
-        self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """score() plus the L2-normalised image embeddings the scores were computed from:
-        (scores float32 [n], embeddings float16 [n, d]); an embedding row is all NaN exactly where
-        the score is NaN (unusable image, or a missing caption: such rows are not encoded)."""
-        scores, emb, _ = self._score(images, captions, want_embeddings=True)
-        return scores, emb
+        return self._score(images, captions, for_dedup=False)[0]
 
     def score_for_dedup(
         self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """score_with_embeddings() plus each image's 64-bit perceptual hash (uint64 [n]; 0 where the
-        score is NaN), computed from the same decoded image (curate/stages/phash.py)."""
-        scores, emb, ph = self._score(images, captions, want_embeddings=True, want_phash=True)
+        """score() plus what near-duplicate image dedup needs, from the same decoded images:
+        (scores float32 [n], L2-normalised image embeddings float16 [n, d], 64-bit perceptual
+        hashes uint64 [n], curate/stages/phash.py). An embedding row is all NaN and a hash 0
+        exactly where the score is NaN (unusable image, or a missing caption: not encoded)."""
+        scores, emb, ph = self._score(images, captions, for_dedup=True)
+        assert emb is not None
         return scores, emb, ph
 
     def _embedding_dim(self) -> int:
@@ -177,14 +171,13 @@ class ClipScorer:
         return int(d)
 
     def _score(
-        self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]], want_embeddings: bool,
-        want_phash: bool = False,
+        self, images: Sequence[Optional[bytes]], captions: Sequence[Optional[str]], for_dedup: bool
     ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         out = np.full(len(images), np.nan, dtype=np.float32)
         emb: Optional[np.ndarray] = None
-        if want_embeddings:
+        if for_dedup:
             emb = np.full((len(images), self._embedding_dim()), np.nan, dtype=np.float16)
         phashes = np.zeros(len(images), dtype=np.uint64)
         for start in range(0, len(images), TEXT_WINDOW):
@@ -192,7 +185,7 @@ class ClipScorer:
             rows = [i for i in range(start, stop) if captions[i] is not None and images[i]]
             if not rows:
                 continue
-            batches = self._decoded_batches(images, rows, want_phash)  # starts decoding now
+            batches = self._decoded_batches(images, rows, for_dedup)  # starts decoding now
             first = next(batches, None)
             distinct, inverse = unique_index([str(captions[i]) for i in rows])
             text = self.encode_texts(distinct)
@@ -207,7 +200,6 @@ class ClipScorer:
                 out[ok_np] = (img * t).sum(dim=-1).cpu().numpy().astype(np.float32)
                 if emb is not None:
                     emb[ok_np] = img.cpu().numpy().astype(np.float16)
-                if want_phash:
                     phashes[ok_np] = np.asarray(hashes, dtype=np.uint64)
         return out, emb, phashes
 
