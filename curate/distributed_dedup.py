@@ -28,7 +28,7 @@ from curate.filters.image_dedup import cluster_edges
 ROWS_PER_BLOCK = 250_000  # representatives per map task
 
 
-def _partition_keys(reps: pl.DataFrame, partitions: int) -> list[pl.DataFrame]:
+def _partition_keys(reps: pl.DataFrame, partitions: int) -> list[pl.DataFrame] | pl.DataFrame:
     keys = exploded_keys(reps).with_columns((pl.col("_k") % partitions).alias("_p"))
     parts = {p[0]: f.drop("_p") for p, f in keys.partition_by("_p", as_dict=True).items()}
     empty = keys.drop("_p").clear()

@@ -53,10 +53,10 @@ class ClusterInfo:
 
 
 def connect(cfg: RayConfig) -> ClusterInfo:
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning",
                             **faults.forwarded_env()}}
-        address = cfg.address or os.environ.get("RAY_ADDRESS") or None
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=True)
         else:
@@ -71,7 +71,7 @@ def connect(cfg: RayConfig) -> ClusterInfo:
             )
     res = ray.cluster_resources()
     alive = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return ClusterInfo(cfg.address or os.environ.get("RAY_ADDRESS") or None, float(res.get("CPU", 0)), float(res.get("GPU", 0)), alive)
+    return ClusterInfo(address, float(res.get("CPU", 0)), float(res.get("GPU", 0)), alive)
 
 
 def shutdown() -> None:
@@ -94,11 +94,6 @@ def _forwarded_runtime_env() -> dict:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def put(value: Any) -> Any:
-    """Place a value in the object store once, to pass to many tasks by reference."""
-    return ray.put(value)
-
-
 def ensure_connected() -> None:
     """Steps that may run outside `curate run` (selection with dedup.engine = "ray") join the
     Ray the process already has, or start a local one."""
@@ -107,7 +102,8 @@ def ensure_connected() -> None:
 
 
 class ActorPool:
-    """N actors of `cls(*args)`; each loads its model once. Work goes to the least-busy actor.
+    """N actors of `cls(*args)`; each loads its model once. The caller picks the slot for each call
+    (`loads()`, `submit_to()`) and replaces an actor that is dead for good (`replace()`).
     `resources`: Ray custom resources each actor requires (e.g. {"accel": 1}), so that actors
     land only on the nodes that advertise them."""
 
@@ -125,11 +121,6 @@ class ActorPool:
         self.actors = [self._remote_cls.remote(*args) for _ in range(size)]
         self._load = [0] * size
         self.replaced = 0
-
-    def submit(self, method: str, *args: Any) -> tuple[Any, int]:
-        i = min(range(len(self.actors)), key=self._load.__getitem__)
-        self._load[i] += 1
-        return getattr(self.actors[i], method).remote(*args), i
 
     def loads(self) -> list[int]:
         """Calls in flight per actor slot."""

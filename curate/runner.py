@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from curate import annotations, forget, io, manifest
 from curate.config import PipelineSpec
-from curate.stages.read import list_shards, shard_name
+from curate.stages.read import footer_rows, list_shards, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +158,6 @@ def run(spec: PipelineSpec) -> RunResult:
     if done:
         result.selection = write_selection(run_dir, spec.selection, spec.report)
     return result
-
-
-def footer_rows(path: str) -> int | str:
-    """Rows in a parquet file by its footer, without reading data pages (a shard whose pages are
-    corrupt still says how many rows it holds); "unknown" when the footer is unreadable too."""
-    import pyarrow.parquet as pq
-
-    try:
-        fs, p = io.fs_and_path(path)
-        with fs.open(p, "rb") as f:
-            return int(pq.ParquetFile(f).metadata.num_rows)
-    except Exception:  # noqa: BLE001 - any unreadable footer is "unknown", never a second failure
-        return "unknown"
 
 
 def _totals(run_dir: str, shards: list[str]) -> dict:

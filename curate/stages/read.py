@@ -102,6 +102,17 @@ def compute_uids(urls: list[str | None], captions: list[str | None]) -> list[str
     return out
 
 
+def footer_rows(path: str) -> int | str:
+    """Rows in a parquet file by its footer, without reading data pages (a shard whose pages are
+    corrupt still says how many rows it holds); "unknown" when the footer is unreadable too."""
+    try:
+        fs, p = io.fs_and_path(path)
+        with fs.open(p, "rb") as f:
+            return int(pq.ParquetFile(f).metadata.num_rows)
+    except Exception:  # noqa: BLE001 - any unreadable footer is "unknown", never a second failure
+        return "unknown"
+
+
 def read_shard(path: str, cfg: InputConfig, extra_columns: tuple[str, ...] = ()) -> pa.Table:
     """Read one shard into canonical columns. `extra_columns` are input columns a later stage needs
     (e.g. the similarity column a spec selects on); they must exist."""
