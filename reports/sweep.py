@@ -107,12 +107,12 @@ def sweep(
         raise ValueError("no thresholds to sweep")
     include = include or {}
     lf = annotations
-    names = lf.collect_schema().names()
-    if schema.CLIP_SCORE not in names or lf.select(pl.col(schema.CLIP_SCORE).fill_nan(None).drop_nulls().len()).collect().item() == 0:
-        raise ValueError("no row of this run has a CLIP score (a run with score.source = none, or nothing "
-                         "fetched): there is no CLIP threshold to sweep")
-    reps = representatives(lf, sel, keep=list(group_columns), embeddings=embeddings) if reps is None else reps
-    dtype = lf.collect_schema().get(schema.CLIP_SCORE, pl.Float64)
+    dtype = lf.collect_schema().get(schema.CLIP_SCORE)
+    if reps is None:  # (build_audit passes reps, and only when the run has scores)
+        if dtype is None or lf.select(pl.col(schema.CLIP_SCORE).fill_nan(None).drop_nulls().len()).collect().item() == 0:
+            raise ValueError("no row of this run has a CLIP score (a run with score.source = none, or nothing "
+                             "fetched): there is no CLIP threshold to sweep")
+        reps = representatives(lf, sel, keep=list(group_columns), embeddings=embeddings)
     reps = reps.with_columns(_above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64).alias(IDX))
     # decide() runs once: materialise the few columns the counts need (a threshold index and the
     # group keys), so the per-group queries below do not each re-run the dedup plan.
