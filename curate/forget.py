@@ -298,7 +298,6 @@ def _shards_with_files(run_dir: str) -> list[str]:
 
 def describe_lists(run_dir: str) -> list[dict[str, Any]]:
     """The deletion lists this run directory applies, for the manifest: path, bytes, sha256."""
-    from curate.manifest import sha256_file
 
     p = keys_path(run_dir)
     if not io.exists(p):
@@ -306,7 +305,7 @@ def describe_lists(run_dir: str) -> list[dict[str, Any]]:
     info = io.describe_file(p)
     df = pl.from_arrow(io.read_parquet(p))
     by_kind = {k: int(v) for k, v in df.get_column("kind").value_counts().rows()}
-    return [{"path": p, "bytes": info["bytes"], "sha256": sha256_file(p), "keys": by_kind}]
+    return [{"path": p, "bytes": info["bytes"], "sha256": io.sha256_file(p), "keys": by_kind}]
 
 
 def stash(run_dir: str) -> dict[str, bytes]:

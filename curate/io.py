@@ -24,6 +24,19 @@ def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def sha256_file(url: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file (local or bucket), streamed in chunks (checkpoints and image
+    shards can be gigabytes)."""
+    import hashlib
+
+    fs, p = fs_and_path(str(url))
+    h = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def is_local(url: str) -> bool:
     fs, _ = fs_and_path(url)
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))

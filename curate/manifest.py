@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shutil
@@ -165,18 +164,6 @@ def opt_out_policy(spec: PipelineSpec) -> dict[str, Any]:
 OUTPUT_DIRS = ("annotations", "images", "embeddings", "selections", "forget")
 
 
-def sha256_file(url: str, chunk: int = 1 << 20) -> str:
-    fs, p = io.fs_and_path(url)
-    h = hashlib.sha256()
-    with fs.open(p, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
     """m["outputs"]: every file under the run's output folders (annotations/, images/,
     embeddings/, selections/, forget/) as {relative path: {bytes, version, sha256}}. A file whose
@@ -202,7 +189,7 @@ def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
         prev = old.get(rel)
         if prev and info["version"] is not None and prev.get("version") == info["version"] and prev.get("bytes") == info["bytes"]:
             return rel, prev
-        return rel, {**info, "sha256": sha256_file(url)}
+        return rel, {**info, "sha256": io.sha256_file(url)}
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         files = dict(sorted(pool.map(one, list(found))))

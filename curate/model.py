@@ -108,13 +108,11 @@ def resolve_pretrained(model: str, pretrained: str) -> str:
     return pretrained
 
 
-def checkpoint_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks (checkpoints can be gigabytes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a checkpoint file (curate.io.sha256_file: streamed, local or bucket)."""
+    from curate import io
+
+    return io.sha256_file(path)
 
 
 def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:

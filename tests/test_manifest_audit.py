@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from curate import manifest
+from curate import io as curate_io, manifest
 from curate.cli import app
 
 
@@ -87,8 +87,8 @@ def test_checksums_follow_a_new_selection_and_reuse_unchanged_files(two_runs, mo
     run = two_runs[1]
     before = json.loads((run / "manifest.json").read_text())["outputs"]["files"]
     hashed: list[str] = []
-    real = manifest.sha256_file
-    monkeypatch.setattr(manifest, "sha256_file", lambda url, *a, **k: hashed.append(url) or real(url, *a, **k))
+    real = curate_io.sha256_file
+    monkeypatch.setattr(curate_io, "sha256_file", lambda url, *a, **k: hashed.append(url) or real(url, *a, **k))
     res = CliRunner().invoke(app, ["select", str(run), "--name", "loose", "--min-words", "1"])
     assert res.exit_code == 0, res.output
     m = json.loads((run / "manifest.json").read_text())
