@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -30,7 +31,7 @@ from curate.config import SelectionConfig
 from curate.filters.select import decide
 from curate.stages import caption_minhash as cm
 
-LAION = "/work/shared/data/laion-sample/laion_10000.parquet"
+LAION = str(Path(__file__).resolve().parent.parent / "data" / "laion-sample" / "laion_10000.parquet")
 
 
 def make_captions(n: int, seed: int = 0) -> list[str]:

@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LAION = Path(os.environ.get("CURATE_LAION_SAMPLE", "/work/shared/data/laion-sample/laion_10000.parquet"))
+LAION = Path(__file__).resolve().parent.parent / "data" / "laion-sample" / "laion_10000.parquet"
 BATCH = 32
 MARK_BEGIN, MARK_END = "<!-- BENCH:score:begin -->", "<!-- BENCH:score:end -->"
 

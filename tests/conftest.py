@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-LAION_SAMPLE = REPO.parent / "shared" / "data" / "laion-sample" / "laion_10000.parquet"
+LAION_SAMPLE = REPO / "data" / "laion-sample" / "laion_10000.parquet"  # shipped in the repository
 
 os.environ.setdefault("CURATE_PROGRESS", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -69,5 +69,5 @@ def ray_session(s3_endpoint):
 @pytest.fixture(scope="session")
 def laion_sample() -> Path:
     if not LAION_SAMPLE.exists():
-        pytest.fail(f"the LAION sample is missing at {LAION_SAMPLE} (CI provides ../shared beside the repo)")
+        pytest.fail(f"the LAION sample is missing at {LAION_SAMPLE} (it is committed under data/laion-sample/)")
     return LAION_SAMPLE

@@ -18,10 +18,12 @@ def test_wheel_maps_the_folders_into_one_namespace(tmp_path):
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
                                                              "demo-output", "test-artifacts", "runs", ".pytest_cache"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(tmp_path), str(src)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # package data declared as packages (setuptools warns "Package 'curate.assets' is absent ..." otherwise)
+    assert "absent from the `packages` configuration" not in proc.stdout + proc.stderr
     wheel = next(tmp_path.glob("curate-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     tops = {n.split("/")[0] for n in names}
@@ -35,3 +37,4 @@ def test_wheel_maps_the_folders_into_one_namespace(tmp_path):
                     missing.append(target)
     assert not missing, f"not in the wheel (add the package to pyproject's list): {missing}"
     assert {"curate/assets/curate-tiny.safetensors", "curate/assets/curate-tiny.json"} <= names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "the Apache-2.0 LICENSE file is not in the wheel"

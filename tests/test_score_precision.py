@@ -11,7 +11,6 @@ manifest records it)."""
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from curate.model import cpu_has_native_bf16, resolve_precision
 from curate.stages.score import ClipScorer
 
 ROOT = Path(__file__).resolve().parents[1]
-LAION = Path(os.environ.get("CURATE_LAION_SAMPLE", "/work/shared/data/laion-sample/laion_10000.parquet"))
+LAION = Path(__file__).resolve().parent.parent / "data" / "laion-sample" / "laion_10000.parquet"
 N_LAION = 1500
 N_DEMO = 1500
 DEMO_THRESHOLD = tomllib.loads((ROOT / "pipelines" / "demo.toml").read_text())["selection"]["clip"]["min_score"]
@@ -33,15 +32,11 @@ REDUCED = ["bf16-image"]  # every CPU path other than fp32 that precision="auto"
 
 
 def _laion_captions(n: int) -> list[str]:
-    if LAION.is_file():
-        import polars as pl
+    import polars as pl
 
-        caps = pl.read_parquet(LAION, columns=["TEXT"])["TEXT"].drop_nulls().to_list()
-        caps = [c for c in caps if c.strip()]
-        return caps[:n]
-    # the repository copy of the sample is not everywhere; synthetic captions keep the test running
-    rng = np.random.default_rng(3)
-    return [S.caption(S.random_attrs(rng), S.LANGUAGES[i % 6], rng) for i in range(n)]
+    caps = pl.read_parquet(LAION, columns=["TEXT"])["TEXT"].drop_nulls().to_list()  # shipped in data/
+    caps = [c for c in caps if c.strip()]
+    return caps[:n]
 
 
 @pytest.fixture(scope="module")
