@@ -40,11 +40,15 @@ class FetchConfig(Strict):
     enabled: bool = True
     processes: int = Field(1, ge=1)  # concurrent shard fetches per node (Ray CPU tasks)
     threads: int = Field(16, ge=1)  # threads per shard fetch (img2dataset thread_count)
-    timeout_s: float = Field(10.0, gt=0, description="per socket operation (connect, each read)")
-    deadline_s: float = Field(30.0, gt=0, description="total per URL: every attempt, redirect, body byte and backoff wait")
+    # the float fields refuse inf/nan (allow_inf_nan=False): an infinite deadline killed the fetch
+    # watchdog thread (OverflowError); so does a finite one past the platform's time_t, hence le=
+    timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False, description="per socket operation (connect, each read)")
+    deadline_s: float = Field(
+        30.0, gt=0, le=86_400, allow_inf_nan=False, description="total per URL: every attempt, redirect, body byte and backoff wait; at most a day"
+    )
     retries: int = Field(2, ge=0, description="extra attempts for transient failures (timeout, connection, 5xx, 429)")
-    retry_backoff_s: float = Field(0.5, ge=0, description="base of the exponential backoff between attempts (full jitter)")
-    max_retry_after_s: float = Field(30.0, ge=0, description="longest Retry-After (429/503) honoured; longer ones give up")
+    retry_backoff_s: float = Field(0.5, ge=0, allow_inf_nan=False, description="base of the exponential backoff between attempts (full jitter)")
+    max_retry_after_s: float = Field(30.0, ge=0, allow_inf_nan=False, description="longest Retry-After (429/503) honoured; longer ones give up")
     max_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest response body read; longer is too_large")
     max_redirects: int = Field(5, ge=0)
     max_pixels: int = Field(64_000_000, ge=1, description="from the image header, before decoding: more is too_many_pixels")

@@ -66,3 +66,21 @@ def test_config_hash_changes_with_any_setting():
     b = a.with_overrides(**{"selection.clip.min_score": 0.25})
     assert a.config_hash() != b.config_hash()
     assert a.config_hash() == PipelineSpec.model_validate(MINIMAL).config_hash()
+
+
+@pytest.mark.parametrize("key", ["deadline_s", "timeout_s", "retry_backoff_s", "max_retry_after_s"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_fetch_times_must_be_finite(key, value):
+    # `fetch.deadline_s = inf` used to be accepted and killed the fetch watchdog thread (OverflowError)
+    import tomllib
+
+    raw = tomllib.loads(f'name = "t"\n[input]\npaths = ["x.parquet"]\n[fetch]\n{key} = {value}\n')
+    with pytest.raises(SpecError, match=rf"fetch\.{key}: .*finite"):
+        parse_spec(raw, source="spec.toml")
+
+
+def test_fetch_deadline_has_an_upper_bound():
+    # a finite deadline past the platform's time_t overflows the watchdog's wait just the same
+    with pytest.raises(SpecError, match=r"fetch\.deadline_s"):
+        parse_spec({**MINIMAL, "fetch": {"deadline_s": 1e10}})
+    assert parse_spec({**MINIMAL, "fetch": {"deadline_s": 3600}}).fetch.deadline_s == 3600
