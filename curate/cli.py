@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -23,12 +22,20 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# errors a command reports as one `error:` line: bad input, a busy or foreign run directory, a
+# file that is missing, a folder, unreadable or not writable (OSError names the path)
+_USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)
+_INTERRUPTED = "interrupted (Ctrl-C); nothing half-written is visible: run the same command again to finish"
+
+
 def _print_selection(summary: dict) -> None:
     c = summary["counts"]
     rate = c["removed"] / c["rows"] if c["rows"] else 0.0
+    failed = summary.get("failed_shards") or {}
+    scope = f" over the {len(summary.get('shards', {})):,} completed shard(s), {len(failed)} FAILED (listed above)" if failed else ""
     typer.echo(
         f"selection {summary['selection']!r}: {c['rows']:,} rows -> kept {c['kept']:,}, removed {c['removed']:,} "
-        f"({rate:.1%}); counts reconcile: {'yes' if summary['reconciles'] else 'NO'}"
+        f"({rate:.1%}); counts reconcile{scope}: {'yes' if summary['reconciles'] else 'NO'}"
     )
     typer.echo(f"report: {summary['report_html']}")
 
@@ -55,15 +62,18 @@ def run(
         _fail(str(e))
     try:
         result = run_pipeline(spec)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        _fail(f"{_INTERRUPTED} (the manifest says 'interrupted')", 130)
+    except _USER_ERRORS as e:
         _fail(str(e))
     typer.echo(f"run directory: {result.run_dir}")
-    if result.selection:
-        _print_selection(result.selection)
-    if result.failed:
+    if result.failed:  # first: no summary line may read as "all is well" above it
         typer.secho(f"{len(result.failed)} shard(s) FAILED; their rows are not accounted for:", fg=typer.colors.RED, err=True)
         for shard, err in sorted(result.failed.items()):
             typer.secho(f"  {shard}: {err}", fg=typer.colors.RED, err=True)
+    if result.selection:
+        _print_selection(result.selection)
+    if result.failed:
         raise typer.Exit(1)
 
 
@@ -92,8 +102,8 @@ def select(
     from curate.selection import write_selection
 
     try:
-        m = manifest.read(run_dir)
-    except FileNotFoundError as e:
+        m = manifest.read(run_dir)  # a clear error when missing, corrupt or not curate's
+    except _USER_ERRORS as e:
         _fail(str(e))
     spec = PipelineSpec.model_validate(m["spec"])
     data = spec.selection.model_dump(mode="json")
@@ -113,8 +123,13 @@ def select(
             data[section][key] = value
     try:
         sel = SelectionConfig.model_validate(data)
-        summary = write_selection(run_dir, sel, spec.report)
     except ValueError as e:
+        _fail(str(e))
+    try:
+        summary = write_selection(run_dir, sel, spec.report)
+    except KeyboardInterrupt:
+        _fail(f"{_INTERRUPTED}; the previous selection {name!r}, if any, is intact", 130)
+    except _USER_ERRORS as e:
         _fail(str(e))
     _print_selection(summary)
     notscored = summary["counts"]["not_scored"]
@@ -140,7 +155,7 @@ def forget(
     kind, path = given[0]
     try:
         rec = forget_rows(run_dir, kind, path)
-    except (ValueError, FileNotFoundError) as e:
+    except _USER_ERRORS as e:
         _fail(str(e))
     typer.echo(f"forgot {rec['rows_removed']:,} row(s) in {len(rec['rows_removed_by_shard'])} shard(s) "
                f"({rec['entries']:,} {kind} listed); selections rewritten: {', '.join(rec['selections_rewritten']) or 'none'}; "
@@ -204,7 +219,7 @@ def report(
         cmp_ = (a, b)
     try:
         res = rebuild_report(run_dir, selection, sweep_thresholds=thr, compare=cmp_, gallery_column=gallery_group, seed=seed)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except _USER_ERRORS as e:
         _fail(str(e))
     rep = res["report"]
     t = rep["totals"]
@@ -236,7 +251,9 @@ def sweep(
         _fail("only --rule clip can be swept")
     try:
         thr = thresholds(sweep_from, sweep_to, step)
-        sel = SelectionConfig.model_validate(io.read_json(io.join(run_dir, "selections", selection, "selection.json"))["rules"])
+        from curate.selection import readable_dir
+
+        sel = SelectionConfig.model_validate(io.read_json(io.join(readable_dir(run_dir, selection), "selection.json"))["rules"])
         ann = annotations.scan(run_dir)
         inc: dict[str, list[str]] = {}
         for item in include or []:
@@ -245,7 +262,7 @@ def sweep(
         groups = list(dict.fromkeys([*(group or []), *inc]))
         res = run_sweep(ann, sel, thr, group_columns=groups, top_groups=top, include=inc,
                         embeddings=annotations.embeddings_for(run_dir, sel))
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except _USER_ERRORS as e:
         _fail(str(e))
     table = res["tables"]["sweep"]
     if out:
@@ -269,7 +286,7 @@ def diff(
 
     try:
         d = run_diff(a, b)
-    except (ValueError, FileNotFoundError) as e:
+    except _USER_ERRORS as e:
         _fail(str(e))
     typer.echo(f"kept A {d['kept_a']:,}, kept B {d['kept_b']:,}, both {d['kept_both']:,}; Jaccard "
                + ("n/a" if d["jaccard"] is None else f"{d['jaccard']:.4f}"))

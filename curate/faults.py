@@ -19,6 +19,14 @@ Names (where they fire):
                       once-file is scored (`score_poison:part-00003`): a shard that kills its
                       actor on every try (a poison input)
 
+Kill points (any name starting with selection., publish. or run.; tests/test_data_safety.py):
+the process SIGKILLs itself there, as `kill -9` would, once per once-file. They sit at every step
+of writing and publishing a selection (curate/selection.py, curate/publish.py) and before the
+run's selection phase (curate/runner.py).
+
+CURATE_PAUSE=<name>=<seconds>[,...] sleeps at `fire(name)` instead: the concurrency tests hold a
+run's lock open with it.
+
 The driver forwards the variable to its Ray workers (`forwarded_env()`, used by
 curate/ray_adapter.py), so it works the same with a local Ray and with `--address`.
 """
@@ -31,6 +39,9 @@ import os
 ENV = "CURATE_FAILPOINT"
 FAILPOINT_EXIT_CODE = 75
 NAMES = ("score_first_batch", "score_after_marker", "score_poison")
+# kill points: the process SIGKILLs itself there (once per once-file), as `kill -9` would; used by
+# the publish/selection kill tests (tests/test_data_safety.py). Any name with these prefixes.
+KILL_PREFIXES = ("selection.", "publish.", "run.")
 ALWAYS = ("score_poison",)  # their argument is the shard to crash on, every time
 
 
@@ -38,15 +49,27 @@ def _parse(value: str) -> dict[str, str]:
     points: dict[str, str] = {}
     for item in filter(None, (x.strip() for x in value.split(","))):
         name, sep, once = item.partition(":")
-        if not sep or not once or name not in NAMES:
+        if not sep or not once or (name not in NAMES and not name.startswith(KILL_PREFIXES)):
             raise ValueError(f"{ENV}={value!r}: expected <name>:<once-file> with name in {NAMES}, got {item!r}")
         points[name] = once
     return points
 
 
+PAUSE_ENV = "CURATE_PAUSE"  # "<name>=<seconds>[,...]": sleep there (concurrency tests hold a lock open)
+
+
 def fire(name: str, detail: str = "") -> None:
     """Crash this process here, once per once-file, if the failpoint `name` is set. The once-file
-    records the name, `detail` (e.g. the shard) and the pid of the process that died."""
+    records the name, `detail` (e.g. the shard) and the pid of the process that died. With
+    CURATE_PAUSE naming `name`, sleep there first."""
+    pause = os.environ.get(PAUSE_ENV)
+    if pause:
+        for item in pause.split(","):
+            key, _, seconds = item.partition("=")
+            if key.strip() == name:
+                import time
+
+                time.sleep(float(seconds))
     value = os.environ.get(ENV)
     if not value:
         return
@@ -63,6 +86,10 @@ def fire(name: str, detail: str = "") -> None:
         return  # fired already: this is the redo
     os.write(fd, json.dumps({"failpoint": name, "detail": detail, "pid": os.getpid()}).encode())
     os.close(fd)
+    if name.startswith(KILL_PREFIXES):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     os._exit(FAILPOINT_EXIT_CODE)
 
 

@@ -18,6 +18,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.names import check_name  # noqa: F401  (re-exported: io.check_name)
+
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(url)
@@ -124,7 +126,10 @@ def write_parquet(url: str, table: pa.Table) -> None:
 def read_parquet(url: str, columns: Iterable[str] | None = None) -> pa.Table:
     fs, path = fs_and_path(url)
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=list(columns) if columns is not None else None)
+        try:
+            return pq.read_table(f, columns=list(columns) if columns is not None else None)
+        except (pa.ArrowInvalid, OSError) as e:  # pyarrow names the buffer, not the file
+            raise ValueError(f"{url}: not a readable parquet file ({e})") from None
 
 
 def describe_file(url: str) -> dict:

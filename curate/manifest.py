@@ -39,10 +39,12 @@ def path(run_dir: str) -> str:
 
 
 def read(run_dir: str) -> dict[str, Any]:
-    p = path(run_dir)
-    if not io.exists(p):
+    from curate.run_dir import read_manifest
+
+    m = read_manifest(run_dir)  # a corrupt or foreign manifest.json is an error naming the file
+    if m is None:
         raise FileNotFoundError(f"{run_dir}: not a curate run directory (no manifest.json)")
-    return io.read_json(p)
+    return m
 
 
 def new(spec: PipelineSpec, shards: list[str], previous: dict[str, Any] | None = None) -> dict[str, Any]:

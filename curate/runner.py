@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from curate import annotations, forget, io, manifest
+from curate import annotations, faults, io, manifest, publish, selection
+from curate import run_dir as run_dir_mod
 from curate.config import PipelineSpec
 from curate.stages.read import footer_rows, list_shards, shard_name
 
@@ -34,24 +35,72 @@ class RunResult:
 
 
 def run(spec: PipelineSpec) -> RunResult:
-    from curate import ray_adapter as rx
-    from curate.selection import write_selection
-    from curate.shard_jobs import ShardScorer, prepare_shard
+    """The whole `curate run`, holding the run directory's writer lock (curate/run_lock.py): a
+    second writer is refused, naming this one. The manifest says "complete" only once the
+    selection is in place; a Ctrl-C leaves it "interrupted", a crash "failed" (with the error)."""
+    from curate import run_lock
 
     run_dir = spec.output.dir
+    preflight(spec)
+    run_dir_mod.check_output_dir(run_dir)  # before the lock file is made: a foreign folder stays untouched
+    with run_lock.hold(run_dir):
+        return _run(spec)
+
+
+def preflight(spec: PipelineSpec) -> None:
+    """Everything about the spec that can be checked before the first shard: report columns
+    that will not exist (after fetching and scoring was too late)."""
+    from curate.annotations import ANNOTATION_COLUMNS
+
+    known = set(ANNOTATION_COLUMNS) | set(spec.input.keep_columns)
+    unknown = [c for c in spec.report.group_columns if c not in known]
+    if unknown:
+        raise ValueError(f"report.group_columns {unknown} are not annotation columns (nor in input.keep_columns); "
+                         f"annotation columns: {', '.join(ANNOTATION_COLUMNS)}")
+
+
+def _run(spec: PipelineSpec) -> RunResult:
+    run_dir = spec.output.dir
+    previous = run_dir_mod.check_output_dir(run_dir)  # again, under the lock
     shards = list_shards(spec.input)
-    previous = manifest.read(run_dir) if io.exists(manifest.path(run_dir)) else None
+    # a selection folder holding someone else's files could not be replaced: say so now, not at the end
+    publish.check_replaceable(selection.selection_dir(run_dir, spec.selection.name), selection.owned)
     if previous is not None and spec.output.overwrite:
-        kept = forget.stash(run_dir)  # deletion requests (curate forget) outlive the run
-        io.remove(run_dir, recursive=True)
-        forget.restore(kept)
+        left = run_dir_mod.remove_outputs(run_dir)  # only what curate wrote; forget/ stays
+        if left:
+            log.warning("--overwrite left %d file(s) curate did not write in %s: %s", len(left), run_dir,
+                        run_dir_mod.describe_left(left))
         previous = None
     elif previous is not None:
         manifest.check_compatible(previous, spec)
     io.makedirs(run_dir)
     m = manifest.new(spec, shards, previous)  # carries the selections over
     manifest.write(run_dir, m)
+    try:
+        return _run_shards(spec, m, shards)
+    except KeyboardInterrupt:
+        _final_state(run_dir, m, "interrupted", "interrupted by the user (SIGINT); run the same command again to resume")
+        raise
+    except BaseException as e:
+        _final_state(run_dir, m, "failed", f"{type(e).__name__}: {e}")
+        raise
 
+
+def _final_state(run_dir: str, m: dict, state: str, error: str) -> None:
+    """Record why a run stopped early; never masks the original exception."""
+    try:
+        m["state"], m["error"], m["finished_at"] = state, error, manifest.now()
+        manifest.write(run_dir, m)
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report
+        log.exception("could not record state %r in the manifest", state)
+
+
+def _run_shards(spec: PipelineSpec, m: dict, shards: list[str]) -> RunResult:
+    from curate import ray_adapter as rx
+    from curate.selection import write_selection
+    from curate.shard_jobs import ShardScorer, prepare_shard
+
+    run_dir = spec.output.dir
     info = rx.connect(spec.ray)
     m["cluster"] = info.as_dict()
     spec_json = spec.model_dump_json()
@@ -152,11 +201,16 @@ def run(spec: PipelineSpec) -> RunResult:
     m["unaccounted_rows"] = {s: footer_rows(paths[s]) for s in sorted(result.failed)}
     done = annotations.completed_shards(run_dir)
     m["counts"] = _totals(run_dir, done)
+    m["state"] = "selecting"  # shards done; "complete" only once the selection is in place
+    manifest.write(run_dir, m)
+    faults.fire("run.before_selection", run_dir)
+    if done:
+        result.selection = write_selection(run_dir, spec.selection, spec.report)
+    recorded = manifest.read(run_dir)  # write_selection recorded the selection and the output checksums
+    m.update({k: recorded[k] for k in ("selections", "selection_specs", "outputs") if k in recorded})
     m["state"] = "failed" if result.failed else "complete"
     m["finished_at"] = manifest.now()
     manifest.write(run_dir, m)
-    if done:
-        result.selection = write_selection(run_dir, spec.selection, spec.report)
     return result
 
 

@@ -6,8 +6,10 @@ Layout: selections/<name>/
     kept/<shard>.parquet      the retained pairs (every annotation column)
     removed/<shard>.parquet   the removed pairs, with reason, reasons, duplicate_of
     uids.npy                  sorted kept uids as DataComp's (u8, u8) pairs
-    selection.json            the rules applied, the resolved threshold, the counts
+    selection.json            the rules applied, the resolved threshold, the counts (written last)
     report.json, report.html
+On a bucket the files sit one level down, in the version CURRENT.json names (curate/publish.py);
+readers find them with readable_dir().
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import numpy as np
 import polars as pl
 
-from curate import annotations, forget, io, manifest, schema
+from curate import annotations, faults, forget, io, manifest, publish, run_lock, schema
 from curate.config import ReportConfig, SelectionConfig
 from curate.filters.select import decide
 from curate.reports.audit import build_audit, write_audit
@@ -36,9 +38,37 @@ def uids_to_datacomp(uids: list[str]) -> np.ndarray:
     return np.array(pairs, dtype=np.dtype("u8,u8"))
 
 
+# what a selection folder holds, all written by write_selection; anything else there is not ours
+_OWNED_FILES = frozenset({"selection.json", "report.json", "report.html", "uids.npy"})
+_OWNED_DIRS = frozenset({"kept", "removed", "tables"})
+
+
+def owned(rel: str) -> bool:
+    """Whether `rel` (a path inside a selection folder) is a file write_selection writes."""
+    parts = rel.split("/")
+    return (len(parts) == 1 and parts[0] in _OWNED_FILES) or (
+        len(parts) == 2 and parts[0] in _OWNED_DIRS and parts[1].endswith(".parquet"))
+
+
+def readable_dir(run_dir: str, name: str) -> str:
+    """Where selection `name` can be read now (its published version: curate/publish.py)."""
+    io.check_name(name, "selection name")
+    return publish.resolve(selection_dir(run_dir, name))
+
+
 def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig | None = None) -> dict:
-    report_cfg = report_cfg or ReportConfig()
+    """Decide, then publish selections/<name>/ whole (curate/publish.py): the new version is
+    written beside the old one and swapped in, so a reader, or a kill at any point, sees the old
+    selection complete or the new one complete. Holds the run's writer lock (curate/run_lock.py);
+    the manifest records the selection only once it is in place."""
+    io.check_name(sel.name, "selection name")
+    with run_lock.hold(run_dir):
+        return _write_selection(run_dir, sel, report_cfg or ReportConfig())
+
+
+def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig) -> dict:
     t0 = time.time()
+    faults.fire("selection.start", sel.name)
     m = manifest.read(run_dir)
     shards = annotations.completed_shards(run_dir)
     ann = annotations.scan(run_dir, shards)
@@ -48,22 +78,9 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
         raise ValueError(f"report.group_columns {missing} are not annotation columns; add them to input.keep_columns")
     decisions_lf, resolved = decide(ann, sel, embeddings=embeddings)
     decisions = decisions_lf.collect()
-
-    out = selection_dir(run_dir, sel.name)
-    io.remove(out, recursive=True)  # a selection is rewritten whole, never appended to
-    per_shard: dict[str, dict[str, int]] = {}
-    for (shard,), part in decisions.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
-        part = part.drop(_DROP_FROM_OUTPUTS).sort(schema.ROW)
-        kept = part.filter(pl.col(schema.KEPT)).drop(schema.REASON, schema.REASONS, schema.DUPLICATE_OF)
-        removed = part.filter(pl.col(schema.KEPT).not_())
-        io.write_parquet(io.join(out, "kept", f"{shard}.parquet"), kept.to_arrow())
-        io.write_parquet(io.join(out, "removed", f"{shard}.parquet"), removed.to_arrow())
-        per_shard[shard] = {"rows": part.height, "kept": kept.height, "removed": removed.height}
-
     kept_uids = decisions.filter(pl.col(schema.KEPT)).get_column(schema.UID).to_list()
     buf = _io.BytesIO()
-    np.save(buf, uids_to_datacomp(kept_uids))
-    io.atomic_write_bytes(io.join(out, "uids.npy"), buf.getvalue())
+    np.save(buf, uids_to_datacomp(kept_uids))  # before anything is written: a bad uid fails here
 
     counts = {
         "rows": decisions.height,
@@ -90,22 +107,42 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
     )
     # forgotten rows (curate forget) are counted: kept + removed + forgotten == rows read, per shard
     accounting = forget.reconcile_report(report, run_dir, shards, forget.excluded_counts(run_dir, shards))
-    for shard, c in accounting.items():
-        per_shard.setdefault(shard, {"rows": 0, "kept": 0, "removed": 0}).update(c)
     counts["forgotten"] = sum(c["forgotten"] for c in accounting.values())
     counts["rows_read"] = sum(c["rows_read"] for c in accounting.values())
-    json_path, html_path = write_audit(report, tables, out)
-    summary = {
-        **meta,
-        "counts": counts,
-        "shards": per_shard,
-        "reconciles": bool(report.get("reconciles")),
-        "report_html": html_path,
-        "report_json": json_path,
-        "seconds": round(time.time() - t0, 3),
-    }
-    io.write_json(io.join(out, "selection.json"), summary)
+
+    def build(out: str, readable_at: str) -> dict:
+        per_shard: dict[str, dict[str, int]] = {}
+        for (shard,), part in decisions.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
+            part = part.drop(_DROP_FROM_OUTPUTS).sort(schema.ROW)
+            kept = part.filter(pl.col(schema.KEPT)).drop(schema.REASON, schema.REASONS, schema.DUPLICATE_OF)
+            removed = part.filter(pl.col(schema.KEPT).not_())
+            io.write_parquet(io.join(out, "kept", f"{shard}.parquet"), kept.to_arrow())
+            io.write_parquet(io.join(out, "removed", f"{shard}.parquet"), removed.to_arrow())
+            per_shard[shard] = {"rows": part.height, "kept": kept.height, "removed": removed.height}
+            faults.fire("selection.shard_written", shard)
+        for shard, c in accounting.items():
+            per_shard.setdefault(shard, {"rows": 0, "kept": 0, "removed": 0}).update(c)
+        io.atomic_write_bytes(io.join(out, "uids.npy"), buf.getvalue())
+        faults.fire("selection.uids_written", sel.name)
+        write_audit(report, tables, out)
+        faults.fire("selection.report_written", sel.name)
+        summary = {
+            **meta,
+            "counts": counts,
+            "shards": per_shard,
+            "reconciles": bool(report.get("reconciles")),
+            "report_html": io.join(readable_at, "report.html"),
+            "report_json": io.join(readable_at, "report.json"),
+            "seconds": round(time.time() - t0, 3),
+        }
+        io.write_json(io.join(out, "selection.json"), summary)  # last: a selection folder is complete
+        faults.fire("selection.json_written", sel.name)
+        return summary
+
+    summary = publish.publish(selection_dir(run_dir, sel.name), build, owned)
+    faults.fire("selection.before_manifest", sel.name)
     _record_in_manifest(run_dir, sel)
+    faults.fire("selection.after_manifest", sel.name)
     return summary
 
 

@@ -233,11 +233,22 @@ def rebuild_report(
 ) -> dict[str, Any]:
     """Re-render selections/<name>/ report from the run's annotations: the selection's recorded
     rules are re-applied with decide() (no model, no network), then the audit is rebuilt."""
+    from curate import run_lock
+    from curate.selection import readable_dir
+
+    out = readable_dir(run_dir, name)  # checks the name
+    if not io.exists(io.join(out, "selection.json")):
+        raise FileNotFoundError(f"{out}: no such selection (no selection.json); `curate select` makes one")
+    with run_lock.hold(run_dir):  # report files are rewritten one by one, each atomically
+        return _rebuild_report(run_dir, out, sweep_thresholds=sweep_thresholds, compare=compare,
+                               sweep_include=sweep_include, gallery_column=gallery_column, seed=seed)
+
+
+def _rebuild_report(run_dir: str, out: str, *, sweep_thresholds, compare, sweep_include, gallery_column, seed) -> dict[str, Any]:
     from curate import annotations as ann_mod, manifest
     from curate.config import PipelineSpec
     from curate.filters.select import decide
 
-    out = io.join(run_dir, "selections", name)
     summary = io.read_json(io.join(out, "selection.json"))
     sel = SelectionConfig.model_validate(summary["rules"])
     m = manifest.read(run_dir)

@@ -15,17 +15,30 @@ GROUPS = (schema.DOMAIN, schema.TLD, schema.LANGUAGE)
 
 
 def resolve_selection(path: str) -> tuple[str, str]:
-    """A selection dir (has selection.json) or a run dir (its 'default' selection, else its only
-    one). Returns (run_dir, selection_dir)."""
+    """A selection dir (selections/<name>) or a run dir (its 'default' selection, else its only
+    one). Returns (run_dir, the folder to read: the selection's published version)."""
+    from curate import publish
+    from curate.names import check_name
+
     p = path.rstrip("/")
-    if io.exists(io.join(p, "selection.json")):
-        return p.rsplit("/selections/", 1)[0] if "/selections/" in p else p, p
+    here = publish.resolve(p)
+    if io.exists(io.join(here, "selection.json")):
+        return p.rsplit("/selections/", 1)[0] if "/selections/" in p else p, here
     sels = io.join(p, "selections")
-    if io.exists(io.join(sels, "default", "selection.json")):
-        return p, io.join(sels, "default")
-    found = sorted({f.rsplit("/", 2)[-2] for f in io.list_files(sels, suffix="selection.json")}) if io.exists(sels) else []
+    names = []
+    if io.exists(sels):
+        fs, sp = io.fs_and_path(sels)
+        for x in fs.ls(sp, detail=False):
+            name = x.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                check_name(name, "selection name")  # not curate's hidden staging folders
+            except ValueError:
+                continue
+            if io.exists(io.join(publish.resolve(io.join(sels, name)), "selection.json")):
+                names.append(name)
+    found = ["default"] if "default" in names else sorted(names)
     if len(found) == 1:
-        return p, io.join(sels, found[0])
+        return p, publish.resolve(io.join(sels, found[0]))
     raise FileNotFoundError(f"{path}: not a selection directory, and no single selection under {sels} ({found})")
 
 

@@ -54,7 +54,9 @@ def write_inputs(out: Path, rows: int, shards: int, seed: int, servers: dict[str
 
 def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> dict:
     """Hold a selection against ground truth; the demo prints this and the tests assert on it."""
-    sel = io.join(run_dir, "selections", selection)
+    from curate.selection import readable_dir
+
+    sel = readable_dir(run_dir, selection)
     kept = pl.read_parquet(io.join(sel, "kept", "*.parquet")).select(schema.SHARD, schema.ROW).with_columns(pl.lit(True).alias("kept"))
     removed = pl.read_parquet(io.join(sel, "removed", "*.parquet")).select(schema.SHARD, schema.ROW, schema.REASON).with_columns(pl.lit(False).alias("kept"))
     decided = pl.concat([kept, removed], how="diagonal")
