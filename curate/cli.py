@@ -97,15 +97,19 @@ def select(
     """Re-apply selection rules to a run's cached annotations: no model, no network, seconds.
 
     Rules not given on the command line are taken from the run's spec."""
+    from pydantic import ValidationError
+
     from curate import manifest
-    from curate.config import PipelineSpec, SelectionConfig
+    from curate.config import PipelineSpec, SelectionConfig, describe
     from curate.selection import write_selection
 
     try:
         m = manifest.read(run_dir)  # a clear error when missing, corrupt or not curate's
+        spec = PipelineSpec.model_validate(m["spec"])
+    except ValidationError as e:
+        _fail(f"{run_dir}/manifest.json: its spec is not valid with this version of curate\n" + describe(e))
     except _USER_ERRORS as e:
         _fail(str(e))
-    spec = PipelineSpec.model_validate(m["spec"])
     data = spec.selection.model_dump(mode="json")
     data["name"] = name
     if no_clip:
@@ -123,8 +127,8 @@ def select(
             data[section][key] = value
     try:
         sel = SelectionConfig.model_validate(data)
-    except ValueError as e:
-        _fail(str(e))
+    except ValidationError as e:
+        _fail("invalid selection options\n" + describe(e, "selection"))
     try:
         summary = write_selection(run_dir, sel, spec.report)
     except KeyboardInterrupt:

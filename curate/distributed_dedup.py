@@ -10,8 +10,9 @@ in-process engine, with the all-rows work spread over the cluster.
 * Images: after k-means, the in-cluster pairwise comparisons (the quadratic part) run in Ray
   tasks, clusters assigned to P tasks by label; the edges come back as row indices.
 
-Only the candidate / edge steps move; the survivor rule and the join back are shared with the
-in-process engine (filters/caption_dedup.py, filters/image_dedup.py, filters/survivors.py).
+Only the candidate / edge steps move; the survivor rule (dedup.survivor: best_score, first or
+priority) and the join back are shared with the in-process engine (filters/caption_dedup.py,
+filters/image_dedup.py, filters/survivors.py), so both engines keep the same copies.
 """
 
 from __future__ import annotations

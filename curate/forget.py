@@ -104,11 +104,20 @@ def add_keys(run_dir: str, new: pl.DataFrame) -> None:
 
 def parse_list(data: bytes, kind: str, source: str = "<list>") -> list[str]:
     """One identifier per line; blank lines and lines starting with '#' are skipped. uids and sha256
-    are compared lower-case (the read stage lower-cases uids); URLs exactly, and normalised."""
+    are compared lower-case (the read stage lower-cases uids); URLs exactly, and normalised.
+    Every line is checked, so a wrong file is an error naming it and the line, never a list of
+    junk "identifiers": a UTF-8 text file (a leading BOM is allowed), URLs are http(s) URLs with a
+    host and no control characters, uids 32 hex characters, sha256 64."""
+    from urllib.parse import urlsplit
+
     if kind not in KINDS:
         raise ValueError(f"unknown forget list kind {kind!r}; one of {KINDS}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source}: not a UTF-8 text file ({e.reason} at byte {e.start}); a {kind} list is one entry per line") from None
     out = []
-    for i, line in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         v = line.strip()
         if not v or v.startswith("#"):
             continue
@@ -116,6 +125,16 @@ def parse_list(data: bytes, kind: str, source: str = "<list>") -> list[str]:
             v = v.lower()
         if kind == "sha256" and not _HEX64.match(v):
             raise ValueError(f"{source}:{i}: not a hex sha256: {v[:80]!r}")
+        if kind == "uids" and not re.fullmatch(r"[0-9a-f]{32}", v):
+            raise ValueError(f"{source}:{i}: not a uid (32 hex characters): {v[:80]!r}")
+        if kind == "urls":
+            try:
+                parts = urlsplit(v)
+                ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+            except ValueError:
+                ok = False
+            if not ok or not v.isprintable():  # a space may be part of a raw web URL; a tab, NUL, ... not
+                raise ValueError(f"{source}:{i}: not an http(s) URL: {v[:80]!r}")
         out.append(v)
     return out
 
@@ -308,22 +327,6 @@ def describe_lists(run_dir: str) -> list[dict[str, Any]]:
     return [{"path": p, "bytes": info["bytes"], "sha256": io.sha256_file(p), "keys": by_kind}]
 
 
-def stash(run_dir: str) -> dict[str, bytes]:
-    """The forget/ files, kept across `curate run --overwrite` (which discards the run, not the
-    deletion requests)."""
-    out = {}
-    for p in (keys_path(run_dir), log_path(run_dir)):
-        if io.exists(p):
-            fs, fp = io.fs_and_path(p)
-            out[p] = fs.cat_file(fp)
-    return out
-
-
-def restore(stashed: dict[str, bytes]) -> None:
-    for p, data in stashed.items():
-        io.atomic_write_bytes(p, data)
-
-
 def read_log(run_dir: str) -> list[dict[str, Any]]:
     p = log_path(run_dir)
     return io.read_json(p) if io.exists(p) else []
@@ -332,15 +335,24 @@ def read_log(run_dir: str) -> list[dict[str, Any]]:
 def forget_rows(run_dir: str, kind: str, list_url: str) -> dict[str, Any]:
     """The whole `curate forget`: store the keys, clean every shard, rewrite every selection,
     record the request. Returns the request record (with "reconciles" of the rewritten selections)."""
-    from curate import manifest
+    from curate import run_lock
+
+    fs, p = io.fs_and_path(list_url)
+    if fs.isdir(p):
+        raise ValueError(f"{list_url} is a folder; give a file with one identifier a line")
+    with fs.open(p, "rb") as f:
+        data = f.read()
+    entries = parse_list(data, kind, list_url)  # validated before the run directory is touched
+    with run_lock.hold(run_dir):  # no run, select or other forget writes meanwhile
+        return _forget_rows(run_dir, kind, data, entries)
+
+
+def _forget_rows(run_dir: str, kind: str, data: bytes, entries: list[str]) -> dict[str, Any]:
+    from curate import manifest, publish, selection
     from curate.config import PipelineSpec, SelectionConfig
     from curate.selection import write_selection
 
     m = manifest.read(run_dir)
-    fs, p = io.fs_and_path(list_url)
-    with fs.open(p, "rb") as f:
-        data = f.read()
-    entries = parse_list(data, kind, list_url)
     t0 = time.time()
     add_keys(run_dir, keys_for(kind, entries))  # first: whatever happens next, later runs apply them
     keys = load_keys(run_dir)
@@ -375,13 +387,17 @@ def forget_rows(run_dir: str, kind: str, list_url: str) -> dict[str, Any]:
     if io.exists(sel_root):
         fs_, sp = io.fs_and_path(sel_root)
         names |= {x.rstrip("/").rsplit("/", 1)[-1] for x in fs_.ls(sp, detail=False) if fs_.isdir(x)}
+    names = {n for n in names if _is_selection_name(n)}  # not curate's staging folders (curate/publish.py)
     rewritten, dropped, reconciles = [], [], True
     have_annotations = bool(annotations.completed_shards(run_dir))
     for name in sorted(names):
-        sj = io.join(sel_root, name, "selection.json")
+        sj = io.join(selection.readable_dir(run_dir, name), "selection.json")
         rules = io.read_json(sj)["rules"] if io.exists(sj) else (m.get("selection_specs") or {}).get(name)
+        if rules is None and name not in m.get("selections", []):
+            continue  # a folder curate did not write: not ours to rewrite or delete
         if rules is None or not have_annotations:
-            io.remove(io.join(sel_root, name), recursive=True)  # cannot be rebuilt: may hold forgotten rows
+            # cannot be rebuilt, and may hold forgotten rows: curate's files go (refused if others are there)
+            publish.unpublish(selection.selection_dir(run_dir, name), selection.owned)
             dropped.append(name)
             continue
         summary = write_selection(run_dir, SelectionConfig.model_validate(rules), spec.report)
@@ -424,6 +440,16 @@ def _refresh_counts(run_dir: str, m: dict[str, Any]) -> None:
     if m.get("counts"):
         m["counts"]["rows"] = tot_rows
         m["counts"]["forgotten"] = tot_forgotten
+
+
+def _is_selection_name(name: str) -> bool:
+    from curate.names import check_name
+
+    try:
+        check_name(name, "selection name")
+        return True
+    except ValueError:
+        return False
 
 
 # --- accounting in selections and reports -------------------------------------------------------------

@@ -10,7 +10,7 @@ dead writer never blocks the next one. The file itself stays (deleting a lock fi
 Buckets: a lease object RUN_DIR/.curate.lock created with a conditional write (`If-None-Match: *`,
 through s3fs's exclusive-create mode), so exactly one of two writers creates it. The holder renews
 it every LEASE_S / 3 seconds and deletes it when done. A lease not renewed for LEASE_S (its holder
-was killed) may be taken over. Stores without conditional writes fall back to
+was killed), or whose holder ran on this host and is gone, may be taken over. Stores without conditional writes fall back to
 write-then-read-back, which narrows but cannot close the race: docs/ARCHITECTURE.md states the
 single-writer rule for them.
 
@@ -153,12 +153,12 @@ class _Lease(_Holder):
                 break
             except FileExistsError:
                 holder = _read_lease(fs, p)
-                if holder is not None and holder.get("expires", 0) > time.time() or attempt:
+                if holder is not None and _alive(holder) or attempt:
                     until = f" (its lease runs until {time.strftime('%H:%M:%SZ', time.gmtime(holder['expires']))} unless renewed)" if holder else ""
                     raise _busy(self.run_dir, holder, until) from None
                 fs.rm(p)  # expired: its holder died without releasing; take it over (one of us wins the create)
             except (NotImplementedError, ValueError, TypeError):
-                if fs.exists(p) and (h := _read_lease(fs, p)) and h.get("expires", 0) > time.time():
+                if fs.exists(p) and (h := _read_lease(fs, p)) and _alive(h):
                     raise _busy(self.run_dir, h) from None
                 with fs.open(p, "wb") as f:  # no conditional writes here: write, then read back
                     f.write(self._body())
@@ -187,6 +187,21 @@ class _Lease(_Holder):
         current = _read_lease(fs, p)
         if current is not None and current.get("token") == self.info["token"]:
             fs.rm(p)
+
+
+def _alive(holder: dict) -> bool:
+    """A lease counts until it expires, unless its holder ran on this host and is gone (a killed
+    command on this machine does not block the next one for LEASE_S)."""
+    if holder.get("expires", 0) <= time.time():
+        return False
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True
 
 
 def _read_lease(fs, p: str) -> dict | None:

@@ -82,6 +82,7 @@ class FetchStatus(str, Enum):
 class Reason(str, Enum):
     """Why a row was removed. The order of RULE_ORDER is the order rules are checked in."""
 
+    MISSING_URL = "missing_url"
     FETCH_FAILED = "fetch_failed"
     OPT_OUT = "opt_out"
     LANGUAGE = "language"
@@ -93,12 +94,16 @@ class Reason(str, Enum):
     DUPLICATE_IMAGE = "duplicate_image"
     DUPLICATE_CAPTION = "duplicate_caption"
     DUPLICATE_IMAGE_NEAR = "duplicate_image_near"
+    DUPLICATE_UID = "duplicate_uid"
 
 
-# Text rules first (they decide what is worth fetching), then what the fetch tells us, then the
-# model's score, then dedup last: a duplicate's survivor is chosen among copies that pass every
-# other rule, so dedup must see the outcome of all of them.
+# A row without a URL first (there is nothing to fetch, deduplicate or deliver), then the text
+# rules (they decide what is worth fetching), then what the fetch tells us, then the model's
+# score, then dedup last: a duplicate's survivor is chosen among copies that pass every other
+# rule, so dedup must see the outcome of all of them. duplicate_uid is the very last step: of what
+# every other rule and dedup left, one row per uid is kept, so uids.npy has one entry per kept row.
 RULE_ORDER: tuple[Reason, ...] = (
+    Reason.MISSING_URL,
     Reason.LANGUAGE,
     Reason.CAPTION_LENGTH,
     Reason.FETCH_FAILED,
@@ -110,9 +115,11 @@ RULE_ORDER: tuple[Reason, ...] = (
     Reason.DUPLICATE_IMAGE,
     Reason.DUPLICATE_CAPTION,
     Reason.DUPLICATE_IMAGE_NEAR,
+    Reason.DUPLICATE_UID,
 )
 
 REASON_HELP: dict[Reason, str] = {
+    Reason.MISSING_URL: "the row has no URL (null, empty or blank): nothing to fetch, deduplicate or deliver",
     Reason.LANGUAGE: "caption language not in the allow-list, or detected with too little confidence",
     Reason.CAPTION_LENGTH: "caption too short or too long (words or characters)",
     Reason.FETCH_FAILED: "image could not be downloaded or decoded (see fetch_status / fetch_error)",
@@ -124,4 +131,5 @@ REASON_HELP: dict[Reason, str] = {
     Reason.DUPLICATE_IMAGE: "another row has the same image bytes (sha256); duplicate_of names the survivor",
     Reason.DUPLICATE_CAPTION: "another row's caption is a near-duplicate (MinHash LSH, word n-gram Jaccard >= dedup.caption_jaccard); duplicate_of names the survivor",
     Reason.DUPLICATE_IMAGE_NEAR: "another row's image is a near-duplicate (CLIP image embedding cosine >= dedup.image_cosine within a k-means cluster); duplicate_of names the survivor",
+    Reason.DUPLICATE_UID: "another kept row has the same uid (a repeated input row or uid); duplicate_of names the survivor, so kept uids are unique",
 }

@@ -79,8 +79,12 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
     decisions_lf, resolved = decide(ann, sel, embeddings=embeddings)
     decisions = decisions_lf.collect()
     kept_uids = decisions.filter(pl.col(schema.KEPT)).get_column(schema.UID).to_list()
+    uid_array = uids_to_datacomp(kept_uids)
+    if len(uid_array) != len(kept_uids):  # decide() removes repeated uids (duplicate_uid): never expected
+        raise RuntimeError(f"{run_dir}: {len(kept_uids) - len(uid_array)} kept row(s) repeat a uid; uids.npy would "
+                           "not match the kept rows (nothing was written)")
     buf = _io.BytesIO()
-    np.save(buf, uids_to_datacomp(kept_uids))  # before anything is written: a bad uid fails here
+    np.save(buf, uid_array)  # before anything is written: a bad uid fails here
 
     counts = {
         "rows": decisions.height,

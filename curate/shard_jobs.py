@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from curate import annotations, faults, forget, io, schema
 from curate.config import PipelineSpec
-from curate.filters.rules import text_rules_pass
+from curate.filters.rules import text_rules_mask
 from curate.schema import FetchStatus
 from curate.stages.annotate import annotate_text
 from curate.stages.fetch import TRANSIENT, fetch_shard
@@ -62,7 +62,7 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
         # failed transiently (timeouts, 5xx, 429, ...): nothing else is fetched again
         skipped = pl.col(schema.FETCH_STATUS) == FetchStatus.NOT_ATTEMPTED.value
         transient = pl.col(schema.FETCH_STATUS).is_in([s.value for s in TRANSIENT])
-        todo = ann.select((skipped | transient) & text_rules_pass(spec.selection)).to_series()
+        todo = text_rules_mask(ann, spec.selection, where=skipped | transient)
         if not todo.any():
             return {"shard": shard, "state": "unchanged", "rows": ann.height}
     else:
@@ -80,12 +80,12 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
                 pl.lit(f"input-column:{spec.score.column}").alias(schema.CLIP_MODEL),
             )
         if spec.needs_images:
-            todo = ann.select(text_rules_pass(spec.selection)).to_series()
+            todo = text_rules_mask(ann, spec.selection)  # one value per row, whatever rules are on
             ann = ann.with_columns(
                 pl.when(todo).then(pl.lit(PENDING)).otherwise(pl.lit(FetchStatus.NOT_ATTEMPTED.value)).alias(schema.FETCH_STATUS)
             )
         else:
-            todo = pl.Series([False] * ann.height)
+            todo = pl.Series([False] * ann.height, dtype=pl.Boolean)  # typed: a 0-row shard sums to 0, not None
             ann = ann.with_columns(pl.lit(FetchStatus.NOT_NEEDED.value).alias(schema.FETCH_STATUS))
         # every annotation column from here on (fetch and score fill theirs in)
         ann = pl.from_arrow(annotations.conform(ann.to_arrow(), spec.input.keep_columns))

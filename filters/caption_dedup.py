@@ -13,8 +13,9 @@ a near-duplicate of a better copy, the survivor's uid and row index.
      shingles the signatures were built from, by a join of the two rows' shingle-hash sets; pairs
      below dedup.caption_jaccard are dropped. Without it every candidate pair is an edge.
   4. Connected components of the edges (scipy.sparse.csgraph); in each component the survivor is
-     the highest clip_score, then the smallest uid, then the smallest (shard, row) -- the same
-     order as exact dedup -- and every other member is a `duplicate_caption` pointing at it.
+     chosen by dedup.survivor (filters/survivors.py: by default the highest clip_score, then the
+     smallest uid, then the smallest (shard, row) -- the same rule as exact dedup) and every other
+     member is a `duplicate_caption` pointing at it.
 
 Everything here is polars joins/group-bys and numpy on the candidate rows only; docs/DEDUP.md
 describes how steps 1-2 (the only ones touching every row) become a Ray shuffle at 1B rows.
@@ -28,7 +29,7 @@ import numpy as np
 import polars as pl
 
 from curate import schema
-from curate.filters.survivors import as_duplicates, components, duplicates_frame, losers
+from curate.filters.survivors import BEST_SCORE, Survivor, as_duplicates, components, duplicates_frame, losers
 from curate.stages.caption_minhash import shingle_hashes
 
 BUCKET_CAP = 64
@@ -111,11 +112,11 @@ def exact_jaccard(pairs: pl.DataFrame, captions: pl.DataFrame, ngram: int, idx: 
 
 def caption_duplicates(
     pool: pl.DataFrame, threshold: float, ngram: int, verify: bool = True, idx: str = "_i",
-    pair_finder: PairFinder = local_pairs,
+    pair_finder: PairFinder = local_pairs, survivor: Survivor = BEST_SCORE,
 ) -> pl.DataFrame:
-    """pool: eligible rows with idx, caption_lsh (non-null), caption, clip_score, uid, shard, row.
-    Returns (idx, of_uid, of_idx, cluster) for every row removed as a caption near-duplicate;
-    `cluster` is the survivor's idx."""
+    """pool: eligible rows with idx, caption_lsh (non-null), caption and survivor.columns
+    (clip_score, uid, shard, row for the default rule). Returns (idx, of_uid, of_idx, cluster) for
+    every row removed as a caption near-duplicate; `cluster` is the survivor's idx."""
     empty = duplicates_frame(idx)
     if pool.height < 2:
         return empty
@@ -133,4 +134,4 @@ def caption_duplicates(
     a = np.searchsorted(nodes.to_numpy(), edges.get_column("a").to_numpy())
     b = np.searchsorted(nodes.to_numpy(), edges.get_column("b").to_numpy())
     comp = pl.DataFrame({idx: nodes, "_c": components(a, b, nodes.len())})
-    return as_duplicates(losers(pool.join(comp, on=idx), "_c", idx), idx)
+    return as_duplicates(losers(pool.join(comp, on=idx), "_c", idx, survivor), idx)

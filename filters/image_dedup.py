@@ -10,9 +10,10 @@ survivor's uid and row index.
      images in one cluster, so the pairwise step below is quadratic in a cluster, not in n.
   2. Within each cluster every pair with cosine >= dedup.image_cosine is an edge (blocked matrix
      products, float32 on the float16 embeddings re-normalised).
-  3. Connected components of the edges; the survivor of a component is the highest clip_score,
-     then the smallest uid, then the smallest (shard, row) -- the order of exact and caption dedup
-     -- and every other member is a `duplicate_image_near` pointing at it.
+  3. Connected components of the edges; the survivor of a component is chosen by dedup.survivor
+     (filters/survivors.py: by default the highest clip_score, then the smallest uid, then the
+     smallest (shard, row) -- the rule of exact and caption dedup) and every other member is a
+     `duplicate_image_near` pointing at it.
 
 Pairs split across two k-means clusters are not compared (SemDeDup's approximation): raising
 image_cluster_size trades time for recall; with n <= image_cluster_size the comparison is exact.
@@ -27,7 +28,7 @@ import numpy as np
 import polars as pl
 
 from curate import schema
-from curate.filters.survivors import as_duplicates, components, duplicates_frame, losers
+from curate.filters.survivors import BEST_SCORE, Survivor, as_duplicates, components, duplicates_frame, losers
 from curate.stages.phash import hamming
 
 _BLOCK = 4096
@@ -86,9 +87,10 @@ EdgeFinder = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndar
 
 def image_duplicates(
     pool: pl.DataFrame, threshold: float, cluster_size: int = 1000, iters: int = 20, seed: int = 0, idx: str = "_i",
-    edge_finder: EdgeFinder = cluster_edges, phash_max_distance: int | None = None,
+    edge_finder: EdgeFinder = cluster_edges, phash_max_distance: int | None = None, survivor: Survivor = BEST_SCORE,
 ) -> pl.DataFrame:
-    """pool: eligible rows with idx, image_embedding (non-null), clip_score, uid, shard, row.
+    """pool: eligible rows with idx, image_embedding (non-null) and survivor.columns (clip_score,
+    uid, shard, row for the default rule).
     Returns (idx, of_uid, of_idx, cluster) for every row removed as an image near-duplicate;
     `cluster` is the survivor's idx. edge_finder: cluster_edges here, or curate.distributed_dedup's
     version that compares each k-means cluster in a Ray task (the same edges).
@@ -121,4 +123,4 @@ def image_duplicates(
     in_edge[a] = True
     in_edge[b] = True
     grouped = pool.with_columns(pl.Series("_c", comp)).filter(pl.Series(in_edge))
-    return as_duplicates(losers(grouped, "_c", idx), idx)
+    return as_duplicates(losers(grouped, "_c", idx, survivor), idx)

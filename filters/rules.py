@@ -43,9 +43,24 @@ def caption_fails(rule: CaptionRule) -> pl.Expr:
     return expr
 
 
+def missing_url_fails() -> pl.Expr:
+    """A row with no URL (null, empty or blank): always removed, whatever the spec."""
+    url = pl.col(schema.URL)
+    return (url.is_null() | (url.str.strip_chars() == "")).fill_null(True)
+
+
 def text_rules_pass(sel: SelectionConfig) -> pl.Expr:
-    """The cheap rules that decide whether a row is worth fetching and scoring at all."""
-    return (language_fails(sel.language) | caption_fails(sel.caption)).not_()
+    """The cheap rules that decide whether a row is worth fetching and scoring at all. With no text
+    rule active the language and caption parts are literals; the URL rule reads a column, so the
+    expression always has one value per row (use text_rules_mask for a Series)."""
+    return (missing_url_fails() | language_fails(sel.language) | caption_fails(sel.caption)).not_()
+
+
+def text_rules_mask(frame: pl.DataFrame, sel: SelectionConfig, where: pl.Expr | None = None) -> pl.Series:
+    """text_rules_pass (and `where`, if given) as a Boolean Series of exactly frame.height values:
+    with_columns broadcasts a literal to the frame's height where select() would not."""
+    expr = text_rules_pass(sel) if where is None else where & text_rules_pass(sel)
+    return frame.with_columns(expr.fill_null(False).alias("_text_rules_pass")).get_column("_text_rules_pass").cast(pl.Boolean)
 
 
 def fetch_fails() -> pl.Expr:
@@ -86,7 +101,8 @@ def not_scored(sel: SelectionConfig, clip_active: bool) -> pl.Expr:
         expr = expr | (pl.col(schema.CLIP_SCORE).is_null() & fetch_fails().not_() & opt_out_fails().not_())
     if image_rule_active(sel.image):
         expr = expr | (lo.is_null() & skipped)
-    return expr
+    # a row without a URL is never fetched and never will be: missing_url, not "rerun to score it"
+    return expr & missing_url_fails().not_()
 
 
 def clip_fails(threshold: float | None) -> pl.Expr:
@@ -98,6 +114,7 @@ def clip_fails(threshold: float | None) -> pl.Expr:
 def rule_failures(sel: SelectionConfig, clip_threshold: float | None) -> dict[Reason, pl.Expr]:
     """Every pre-dedup rule's failure expression, in RULE_ORDER."""
     return {
+        Reason.MISSING_URL: missing_url_fails(),
         Reason.LANGUAGE: language_fails(sel.language),
         Reason.CAPTION_LENGTH: caption_fails(sel.caption),
         Reason.FETCH_FAILED: fetch_fails(),

@@ -4,9 +4,11 @@ decide() adds `kept`, `reason` (first failing rule in RULE_ORDER), `reasons` (al
 and `duplicate_of` to every annotation row. It reads annotations only: no model, no network.
 
 Dedup runs last and only among rows that pass every other rule, so a copy that would be removed
-anyway never wins. The survivor of a duplicate group is deterministic: the highest CLIP score
-(rows without a score rank last), then the smallest uid, then the smallest (shard, row).
-Changing the CLIP threshold therefore re-picks survivors without recomputing anything.
+anyway never wins. The survivor of a duplicate group is deterministic, by dedup.survivor
+(filters/survivors.py): by default the highest CLIP score (rows without a score rank last), then
+the smallest uid, then the smallest (shard, row); or keep-first in input order; or the highest
+value of a priority column. Changing the CLIP threshold re-picks survivors without recomputing.
+The last dedup is by uid (duplicate_uid, always on): kept uids are unique, one uids.npy entry each.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from curate import schema
 from curate.config import SelectionConfig
 from curate.schema import RULE_ORDER, Reason
 from curate.filters.rules import rule_failures
-from curate.filters.survivors import SURVIVOR_ORDER, duplicates_frame, losers
+from curate.filters.survivors import BEST_SCORE, Survivor, duplicates_frame, losers
 
 _IDX = "_i"  # a row index for the joins inside decide(): cheaper than joining on (shard, row)
 
@@ -66,13 +68,13 @@ def _of(reason: Reason) -> str:
     return f"_{reason.value}_of"
 
 
-def _dedup(frame: pl.LazyFrame, key: str, eligible: str, reason: Reason) -> pl.LazyFrame:
+def _dedup(frame: pl.LazyFrame, key: str, eligible: str, reason: Reason, survivor: Survivor = BEST_SCORE) -> pl.LazyFrame:
     """Mark rows that duplicate an eligible survivor on `key` (see curate.filters.survivors)."""
     pool = frame.filter(pl.col(eligible) & pl.col(key).is_not_null())
     # Only keys that occur more than once need ranking: a hash count first, so the sort below
     # touches the (usually few) duplicated rows rather than the whole pool.
     repeated = pool.group_by(key).agg(pl.len().alias("_n")).filter(pl.col("_n") > 1).select(key)
-    return _mark(frame, losers(pool.join(repeated, on=key, how="semi"), key, _IDX), reason)
+    return _mark(frame, losers(pool.join(repeated, on=key, how="semi"), key, _IDX, survivor), reason)
 
 
 def _mark(frame: pl.LazyFrame, dups: pl.LazyFrame | pl.DataFrame, reason: Reason) -> pl.LazyFrame:
@@ -114,7 +116,7 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> 
     if has_lsh:
         pool = (
             frame.filter(pl.col("_eligible") & pl.col(schema.CAPTION_LSH).is_not_null())
-            .select(_IDX, schema.CAPTION_LSH, schema.CAPTION, *SURVIVOR_ORDER)
+            .select(*dict.fromkeys([_IDX, schema.CAPTION_LSH, schema.CAPTION, *Survivor.of(sel.dedup).columns]))
             .collect()
         )
         d = sel.dedup
@@ -123,7 +125,7 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> 
             from curate.distributed_dedup import ray_caption_pairs
 
             kw["pair_finder"] = ray_caption_pairs(d.partitions)
-        dups = caption_duplicates(pool, d.caption_jaccard, d.caption_ngram, d.caption_verify, _IDX, **kw)
+        dups = caption_duplicates(pool, d.caption_jaccard, d.caption_ngram, d.caption_verify, _IDX, survivor=Survivor.of(d), **kw)
     else:  # annotations from a run without annotate.caption_minhash: nothing to compare
         dups = duplicates_frame(_IDX)
     return _mark(frame, dups, Reason.DUPLICATE_CAPTION)
@@ -139,7 +141,7 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
     )
     pool = (
         frame.filter(pl.col("_eligible"))
-        .select(_IDX, *SURVIVOR_ORDER)
+        .select(_IDX, *Survivor.of(sel.dedup).columns)
         .with_columns(pl.col(schema.SHARD).cast(pl.String), pl.col(schema.ROW).cast(pl.Int64))
         .join(emb, on=[schema.SHARD, schema.ROW], how="inner")
         .filter(pl.col(schema.IMAGE_EMBEDDING).is_not_null())
@@ -159,7 +161,9 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
         from curate.distributed_dedup import ray_image_edges
 
         kw["edge_finder"] = ray_image_edges(d.partitions)
-    dups = image_duplicates(pool, d.image_cosine, d.image_cluster_size, d.image_kmeans_iters, d.image_kmeans_seed, _IDX, **kw)
+    dups = image_duplicates(
+        pool, d.image_cosine, d.image_cluster_size, d.image_kmeans_iters, d.image_kmeans_seed, _IDX, survivor=Survivor.of(d), **kw
+    )
     return _mark(frame, dups, Reason.DUPLICATE_IMAGE_NEAR)
 
 
@@ -174,9 +178,13 @@ def decide(
     (same decisions, no reason lists): what a threshold sweep needs, at a fraction of the cost.
     embeddings: (shard, row, image_embedding) rows, needed only by dedup.image_cosine
     (curate.annotations.scan_embeddings reads a run's embeddings/*.parquet)."""
+    survivor = Survivor.of(sel.dedup)  # dedup.survivor: which copy of a duplicate group is kept
+    survivor.check(annotations.collect_schema())  # a priority column the annotations lack: a clear error
     resolved = resolve_clip_threshold(annotations, sel)
     fails = rule_failures(sel, resolved.clip_threshold)
-    dedup_reasons = {Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, Reason.DUPLICATE_CAPTION, Reason.DUPLICATE_IMAGE_NEAR}
+    dedup_reasons = {
+        Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, Reason.DUPLICATE_CAPTION, Reason.DUPLICATE_IMAGE_NEAR, Reason.DUPLICATE_UID,
+    }
     if sel.dedup.image_cosine is not None and embeddings is None:
         raise ValueError(
             "dedup.image_cosine is set but no image embeddings were given: the run needs "
@@ -202,7 +210,7 @@ def decide(
         (Reason.DUPLICATE_IMAGE, schema.IMAGE_SHA256, sel.dedup.image_sha256),
     ):
         if on:
-            frame = _dedup(frame, key, "_eligible", reason)
+            frame = _dedup(frame, key, "_eligible", reason, survivor)
         else:
             frame = frame.with_columns(
                 pl.lit(False).alias(_fail(reason)), pl.lit(None, pl.String).alias(_of(reason)),
@@ -238,10 +246,18 @@ def decide(
         )
     frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(near)).not_()).alias("_eligible"))
 
-    dedups = (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, cap, near)
+    # the same uid twice (a repeated input row, or an input whose uids repeat), always on and
+    # last: of the rows every other step kept, one per uid survives (the same survivor rule), so
+    # kept uids are unique and uids.npy has exactly one entry per kept row. No re-pointing needed:
+    # duplicate_of is a uid, and a uid group's survivor has the very uid its removed copies have,
+    # so an earlier duplicate whose survivor loses here still names a kept row's uid.
+    frame = _dedup(frame.with_columns(pl.col(schema.UID).alias("_uid_key")), "_uid_key", "_eligible", Reason.DUPLICATE_UID, survivor)
+    frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(Reason.DUPLICATE_UID)).not_()).alias("_eligible"))
+
+    dedups = (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, cap, near, Reason.DUPLICATE_UID)
     drop = [*(_fail(r) for r in RULE_ORDER), "_eligible"]
     drop += [f"{_of(r)}{suffix}" for r in dedups for suffix in ("", "_idx")]
-    drop.append(_IDX)
+    drop += [_IDX, "_uid_key"]
     if url_key != schema.URL_NORMALIZED:
         drop.append(url_key)
     if not explain:

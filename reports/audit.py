@@ -17,7 +17,7 @@ import polars as pl
 from curate import io, schema
 from curate.config import ReportConfig, SelectionConfig
 from curate.reports.summary import build_report, write_report
-from curate.reports.sweep import SCORE, flips, representatives, sweep, thresholds
+from curate.reports.sweep import SCORE, flips, not_sweepable, representatives, sweep, thresholds
 
 SWEEP_STEPS = 26
 GALLERY_GROUPS = 6
@@ -169,6 +169,9 @@ def build_audit(
     if schema.CLIP_SCORE not in names or not (report.get("clip_score") or {}).get("scored"):
         report["sweep"] = None
         report["sweep_note"] = "no CLIP scores in this run: no sweep, no boundary gallery"
+        return report, tables
+    if (why := not_sweepable(sel)) is not None:
+        report["sweep"], report["sweep_note"] = None, why
         return report, tables
     keep = [SCORE, schema.UID, schema.SHARD, schema.ROW, *group_cols]
     reps = representatives(annotations, sel, keep=keep, embeddings=embeddings).select(keep).collect(engine="streaming")

@@ -533,7 +533,7 @@ def _sweep(rep: dict[str, Any]) -> str:
     thr = sw["thresholds"]
     mark = sw.get("selection_threshold")
     out = ["<h2>Threshold sweep: retention vs CLIP threshold</h2>",
-           '<p class="note">Retention = rows kept / rows in, with every other rule (language, caption, fetch, image, '
+           '<p class="note">Retention = rows kept / rows in, with every other rule (missing URL, language, caption, fetch, image, '
            "dedup) as in this selection and only the CLIP threshold varied. Exact, not estimated: dedup survivors are the "
            "same rows at every threshold (highest score wins), so the rows kept at threshold t are the dedup "
            "representatives with score ≥ t.</p>"]

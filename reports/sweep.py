@@ -40,10 +40,22 @@ def thresholds(start: float, stop: float, step: float) -> list[float]:
 
 
 _RULE_INPUTS = (
-    schema.SHARD, schema.ROW, schema.UID, schema.LANGUAGE, schema.LANGUAGE_SCORE, schema.CAPTION_CHARS,
+    schema.SHARD, schema.ROW, schema.UID, schema.URL, schema.LANGUAGE, schema.LANGUAGE_SCORE, schema.CAPTION_CHARS,
     schema.CAPTION_WORDS, schema.FETCH_STATUS, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.CLIP_SCORE,
     schema.URL_NORMALIZED, schema.IMAGE_SHA256, schema.CAPTION, schema.CAPTION_LSH,
 )
+
+
+def not_sweepable(sel: SelectionConfig) -> str | None:
+    """Why this selection has no exact sweep, or None. The representatives argument (module doc)
+    holds only when a duplicate group's survivor is its highest score (dedup.survivor =
+    "best_score"): with "first" or "priority" the survivor among the rows above a threshold
+    changes with the threshold, so one decide() cannot stand for all of them."""
+    if sel.dedup.survivor != "best_score":
+        return (f"dedup.survivor = {sel.dedup.survivor!r}: the exact sweep, the flips between thresholds and the "
+                "boundary gallery need survivor = 'best_score' (with another survivor rule the kept copy of a "
+                "duplicate group changes with the threshold); compare thresholds with `curate select` and `curate diff`")
+    return None
 
 
 def representatives(
@@ -109,6 +121,8 @@ def sweep(
     lf = annotations
     dtype = lf.collect_schema().get(schema.CLIP_SCORE)
     if reps is None:  # (build_audit passes reps, and only when the run has scores)
+        if (why := not_sweepable(sel)) is not None:
+            raise ValueError(why)
         if dtype is None or lf.select(pl.col(schema.CLIP_SCORE).fill_nan(None).drop_nulls().len()).collect().item() == 0:
             raise ValueError("no row of this run has a CLIP score (a run with score.source = none, or nothing "
                              "fetched): there is no CLIP threshold to sweep")

@@ -347,3 +347,30 @@ def test_ctrl_c_says_interrupted_and_the_manifest_says_so(base_run, tmp_path):
     assert "interrupted" in err
     assert json.loads((run / "manifest.json").read_text())["state"] == "interrupted"
     check_complete(run / "selections" / "default")  # the previous selection is intact
+
+
+# --- clear errors, before anything is written -------------------------------------------------------
+def test_settings_and_paths_are_checked_before_the_first_shard(base_run, tmp_path):
+    spec = tmp_path / "spec.toml"
+    base = (Path(__file__).resolve().parent.parent / "pipelines" / "laion_sample.toml").read_text()
+    spec.write_text(base + '\n[report]\ngroup_columns = ["no_such_column"]\n')
+    out = tmp_path / "run"
+    res = curate("run", str(spec), "--input", str(base_run["input"]), "--out", str(out))
+    assert res.returncode == 2 and "no_such_column" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not out.exists()  # refused before a single shard (it used to fail after fetching and scoring)
+
+    # a spec path that is a folder, or not UTF-8; an --out below a file; a forget list that is a folder
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    for spec_arg, needle in ((str(tmp_path), "is a folder"), (str(bad), "not UTF-8")):
+        res = curate("show-spec", spec_arg)
+        assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+    (tmp_path / "afile").write_text("x")
+    res = curate("run", "laion_sample", "--input", str(base_run["input"]), "--out", str(tmp_path / "afile" / "run"))
+    assert res.returncode == 2 and "afile" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    run = _copy_run(base_run, tmp_path / "copy")
+    res = curate("forget", str(run), "--uids", str(tmp_path))
+    assert res.returncode == 2 and "is a folder" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = curate("run", "laion_sample", "--input", str(base_run["input"]), "--out", str(tmp_path / "r2"),
+                 "--address", "x")
+    assert "Traceback" not in res.stderr

@@ -40,6 +40,7 @@ def ann_table(captions, shard="s", scores=None, uid_prefix="") -> pa.Table:
     t = pa.table({
         "shard": [shard] * n, "row": list(range(n)), "uid": [f"{uid_prefix}{shard}{i:020d}"[-32:].rjust(32, "0") for i in range(n)],
         "caption": captions, "fetch_status": ["not_needed"] * n, "clip_score": pa.array(scores, pa.float32()),
+        "url": [f"http://x.test/{shard}/{i}.jpg" for i in range(n)],  # every row has a URL (else: missing_url)
     })
     t = t.append_column("caption_lsh", cm.caption_lsh(pl.Series(captions, dtype=pl.String).fill_null(""), THRESHOLD))
     return conform(t)

@@ -32,7 +32,10 @@ def synthetic(seed: int) -> pl.DataFrame:
     n = len(names)
     removed = rng.random(n) < p
     # reasons of removed rows: each rule fails with its own probability, at least one
-    fail = rng.random((n, len(REASONS))) < np.array([0.3, 0.1, 0.1, 0.02, 0.05, 0.02, 0.5, 0.1, 0.05, 0.05, 0.05])  # one per RULE_ORDER entry (opt_out: 0.02)
+    p_fail = {"missing_url": 0.01, "language": 0.3, "caption_length": 0.1, "fetch_failed": 0.1, "opt_out": 0.02, "image_size": 0.05,
+              "not_scored": 0.02, "clip_score": 0.5, "duplicate_url": 0.1, "duplicate_image": 0.05, "duplicate_caption": 0.05,
+              "duplicate_image_near": 0.05, "duplicate_uid": 0.01}
+    fail = rng.random((n, len(REASONS))) < np.array([p_fail[r] for r in REASONS])  # one per RULE_ORDER entry (KeyError if one is new)
     none = removed & ~fail.any(axis=1)
     fail[none, rng.integers(0, len(REASONS), none.sum())] = True
     fail &= removed[:, None]

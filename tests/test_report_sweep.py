@@ -25,6 +25,7 @@ def synthetic_annotations(n: int = 4000, seed: int = 3) -> pl.LazyFrame:
             "row": np.arange(n) // 4,
             "uid": [f"{int(x):032x}" for x in rng.integers(0, 10**12, n)],
             "caption": [f"cap {i}" for i in range(n)],
+            "url": [f"http://u/raw/{i}" for i in range(n)],  # every row has a URL (else: missing_url)
             "language": langs[rng.integers(0, 5, n)],
             "caption_words": rng.integers(1, 8, n).astype(np.int32),
             "caption_chars": rng.integers(3, 60, n).astype(np.int32),

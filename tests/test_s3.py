@@ -11,6 +11,12 @@ from curate.cli import app
 from curate.config import load_spec
 from curate.presets import preset_path
 from curate.runner import run
+from curate.selection import readable_dir
+
+
+def _sel(run_dir: str, name: str) -> str:
+    """The bucket path of a selection's published version (CURRENT.json names it)."""
+    return readable_dir(run_dir, name).removeprefix("s3://")
 
 
 def test_run_and_select_from_bucket_to_bucket(laion_sample, ray_session, s3_endpoint):
@@ -36,12 +42,14 @@ def test_run_and_select_from_bucket_to_bucket(laion_sample, ray_session, s3_endp
 
     res = CliRunner().invoke(app, ["select", "s3://curate-test/runs/r1", "--name", "any_language", "--languages", ""])
     assert res.exit_code == 0, res.output
-    sel = json.loads(fs.cat("curate-test/runs/r1/selections/any_language/selection.json"))
+    sel_dir = _sel("s3://curate-test/runs/r1", "any_language")
+    assert "/selections/any_language/v-" in sel_dir  # a published version, not the folder itself
+    sel = json.loads(fs.cat(f"{sel_dir}/selection.json"))
     assert sel["counts"]["rows"] == 400
     assert sel["counts"]["kept"] > result.selection["counts"]["kept"]
-    with fs.open("curate-test/runs/r1/selections/any_language/kept/part-1.parquet", "rb") as f:
+    with fs.open(f"{sel_dir}/kept/part-1.parquet", "rb") as f:
         assert pl.read_parquet(f).height > 0
-    assert fs.exists("curate-test/runs/r1/selections/any_language/report.html")
+    assert fs.exists(f"{sel_dir}/report.html")
 
     # the audit commands read the bucket too
     res = CliRunner().invoke(app, ["report", "s3://curate-test/runs/r1", "--selection", "any_language"])
@@ -86,11 +94,79 @@ def test_full_run_with_fetch_and_model_bucket_to_bucket(tmp_path, ray_session, s
     cli = CliRunner()
     res = cli.invoke(app, ["select", "s3://curate-full/run", "--name", "strict", "--clip-min-score", "0.9"])
     assert res.exit_code == 0, res.output
-    strict = json.loads(fs.cat("curate-full/run/selections/strict/selection.json"))
+    strict = json.loads(fs.cat(f"{_sel('s3://curate-full/run', 'strict')}/selection.json"))
     assert strict["counts"]["rows"] == truth.height and strict["counts"]["kept"] <= result.selection["counts"]["kept"]
     res = cli.invoke(app, ["report", "s3://curate-full/run", "--selection", "strict", "--from", "0.8", "--to", "0.95", "--step", "0.05"])
     assert res.exit_code == 0, res.output
-    rep = json.loads(fs.cat("curate-full/run/selections/strict/report.json"))
+    rep = json.loads(fs.cat(f"{_sel('s3://curate-full/run', 'strict')}/report.json"))
     assert rep["sweep"] and len(rep["sweep"]["thresholds"]) == 4
     res = cli.invoke(app, ["sweep", "s3://curate-full/run", "--selection", "default", "--from", "0.8", "--to", "0.9", "--step", "0.05"])
     assert res.exit_code == 0, res.output
+
+
+def test_bucket_selections_publish_whole_and_one_writer_holds_the_lease(laion_sample, ray_session, s3_endpoint, tmp_path):
+    """On a bucket (no rename): a killed `curate select` leaves CURRENT.json naming the old,
+    complete version; the next select publishes and tidies. The run's lease object is created
+    with a conditional write: a second writer is refused naming the holder, an expired lease
+    (its holder was killed) is taken over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from curate import run_lock
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("curate-safe")
+    src = pl.read_parquet(laion_sample).head(300)
+    with fs.open("curate-safe/in/part-0.parquet", "wb") as f:
+        src.write_parquet(f)
+    spec = load_spec(preset_path("laion_sample")).with_overrides(
+        **{"input.paths": ["s3://curate-safe/in/"], "output.dir": "s3://curate-safe/run"})
+    assert run(spec).ok
+    run_dir = "s3://curate-safe/run"
+    first = _sel(run_dir, "default")
+    before = {p: fs.cat(p) for p in fs.find(first)}
+
+    env = {**os.environ, "CURATE_PROGRESS": "0", "CURATE_FAILPOINT": f"publish.before_swap:{tmp_path / 'once'}"}
+    curate = str(Path(sys.executable).with_name("curate"))
+    res = subprocess.run([curate, "select", run_dir, "--name", "default", "--min-words", "6"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    fs.invalidate_cache()  # another process wrote: drop this one's cached listings
+    assert _sel(run_dir, "default") == first  # the pointer still names the old version, byte for byte
+    assert {p: fs.cat(p) for p in fs.find(first)} == before
+    versions = [p for p in fs.ls("curate-safe/run/selections/default") if "/v-" in p]
+    assert len(versions) == 2  # the killed writer's unfinished version sits beside it, unnamed
+
+    res = CliRunner().invoke(app, ["select", run_dir, "--name", "default", "--min-words", "7"])
+    assert res.exit_code == 0, res.output
+    fs.invalidate_cache()
+    now = _sel(run_dir, "default")
+    assert now != first and json.loads(fs.cat(f"{now}/selection.json"))["rules"]["caption"]["min_words"] == 7
+    left = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("curate-safe/run/selections/default"))
+    assert left == sorted(["CURRENT.json", first.rsplit("/", 1)[-1], now.rsplit("/", 1)[-1]])  # unfinished one gone
+
+    # the lease: exactly one holder; the second is refused by name; an expired lease is taken over
+    a = run_lock._Lease(run_dir, run_lock.describe_self("curate select A"))
+    a.acquire()
+    try:
+        b = run_lock._Lease(run_dir, run_lock.describe_self("curate select B"))
+        try:
+            b.acquire()
+            raise AssertionError("a second writer got the lease")
+        except run_lock.RunDirBusy as e:
+            assert "curate select A" in str(e) and f"pid {os.getpid()}" in str(e)
+        res = CliRunner().invoke(app, ["select", run_dir, "--name", "other"])
+        assert res.exit_code == 2 and "curate select A" in res.output, res.output
+    finally:
+        a.release()
+    assert not fs.exists("curate-safe/run/.curate.lock")
+    with fs.open("curate-safe/run/.curate.lock", "wb") as f:  # a holder that was killed: never renewed
+        f.write(json.dumps({"command": "curate run (killed)", "pid": 1, "host": "h", "since": "x",
+                            "token": "dead", "expires": time.time() - 1}).encode())
+    c = run_lock._Lease(run_dir, run_lock.describe_self("curate select C"))
+    c.acquire()
+    c.release()

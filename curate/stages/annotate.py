@@ -109,6 +109,34 @@ def _host(url: str | None) -> str:
         return ""
 
 
+# caption_words: whitespace-separated words, except inside a word that holds Han, Hiragana or
+# Katakana characters (Chinese and Japanese are written without spaces): there each such character
+# counts as one word (the kana long-vowel mark "ー" too: a character of its word, as in
+# "セール" = 3), and so does each run of other characters between them that holds a letter or digit
+# ("GAMESのアーカイブ画像:Vol.7" = GAMES + 8 characters + ":Vol.7"); CJK punctuation such as "、"
+# or "「" between them is not a word. Hangul is written with spaces: counted as words like Latin.
+# Thai, Lao, Khmer and Myanmar have no spaces and no segmenter here: a run is one word. Captions
+# without Han or kana count exactly as before (whitespace-separated words).
+_WORD_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}ーｰ"
+_WORD_LETTER_OR_DIGIT = rf"[\p{{L}}\p{{N}}--[{_WORD_CJK}]]"
+
+
+def caption_word_counts(captions: pl.Series) -> pl.Series:
+    """caption_words for each caption (see the rule above); null captions count 0."""
+    caps = captions.fill_null("")
+    # words holding a CJK character, joined with spaces so their non-CJK runs can be counted at once
+    cjk_words = caps.str.extract_all(rf"\S*[{_WORD_CJK}]\S*")
+    inner = cjk_words.list.join(" ")
+    runs = inner.str.count_matches(rf"[^\s{_WORD_CJK}\p{{L}}\p{{N}}]*{_WORD_LETTER_OR_DIGIT}[^\s{_WORD_CJK}]*")
+    words = (
+        caps.str.count_matches(r"\S+")
+        - cjk_words.list.len()
+        + caps.str.count_matches(rf"[{_WORD_CJK}]")
+        + runs
+    )
+    return words.cast(pl.Int32).rename(schema.CAPTION_WORDS)
+
+
 def annotate_text(table: pa.Table, language: bool = True, max_caption_chars: int = 4096) -> pa.Table:
     """Append text annotations to a canonical row table (see curate.stages.read)."""
     df = pl.from_arrow(table)
@@ -130,7 +158,7 @@ def annotate_text(table: pa.Table, language: bool = True, max_caption_chars: int
         pl.Series(schema.LANGUAGE, langs, dtype=pl.String),
         pl.Series(schema.LANGUAGE_SCORE, lang_scores, dtype=pl.Float32),
         captions.str.len_chars().cast(pl.Int32).alias(schema.CAPTION_CHARS),
-        captions.str.extract_all(r"\S+").list.len().cast(pl.Int32).alias(schema.CAPTION_WORDS),
+        caption_word_counts(captions),
         pl.Series(schema.DOMAIN, domains, dtype=pl.String),
         pl.Series(schema.TLD, tlds, dtype=pl.String),
         pl.Series(schema.URL_NORMALIZED, [normalize_url(u) for u in urls], dtype=pl.String),

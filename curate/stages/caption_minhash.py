@@ -44,6 +44,13 @@ SEED = 1  # datasketch's default seed: the permutations are MinHash(num_perm, se
 # Candidates are verified on exact Jaccard in selection, so a false candidate costs a little
 # compute while a missed one is lost for good: weight false negatives 9:1 when tuning the bands.
 FP_WEIGHT, FN_WEIGHT = 0.1, 0.9
+# Without verification (selection.dedup.caption_verify = false) every candidate pair is merged, so
+# the bands alone decide precision, and recall-tuned bands merge dissimilar pairs: 32 bands x 8
+# rows (threshold 0.7, 256 permutations) make a pair at Jaccard 0.51 a candidate 13.7% of the time.
+# A spec may switch verification off only when its bands make a pair UNVERIFIED_MARGIN below
+# dedup.caption_jaccard a candidate with probability <= UNVERIFIED_MAX_FP (PipelineSpec checks it).
+UNVERIFIED_MARGIN = 0.2
+UNVERIFIED_MAX_FP = 0.01
 
 _CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}"
 TOKEN_PATTERN = rf"[{_CJK}]|[\w--[{_CJK}]]+"
@@ -67,6 +74,53 @@ def lsh_params(threshold: float = DEFAULT_THRESHOLD, num_perm: int = DEFAULT_NUM
     from datasketch.lsh import _optimal_param
 
     return _optimal_param(threshold, num_perm, FP_WEIGHT, FN_WEIGHT)
+
+
+def candidate_probability(jaccard: float, bands: int, rows: int) -> float:
+    """P(two captions whose shingle sets have this Jaccard share a band key): the LSH S-curve
+    1 - (1 - s^r)^b (each MinHash value agrees with probability s; a band agrees when all r do)."""
+    return 1.0 - (1.0 - jaccard**rows) ** bands
+
+
+def unverified_bands_problem(caption_jaccard: float, threshold: float, num_perm: int) -> str | None:
+    """Why the bands of (annotate.caption_minhash_threshold, caption_minhash_perm) are not precise
+    enough to merge candidates unverified at dedup.caption_jaccard, with what to set instead; None
+    when P(candidate | J = caption_jaccard - UNVERIFIED_MARGIN) <= UNVERIFIED_MAX_FP."""
+    j0 = max(0.0, caption_jaccard - UNVERIFIED_MARGIN)
+    b, r = lsh_params(threshold, num_perm)
+    p = candidate_probability(j0, b, r)
+    if p <= UNVERIFIED_MAX_FP:
+        return None
+
+    def ok(i: int) -> bool:
+        return candidate_probability(j0, *lsh_params(i / 100, num_perm)) <= UNVERIFIED_MAX_FP
+
+    # the smallest threshold on a 0.01 grid whose bands meet the bound: bisection (the S-curve
+    # steepens as the threshold rises), then checked, and scanned upward if the curve was not monotone
+    lo, hi = int(threshold * 100) + 1, 99
+    suggestion = None
+    if lo <= hi and ok(hi):
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+        suggestion = next(i for i in range(lo, 100) if ok(i))
+    msg = (
+        f"selection.dedup.caption_verify = false merges every MinHash LSH candidate pair without checking its "
+        f"Jaccard, but the band keys of annotate.caption_minhash_threshold = {threshold:g} with caption_minhash_perm = "
+        f"{num_perm} ({b} bands x {r} rows, tuned for recall because candidates are normally verified) make a pair at "
+        f"Jaccard {j0:.2f} (dedup.caption_jaccard {caption_jaccard:g} - {UNVERIFIED_MARGIN:g}) a candidate with "
+        f"probability {p:.1%}; unverified merging needs at most {UNVERIFIED_MAX_FP:.0%} (1 - (1 - s^r)^b). "
+        "Set selection.dedup.caption_verify = true (recommended: exact Jaccard of every candidate pair)"
+    )
+    if suggestion is None:
+        return msg + f"; no annotate.caption_minhash_threshold < 1 meets the bound with {num_perm} permutations."
+    t = suggestion / 100
+    sb, sr = lsh_params(t, num_perm)
+    return msg + (
+        f", or annotate.caption_minhash_threshold = {t:g} ({sb} bands x {sr} rows: {candidate_probability(j0, sb, sr):.2%} "
+        f"at Jaccard {j0:.2f}; it finds {candidate_probability(caption_jaccard, sb, sr):.0%} of pairs at Jaccard "
+        f"{caption_jaccard:g}) and annotate again into a fresh output.dir (band keys are computed by curate run)."
+    )
 
 
 @functools.lru_cache(maxsize=8)

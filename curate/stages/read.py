@@ -143,6 +143,8 @@ def read_shard(path: str, cfg: InputConfig, extra_columns: tuple[str, ...] = ())
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise ShardReadError(f"{path}: not a readable parquet file: {type(e).__name__}: {e}") from e
 
+    table = _decode_dictionaries(table)
+    _check_utf8(table, path)
     n = table.num_rows
     url = _as_string(table.column(layout.url), path, layout.url)
     caption = _as_string(table.column(layout.caption), path, layout.caption)
@@ -150,6 +152,7 @@ def read_shard(path: str, cfg: InputConfig, extra_columns: tuple[str, ...] = ())
         uid = pc.utf8_lower(_as_string(table.column(layout.uid), path, layout.uid))
         if uid.null_count:
             raise ShardReadError(f"{path}: column {layout.uid!r} has {uid.null_count} null uids")
+        _check_uids(uid, path, layout.uid)
     else:
         uid = pa.array(compute_uids(url.to_pylist(), caption.to_pylist()), pa.string())
 
@@ -171,6 +174,57 @@ def read_shard(path: str, cfg: InputConfig, extra_columns: tuple[str, ...] = ())
         if col not in cols:
             cols[col] = table.column(col)
     return pa.table(cols)
+
+
+def _decode_dictionaries(table: pa.Table) -> pa.Table:
+    """Dictionary-encoded columns (e.g. pandas categoricals written to parquet) as plain columns
+    of their value type: every later stage reads them like any other column."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, pc.cast(table.column(i), f.type.value_type))
+    return table
+
+
+def _check_utf8(table: pa.Table, path: str) -> None:
+    """Parquet does not guarantee that a string column holds valid UTF-8; a bad value would
+    surface later as a bare UnicodeDecodeError. Fail here, naming the file and the column."""
+    for f in table.schema:
+        if not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)):
+            continue
+        col = table.column(f.name)
+        try:
+            col.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        bad = []
+        binary = pa.large_binary() if pa.types.is_large_string(f.type) else pa.binary()
+        for row, value in enumerate(col.cast(binary).to_pylist()):
+            if value is None:
+                continue
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append((row, value))
+        first = f", first at row {bad[0][0]}: {bad[0][1][:60]!r}" if bad else ""
+        raise ShardReadError(f"{path}: column {f.name!r}: {len(bad) or 'some'} value(s) are not valid UTF-8{first}")
+
+
+_UID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+def _check_uids(uid: pa.ChunkedArray, path: str, name: str) -> None:
+    """Input uids must be DataComp's 32 hex characters (128 bits): uids.npy stores each as two
+    uint64s, so anything else would fail only after part of a selection was written."""
+    ok = pc.match_substring_regex(uid, _UID_PATTERN)
+    n_bad = len(ok) - pc.sum(ok).as_py() if len(ok) else 0
+    if n_bad:
+        bad = pc.filter(uid, pc.invert(ok))
+        first = pc.index(ok, False).as_py()
+        raise ShardReadError(
+            f"{path}: column {name!r}: {n_bad} value(s) are not 32-character hex uids, e.g. {bad[0].as_py()!r} "
+            f"(row {first})"
+        )
 
 
 def _as_string(col: pa.ChunkedArray, path: str, name: str) -> pa.ChunkedArray:
