@@ -84,3 +84,16 @@ def test_fetch_deadline_has_an_upper_bound():
     with pytest.raises(SpecError, match=r"fetch\.deadline_s"):
         parse_spec({**MINIMAL, "fetch": {"deadline_s": 1e10}})
     assert parse_spec({**MINIMAL, "fetch": {"deadline_s": 3600}}).fetch.deadline_s == 3600
+
+
+@pytest.mark.parametrize("section,key,value", [("fetch", "threads", "16"), ("fetch", "enabled", "off"),
+                                               ("score", "batch_size", 64.0), ("selection", "clip", {"min_score": "0.3"}),
+                                               ("annotate", "language", 1)])
+def test_spec_values_are_not_coerced_from_other_types(section, key, value):
+    # strict specs: "16" is not an int and "off" not a bool (both used to be coerced silently)
+    with pytest.raises(SpecError, match=rf"{section}\.{key}"):
+        parse_spec({**MINIMAL, section: {key: value}})
+
+
+def test_an_integer_is_still_a_float():
+    assert parse_spec({**MINIMAL, "fetch": {"timeout_s": 5}}).fetch.timeout_s == 5.0

@@ -374,3 +374,12 @@ def test_settings_and_paths_are_checked_before_the_first_shard(base_run, tmp_pat
     res = curate("run", "laion_sample", "--input", str(base_run["input"]), "--out", str(tmp_path / "r2"),
                  "--address", "x")
     assert "Traceback" not in res.stderr
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    out = tmp_path / "mine"
+    (out / "input" / "shards").mkdir(parents=True)
+    (out / "input" / "shards" / "part-00000.parquet").write_bytes(b"a user's shard")
+    res = curate("demo", "--out", str(out), timeout=120)
+    assert res.returncode == 2 and "not made by `curate demo`" in res.stderr, res.stderr
+    assert (out / "input" / "shards" / "part-00000.parquet").read_bytes() == b"a user's shard"

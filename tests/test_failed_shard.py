@@ -41,6 +41,9 @@ def test_corrupt_shards_fail_loudly_and_alone(tmp_path, laion_sample, ray_sessio
     res = CliRunner().invoke(app, ["run", "laion_sample", "--input", str(inp), "--out", str(out)])
     assert res.exit_code == 1, res.output
     assert "part-2" in res.output and "part-3" in res.output and "not a readable parquet file" in res.output
+    # the FAILED list comes first, and the reconcile line says what it covers
+    assert res.output.index("FAILED") < res.output.index("counts reconcile")
+    assert "counts reconcile over the 2 completed shard(s), 2 FAILED (listed above): yes" in res.output
 
     m = json.loads((out / "manifest.json").read_text())
     assert m["state"] == "failed"

@@ -22,6 +22,22 @@ def demo_spec(out: Path) -> PipelineSpec:
     )
 
 
+DEMO_MARK = ".curate-demo"
+
+
+def claim_demo_folder(out: Path) -> None:
+    """The demo rewrites its own inputs (input/shards/*.parquet) and run: only in a new or empty
+    folder, or one an earlier demo made (it leaves DEMO_MARK there). Any other folder is refused,
+    so `curate demo --out ~/data` cannot delete a user's parquet files."""
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} is a file, not a folder", param_hint="--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARK).exists():
+        raise typer.BadParameter(f"{out} is not empty and was not made by `curate demo`; choose a new folder",
+                                 param_hint="--out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text("made by `curate demo`: it may rewrite input/ and run/ here\n")
+
+
 def write_inputs(out: Path, rows: int, shards: int, seed: int, servers: dict[str, ImageServer]) -> pl.DataFrame:
     data = generate(rows, seed, {host: srv.port for host, srv in servers.items()})
     for s in data.served:
@@ -108,6 +124,7 @@ def run_demo(out: Path, rows: int = 600, shards: int = 3, seed: int = 0) -> int:
     from curate.runner import run
 
     out = out.resolve()
+    claim_demo_folder(out)
     with contextlib.ExitStack() as stack:
         servers = {host: stack.enter_context(ImageServer(host)) for host, _ in SITES}
         typer.echo(f"demo: {rows} rows in {shards} shards; image servers on " + ", ".join(f"{h}:{s.port}" for h, s in servers.items()))
