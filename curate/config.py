@@ -258,6 +258,12 @@ class RayConfig(Strict):
     # "auto", "host:6379" or "ray://host:10001" for a cluster
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # local runs only
+    init_timeout_s: float = Field(
+        60.0, gt=0, le=3600, allow_inf_nan=False,
+        description="local runs: how long each of Ray's start-up waits (the GCS port, the node's registration) may "
+        "take, in whole seconds (Ray's knobs are integers; under 1 s Ray looks once and does not wait); a start that "
+        "fails is cleaned up and retried once (curate/ray_adapter.py, cluster/README.md)",
+    )
     scorer_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Ray custom resources each scoring actor requires, e.g. {accel = 1} to place scoring only on nodes "

@@ -18,6 +18,9 @@ Names (where they fire):
   score_poison        ShardScorer.score_shard, EVERY time the shard named instead of a
                       once-file is scored (`score_poison:part-00003`): a shard that kills its
                       actor on every try (a poison input)
+  ray_start_timeout   ray_adapter.connect(), a local start: the first attempt to arrive runs
+                      with Ray's start-up waits at 0 s, so Ray's own start-up times out for
+                      real (`armed()`, not a crash); the retry runs with ray.init_timeout_s
 
 Kill points (any name starting with selection., publish. or run.; tests/test_data_safety.py):
 the process SIGKILLs itself there, as `kill -9` would, once per once-file. They sit at every step
@@ -38,7 +41,7 @@ import os
 
 ENV = "CURATE_FAILPOINT"
 FAILPOINT_EXIT_CODE = 75
-NAMES = ("score_first_batch", "score_after_marker", "score_poison")
+NAMES = ("score_first_batch", "score_after_marker", "score_poison", "ray_start_timeout")
 # kill points: the process SIGKILLs itself there (once per once-file), as `kill -9` would; used by
 # the publish/selection kill tests (tests/test_data_safety.py). Any name with these prefixes.
 KILL_PREFIXES = ("selection.", "publish.", "run.")
@@ -91,6 +94,24 @@ def fire(name: str, detail: str = "") -> None:
 
         os.kill(os.getpid(), signal.SIGKILL)
     os._exit(FAILPOINT_EXIT_CODE)
+
+
+def armed(name: str, detail: str = "") -> bool:
+    """True once per once-file if the failpoint `name` is set, like `fire()` but without the
+    crash: for a step whose caller makes it fail in its own, real way (`ray_start_timeout`)."""
+    value = os.environ.get(ENV)
+    if not value:
+        return False
+    once = _parse(value).get(name)
+    if once is None:
+        return False
+    try:
+        fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    os.write(fd, json.dumps({"failpoint": name, "detail": detail, "pid": os.getpid()}).encode())
+    os.close(fd)
+    return True
 
 
 def forwarded_env() -> dict[str, str]:

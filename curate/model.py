@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -115,9 +116,45 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     return io.sha256_file(path)
 
 
+# Set by curate/ray_adapter.py (GPU_IDS_ENV) in each actor it starts, before the actor's __init__: the GPU ids
+# Ray assigned to that actor, comma-separated ("" = none). Unset outside such an actor.
+RAY_GPU_IDS_ENV = "CURATE_RAY_GPU_IDS"
+
+
+def assigned_gpu_ids() -> Optional[list[str]]:
+    """The GPUs Ray assigned to this process ([] = none), or None when this is not an actor that
+    curate/ray_adapter.py started (the driver, a script, a test)."""
+    value = os.environ.get(RAY_GPU_IDS_ENV)
+    if value is None:
+        return None
+    return [x for x in value.split(",") if x.strip()]
+
+
+def choose_device(gpu_ids: Optional[Sequence[Any]], cuda_available: bool) -> torch.device:
+    """Where the model goes when no device is given.
+
+    gpu_ids: the GPUs Ray assigned to this process (`assigned_gpu_ids()`), None outside Ray.
+    - Ray assigned GPUs and CUDA works: cuda:0. Ray sets CUDA_VISIBLE_DEVICES to the assigned ids,
+      so the first one is device 0 of this process, whatever its id on the machine.
+    - Ray assigned none ([]): cpu, even where CUDA works. An actor without a GPU on a GPU node still
+      sees every GPU (Ray leaves CUDA_VISIBLE_DEVICES alone for zero-GPU actors) and would share
+      one with the actor Ray gave it to.
+    - Ray assigned GPUs but CUDA does not work (no driver, a CPU-only torch): cpu.
+    - Outside Ray: cuda:0 if CUDA works, else cpu.
+    """
+    if gpu_ids is not None and not gpu_ids:
+        return torch.device("cpu")
+    return torch.device("cuda:0" if cuda_available else "cpu")
+
+
 def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        gpu_ids, cuda = assigned_gpu_ids(), torch.cuda.is_available()
+        if gpu_ids and not cuda:
+            logging.getLogger(__name__).warning(
+                "Ray assigned GPU %s to this scorer but torch sees no CUDA device (torch %s, CUDA build %s); "
+                "scoring on CPU", ",".join(gpu_ids), torch.__version__, torch.version.cuda)
+        return choose_device(gpu_ids, cuda)
     return torch.device(device)
 
 

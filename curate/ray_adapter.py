@@ -2,11 +2,15 @@
 
 - `connect()`: a new local Ray by default (never one that happens to run on the machine), the
   cluster in RAY_ADDRESS (set inside a Ray job), or a given address ("auto", "host:6379",
-  "ray://host:10001").
+  "ray://host:10001"). A local start gets `ray.init_timeout_s` for Ray's start-up waits and, if
+  it fails, is cleaned up and retried once; a cluster address that does not answer is an error at
+  once (cluster/README.md).
 - `cpu_task()`: a stage function as a Ray task (fetching, annotating: CPU work, one shard a task).
-- `ActorPool`: long-lived actors that load a model once (`num_gpus=1` when the cluster has GPUs;
-  decided from the cluster's resources, never from the driver's own CUDA; plus any custom
-  resources, `ray.scorer_resources`, to keep scoring on the nodes that have them).
+- `ActorPool`: long-lived actors that load a model once (`num_gpus=1` when the cluster has GPUs,
+  `gpus_per_scorer()`: decided from the cluster's resources, never from the driver's own CUDA;
+  plus any custom resources, `ray.scorer_resources`, to keep scoring on the nodes that have them).
+  Each actor records the GPU ids Ray assigned it before its __init__ runs, and the model goes on
+  that GPU or, with none, on the CPU (curate.model.choose_device).
 
 Fault tolerance: a task whose worker or node dies is retried (`TASK_RETRIES`); a dead actor is
 restarted (`ACTOR_RESTARTS`) and its unfinished calls are resubmitted to it (`ACTOR_TASK_RETRIES`).
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -58,20 +63,151 @@ def connect(cfg: RayConfig) -> ClusterInfo:
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning",
                             **faults.forwarded_env()}}
         if address:
-            ray.init(address=address, runtime_env=env, log_to_driver=True)
+            _join(address, env, cfg.init_timeout_s)
         else:
-            ray.init(
-                address="local",  # not a `ray start` instance that ray.init() would otherwise join
-                num_cpus=cfg.num_cpus,
-                include_dashboard=False,
-                runtime_env=env,
-                log_to_driver=True,
-                configure_logging=True,
-                logging_level=logging.WARNING,
-            )
+            _start_local(cfg, env)
     res = ray.cluster_resources()
     alive = sum(1 for n in ray.nodes() if n.get("Alive"))
     return ClusterInfo(address, float(res.get("CPU", 0)), float(res.get("GPU", 0)), alive)
+
+
+# Ray's start-up waits that a driver can set (Ray 2.60; each read from the driver's environment,
+# in whole seconds, default 30 and 10):
+#   RAY_gcs_server_port_wait_time_s  ray/_private/node.py: the wait for the GCS to write its port
+#                                    file, and the number of 1 s tries to connect to it
+#   RAY_raylet_start_wait_time_s     C++ GlobalStateAccessor::GetNode, called by node.py's loop
+#                                    that waits for the raylet to register (that loop gives up
+#                                    after a fixed 30 s, so the wait is max(30, this))
+# Both are set for a local start only and restored afterwards (the processes started meanwhile
+# keep them).
+STARTUP_WAIT_ENV = ("RAY_gcs_server_port_wait_time_s", "RAY_raylet_start_wait_time_s")
+
+
+@contextlib.contextmanager
+def _startup_waits(seconds: int):
+    old = {k: os.environ.get(k) for k in STARTUP_WAIT_ENV}
+    os.environ.update({k: str(seconds) for k in STARTUP_WAIT_ENV})
+    # the driver's C++ RayConfig re-reads RAY_* now (ray.init does the same when auth is on)
+    with contextlib.suppress(Exception):
+        ray._raylet.Config.initialize("")
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _start_local(cfg: RayConfig, env: dict) -> None:
+    """A new local Ray. A start that fails (a start-up wait ran out on a loaded machine, a process
+    that died starting) is cleaned up (`ray.shutdown()` and the processes it had started) and
+    retried once; a second failure is a RuntimeError that says what to do."""
+    timeout = cfg.init_timeout_s
+    errors: list[str] = []
+    for attempt in (1, 2):
+        before = _ray_children()
+        # test hook (curate/faults.py): this attempt gets 0 s waits, so Ray's own start-up times out
+        waits = 0 if faults.armed("ray_start_timeout", f"attempt {attempt}") else int(timeout)
+        t0 = time.monotonic()
+        try:
+            with _startup_waits(waits):
+                ray.init(
+                    address="local",  # not a `ray start` instance that ray.init() would otherwise join
+                    num_cpus=cfg.num_cpus,
+                    include_dashboard=False,
+                    runtime_env=env,
+                    log_to_driver=True,
+                    configure_logging=True,
+                    logging_level=logging.WARNING,
+                )
+            return
+        except (TypeError, ValueError):  # bad arguments: the same every time
+            _clean_failed_start(before)
+            raise
+        except Exception as e:  # noqa: BLE001 - retried once, then raised with both errors
+            elapsed = time.monotonic() - t0
+            left = _clean_failed_start(before)
+            errors.append(f"{describe_error(e)} after {elapsed:.1f} s")
+            if attempt == 1:
+                log.warning("Ray did not start in %.1fs (%s; ray.init_timeout_s = %g; killed %d leftover Ray "
+                            "processes); retrying once", elapsed, describe_error(e), timeout, len(left))
+                continue
+            raise RuntimeError(
+                f"a local Ray did not start, twice: {errors[0]}; then {errors[1]}. On a loaded machine give it "
+                f"longer: a larger ray.init_timeout_s (now {timeout:g}; e.g. [ray] init_timeout_s = "
+                f"{min(3600, 2 * max(timeout, 60)):g} in the spec); or start Ray once yourself "
+                f"(`ray start --head --port 6379`) and pass its address (--address 127.0.0.1:6379)"
+            ) from e
+
+
+def _ray_children() -> dict[int, Any]:
+    """This process's descendants that are Ray processes (GCS, raylet, agents, workers)."""
+    import psutil  # a Ray dependency (vendored in ray/thirdparty_files, importable once ray is)
+
+    ray_dir = os.path.dirname(ray.__file__)
+    out = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if ray_dir in cmd or cmd.startswith("ray::"):
+            out[p.pid] = p
+    return out
+
+
+def _clean_failed_start(before: dict[int, Any]) -> list[int]:
+    """After a failed ray.init: `ray.shutdown()`, then kill the Ray processes the attempt started
+    that are still there. ray.shutdown() alone does not stop them when ray.init failed inside
+    Ray's Node() (a GCS that started after its port wait ran out keeps running, holding ports and
+    memory, until the driver exits). Returns the pids killed."""
+    import psutil
+
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    left = [p for pid, p in _ray_children().items() if pid not in before]
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=10)
+    return [p.pid for p in left]
+
+
+def _join(address: str, env: dict, timeout: float) -> None:
+    """Join a running cluster. Not retried: a cluster address that refuses is an error at once,
+    naming the address (Ray itself would keep trying for minutes)."""
+    target = _gcs_host_port(address)
+    if target is not None:
+        import socket
+
+        try:
+            socket.create_connection(target, timeout=min(timeout, 10.0)).close()
+        except OSError as e:
+            raise RuntimeError(
+                f"cannot reach the Ray cluster at {address!r} ({type(e).__name__}: {e}); check --address / "
+                f"ray.address / RAY_ADDRESS, and that `ray start --head` runs there"
+            ) from None
+    try:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    except Exception as e:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        raise RuntimeError(f"could not join the Ray cluster at {address!r}: {describe_error(e)}") from e
+
+
+def _gcs_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of "host:port" or "ray://host:port"; None for "auto" and anything else (Ray
+    resolves those itself)."""
+    rest = address.removeprefix("ray://")
+    if "://" in rest or ":" not in rest:
+        return None
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    return host, int(port)
 
 
 def shutdown() -> None:
@@ -109,7 +245,7 @@ class ActorPool:
 
     def __init__(self, cls: type, args: tuple, size: int, gpus_per_actor: float, cpus_per_actor: float,
                  resources: dict[str, float] | None = None, max_restarts: int = ACTOR_RESTARTS):
-        self._remote_cls = ray.remote(cls).options(
+        self._remote_cls = ray.remote(_records_gpus(cls)).options(
             num_gpus=gpus_per_actor,
             num_cpus=cpus_per_actor,
             resources=dict(resources or {}),
@@ -160,13 +296,46 @@ class ActorPool:
         except AttributeError:
             return []
 
+    def placement(self) -> list[dict]:
+        """Per actor: the Ray node, the GPU ids Ray assigned and all its assigned resources
+        (e.g. {"CPU": 1.0, "GPU": 1.0}), as Ray sees them inside the actor."""
+        return ray.get([a.__ray_call__.remote(_placement) for a in self.actors])
+
     def kill(self) -> None:
         for a in self.actors:
             ray.kill(a)
 
 
+GPU_IDS_ENV = "CURATE_RAY_GPU_IDS"  # = curate.model.RAY_GPU_IDS_ENV (not imported here: torch)
+
+
+def gpus_per_scorer(info: ClusterInfo) -> float:
+    """num_gpus for each scoring actor: 1 when the cluster reports GPUs, else 0. Decided from the
+    cluster's resources, never from the driver's own CUDA (the driver may run on a CPU head)."""
+    return 1.0 if info.gpus > 0 else 0.0
+
+
+def _records_gpus(cls: type) -> type:
+    """`cls` whose __init__ first records the GPU ids Ray assigned to the actor in
+    CURATE_RAY_GPU_IDS (curate.model.choose_device reads it: the model goes on the GPU Ray gave
+    this actor, and an actor Ray gave none stays on the CPU even on a GPU node). Same name, so
+    Ray's process titles and errors still say ShardScorer."""
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        os.environ[GPU_IDS_ENV] = ",".join(str(i) for i in ray.get_gpu_ids())
+        cls.__init__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                        "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+
+
 def _node_id(_actor: Any) -> str:
     return ray.get_runtime_context().get_node_id()
+
+
+def _placement(_actor: Any) -> dict:
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+            "resources": dict(ctx.get_assigned_resources())}
 
 
 def is_actor_dead(e: BaseException) -> bool:

@@ -108,11 +108,12 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str]) -> RunResult:
 
     pool = None
     if spec.score.source == "model" and spec.fetch.enabled:
-        gpus = 1.0 if info.gpus > 0 else 0.0
+        gpus = rx.gpus_per_scorer(info)  # one GPU per scoring actor when the cluster has any (tests/test_gpu_placement.py)
         pool = rx.ActorPool(ShardScorer, (spec_json,), size=spec.score.actors, gpus_per_actor=gpus, cpus_per_actor=1,
                             resources=spec.ray.scorer_resources, max_restarts=spec.ray.scorer_max_restarts)
         m["model"] = pool.call_all("describe")[0]  # also fails fast on a bad checkpoint
         m["cluster"]["scorer_nodes"] = pool.node_ids()
+        m["cluster"]["scorer_placement"] = pool.placement()  # node, GPU ids and resources per actor
         manifest.write(run_dir, m)
     elif spec.score.source == "column":
         m["model"] = {"model_id": f"input-column:{spec.score.column}"}
