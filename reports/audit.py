@@ -259,6 +259,7 @@ def _rebuild_report(run_dir: str, out: str, *, sweep_thresholds, compare, sweep_
     ann = ann_mod.scan(run_dir)
     embeddings = ann_mod.embeddings_for(run_dir, sel)
     decisions, resolved = decide(ann, sel, embeddings=embeddings)
+    decisions = decisions.collect().lazy()  # once: every report query reads it (as write_selection does)
     names = set(ann.collect_schema().names())
     extra = [c for c in cfg.group_columns if c in names]
     meta = {k: summary.get(k) for k in ("selection", "run_dir", "rules", "resolved", "model", "language_model",

@@ -160,7 +160,7 @@ def _audit_run_dir(tmp: Path) -> Path:
             imgs.append({"row": r, "jpg": buf.getvalue()})
         pl.DataFrame(imgs, schema={"row": pl.Int64, "jpg": pl.Binary}).write_parquet(run / "images" / f"{shard}.parquet")
     spec = load_spec(preset_path("laion_sample"))
-    m = {"spec": json.loads(spec.model_dump_json()), "state": "done", "model": {"model_id": "test"}}
+    m = {"format": 1, "spec": json.loads(spec.model_dump_json()), "state": "done", "model": {"model_id": "test"}}  # a curate manifest
     (run / "manifest.json").write_text(json.dumps(m))
     from curate.config import SelectionConfig
 
