@@ -42,7 +42,6 @@ class OutputConfig(Strict):
 
 class FetchConfig(Strict):
     enabled: bool = True
-    processes: int = Field(1, ge=1)  # concurrent shard fetches per node (Ray CPU tasks)
     threads: int = Field(16, ge=1)  # threads per shard fetch (img2dataset thread_count)
     # the float fields refuse inf/nan (allow_inf_nan=False): an infinite deadline killed the fetch
     # watchdog thread (OverflowError); so does a finite one past the platform's time_t, hence le=
@@ -307,8 +306,32 @@ class PipelineSpec(Strict):
     @model_validator(mode="after")
     def _clip_rule_needs_scores(self) -> "PipelineSpec":
         clip = self.selection.clip
-        if self.score.source == "none" and (clip.min_score is not None or clip.top_fraction is not None):
+        threshold = clip.min_score is not None or clip.top_fraction is not None
+        if self.score.source == "none" and threshold:
             raise ValueError("selection.clip sets a threshold but score.source = 'none' produces no scores")
+        if self.score.source == "model" and not self.fetch.enabled and threshold:
+            raise ValueError(
+                "selection.clip sets a threshold and score.source = 'model', but fetch.enabled = false: the model "
+                "would see no image and every row would be 'not_scored'; set fetch.enabled = true, or select on a "
+                "column the input has (score.source = 'column', score.column = ...)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dedup_needs_its_annotations(self) -> "PipelineSpec":
+        """Near-dedup rules whose inputs the run would never compute: refused at load time (they
+        were a silent no-op, or failed only after the whole fetch and score)."""
+        d = self.selection.dedup
+        if d.caption_jaccard is not None and not self.annotate.caption_minhash:
+            raise ValueError(
+                "selection.dedup.caption_jaccard is set but annotate.caption_minhash = false: no caption band keys are "
+                "computed, so caption dedup would find nothing; set annotate.caption_minhash = true"
+            )
+        if d.image_cosine is not None and not self.score.store_embeddings:
+            raise ValueError(
+                "selection.dedup.image_cosine is set but score.store_embeddings = false: no image embeddings are "
+                "stored to compare; set score.store_embeddings = true"
+            )
         return self
 
     @model_validator(mode="after")

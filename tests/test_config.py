@@ -97,3 +97,35 @@ def test_spec_values_are_not_coerced_from_other_types(section, key, value):
 
 def test_an_integer_is_still_a_float():
     assert parse_spec({**MINIMAL, "fetch": {"timeout_s": 5}}).fetch.timeout_s == 5.0
+
+
+BASE_TOML = 'name = "t"\n[input]\npaths = ["x.parquet"]\n'
+
+
+@pytest.mark.parametrize("tables,keys,fix", [
+    ('[selection.dedup]\ncaption_jaccard = 0.8\n', ["selection.dedup.caption_jaccard", "annotate.caption_minhash"],
+     '[annotate]\ncaption_minhash = true\n'),
+    ('[selection.dedup]\nimage_cosine = 0.95\n', ["selection.dedup.image_cosine", "score.store_embeddings"],
+     '[score]\nstore_embeddings = true\n'),
+    ('[fetch]\nenabled = false\n[selection.clip]\nmin_score = 0.3\n', ["selection.clip", "fetch.enabled"],
+     '[score]\nsource = "column"\ncolumn = "similarity"\n'),
+    ('[fetch]\nprocesses = 4\n', ["fetch.processes"], None),
+])
+def test_settings_that_would_silently_do_nothing_are_refused_naming_the_keys(tmp_path, tables, keys, fix):
+    """Each was accepted by `curate show-spec` and then did nothing (caption dedup without band
+    keys; fetch.processes, never read), failed after the whole fetch and score (image dedup
+    without embeddings), or made every row not_scored (a model with nothing fetched)."""
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(BASE_TOML + tables)
+    res = CliRunner().invoke(app, ["show-spec", str(spec)])
+    assert res.exit_code == 2, res.output
+    for key in keys:
+        assert key in res.output, (key, res.output)
+    if fix is not None:  # with the missing piece, the same spec is accepted
+        spec.write_text(BASE_TOML + tables + fix)
+        res = CliRunner().invoke(app, ["show-spec", str(spec)])
+        assert res.exit_code == 0, res.output
