@@ -140,7 +140,7 @@ def parse_list(data: bytes, kind: str, source: str = "<list>") -> list[str]:
 
 
 def keys_for(kind: str, entries: list[str]) -> pl.DataFrame:
-    from curate.stages.annotate import normalize_url
+    from curate.urls import normalize_url
 
     if kind == "uids":
         return _keys_frame(("uid", e) for e in entries)
@@ -168,7 +168,7 @@ def match(df: pl.DataFrame, keys: Keys) -> pl.Series:
             if c in cols:
                 mask = mask | df.get_column(c).str.to_lowercase().is_in(list(keys.sha256)).fill_null(False)
     if (keys.url or keys.url_normalized) and schema.URL in cols:
-        from curate.stages.annotate import normalize_url
+        from curate.urls import normalize_url
 
         urls = df.get_column(schema.URL).to_list()
         if schema.URL_NORMALIZED in cols and df.get_column(schema.URL_NORMALIZED).null_count() < df.height:

@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from curate.schema import (
@@ -53,23 +54,30 @@ _REASONS = [r.value for r in RULE_ORDER]
 # small numeric helpers
 
 
+def wilson_bounds(successes, n, z: float = Z95):
+    """Wilson score interval (lo, hi) for binomial proportions successes/n: numpy arrays or
+    scalars (NaN where n == 0). The one implementation; wilson_interval is its scalar form."""
+    x, n = np.asarray(successes, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = x / n
+        z2 = z * z
+        denom = 1.0 + z2 / n
+        centre = (p + z2 / (2 * n)) / denom
+        half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return np.maximum(0.0, centre - half), np.minimum(1.0, centre + half)
+
+
 def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float] | None:
     """Wilson score interval for a binomial proportion; None when n == 0."""
     if n <= 0:
         return None
-    p = successes / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    lo, hi = wilson_bounds(successes, n, z)
+    return [float(lo), float(hi)]
 
 
 def two_proportion_p(x1, n1, x2, n2):
     """Two-sided p-values of the pooled two-proportion z-test, x1/n1 vs x2/n2 (numpy arrays or
     scalars). NaN where a side is empty; 1.0 where the pooled rate is 0 or 1 (nothing differs)."""
-    import numpy as np
-
     x1, n1, x2, n2 = (np.asarray(a, dtype=np.float64) for a in (x1, n1, x2, n2))
     with np.errstate(divide="ignore", invalid="ignore"):
         pooled = (x1 + x2) / (n1 + n2)
@@ -82,8 +90,6 @@ def two_proportion_p(x1, n1, x2, n2):
 
 def benjamini_hochberg(p):
     """Benjamini-Hochberg adjusted p-values (q-values); NaN in, NaN out (not counted as a test)."""
-    import numpy as np
-
     p = np.asarray(p, dtype=np.float64)
     q = np.full(p.shape, np.nan)
     ok = np.flatnonzero(~np.isnan(p))
@@ -251,8 +257,6 @@ def _slice_record(row: dict[str, Any]) -> dict[str, Any]:
 def _with_stats(df: pl.DataFrame, *, min_group_size: int, alpha: float) -> pl.DataFrame:
     """Add rate, Wilson CI, rest-of-rows rate, two-proportion p (group vs the rest), BH q-value
     across the groups big enough to test, and the flag, to a full per-group count table."""
-    import numpy as np
-
     n1 = df["rows_in"].to_numpy().astype(np.float64)
     x1 = df["removed"].to_numpy().astype(np.float64)
     tot_n, tot_x = n1.sum(), x1.sum()
@@ -263,16 +267,13 @@ def _with_stats(df: pl.DataFrame, *, min_group_size: int, alpha: float) -> pl.Da
     with np.errstate(divide="ignore", invalid="ignore"):
         rate = x1 / n1
         rest = np.where(n2 > 0, x2 / n2, np.nan)
-        z2 = Z95 * Z95
-        den = 1 + z2 / n1
-        centre = (rate + z2 / (2 * n1)) / den
-        half = Z95 * np.sqrt(rate * (1 - rate) / n1 + z2 / (4 * n1 * n1)) / den
+    ci_lo, ci_hi = wilson_bounds(x1, n1)
     sig = (q < alpha) & ~np.isnan(q)
     direction = np.where(~sig, None, np.where(rate > rest, "higher", "lower"))
     return df.with_columns(
         pl.Series("removal_rate", rate).fill_nan(None),
-        pl.Series("ci_lo", np.maximum(0.0, centre - half)).fill_nan(None),
-        pl.Series("ci_hi", np.minimum(1.0, centre + half)).fill_nan(None),
+        pl.Series("ci_lo", ci_lo).fill_nan(None),
+        pl.Series("ci_hi", ci_hi).fill_nan(None),
         pl.Series("rest_rate", rest).fill_nan(None),
         pl.Series("p_value", p).fill_nan(None),
         pl.Series("q_value", q).fill_nan(None),

@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/train_small_clip.py [--steps N] [--out PATH]
 
-Images and captions come from curate.synthetic (coloured shapes on coloured backgrounds, captions
+Images and captions come from curate.demo.synthetic (coloured shapes on coloured backgrounds, captions
 in every language of synthetic.LANGUAGES), generated on the fly with fixed seeds. The model is
 built by open_clip.create_model_and_transforms("curate-tiny") from the bundled config and trained
 with open_clip's own ClipLoss and AdamW. The images go through the model's own eval preprocess
@@ -36,7 +36,7 @@ import open_clip  # noqa: E402
 from open_clip.loss import ClipLoss  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from curate import synthetic as S  # noqa: E402
+from curate.demo import synthetic as S  # noqa: E402
 
 MODEL = "curate-tiny"
 ASSETS = REPO / "curate" / "assets"

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from curate import annotations, io, schema, synthetic as sy
+from curate import annotations, io, schema
+from curate.demo import synthetic as sy
 from curate.config import PipelineSpec, ScoreConfig, SelectionConfig
 from curate.filters.select import decide
 from curate.schema import RULE_ORDER, Reason

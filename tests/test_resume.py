@@ -5,7 +5,7 @@ import contextlib
 
 import polars as pl
 
-from curate import synthetic
+from curate.demo import synthetic
 from curate.config import load_spec
 from curate.demo.image_server import ImageServer
 from curate.presets import preset_path

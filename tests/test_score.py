@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from curate import schema
-from curate import synthetic as S
+from curate.demo import synthetic as S
 from curate.config import ScoreConfig
 from curate.stages.score import ClipScorer
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from curate import synthetic as S
+from curate.demo import synthetic as S
 from curate.config import ScoreConfig
 from curate.model import cpu_has_native_bf16, resolve_precision
 from curate.stages.score import ClipScorer

@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from curate import synthetic as S
+from curate.demo import synthetic as S
 from curate.model import BUNDLED_CHECKPOINT, checkpoint_sha256, load_clip, register_bundled_configs
 
 HELD_OUT_SEED = 20_250_001  # training uses seed 0 and evaluates on 10_001; this one is used nowhere else

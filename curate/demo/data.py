@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from curate import synthetic
+from curate.demo import synthetic
 
 SITES: tuple[tuple[str, str], ...] = (
     ("127.0.0.1", "shop-a"),

