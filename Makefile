@@ -11,7 +11,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 SOURCES := pyproject.toml $(shell find curate filters reports pipelines -name '*.py' -o -name '*.toml' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean help chromium
+.PHONY: demo test install clean help chromium lint
 
 help:
 	@echo "make demo   - install into .venv and run the offline end-to-end demo"
@@ -43,7 +43,11 @@ chromium:
 	  else echo "chromium missing: run 'sudo apt-get install -y chromium' (the report test needs it)"; fi; \
 	fi
 
-test: $(STAMP) chromium
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) chromium lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

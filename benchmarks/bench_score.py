@@ -87,7 +87,7 @@ def jpeg_pairs(n: int, captions: list[str]) -> list[bytes]:
 
     rng = np.random.default_rng(0)
     out = []
-    for i in range(n):
+    for _ in range(n):
         w, h = int(rng.integers(256, 513)), int(rng.integers(256, 513))
         base = np.linspace(0, 255, w * h * 3).reshape(h, w, 3)
         arr = np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
@@ -160,7 +160,8 @@ def main() -> None:
     def cur_img():
         scorer.encode_images(pixels)
 
-    base_img(); cur_img()
+    base_img()
+    cur_img()
     t = best_of({"baseline": base_img, "curate": cur_img}, args.rounds + 2)
     img = {k: BATCH / v for k, v in t.items()}
     roof_img = roof["bfloat16"] * 1e9 / img_flops
@@ -184,7 +185,8 @@ def main() -> None:
 
     tok = tokenizer(captions)
     lens = (tok != 0).sum(1)
-    base_txt(); cur_txt()
+    base_txt()
+    cur_txt()
     t = best_of({"baseline": base_txt, "curate": cur_txt}, args.rounds)
     txt = {"baseline": len(base_caps) / t["baseline"], "curate": len(captions) / t["curate"]}
     res["text_tower"] = {"captions_per_s": txt, "ratio": txt["curate"] / txt["baseline"], "captions": len(captions),

@@ -467,7 +467,8 @@ def _boxes(rep: dict[str, Any]) -> str:
         W, rowh, left, right = 640, 18, 150, 20
         H = rowh * len(rows) + 24
         pw = W - left - right
-        x = lambda v: left + (v - lo) / span * pw  # noqa: E731
+        def x(v, left=left, lo=lo, span=span, pw=pw):  # bound now: the loop rebinds these names
+            return left + (v - lo) / span * pw
         svg = [f'<svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="CLIP score by {esc(name)}">']
         for i, g in enumerate(rows):
             c = g["clip_score"]

@@ -57,7 +57,7 @@ def test_published_recipes_carry_their_thresholds():
 def test_overrides_are_validated():
     spec = PipelineSpec.model_validate(MINIMAL)
     assert spec.with_overrides(**{"output.dir": "/tmp/x"}).output.dir == "/tmp/x"
-    with pytest.raises(Exception):
+    with pytest.raises(SpecError, match="score.batch_size"):
         spec.with_overrides(**{"score.batch_size": 0})
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io as io_
 import itertools
-import json
 
 import numpy as np
 import polars as pl

@@ -130,11 +130,8 @@ def _audit_run_dir(tmp: Path) -> Path:
     import io as _io
     import json
 
-    import pyarrow as pa
     from PIL import Image
 
-    from curate.annotations import conform
-    from curate.config import PipelineSpec
     from curate.presets import preset_path
     from curate.config import load_spec
     from curate.selection import write_selection

@@ -108,7 +108,7 @@ def test_changing_the_threshold_repicks_the_survivor():
 def test_image_duplicates_and_every_duplicate_points_at_a_kept_row():
     rng = np.random.default_rng(1)
     rows = []
-    for i in range(300):
+    for _ in range(300):
         rows.append({
             "url_normalized": f"http://x/{rng.integers(0, 150)}",
             "image_sha256": f"{rng.integers(0, 200):064x}",
