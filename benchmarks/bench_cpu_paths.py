@@ -118,7 +118,9 @@ def main() -> None:
                     key = f"{path}: {procs} process(es) x {threads} thread(s)"
                     lay[key] = max(lay.get(key, 0.0), layout(path, procs, threads, args.batches))
         res["layout_img_per_s"] = lay
-        res["layout_ratios_vs_fp32_one_process"] = {k: v_ / lay[f"fp32: 1 process(es) x {n} thread(s)"] for k, v_ in lay.items()}
+        res["layout_ratios_vs_fp32_one_process"] = {
+            k: v_ / lay[f"fp32: 1 process(es) x {n} thread(s)"] for k, v_ in lay.items()
+        }
     res["loadavg_end"] = os.getloadavg()[0]
     print(json.dumps(res, indent=2))
     out = Path(__file__).resolve().parent / "results"

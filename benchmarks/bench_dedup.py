@@ -60,9 +60,7 @@ def datasketch_loop(captions: list[str], num_perm: int, ngram: int) -> list:
     """The per-caption datasketch way, on the same shingles (strings of the same tokens)."""
     from datasketch import MinHash
 
-    toks = (
-        pl.Series(captions).str.normalize("NFKC").str.to_lowercase().str.extract_all(cm.TOKEN_PATTERN).to_list()
-    )
+    toks = pl.Series(captions).str.normalize("NFKC").str.to_lowercase().str.extract_all(cm.TOKEN_PATTERN).to_list()
     perms = MinHash(num_perm=num_perm, seed=1, scheme="affine32").permutations
     out = []
     for t in toks:
@@ -82,8 +80,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--compare", type=int, default=20_000)
     ap.add_argument("--shard-rows", type=int, default=100_000)
-    ap.add_argument("--ray", action="store_true", help='also time the global step with dedup.engine = "ray" (local Ray)')
-    ap.add_argument("--images", type=int, default=0, help="also time image near-dedup on this many synthetic embeddings")
+    ap.add_argument(
+        "--ray", action="store_true", help='also time the global step with dedup.engine = "ray" (local Ray)'
+    )
+    ap.add_argument(
+        "--images", type=int, default=0, help="also time image near-dedup on this many synthetic embeddings"
+    )
     args = ap.parse_args()
 
     t = time.perf_counter()
@@ -99,8 +101,10 @@ def main() -> None:
     t = time.perf_counter()
     datasketch_loop(sub, 128, cm.DEFAULT_NGRAM)
     t_loop = time.perf_counter() - t
-    print(f"signatures, {len(sub):,} captions, 128 perm: vectorised {t_vec:.2f} s, datasketch update loop {t_loop:.2f} s, "
-          f"ratio {t_loop / t_vec:.1f}x")
+    print(
+        f"signatures, {len(sub):,} captions, 128 perm: vectorised {t_vec:.2f} s, datasketch update loop {t_loop:.2f} s, "
+        f"ratio {t_loop / t_vec:.1f}x"
+    )
 
     t0 = time.perf_counter()
     tables = []
@@ -108,11 +112,16 @@ def main() -> None:
     for k, lo in enumerate(range(0, len(caps), args.shard_rows)):
         chunk = caps[lo : lo + args.shard_rows]
         n = len(chunk)
-        tab = pa.table({
-            "shard": [f"part-{k:05d}"] * n, "row": np.arange(n), "uid": [f"{lo + i:032x}" for i in range(n)],
-            "caption": chunk, "fetch_status": ["not_needed"] * n,
-            "clip_score": pa.array(rng.uniform(0.1, 0.4, n), pa.float32()),
-        })
+        tab = pa.table(
+            {
+                "shard": [f"part-{k:05d}"] * n,
+                "row": np.arange(n),
+                "uid": [f"{lo + i:032x}" for i in range(n)],
+                "caption": chunk,
+                "fetch_status": ["not_needed"] * n,
+                "clip_score": pa.array(rng.uniform(0.1, 0.4, n), pa.float32()),
+            }
+        )
         tables.append(conform(tab.append_column("caption_lsh", cm.caption_lsh(pl.Series(chunk)))))
     t_sig = time.perf_counter() - t0
     frame = pl.from_arrow(pa.concat_tables(tables)).lazy()
@@ -122,8 +131,10 @@ def main() -> None:
     t_global = time.perf_counter() - t
     removed = int((d["reason"] == "duplicate_caption").sum())
     b, r = cm.lsh_params(0.8, 128)
-    print(f"end to end, {len(caps):,} captions: band keys {t_sig:.1f} s ({len(caps) / t_sig:,.0f} rows/s, b={b} r={r}), "
-          f"global step (decide) {t_global:.1f} s, total {t_sig + t_global:.1f} s; removed as duplicate_caption {removed:,}")
+    print(
+        f"end to end, {len(caps):,} captions: band keys {t_sig:.1f} s ({len(caps) / t_sig:,.0f} rows/s, b={b} r={r}), "
+        f"global step (decide) {t_global:.1f} s, total {t_sig + t_global:.1f} s; removed as duplicate_caption {removed:,}"
+    )
     if args.ray:
         import ray
 
@@ -133,8 +144,10 @@ def main() -> None:
         d_ray = decide(frame, ray_sel)[0].select("kept", "reason").collect()
         t_ray = time.perf_counter() - t
         same = d_ray.sort(pl.all()).equals(d.sort(pl.all()))
-        print(f"global step on Ray (local, 2 CPUs, shuffle on band keys): {t_ray:.1f} s vs in-process {t_global:.1f} s "
-              f"(ratio {t_ray / t_global:.2f}); same decisions: {same}")
+        print(
+            f"global step on Ray (local, 2 CPUs, shuffle on band keys): {t_ray:.1f} s vs in-process {t_global:.1f} s "
+            f"(ratio {t_ray / t_global:.2f}); same decisions: {same}"
+        )
     if args.images:
         bench_images(args.images)
 
@@ -148,20 +161,29 @@ def bench_images(n: int, d: int = 512, seed: int = 0) -> None:
     n_base = int(n * 0.9)
     x = rng.standard_normal((n, d)).astype(np.float32)
     src = rng.integers(n_base, size=n - n_base)
-    x[n_base:] = x[src] + 0.25 * rng.standard_normal((n - n_base, d)).astype(np.float32) * np.linalg.norm(x[src], axis=1, keepdims=True) / np.sqrt(d)
+    x[n_base:] = x[src] + 0.25 * rng.standard_normal((n - n_base, d)).astype(np.float32) * np.linalg.norm(
+        x[src], axis=1, keepdims=True
+    ) / np.sqrt(d)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    pool = pl.DataFrame({
-        "_i": np.arange(n, dtype=np.uint32), "image_embedding": pl.Series(list(x.astype(np.float32))).cast(pl.List(pl.Float32)),
-        "clip_score": rng.uniform(0.1, 0.4, n).astype(np.float32), "uid": [f"{i:032x}" for i in range(n)],
-        "shard": ["s"] * n, "row": np.arange(n, dtype=np.int64),
-    })
+    pool = pl.DataFrame(
+        {
+            "_i": np.arange(n, dtype=np.uint32),
+            "image_embedding": pl.Series(list(x.astype(np.float32))).cast(pl.List(pl.Float32)),
+            "clip_score": rng.uniform(0.1, 0.4, n).astype(np.float32),
+            "uid": [f"{i:032x}" for i in range(n)],
+            "shard": ["s"] * n,
+            "row": np.arange(n, dtype=np.int64),
+        }
+    )
     t = time.perf_counter()
     dups = image_duplicates(pool, 0.95, cluster_size=1000, iters=10, seed=0)
     dt = time.perf_counter() - t
     removed = set(dups["_i"].to_list())
     copies_found = sum(1 for i, s in zip(range(n_base, n), src) if i in removed or s in removed)
-    print(f"image near-dedup, {n:,} embeddings (d={d}, k={-(-n // 1000)} clusters, 10 k-means rounds): {dt:.1f} s; "
-          f"copies found {copies_found / (n - n_base):.3f}; distinct rows removed {len(removed & set(range(n_base))) - len(set(src.tolist()) & removed)}")
+    print(
+        f"image near-dedup, {n:,} embeddings (d={d}, k={-(-n // 1000)} clusters, 10 k-means rounds): {dt:.1f} s; "
+        f"copies found {copies_found / (n - n_base):.3f}; distinct rows removed {len(removed & set(range(n_base))) - len(set(src.tolist()) & removed)}"
+    )
 
 
 if __name__ == "__main__":

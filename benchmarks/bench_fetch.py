@@ -76,7 +76,14 @@ def run_img2dataset(urls: list[str], threads: int, timeout: float) -> float:
 
 
 def run_curate(urls: list[str], threads: int, timeout: float) -> float:
-    cfg = FetchConfig(threads=threads, timeout_s=timeout, retries=0, image_size=256, per_domain_concurrency=threads, allow_networks=["127.0.0.0/8"])
+    cfg = FetchConfig(
+        threads=threads,
+        timeout_s=timeout,
+        retries=0,
+        image_size=256,
+        per_domain_concurrency=threads,
+        allow_networks=["127.0.0.0/8"],
+    )
     rows = pa.table({"row": list(range(len(urls))), "url": urls})
     t0 = time.perf_counter()
     status, _ = fetch_shard(rows, cfg, tempfile.gettempdir(), "bench")
@@ -128,7 +135,9 @@ def memory(rows: int, threads: int, mb: int = 50) -> dict:
     body = small + b"\0" * (mb * 1024 * 1024 - len(small))  # a valid JPEG, then padding: every byte is read
     with ImageServer("127.0.0.1") as srv:
         urls = [srv.add(f"/big{i}.jpg", body) for i in range(rows)]
-        out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(urls), str(threads)], capture_output=True, text=True, timeout=900)
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, json.dumps(urls), str(threads)], capture_output=True, text=True, timeout=900
+        )
     if out.returncode:
         raise SystemExit(out.stderr)
     res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -101,11 +101,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=64)
-    ap.add_argument("--captions", type=int, default=2048,
-                    help="LAION captions for curate's text tower (a run embeds windows of 4096 rows)")
-    ap.add_argument("--baseline-captions", type=int, default=256,
-                    help="the first N of them for the padded-77 baseline, whose cost per caption does not "
-                         "depend on the caption (every one is 77 tokens)")
+    ap.add_argument(
+        "--captions",
+        type=int,
+        default=2048,
+        help="LAION captions for curate's text tower (a run embeds windows of 4096 rows)",
+    )
+    ap.add_argument(
+        "--baseline-captions",
+        type=int,
+        default=256,
+        help="the first N of them for the padded-77 baseline, whose cost per caption does not "
+        "depend on the caption (every one is 77 tokens)",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--update-docs", action="store_true")
@@ -123,7 +131,7 @@ def main() -> None:
     t_start = time.time()
     caps_all = pl.read_parquet(LAION, columns=["TEXT"])["TEXT"].drop_nulls().to_list()
     captions = caps_all[: args.captions]
-    pair_caps = caps_all[args.captions: args.captions + args.pairs]
+    pair_caps = caps_all[args.captions : args.captions + args.pairs]
     jpegs = jpeg_pairs(args.pairs, pair_caps)
 
     # the baseline: plain open_clip, fp32, padded 77 tokens
@@ -133,16 +141,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "vitb32-random.pt")
         torch.save(base.state_dict(), ckpt)
-        scorer = ClipScorer(ScoreConfig(model="ViT-B-32", pretrained=ckpt, batch_size=BATCH,
-                                        precision=args.precision, cpu_threads=args.threads), device="cpu")
+        scorer = ClipScorer(
+            ScoreConfig(
+                model="ViT-B-32", pretrained=ckpt, batch_size=BATCH, precision=args.precision, cpu_threads=args.threads
+            ),
+            device="cpu",
+        )
     torch.set_num_threads(args.threads)
 
-    res: dict = {"conditions": {
-        "model": "ViT-B-32 (random weights)", "batch": BATCH, "threads": args.threads, "rounds": args.rounds,
-        "curate_precision": scorer.clip.precision, "torch": torch.__version__, "open_clip": open_clip.__version__,
-        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "loadavg_start": os.getloadavg()[0],
-    }}
+    res: dict = {
+        "conditions": {
+            "model": "ViT-B-32 (random weights)",
+            "batch": BATCH,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "curate_precision": scorer.clip.precision,
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg()[0],
+        }
+    }
 
     # ---- roofline
     roof = roofline(args.rounds)
@@ -165,12 +185,19 @@ def main() -> None:
     t = best_of({"baseline": base_img, "curate": cur_img}, args.rounds + 2)
     img = {k: BATCH / v for k, v in t.items()}
     roof_img = roof["bfloat16"] * 1e9 / img_flops
-    res["image_tower"] = {"img_per_s": img, "ratio": img["curate"] / img["baseline"],
-                          "gflop_per_img": img_flops / 1e9, "bf16_roof_img_per_s": roof_img,
-                          "fraction_of_bf16_roof": img["curate"] / roof_img}
-    print(f"image tower: baseline {img['baseline']:.1f} img/s, curate {img['curate']:.1f} img/s "
-          f"({res['image_tower']['ratio']:.2f}x; {res['image_tower']['fraction_of_bf16_roof']:.0%} of the bf16 roof "
-          f"{roof_img:.0f} img/s at {img_flops / 1e9:.2f} GFLOP/img)", flush=True)
+    res["image_tower"] = {
+        "img_per_s": img,
+        "ratio": img["curate"] / img["baseline"],
+        "gflop_per_img": img_flops / 1e9,
+        "bf16_roof_img_per_s": roof_img,
+        "fraction_of_bf16_roof": img["curate"] / roof_img,
+    }
+    print(
+        f"image tower: baseline {img['baseline']:.1f} img/s, curate {img['curate']:.1f} img/s "
+        f"({res['image_tower']['ratio']:.2f}x; {res['image_tower']['fraction_of_bf16_roof']:.0%} of the bf16 roof "
+        f"{roof_img:.0f} img/s at {img_flops / 1e9:.2f} GFLOP/img)",
+        flush=True,
+    )
 
     # ---- text tower (LAION captions)
     base_caps = captions[: args.baseline_captions]
@@ -178,7 +205,7 @@ def main() -> None:
     def base_txt():
         with torch.inference_mode():
             for s in range(0, len(base_caps), BATCH):
-                base.encode_text(tokenizer(base_caps[s:s + BATCH]))
+                base.encode_text(tokenizer(base_caps[s : s + BATCH]))
 
     def cur_txt():
         scorer.encode_texts(captions)  # score() also drops repeated captions first; counted below
@@ -189,26 +216,36 @@ def main() -> None:
     cur_txt()
     t = best_of({"baseline": base_txt, "curate": cur_txt}, args.rounds)
     txt = {"baseline": len(base_caps) / t["baseline"], "curate": len(captions) / t["curate"]}
-    res["text_tower"] = {"captions_per_s": txt, "ratio": txt["curate"] / txt["baseline"], "captions": len(captions),
-                         "baseline_captions": len(base_caps),
-                         "distinct": len(set(captions)), "tokens_mean": float(lens.float().mean()),
-                         "tokens_max": int(lens.max())}
-    print(f"text tower: baseline {txt['baseline']:.1f} cap/s, curate {txt['curate']:.1f} cap/s "
-          f"({res['text_tower']['ratio']:.2f}x; mean {lens.float().mean():.1f} tokens of 77)", flush=True)
+    res["text_tower"] = {
+        "captions_per_s": txt,
+        "ratio": txt["curate"] / txt["baseline"],
+        "captions": len(captions),
+        "baseline_captions": len(base_caps),
+        "distinct": len(set(captions)),
+        "tokens_mean": float(lens.float().mean()),
+        "tokens_max": int(lens.max()),
+    }
+    print(
+        f"text tower: baseline {txt['baseline']:.1f} cap/s, curate {txt['curate']:.1f} cap/s "
+        f"({res['text_tower']['ratio']:.2f}x; mean {lens.float().mean():.1f} tokens of 77)",
+        flush=True,
+    )
 
     # ---- full pairs from JPEG bytes
     def base_pairs():
         out = []
         with torch.inference_mode():
             for s in range(0, len(jpegs), BATCH):
-                x = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs[s:s + BATCH]])
+                x = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs[s : s + BATCH]])
                 fi = torch.nn.functional.normalize(base.encode_image(x), dim=-1)
-                ft = torch.nn.functional.normalize(base.encode_text(tokenizer(pair_caps[s:s + BATCH])), dim=-1)
+                ft = torch.nn.functional.normalize(base.encode_text(tokenizer(pair_caps[s : s + BATCH])), dim=-1)
                 out.append((fi * ft).sum(-1))
         return torch.cat(out)
 
-    pair_px = [torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs[s:s + BATCH]])
-               for s in range(0, len(jpegs), BATCH)]
+    pair_px = [
+        torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs[s : s + BATCH]])
+        for s in range(0, len(jpegs), BATCH)
+    ]
 
     def cur_pairs():
         return scorer.score(jpegs, pair_caps)
@@ -224,17 +261,25 @@ def main() -> None:
 
     ref = base_pairs().numpy()
     got = cur_pairs()
-    t = best_of({"baseline": base_pairs, "curate": cur_pairs, "curate_model_only": cur_model_only,
-                 "decode_only": decode_only}, args.rounds)
+    t = best_of(
+        {"baseline": base_pairs, "curate": cur_pairs, "curate_model_only": cur_model_only, "decode_only": decode_only},
+        args.rounds,
+    )
     pr = {k: len(jpegs) / v for k, v in t.items()}
-    res["full_pairs"] = {"pairs_per_s": pr, "ratio": pr["curate"] / pr["baseline"],
-                         "overhead_vs_model_only": 1 - pr["curate"] / pr["curate_model_only"],
-                         "pairs": len(jpegs), "max_abs_delta_vs_fp32_baseline": float(np.nanmax(np.abs(got - ref)))}
-    print(f"full pairs (JPEG bytes): baseline {pr['baseline']:.1f} pairs/s, curate {pr['curate']:.1f} pairs/s "
-          f"({res['full_pairs']['ratio']:.2f}x); curate model-only {pr['curate_model_only']:.1f} pairs/s -> "
-          f"pipeline overhead {res['full_pairs']['overhead_vs_model_only']:.0%}; decode+preprocess alone "
-          f"{pr['decode_only']:.0f} img/s; max |score - fp32 baseline| {res['full_pairs']['max_abs_delta_vs_fp32_baseline']:.4f}",
-          flush=True)
+    res["full_pairs"] = {
+        "pairs_per_s": pr,
+        "ratio": pr["curate"] / pr["baseline"],
+        "overhead_vs_model_only": 1 - pr["curate"] / pr["curate_model_only"],
+        "pairs": len(jpegs),
+        "max_abs_delta_vs_fp32_baseline": float(np.nanmax(np.abs(got - ref))),
+    }
+    print(
+        f"full pairs (JPEG bytes): baseline {pr['baseline']:.1f} pairs/s, curate {pr['curate']:.1f} pairs/s "
+        f"({res['full_pairs']['ratio']:.2f}x); curate model-only {pr['curate_model_only']:.1f} pairs/s -> "
+        f"pipeline overhead {res['full_pairs']['overhead_vs_model_only']:.0%}; decode+preprocess alone "
+        f"{pr['decode_only']:.0f} img/s; max |score - fp32 baseline| {res['full_pairs']['max_abs_delta_vs_fp32_baseline']:.4f}",
+        flush=True,
+    )
     res["conditions"]["loadavg_end"] = os.getloadavg()[0]
     res["conditions"]["wall_s"] = round(time.time() - t_start, 1)
 
@@ -263,7 +308,7 @@ def table(r: dict) -> str:
         f"| full pairs from JPEG bytes (pairs/s, {p['pairs']} pairs) | {p['pairs_per_s']['baseline']:.1f} | "
         f"{p['pairs_per_s']['curate']:.1f} | **{p['ratio']:.2f}x** |",
         "",
-        f"- precision curate picked (\"auto\"): `{c['curate_precision']}`; {c['threads']} torch threads; "
+        f'- precision curate picked ("auto"): `{c["curate_precision"]}`; {c["threads"]} torch threads; '
         f"best of {c['rounds']}+ interleaved rounds; load average {c['loadavg_start']:.1f} -> {c['loadavg_end']:.1f}; "
         f"torch {c['torch']}, open_clip {c['open_clip']}; run took {c['wall_s']} s",
         f"- matmul roofline (2048^3): fp32 {roof['float32']:.0f} GFLOP/s, bf16 {roof['bfloat16']:.0f} GFLOP/s "

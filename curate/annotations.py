@@ -72,9 +72,7 @@ def completed_shards(run_dir: str) -> list[str]:
     d = io.join(run_dir, "annotations")
     if not io.exists(d):
         return []
-    return sorted(
-        p.rsplit("/", 1)[-1][: -len(".done")] for p in io.list_files(d, suffix=".done")
-    )
+    return sorted(p.rsplit("/", 1)[-1][: -len(".done")] for p in io.list_files(d, suffix=".done"))
 
 
 def scan(run_dir: str, shards: list[str] | None = None, include_forgotten: bool = False) -> pl.LazyFrame:
@@ -124,8 +122,12 @@ def scan_embeddings(run_dir: str, shards: list[str] | None = None) -> pl.LazyFra
             continue
         lf = pl.scan_parquet(p)
         has_phash = schema.IMAGE_PHASH in lf.collect_schema().names()
-        frames.append(lf.select(
-            pl.lit(s).alias(schema.SHARD), pl.col(schema.ROW), pl.col(schema.IMAGE_EMBEDDING),
-            pl.col(schema.IMAGE_PHASH) if has_phash else pl.lit(None, pl.UInt64).alias(schema.IMAGE_PHASH),
-        ))
+        frames.append(
+            lf.select(
+                pl.lit(s).alias(schema.SHARD),
+                pl.col(schema.ROW),
+                pl.col(schema.IMAGE_EMBEDDING),
+                pl.col(schema.IMAGE_PHASH) if has_phash else pl.lit(None, pl.UInt64).alias(schema.IMAGE_PHASH),
+            )
+        )
     return pl.concat(frames) if frames else None

@@ -32,7 +32,11 @@ def _print_selection(summary: dict) -> None:
     c = summary["counts"]
     rate = c["removed"] / c["rows"] if c["rows"] else 0.0
     failed = summary.get("failed_shards") or {}
-    scope = f" over the {len(summary.get('shards', {})):,} completed shard(s), {len(failed)} FAILED (listed above)" if failed else ""
+    scope = (
+        f" over the {len(summary.get('shards', {})):,} completed shard(s), {len(failed)} FAILED (listed above)"
+        if failed
+        else ""
+    )
     typer.echo(
         f"selection {summary['selection']!r}: {c['rows']:,} rows -> kept {c['kept']:,}, removed {c['removed']:,} "
         f"({rate:.1%}); counts reconcile{scope}: {'yes' if summary['reconciles'] else 'NO'}"
@@ -42,10 +46,18 @@ def _print_selection(summary: dict) -> None:
 
 @app.command()
 def run(
-    spec_path: str = typer.Argument(..., help="pipeline spec: a TOML file, or a preset name (laion400m, laion2b_en, datacomp_basic, ...)"),
-    input: Optional[list[str]] = typer.Option(None, "--input", "-i", help="input parquet file/dir/glob (repeatable); overrides input.paths"),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="run directory (local or bucket URL); overrides output.dir"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: local Ray"),
+    spec_path: str = typer.Argument(
+        ..., help="pipeline spec: a TOML file, or a preset name (laion400m, laion2b_en, datacomp_basic, ...)"
+    ),
+    input: Optional[list[str]] = typer.Option(
+        None, "--input", "-i", help="input parquet file/dir/glob (repeatable); overrides input.paths"
+    ),
+    out: Optional[str] = typer.Option(
+        None, "--out", "-o", help="run directory (local or bucket URL); overrides output.dir"
+    ),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: local Ray"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard an existing run in the output directory"),
 ) -> None:
     """Run a pipeline spec: read, annotate, fetch, score on Ray, then write the default selection."""
@@ -55,8 +67,12 @@ def run(
 
     try:
         spec = load_spec(preset_path(spec_path)).with_overrides(
-            **{"input.paths": list(input) if input else None, "output.dir": out, "ray.address": address,
-               "output.overwrite": overwrite or None}
+            **{
+                "input.paths": list(input) if input else None,
+                "output.dir": out,
+                "ray.address": address,
+                "output.overwrite": overwrite or None,
+            }
         )
     except (SpecError, FileNotFoundError) as e:
         _fail(str(e))
@@ -68,7 +84,9 @@ def run(
         _fail(str(e))
     typer.echo(f"run directory: {result.run_dir}")
     if result.failed:  # first: no summary line may read as "all is well" above it
-        typer.secho(f"{len(result.failed)} shard(s) FAILED; their rows are not accounted for:", fg=typer.colors.RED, err=True)
+        typer.secho(
+            f"{len(result.failed)} shard(s) FAILED; their rows are not accounted for:", fg=typer.colors.RED, err=True
+        )
         for shard, err in sorted(result.failed.items()):
             typer.secho(f"  {shard}: {err}", fg=typer.colors.RED, err=True)
     if result.selection:
@@ -82,9 +100,13 @@ def select(
     run_dir: str = typer.Argument(..., help="a run directory written by `curate run`"),
     name: str = typer.Option(..., "--name", "-n", help="name of the new selection (selections/<name>/)"),
     clip_min_score: Optional[float] = typer.Option(None, "--clip-min-score", help="keep rows with clip_score >= this"),
-    clip_top_fraction: Optional[float] = typer.Option(None, "--clip-top-fraction", help="keep the top fraction by clip_score (DataComp --fraction)"),
+    clip_top_fraction: Optional[float] = typer.Option(
+        None, "--clip-top-fraction", help="keep the top fraction by clip_score (DataComp --fraction)"
+    ),
     no_clip: bool = typer.Option(False, "--no-clip", help="switch the CLIP rule off"),
-    languages: Optional[str] = typer.Option(None, "--languages", help="comma-separated allow-list, e.g. en,de ('' = any)"),
+    languages: Optional[str] = typer.Option(
+        None, "--languages", help="comma-separated allow-list, e.g. en,de ('' = any)"
+    ),
     min_language_confidence: Optional[float] = typer.Option(None, "--min-language-confidence"),
     min_words: Optional[int] = typer.Option(None, "--min-words"),
     min_chars: Optional[int] = typer.Option(None, "--min-chars"),
@@ -119,9 +141,14 @@ def select(
     if languages is not None:
         data["language"]["allow"] = [x.strip() for x in languages.split(",") if x.strip()]
     for section, key, value in (
-        ("language", "min_confidence", min_language_confidence), ("caption", "min_words", min_words),
-        ("caption", "min_chars", min_chars), ("caption", "max_chars", max_chars), ("image", "min_side", min_side),
-        ("image", "max_aspect", max_aspect), ("dedup", "url", dedup_url), ("dedup", "image_sha256", dedup_image),
+        ("language", "min_confidence", min_language_confidence),
+        ("caption", "min_words", min_words),
+        ("caption", "min_chars", min_chars),
+        ("caption", "max_chars", max_chars),
+        ("image", "min_side", min_side),
+        ("image", "max_aspect", max_aspect),
+        ("dedup", "url", dedup_url),
+        ("dedup", "image_sha256", dedup_image),
     ):
         if value is not None:
             data[section][key] = value
@@ -138,14 +165,18 @@ def select(
     _print_selection(summary)
     notscored = summary["counts"]["not_scored"]
     if notscored:
-        typer.echo(f"{notscored:,} rows were never fetched or scored (an earlier, stricter run skipped them): "
-                   "they are removed as 'not_scored'; rerun `curate run` with these rules to score them")
+        typer.echo(
+            f"{notscored:,} rows were never fetched or scored (an earlier, stricter run skipped them): "
+            "they are removed as 'not_scored'; rerun `curate run` with these rules to score them"
+        )
 
 
 @app.command()
 def forget(
     run_dir: str = typer.Argument(..., help="a run directory written by `curate run`"),
-    urls: Optional[str] = typer.Option(None, "--urls", help="file of URLs, one a line (matched as given and normalised)"),
+    urls: Optional[str] = typer.Option(
+        None, "--urls", help="file of URLs, one a line (matched as given and normalised)"
+    ),
     sha256: Optional[str] = typer.Option(None, "--sha256", help="file of image sha256 hex digests, one a line"),
     uids: Optional[str] = typer.Option(None, "--uids", help="file of uids, one a line"),
 ) -> None:
@@ -161,9 +192,11 @@ def forget(
         rec = forget_rows(run_dir, kind, path)
     except _USER_ERRORS as e:
         _fail(str(e))
-    typer.echo(f"forgot {rec['rows_removed']:,} row(s) in {len(rec['rows_removed_by_shard'])} shard(s) "
-               f"({rec['entries']:,} {kind} listed); selections rewritten: {', '.join(rec['selections_rewritten']) or 'none'}; "
-               f"counts reconcile: {'yes' if rec['reconciles'] else 'NO'}")
+    typer.echo(
+        f"forgot {rec['rows_removed']:,} row(s) in {len(rec['rows_removed_by_shard'])} shard(s) "
+        f"({rec['entries']:,} {kind} listed); selections rewritten: {', '.join(rec['selections_rewritten']) or 'none'}; "
+        f"counts reconcile: {'yes' if rec['reconciles'] else 'NO'}"
+    )
     if not rec["reconciles"]:
         raise typer.Exit(1)
 
@@ -198,11 +231,15 @@ def show_spec(spec_path: str = typer.Argument(..., help="pipeline spec: a TOML f
 def report(
     run_dir: str = typer.Argument(..., help="a run directory written by `curate run`"),
     selection: str = typer.Option("default", "--selection", "-s", help="selection name (selections/<name>/)"),
-    sweep_from: Optional[float] = typer.Option(None, "--from", help="sweep start (default: the scores' 2nd percentile)"),
+    sweep_from: Optional[float] = typer.Option(
+        None, "--from", help="sweep start (default: the scores' 2nd percentile)"
+    ),
     sweep_to: Optional[float] = typer.Option(None, "--to", help="sweep end (default: the scores' 98th percentile)"),
     step: Optional[float] = typer.Option(None, "--step"),
     compare: Optional[str] = typer.Option(None, "--compare", help="'A,B': list what flips between thresholds A and B"),
-    gallery_group: Optional[str] = typer.Option(None, "--gallery-group", help="grouping column for the boundary gallery"),
+    gallery_group: Optional[str] = typer.Option(
+        None, "--gallery-group", help="grouping column for the boundary gallery"
+    ),
     seed: int = typer.Option(0, "--seed", help="seed of the boundary-gallery sample"),
 ) -> None:
     """Re-render a selection's audit report (HTML, JSON, tables/*.parquet) from the run's annotations."""
@@ -222,14 +259,18 @@ def report(
             _fail("--compare takes 'A,B', e.g. 0.25,0.30")
         cmp_ = (a, b)
     try:
-        res = rebuild_report(run_dir, selection, sweep_thresholds=thr, compare=cmp_, gallery_column=gallery_group, seed=seed)
+        res = rebuild_report(
+            run_dir, selection, sweep_thresholds=thr, compare=cmp_, gallery_column=gallery_group, seed=seed
+        )
     except _USER_ERRORS as e:
         _fail(str(e))
     rep = res["report"]
     t = rep["totals"]
     flagged = sum(sec.get("flagged_groups", 0) for sec in rep["groups"].values())
-    typer.echo(f"{t['rows_in']:,} rows, kept {t['kept']:,}, removal rate {t['removal_rate'] or 0:.1%}; "
-               f"{flagged} group(s) flagged; counts reconcile: {'yes' if rep['reconciles'] else 'NO'}")
+    typer.echo(
+        f"{t['rows_in']:,} rows, kept {t['kept']:,}, removal rate {t['removal_rate'] or 0:.1%}; "
+        f"{flagged} group(s) flagged; counts reconcile: {'yes' if rep['reconciles'] else 'NO'}"
+    )
     typer.echo(f"report: {res['report_html']}")
 
 
@@ -240,8 +281,12 @@ def sweep(
     sweep_from: float = typer.Option(..., "--from"),
     sweep_to: float = typer.Option(..., "--to"),
     step: float = typer.Option(0.01, "--step"),
-    group: Optional[list[str]] = typer.Option(None, "--group", "-g", help="grouping column (repeatable), e.g. language"),
-    include: Optional[list[str]] = typer.Option(None, "--include", help="also sweep this group, COLUMN=VALUE (repeatable)"),
+    group: Optional[list[str]] = typer.Option(
+        None, "--group", "-g", help="grouping column (repeatable), e.g. language"
+    ),
+    include: Optional[list[str]] = typer.Option(
+        None, "--include", help="also sweep this group, COLUMN=VALUE (repeatable)"
+    ),
     top: int = typer.Option(6, "--top", help="largest groups per grouping"),
     selection: str = typer.Option("default", "--selection", "-s", help="whose other rules stay fixed"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="write the long table here (.parquet or .csv)"),
@@ -257,15 +302,24 @@ def sweep(
         thr = thresholds(sweep_from, sweep_to, step)
         from curate.selection import readable_dir
 
-        sel = SelectionConfig.model_validate(io.read_json(io.join(readable_dir(run_dir, selection), "selection.json"))["rules"])
+        sel = SelectionConfig.model_validate(
+            io.read_json(io.join(readable_dir(run_dir, selection), "selection.json"))["rules"]
+        )
         ann = annotations.scan(run_dir)
         inc: dict[str, list[str]] = {}
         for item in include or []:
             k, _, v = item.partition("=")
             inc.setdefault(k, []).append(v)
         groups = list(dict.fromkeys([*(group or []), *inc]))
-        res = run_sweep(ann, sel, thr, group_columns=groups, top_groups=top, include=inc,
-                        embeddings=annotations.embeddings_for(run_dir, sel))
+        res = run_sweep(
+            ann,
+            sel,
+            thr,
+            group_columns=groups,
+            top_groups=top,
+            include=inc,
+            embeddings=annotations.embeddings_for(run_dir, sel),
+        )
     except _USER_ERRORS as e:
         _fail(str(e))
     table = res["tables"]["sweep"]
@@ -292,8 +346,10 @@ def diff(
         d = run_diff(a, b)
     except _USER_ERRORS as e:
         _fail(str(e))
-    typer.echo(f"kept A {d['kept_a']:,}, kept B {d['kept_b']:,}, both {d['kept_both']:,}; Jaccard "
-               + ("n/a" if d["jaccard"] is None else f"{d['jaccard']:.4f}"))
+    typer.echo(
+        f"kept A {d['kept_a']:,}, kept B {d['kept_b']:,}, both {d['kept_both']:,}; Jaccard "
+        + ("n/a" if d["jaccard"] is None else f"{d['jaccard']:.4f}")
+    )
     for k, v in d["config"].items():
         typer.echo(f"  {k}: {json.dumps(v['a'], default=str)} -> {json.dumps(v['b'], default=str)}")
     for c, rows in d["groups"].items():

@@ -47,23 +47,39 @@ class FetchConfig(Strict):
     # watchdog thread (OverflowError); so does a finite one past the platform's time_t, hence le=
     timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False, description="per socket operation (connect, each read)")
     deadline_s: float = Field(
-        30.0, gt=0, le=86_400, allow_inf_nan=False, description="total per URL: every attempt, redirect, body byte and backoff wait; at most a day"
+        30.0,
+        gt=0,
+        le=86_400,
+        allow_inf_nan=False,
+        description="total per URL: every attempt, redirect, body byte and backoff wait; at most a day",
     )
     retries: int = Field(2, ge=0, description="extra attempts for transient failures (timeout, connection, 5xx, 429)")
-    retry_backoff_s: float = Field(0.5, ge=0, allow_inf_nan=False, description="base of the exponential backoff between attempts (full jitter)")
-    max_retry_after_s: float = Field(30.0, ge=0, allow_inf_nan=False, description="longest Retry-After (429/503) honoured; longer ones give up")
+    retry_backoff_s: float = Field(
+        0.5, ge=0, allow_inf_nan=False, description="base of the exponential backoff between attempts (full jitter)"
+    )
+    max_retry_after_s: float = Field(
+        30.0, ge=0, allow_inf_nan=False, description="longest Retry-After (429/503) honoured; longer ones give up"
+    )
     max_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest response body read; longer is too_large")
     max_redirects: int = Field(5, ge=0)
-    max_pixels: int = Field(64_000_000, ge=1, description="from the image header, before decoding: more is too_many_pixels")
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="from the image header, before decoding: more is too_many_pixels"
+    )
     per_domain_concurrency: int = Field(8, ge=1, description="simultaneous requests per host within one shard fetch")
     allow_networks: list[str] = Field(
         default_factory=list,
         description="CIDRs exempt from the SSRF guard (e.g. 127.0.0.0/8 for local test servers); empty = only public addresses",
     )
-    image_formats: list[str] = Field(default_factory=lambda: ["jpeg", "png", "gif", "webp"], description="by magic bytes")
-    image_size: int = Field(384, ge=32, description="images larger than this are downscaled (keep ratio) before storing")
+    image_formats: list[str] = Field(
+        default_factory=lambda: ["jpeg", "png", "gif", "webp"], description="by magic bytes"
+    )
+    image_size: int = Field(
+        384, ge=32, description="images larger than this are downscaled (keep ratio) before storing"
+    )
     user_agent_token: str = "curate"
-    disallowed_header_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
 
     @model_validator(mode="after")
     def _valid_fetch(self) -> "FetchConfig":
@@ -88,9 +104,13 @@ class ScoreConfig(Strict):
     pretrained: str = "bundled"  # a pretrained tag, a local/bucket checkpoint path, or "bundled"
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1, description="scoring actors (one model each); 1 per GPU on a GPU cluster")
-    precision: Literal["auto", "fp32", "bf16", "bf16-image", "fp16"] = "auto"  # resolved by curate.model.resolve_precision
+    precision: Literal["auto", "fp32", "bf16", "bf16-image", "fp16"] = (
+        "auto"  # resolved by curate.model.resolve_precision
+    )
     cpu_threads: Optional[int] = Field(None, ge=1, description="torch threads per actor; default: the actor's CPUs")
-    decode_threads: int = Field(1, ge=0, description="threads decoding the next image batch while the model runs; 0 = inline")
+    decode_threads: int = Field(
+        1, ge=0, description="threads decoding the next image batch while the model runs; 0 = inline"
+    )
     # write the L2-normalised CLIP image embeddings (float16) of the rows scored to
     # embeddings/<shard>.parquet, for selection.dedup.image_cosine; docs/DEDUP.md
     store_embeddings: bool = False
@@ -108,7 +128,9 @@ class AnnotateConfig(Strict):
     caption_minhash: bool = False
     caption_minhash_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
     caption_minhash_threshold: float = Field(
-        0.8, gt=0, lt=1,
+        0.8,
+        gt=0,
+        lt=1,
         description="Jaccard threshold the LSH bands are tuned for (weighted to recall, since selection verifies each "
         "candidate; with selection.dedup.caption_verify = false the bands must be precise: PipelineSpec checks it)",
     )
@@ -116,7 +138,9 @@ class AnnotateConfig(Strict):
 
 class ClipRule(Strict):
     min_score: Optional[float] = Field(None, ge=-1, le=1)
-    top_fraction: Optional[float] = Field(None, gt=0, le=1, description="keep exactly the top fraction by score (DataComp --fraction)")
+    top_fraction: Optional[float] = Field(
+        None, gt=0, le=1, description="keep exactly the top fraction by score (DataComp --fraction)"
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> "ClipRule":
@@ -164,7 +188,8 @@ class LanguageRule(Strict):
 
 class CaptionRule(Strict):
     min_words: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="at least this many words (annotation caption_words): whitespace-separated words, except that "
         "each Han, Hiragana or Katakana character counts as one word (Chinese and Japanese have no spaces), as does "
         "each run of letters or digits between them; Hangul is space-separated and counts like any other word; Thai, "
@@ -219,7 +244,8 @@ class DedupRule(Strict):
         "as best_score. Among rows that pass every other rule",
     )
     survivor_column: Optional[str] = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description='for survivor = "priority": an annotation column (numeric, boolean or temporal; input columns via '
         "input.keep_columns) whose highest value wins; null and NaN rank last",
     )
@@ -227,7 +253,9 @@ class DedupRule(Strict):
     @model_validator(mode="after")
     def _survivor_column_with_priority(self) -> "DedupRule":
         if self.survivor == "priority" and self.survivor_column is None:
-            raise ValueError("dedup.survivor = 'priority' needs dedup.survivor_column (the annotation column whose highest value wins)")
+            raise ValueError(
+                "dedup.survivor = 'priority' needs dedup.survivor_column (the annotation column whose highest value wins)"
+            )
         if self.survivor != "priority" and self.survivor_column is not None:
             raise ValueError(
                 f"dedup.survivor_column = {self.survivor_column!r} is only used with dedup.survivor = 'priority' "
@@ -258,7 +286,10 @@ class RayConfig(Strict):
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # local runs only
     init_timeout_s: float = Field(
-        60.0, gt=0, le=3600, allow_inf_nan=False,
+        60.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
         description="local runs: how long each of Ray's start-up waits (the GCS port, the node's registration) may "
         "take, in whole seconds (Ray's knobs are integers; under 1 s Ray looks once and does not wait); a start that "
         "fails is cleaned up and retried once (curate/ray_adapter.py, cluster/README.md)",
@@ -270,7 +301,9 @@ class RayConfig(Strict):
     )
 
     scorer_max_restarts: int = Field(
-        3, ge=0, le=100,
+        3,
+        ge=0,
+        le=100,
         description="restarts of one scoring actor (a crash or a lost node each cost one); an actor dead for good is "
         "replaced by a fresh one, and each shard whose call it took down is resubmitted once",
     )
@@ -279,7 +312,9 @@ class RayConfig(Strict):
     def _check_resources(self) -> "RayConfig":
         for name, amount in self.scorer_resources.items():
             if not name or name in ("CPU", "GPU", "memory", "object_store_memory"):
-                raise ValueError(f"scorer_resources: {name!r} is not a custom resource name (CPUs and GPUs are set on their own)")
+                raise ValueError(
+                    f"scorer_resources: {name!r} is not a custom resource name (CPUs and GPUs are set on their own)"
+                )
             if not amount > 0:
                 raise ValueError(f"scorer_resources: {name} = {amount} must be > 0")
         return self

@@ -60,7 +60,9 @@ def ray_caption_pairs(partitions: int = 0, rows_per_block: int = ROWS_PER_BLOCK)
     return find
 
 
-def _edges_for(x: np.ndarray, labels: np.ndarray, members: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def _edges_for(
+    x: np.ndarray, labels: np.ndarray, members: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
     a, b = cluster_edges(x, labels, threshold)
     return members[a], members[b]
 

@@ -79,7 +79,9 @@ class Keys:
 
 def _keys_frame(rows: Iterable[tuple[str, str]]) -> pl.DataFrame:
     rows = list(rows)
-    return pl.DataFrame({"kind": [k for k, _ in rows], "key": [v for _, v in rows]}, schema={"kind": pl.String, "key": pl.String})
+    return pl.DataFrame(
+        {"kind": [k for k, _ in rows], "key": [v for _, v in rows]}, schema={"kind": pl.String, "key": pl.String}
+    )
 
 
 def load_keys(run_dir: str) -> Keys | None:
@@ -115,7 +117,9 @@ def parse_list(data: bytes, kind: str, source: str = "<list>") -> list[str]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{source}: not a UTF-8 text file ({e.reason} at byte {e.start}); a {kind} list is one entry per line") from None
+        raise ValueError(
+            f"{source}: not a UTF-8 text file ({e.reason} at byte {e.start}); a {kind} list is one entry per line"
+        ) from None
     out = []
     for i, line in enumerate(text.splitlines(), 1):
         v = line.strip()
@@ -294,13 +298,15 @@ def clean_shard(run_dir: str, shard: str, keys: Keys) -> dict[str, Any]:
         if removed or int(mk["rows"]) != height:
             final = pl.from_arrow(io.read_parquet(ann_path, columns=[schema.FETCH_STATUS, schema.CLIP_SCORE]))
             read = rows_read(mk)
-            mk.update({
-                "rows": final.height,
-                "rows_read": read,
-                "forgotten": read - final.height,
-                "scored": int(final.get_column(schema.CLIP_SCORE).is_not_null().sum()),
-                "fetch_status": {k: int(v) for k, v in final.get_column(schema.FETCH_STATUS).value_counts().rows()},
-            })
+            mk.update(
+                {
+                    "rows": final.height,
+                    "rows_read": read,
+                    "forgotten": read - final.height,
+                    "scored": int(final.get_column(schema.CLIP_SCORE).is_not_null().sum()),
+                    "fetch_status": {k: int(v) for k, v in final.get_column(schema.FETCH_STATUS).value_counts().rows()},
+                }
+            )
             io.write_json(mpath, mk)
     return out
 
@@ -453,7 +459,9 @@ def _is_selection_name(name: str) -> bool:
 
 
 # --- accounting in selections and reports -------------------------------------------------------------
-def reconcile_report(report: dict[str, Any], run_dir: str, shards: list[str], excluded: dict[str, int] | None = None) -> dict[str, Any]:
+def reconcile_report(
+    report: dict[str, Any], run_dir: str, shards: list[str], excluded: dict[str, int] | None = None
+) -> dict[str, Any]:
     """Add forgotten rows to a selection report and check kept + removed + forgotten == rows_read
     per shard and in total (rows_read and forgotten from the completion markers; `excluded`: rows
     the selection-time filter left out, which count as forgotten too). Adds totals.forgotten,
@@ -474,7 +482,9 @@ def reconcile_report(report: dict[str, Any], run_dir: str, shards: list[str], ex
     problems = []
     for s, c in per.items():
         if rows_in.get(s, 0) + c["forgotten"] != c["rows_read"]:
-            problems.append(f"shard {s}: {rows_in.get(s, 0):,} rows decided + {c['forgotten']:,} forgotten != {c['rows_read']:,} rows read")
+            problems.append(
+                f"shard {s}: {rows_in.get(s, 0):,} rows decided + {c['forgotten']:,} forgotten != {c['rows_read']:,} rows read"
+            )
     for x in report.get("shards", []):
         c = per.get(str(x["shard"]), {"rows_read": int(x["rows_in"]), "forgotten": 0})
         x["forgotten"], x["rows_read"] = c["forgotten"], c["rows_read"]

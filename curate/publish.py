@@ -233,7 +233,7 @@ def _foreign_files(final: str, owned: Callable[[str], bool]) -> list[str]:
     top = top.rstrip("/")
     out = []
     for p in fs.find(top):
-        rel = p[len(top) + 1:] if p.startswith(top + "/") else p
+        rel = p[len(top) + 1 :] if p.startswith(top + "/") else p
         if rel == POINTER or _VERSION.match(rel.split("/", 1)[0]) or ".tmp-" in rel:
             continue
         if not owned(rel):

@@ -60,8 +60,13 @@ class ClusterInfo:
 def connect(cfg: RayConfig) -> ClusterInfo:
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
-        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning",
-                            **faults.forwarded_env()}}
+        env = {
+            "env_vars": {
+                "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONWARNINGS": "ignore::DeprecationWarning",
+                **faults.forwarded_env(),
+            }
+        }
         if address:
             _join(address, env, cfg.init_timeout_s)
         else:
@@ -131,8 +136,14 @@ def _start_local(cfg: RayConfig, env: dict) -> None:
             left = _clean_failed_start(before)
             errors.append(f"{describe_error(e)} after {elapsed:.1f} s")
             if attempt == 1:
-                log.warning("Ray did not start in %.1fs (%s; ray.init_timeout_s = %g; killed %d leftover Ray "
-                            "processes); retrying once", elapsed, describe_error(e), timeout, len(left))
+                log.warning(
+                    "Ray did not start in %.1fs (%s; ray.init_timeout_s = %g; killed %d leftover Ray "
+                    "processes); retrying once",
+                    elapsed,
+                    describe_error(e),
+                    timeout,
+                    len(left),
+                )
                 continue
             raise RuntimeError(
                 f"a local Ray did not start, twice: {errors[0]}; then {errors[1]}. On a loaded machine give it "
@@ -219,8 +230,13 @@ def cpu_task(fn: Callable, num_cpus: float = 1, max_retries: int = TASK_RETRIES,
     """`fn` as a Ray task. System failures (a dead worker or node) are retried; an exception the
     stage raises is not (a corrupt shard fails the same way every time) and is reported.
     num_returns > 1: the task returns that many objects (a shuffle's map side: one per partition)."""
-    return ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False, num_returns=num_returns,
-                      **_forwarded_runtime_env())(fn)
+    return ray.remote(
+        num_cpus=num_cpus,
+        max_retries=max_retries,
+        retry_exceptions=False,
+        num_returns=num_returns,
+        **_forwarded_runtime_env(),
+    )(fn)
 
 
 def _forwarded_runtime_env() -> dict:
@@ -243,8 +259,16 @@ class ActorPool:
     `resources`: Ray custom resources each actor requires (e.g. {"accel": 1}), so that actors
     land only on the nodes that advertise them."""
 
-    def __init__(self, cls: type, args: tuple, size: int, gpus_per_actor: float, cpus_per_actor: float,
-                 resources: dict[str, float] | None = None, max_restarts: int = ACTOR_RESTARTS):
+    def __init__(
+        self,
+        cls: type,
+        args: tuple,
+        size: int,
+        gpus_per_actor: float,
+        cpus_per_actor: float,
+        resources: dict[str, float] | None = None,
+        max_restarts: int = ACTOR_RESTARTS,
+    ):
         self._remote_cls = ray.remote(_records_gpus(cls)).options(
             num_gpus=gpus_per_actor,
             num_cpus=cpus_per_actor,
@@ -320,12 +344,16 @@ def _records_gpus(cls: type) -> type:
     CURATE_RAY_GPU_IDS (curate.model.choose_device reads it: the model goes on the GPU Ray gave
     this actor, and an actor Ray gave none stays on the CPU even on a GPU node). Same name, so
     Ray's process titles and errors still say ShardScorer."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         os.environ[GPU_IDS_ENV] = ",".join(str(i) for i in ray.get_gpu_ids())
         cls.__init__(self, *args, **kwargs)
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
-                                        "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__},
+    )
 
 
 def _node_id(_actor: Any) -> str:
@@ -334,8 +362,11 @@ def _node_id(_actor: Any) -> str:
 
 def _placement(_actor: Any) -> dict:
     ctx = ray.get_runtime_context()
-    return {"node_id": ctx.get_node_id(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
-            "resources": dict(ctx.get_assigned_resources())}
+    return {
+        "node_id": ctx.get_node_id(),
+        "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+        "resources": dict(ctx.get_assigned_resources()),
+    }
 
 
 def is_actor_dead(e: BaseException) -> bool:

@@ -42,11 +42,15 @@ def read_manifest(run_dir: str) -> dict[str, Any] | None:
     try:
         m = io.read_json(p)
     except (ValueError, UnicodeDecodeError) as e:
-        raise NotARunDir(f"{p} is not valid JSON ({e}); it is not a manifest curate can read. Move it away or "
-                         "choose another output folder (curate deletes nothing it cannot identify)") from None
+        raise NotARunDir(
+            f"{p} is not valid JSON ({e}); it is not a manifest curate can read. Move it away or "
+            "choose another output folder (curate deletes nothing it cannot identify)"
+        ) from None
     if not isinstance(m, dict) or m.get("format") != 1 or not isinstance(m.get("spec"), dict):
-        raise NotARunDir(f"{p} is not a curate manifest (no format 1 and spec); {run_dir} is not a curate run "
-                         "directory. Choose another output folder")
+        raise NotARunDir(
+            f"{p} is not a curate manifest (no format 1 and spec); {run_dir} is not a curate run "
+            "directory. Choose another output folder"
+        )
     return m
 
 
@@ -82,7 +86,7 @@ def remove_outputs(run_dir: str) -> list[str]:
     left: list[str] = []
     doomed: list[str] = []
     for p in sorted(fs.find(top)):
-        rel = p[len(top) + 1:]
+        rel = p[len(top) + 1 :]
         parts = rel.split("/")
         if parts[0] in KEEP:
             continue
@@ -90,7 +94,11 @@ def remove_outputs(run_dir: str) -> list[str]:
             doomed.append(p)
         elif parts[0] in SHARD_DIRS and len(parts) == 2 and _SHARD_FILE.match(parts[1]):
             doomed.append(p)
-        elif parts[0] == "selections" and len(parts) >= 3 and _selection_file(parts[1], "/".join(parts[2:]), selection.owned):
+        elif (
+            parts[0] == "selections"
+            and len(parts) >= 3
+            and _selection_file(parts[1], "/".join(parts[2:]), selection.owned)
+        ):
             doomed.append(p)
         else:
             left.append(rel)

@@ -51,13 +51,20 @@ def lock_path(run_dir: str) -> str:
 
 def describe_self(command: str | None = None) -> dict:
     cmd = command or shlex.join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])
-    return {"command": cmd, "pid": os.getpid(), "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": uuid.uuid4().hex}
+    return {
+        "command": cmd,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "token": uuid.uuid4().hex,
+    }
 
 
 def _busy(run_dir: str, holder: dict | None, extra: str = "") -> RunDirBusy:
     if holder:
-        who = f"`{holder.get('command')}` (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})"
+        who = (
+            f"`{holder.get('command')}` (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})"
+        )
     else:
         who = "another process (it has not written its name yet)"
     return RunDirBusy(f"{run_dir} is in use by {who}; wait for it to finish, or stop it, then run this again{extra}")
@@ -154,7 +161,11 @@ class _Lease(_Holder):
             except FileExistsError:
                 holder = _read_lease(fs, p)
                 if holder is not None and _alive(holder) or attempt:
-                    until = f" (its lease runs until {time.strftime('%H:%M:%SZ', time.gmtime(holder['expires']))} unless renewed)" if holder else ""
+                    until = (
+                        f" (its lease runs until {time.strftime('%H:%M:%SZ', time.gmtime(holder['expires']))} unless renewed)"
+                        if holder
+                        else ""
+                    )
                     raise _busy(self.run_dir, holder, until) from None
                 fs.rm(p)  # expired: its holder died without releasing; take it over (one of us wins the create)
             except (NotImplementedError, ValueError, TypeError):

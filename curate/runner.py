@@ -55,8 +55,10 @@ def preflight(spec: PipelineSpec) -> None:
     known = set(ANNOTATION_COLUMNS) | set(spec.input.keep_columns)
     unknown = [c for c in spec.report.group_columns if c not in known]
     if unknown:
-        raise ValueError(f"report.group_columns {unknown} are not annotation columns (nor in input.keep_columns); "
-                         f"annotation columns: {', '.join(ANNOTATION_COLUMNS)}")
+        raise ValueError(
+            f"report.group_columns {unknown} are not annotation columns (nor in input.keep_columns); "
+            f"annotation columns: {', '.join(ANNOTATION_COLUMNS)}"
+        )
 
 
 def _run(spec: PipelineSpec) -> RunResult:
@@ -68,8 +70,12 @@ def _run(spec: PipelineSpec) -> RunResult:
     if previous is not None and spec.output.overwrite:
         left = run_dir_mod.remove_outputs(run_dir)  # only what curate wrote; forget/ stays
         if left:
-            log.warning("--overwrite left %d file(s) curate did not write in %s: %s", len(left), run_dir,
-                        run_dir_mod.describe_left(left))
+            log.warning(
+                "--overwrite left %d file(s) curate did not write in %s: %s",
+                len(left),
+                run_dir,
+                run_dir_mod.describe_left(left),
+            )
         previous = None
     elif previous is not None:
         manifest.check_compatible(previous, spec)
@@ -79,7 +85,9 @@ def _run(spec: PipelineSpec) -> RunResult:
     try:
         return _run_shards(spec, m, shards)
     except KeyboardInterrupt:
-        _final_state(run_dir, m, "interrupted", "interrupted by the user (SIGINT); run the same command again to resume")
+        _final_state(
+            run_dir, m, "interrupted", "interrupted by the user (SIGINT); run the same command again to resume"
+        )
         raise
     except BaseException as e:
         _final_state(run_dir, m, "failed", f"{type(e).__name__}: {e}")
@@ -108,9 +116,17 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str]) -> RunResult:
 
     pool = None
     if spec.score.source == "model" and spec.fetch.enabled:
-        gpus = rx.gpus_per_scorer(info)  # one GPU per scoring actor when the cluster has any (tests/test_gpu_placement.py)
-        pool = rx.ActorPool(ShardScorer, (spec_json,), size=spec.score.actors, gpus_per_actor=gpus, cpus_per_actor=1,
-                            resources=spec.ray.scorer_resources, max_restarts=spec.ray.scorer_max_restarts)
+        # one GPU per scoring actor when the cluster has any (tests/test_gpu_placement.py)
+        gpus = rx.gpus_per_scorer(info)
+        pool = rx.ActorPool(
+            ShardScorer,
+            (spec_json,),
+            size=spec.score.actors,
+            gpus_per_actor=gpus,
+            cpus_per_actor=1,
+            resources=spec.ray.scorer_resources,
+            max_restarts=spec.ray.scorer_max_restarts,
+        )
         m["model"] = pool.call_all("describe")[0]  # also fails fast on a bad checkpoint
         m["cluster"]["scorer_nodes"] = pool.node_ids()
         m["cluster"]["scorer_placement"] = pool.placement()  # node, GPU ids and resources per actor
@@ -167,19 +183,25 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str]) -> RunResult:
         except Exception as e:  # noqa: BLE001 - recorded and reported, never swallowed
             if kind == "score" and pool is not None and rx.is_actor_dead(e):
                 if pool.replace(actor, handle):
-                    log.warning("scoring actor %d is dead for good (%s); started a fresh one", actor, rx.describe_error(e))
+                    log.warning(
+                        "scoring actor %d is dead for good (%s); started a fresh one", actor, rx.describe_error(e)
+                    )
                 deaths[shard] = deaths.get(shard, 0) + 1
                 if deaths[shard] <= SCORE_RESUBMITS:  # it may only have been queued behind the culprit
                     suspects.append(shard)
                     return
-                e = RuntimeError(f"its scoring actor died on all {deaths[shard]} tries, the last ones with this "
-                                 f"shard alone on the actor (a shard that crashes the scorer, or lost nodes): "
-                                 f"{rx.describe_error(e)}")
+                e = RuntimeError(
+                    f"its scoring actor died on all {deaths[shard]} tries, the last ones with this "
+                    f"shard alone on the actor (a shard that crashes the scorer, or lost nodes): "
+                    f"{rx.describe_error(e)}"
+                )
             result.failed[shard] = rx.describe_error(e)
             log.error("shard %s failed in %s: %s", shard, kind, result.failed[shard])
             bar.update(1)
             return
-        m["shards"].setdefault(shard, {}).update({k: v for k, v in res.items() if k not in ("shard", "state", "counts")})
+        m["shards"].setdefault(shard, {}).update(
+            {k: v for k, v in res.items() if k not in ("shard", "state", "counts")}
+        )
         if res["state"] == "needs_scoring":
             prepared[shard] = res["counts"]
             waiting.append(shard)
@@ -218,7 +240,15 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str]) -> RunResult:
 def _totals(run_dir: str, shards: list[str]) -> dict:
     """Counts per stage over completed shards, from their markers: rows read, rows that passed
     the text rules and were fetched (this run), fetched OK, and rows holding a score."""
-    tot: dict = {"shards_complete": len(shards), "rows": 0, "forgotten": 0, "fetch_attempted": 0, "fetch_ok": 0, "scored": 0, "fetch_status": {}}
+    tot: dict = {
+        "shards_complete": len(shards),
+        "rows": 0,
+        "forgotten": 0,
+        "fetch_attempted": 0,
+        "fetch_ok": 0,
+        "scored": 0,
+        "fetch_status": {},
+    }
     for s in shards:
         mk = io.read_json(annotations.marker_path(run_dir, s))
         for key in ("rows", "forgotten", "fetch_attempted", "fetch_ok", "scored"):  # forgotten: curate forget

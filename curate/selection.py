@@ -47,7 +47,8 @@ def owned(rel: str) -> bool:
     """Whether `rel` (a path inside a selection folder) is a file write_selection writes."""
     parts = rel.split("/")
     return (len(parts) == 1 and parts[0] in _OWNED_FILES) or (
-        len(parts) == 2 and parts[0] in _OWNED_DIRS and parts[1].endswith(".parquet"))
+        len(parts) == 2 and parts[0] in _OWNED_DIRS and parts[1].endswith(".parquet")
+    )
 
 
 def readable_dir(run_dir: str, name: str) -> str:
@@ -81,8 +82,10 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
     kept_uids = decisions.filter(pl.col(schema.KEPT)).get_column(schema.UID).to_list()
     uid_array = uids_to_datacomp(kept_uids)
     if len(uid_array) != len(kept_uids):  # decide() removes repeated uids (duplicate_uid): never expected
-        raise RuntimeError(f"{run_dir}: {len(kept_uids) - len(uid_array)} kept row(s) repeat a uid; uids.npy would "
-                           "not match the kept rows (nothing was written)")
+        raise RuntimeError(
+            f"{run_dir}: {len(kept_uids) - len(uid_array)} kept row(s) repeat a uid; uids.npy would "
+            "not match the kept rows (nothing was written)"
+        )
     buf = _io.BytesIO()
     np.save(buf, uid_array)  # before anything is written: a bad uid fails here
 
@@ -106,8 +109,15 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
         "created_at": manifest.now(),
     }
     report, tables = build_audit(
-        decisions.lazy(), ann, sel, resolved.clip_threshold, report_cfg=report_cfg,
-        extra_group_columns=report_cfg.group_columns, meta=meta, run_dir=run_dir, embeddings=embeddings,
+        decisions.lazy(),
+        ann,
+        sel,
+        resolved.clip_threshold,
+        report_cfg=report_cfg,
+        extra_group_columns=report_cfg.group_columns,
+        meta=meta,
+        run_dir=run_dir,
+        embeddings=embeddings,
     )
     # forgotten rows (curate forget) are counted: kept + removed + forgotten == rows read, per shard
     accounting = forget.reconcile_report(report, run_dir, shards, forget.excluded_counts(run_dir, shards))

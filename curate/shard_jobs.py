@@ -73,7 +73,9 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
             from curate.stages.caption_minhash import annotate_caption_lsh
 
             a = spec.annotate
-            ann = annotate_caption_lsh(ann, a.caption_minhash_threshold, a.caption_minhash_perm, spec.selection.dedup.caption_ngram)
+            ann = annotate_caption_lsh(
+                ann, a.caption_minhash_threshold, a.caption_minhash_perm, spec.selection.dedup.caption_ngram
+            )
         if spec.score.source == "column":
             ann = ann.with_columns(
                 pl.col(spec.score.column).cast(pl.Float32).alias(schema.CLIP_SCORE),
@@ -82,7 +84,10 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
         if spec.needs_images:
             todo = text_rules_mask(ann, spec.selection)  # one value per row, whatever rules are on
             ann = ann.with_columns(
-                pl.when(todo).then(pl.lit(PENDING)).otherwise(pl.lit(FetchStatus.NOT_ATTEMPTED.value)).alias(schema.FETCH_STATUS)
+                pl.when(todo)
+                .then(pl.lit(PENDING))
+                .otherwise(pl.lit(FetchStatus.NOT_ATTEMPTED.value))
+                .alias(schema.FETCH_STATUS)
             )
         else:
             todo = pl.Series([False] * ann.height, dtype=pl.Boolean)  # typed: a 0-row shard sums to 0, not None
@@ -100,10 +105,19 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
         fetched_ok = images.num_rows
         _merge_images(run_dir, shard, images)
 
-    counts = {"rows": ann.height, **carried, "fetch_attempted": n_fetch, "fetch_ok": fetched_ok, "prepare_s": round(time.time() - t0, 3)}
-    needs_scoring = spec.score.source == "model" and ann.select(
-        (pl.col(schema.FETCH_STATUS) == FetchStatus.OK.value) & pl.col(schema.CLIP_SCORE).is_null()
-    ).to_series().any()
+    counts = {
+        "rows": ann.height,
+        **carried,
+        "fetch_attempted": n_fetch,
+        "fetch_ok": fetched_ok,
+        "prepare_s": round(time.time() - t0, 3),
+    }
+    needs_scoring = (
+        spec.score.source == "model"
+        and ann.select((pl.col(schema.FETCH_STATUS) == FetchStatus.OK.value) & pl.col(schema.CLIP_SCORE).is_null())
+        .to_series()
+        .any()
+    )
     if needs_scoring:
         io.write_parquet(work_path(run_dir, shard), ann.to_arrow())
         return {"shard": shard, "state": "needs_scoring", "counts": counts, **counts}
@@ -111,7 +125,9 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
     return {"shard": shard, "state": "done", **counts}
 
 
-def _fetch_into(ann: pl.DataFrame, rows: pa.Table, spec: PipelineSpec, run_dir: str, shard: str) -> tuple[pl.DataFrame, pa.Table]:
+def _fetch_into(
+    ann: pl.DataFrame, rows: pa.Table, spec: PipelineSpec, run_dir: str, shard: str
+) -> tuple[pl.DataFrame, pa.Table]:
     status, images = fetch_shard(rows, spec.fetch, io.join(run_dir, "_work"), shard)
     if status.num_rows != rows.num_rows:
         raise RuntimeError(f"shard {shard}: fetch returned {status.num_rows} statuses for {rows.num_rows} rows")
@@ -208,9 +224,13 @@ class ShardScorer:
         todo = todo.select(schema.ROW, schema.CAPTION).join(imgs, on=schema.ROW, how="left")
         missing = todo.get_column(schema.IMAGE_BYTES).is_null()
         if missing.any():
-            raise RuntimeError(f"shard {shard}: {int(missing.sum())} fetched rows have no stored image in {images_path(run_dir, shard)}")
+            raise RuntimeError(
+                f"shard {shard}: {int(missing.sum())} fetched rows have no stored image in {images_path(run_dir, shard)}"
+            )
         # the tokenizer truncates to its context length anyway; cutting first keeps a 1 MB caption cheap
-        captions = todo.get_column(schema.CAPTION).fill_null("").str.slice(0, self.spec.input.max_caption_chars).to_list()
+        captions = (
+            todo.get_column(schema.CAPTION).fill_null("").str.slice(0, self.spec.input.max_caption_chars).to_list()
+        )
         image_bytes = todo.get_column(schema.IMAGE_BYTES).to_list()
         if self.spec.score.store_embeddings:
             scores, emb, phash = self.scorer.score_for_dedup(image_bytes, captions)
@@ -230,7 +250,9 @@ class ShardScorer:
                 schema.FETCH_STATUS: pl.Series(
                     [FetchStatus.DECODE_FAILED.value if b else FetchStatus.OK.value for b in bad], dtype=pl.String
                 ),
-                schema.FETCH_ERROR: pl.Series(["image could not be decoded for scoring" if b else None for b in bad], dtype=pl.String),
+                schema.FETCH_ERROR: pl.Series(
+                    ["image could not be decoded for scoring" if b else None for b in bad], dtype=pl.String
+                ),
             }
         )
         ann = ann.update(upd, on=schema.ROW, how="left", include_nulls=False)

@@ -7,8 +7,23 @@ from urllib.parse import urlsplit, urlunsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Query parameters that track the click, not the resource: dropped for exact URL dedup.
-TRACKING_PARAMS = frozenset({"fbclid", "gclid", "dclid", "gbraid", "wbraid", "msclkid", "yclid", "igshid",
-                             "mc_cid", "mc_eid", "_ga", "_gl", "ref_src"})
+TRACKING_PARAMS = frozenset(
+    {
+        "fbclid",
+        "gclid",
+        "dclid",
+        "gbraid",
+        "wbraid",
+        "msclkid",
+        "yclid",
+        "igshid",
+        "mc_cid",
+        "mc_eid",
+        "_ga",
+        "_gl",
+        "ref_src",
+    }
+)
 TRACKING_PREFIXES = ("utm_",)
 
 
@@ -16,8 +31,10 @@ def _strip_tracking(query: str) -> str:
     if not query:
         return query
     kept = [
-        part for part in query.split("&")
-        if part and not ((name := part.split("=", 1)[0].lower()) in TRACKING_PARAMS or name.startswith(TRACKING_PREFIXES))
+        part
+        for part in query.split("&")
+        if part
+        and not ((name := part.split("=", 1)[0].lower()) in TRACKING_PARAMS or name.startswith(TRACKING_PREFIXES))
     ]
     return "&".join(kept)
 

@@ -76,7 +76,9 @@ def local_pairs(reps: pl.DataFrame) -> pl.DataFrame:
     return bucket_pairs(exploded_keys(reps))
 
 
-def candidate_pairs(pool: pl.DataFrame, idx: str = "_i", pair_finder: PairFinder = local_pairs) -> tuple[pl.DataFrame, pl.DataFrame]:
+def candidate_pairs(
+    pool: pl.DataFrame, idx: str = "_i", pair_finder: PairFinder = local_pairs
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(rep_of: idx -> rep, pairs: (a, b) of representatives sharing a band key, a < b).
     pair_finder maps representatives (_rep, caption_lsh) to pairs: local_pairs here, or the
     hash-partitioned Ray shuffle of curate.distributed_dedup (same pairs, any number of nodes)."""
@@ -111,8 +113,13 @@ def exact_jaccard(pairs: pl.DataFrame, captions: pl.DataFrame, ngram: int, idx: 
 
 
 def caption_duplicates(
-    pool: pl.DataFrame, threshold: float, ngram: int, verify: bool = True, idx: str = "_i",
-    pair_finder: PairFinder = local_pairs, survivor: Survivor = BEST_SCORE,
+    pool: pl.DataFrame,
+    threshold: float,
+    ngram: int,
+    verify: bool = True,
+    idx: str = "_i",
+    pair_finder: PairFinder = local_pairs,
+    survivor: Survivor = BEST_SCORE,
 ) -> pl.DataFrame:
     """pool: eligible rows with idx, caption_lsh (non-null), caption and survivor.columns
     (clip_score, uid, shard, row for the default rule). Returns (idx, of_uid, of_idx, cluster) for
@@ -125,7 +132,10 @@ def caption_duplicates(
         pairs = exact_jaccard(pairs, pool.select(idx, schema.CAPTION), ngram, idx)
         pairs = pairs.filter(pl.col("jaccard") >= threshold - 1e-12).select("a", "b")
     edges = pl.concat(
-        [rep_of.filter(pl.col(idx) != pl.col("_rep")).select(pl.col(idx).alias("a"), pl.col("_rep").alias("b")), pairs.cast(pl.UInt32)]
+        [
+            rep_of.filter(pl.col(idx) != pl.col("_rep")).select(pl.col(idx).alias("a"), pl.col("_rep").alias("b")),
+            pairs.cast(pl.UInt32),
+        ]
     )
     if edges.height == 0:
         return empty

@@ -50,7 +50,7 @@ def kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
     for _ in range(iters):
         new = np.empty(n, dtype=np.int64)
         for s in range(0, n, 65536):
-            new[s:s + 65536] = np.argmax(x[s:s + 65536] @ cent.T, axis=1)
+            new[s : s + 65536] = np.argmax(x[s : s + 65536] @ cent.T, axis=1)
         if np.array_equal(new, labels):
             break
         labels = new
@@ -71,7 +71,7 @@ def cluster_edges(x: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[
             continue
         xm = x[members]
         for s in range(0, members.size, _BLOCK):
-            sim = xm[s:s + _BLOCK] @ xm.T  # [block, m]
+            sim = xm[s : s + _BLOCK] @ xm.T  # [block, m]
             i, j = np.nonzero(sim >= threshold - 1e-6)
             i = i + s
             keep = i < j
@@ -86,8 +86,15 @@ EdgeFinder = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndar
 
 
 def image_duplicates(
-    pool: pl.DataFrame, threshold: float, cluster_size: int = 1000, iters: int = 20, seed: int = 0, idx: str = "_i",
-    edge_finder: EdgeFinder = cluster_edges, phash_max_distance: int | None = None, survivor: Survivor = BEST_SCORE,
+    pool: pl.DataFrame,
+    threshold: float,
+    cluster_size: int = 1000,
+    iters: int = 20,
+    seed: int = 0,
+    idx: str = "_i",
+    edge_finder: EdgeFinder = cluster_edges,
+    phash_max_distance: int | None = None,
+    survivor: Survivor = BEST_SCORE,
 ) -> pl.DataFrame:
     """pool: eligible rows with idx, image_embedding (non-null) and survivor.columns (clip_score,
     uid, shard, row for the default rule).

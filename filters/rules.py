@@ -60,7 +60,11 @@ def text_rules_mask(frame: pl.DataFrame, sel: SelectionConfig, where: pl.Expr | 
     """text_rules_pass (and `where`, if given) as a Boolean Series of exactly frame.height values:
     with_columns broadcasts a literal to the frame's height where select() would not."""
     expr = text_rules_pass(sel) if where is None else where & text_rules_pass(sel)
-    return frame.with_columns(expr.fill_null(False).alias("_text_rules_pass")).get_column("_text_rules_pass").cast(pl.Boolean)
+    return (
+        frame.with_columns(expr.fill_null(False).alias("_text_rules_pass"))
+        .get_column("_text_rules_pass")
+        .cast(pl.Boolean)
+    )
 
 
 def fetch_fails() -> pl.Expr:

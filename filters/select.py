@@ -68,7 +68,9 @@ def _of(reason: Reason) -> str:
     return f"_{reason.value}_of"
 
 
-def _dedup(frame: pl.LazyFrame, key: str, eligible: str, reason: Reason, survivor: Survivor = BEST_SCORE) -> pl.LazyFrame:
+def _dedup(
+    frame: pl.LazyFrame, key: str, eligible: str, reason: Reason, survivor: Survivor = BEST_SCORE
+) -> pl.LazyFrame:
     """Mark rows that duplicate an eligible survivor on `key` (see curate.filters.survivors)."""
     pool = frame.filter(pl.col(eligible) & pl.col(key).is_not_null())
     # Only keys that occur more than once need ranking: a hash count first, so the sort below
@@ -82,7 +84,10 @@ def _mark(frame: pl.LazyFrame, dups: pl.LazyFrame | pl.DataFrame, reason: Reason
     survivor's uid and the survivor's row index."""
     fail_col, of_col = _fail(reason), _of(reason)
     dups = dups.lazy().select(
-        pl.col(_IDX), pl.lit(True).alias(fail_col), pl.col("of_uid").alias(of_col), pl.col("of_idx").alias(f"{of_col}_idx")
+        pl.col(_IDX),
+        pl.lit(True).alias(fail_col),
+        pl.col("of_uid").alias(of_col),
+        pl.col("of_idx").alias(f"{of_col}_idx"),
     )
     # materialised: every dedup step reads the frame twice (its pool, and this join back), so a
     # lazy frame would double the plan at each of the five steps (32 copies of the rules; the
@@ -128,7 +133,9 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> 
             from curate.distributed_dedup import ray_caption_pairs
 
             kw["pair_finder"] = ray_caption_pairs(d.partitions)
-        dups = caption_duplicates(pool, d.caption_jaccard, d.caption_ngram, d.caption_verify, _IDX, survivor=Survivor.of(d), **kw)
+        dups = caption_duplicates(
+            pool, d.caption_jaccard, d.caption_ngram, d.caption_verify, _IDX, survivor=Survivor.of(d), **kw
+        )
     else:  # annotations from a run without annotate.caption_minhash: nothing to compare
         dups = duplicates_frame(_IDX)
     return _mark(frame, dups, Reason.DUPLICATE_CAPTION)
@@ -139,7 +146,9 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
     from curate.filters.image_dedup import image_duplicates
 
     emb = embeddings.select(
-        pl.col(schema.SHARD).cast(pl.String), pl.col(schema.ROW).cast(pl.Int64), pl.col(schema.IMAGE_EMBEDDING),
+        pl.col(schema.SHARD).cast(pl.String),
+        pl.col(schema.ROW).cast(pl.Int64),
+        pl.col(schema.IMAGE_EMBEDDING),
         *([pl.col(schema.IMAGE_PHASH)] if schema.IMAGE_PHASH in embeddings.collect_schema().names() else []),
     )
     pool = (
@@ -154,7 +163,11 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
     d = sel.dedup
     kw = {}
     if d.image_phash_max_distance is not None:
-        if schema.IMAGE_PHASH not in pool.columns or pool.height and pool.get_column(schema.IMAGE_PHASH).null_count() == pool.height:
+        if (
+            schema.IMAGE_PHASH not in pool.columns
+            or pool.height
+            and pool.get_column(schema.IMAGE_PHASH).null_count() == pool.height
+        ):
             raise ValueError(
                 "dedup.image_phash_max_distance is set but the stored embeddings have no image_phash "
                 "(a run made before perceptual hashes were stored): rerun scoring, or set it to null"
@@ -165,7 +178,14 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
 
         kw["edge_finder"] = ray_image_edges(d.partitions)
     dups = image_duplicates(
-        pool, d.image_cosine, d.image_cluster_size, d.image_kmeans_iters, d.image_kmeans_seed, _IDX, survivor=Survivor.of(d), **kw
+        pool,
+        d.image_cosine,
+        d.image_cluster_size,
+        d.image_kmeans_iters,
+        d.image_kmeans_seed,
+        _IDX,
+        survivor=Survivor.of(d),
+        **kw,
     )
     return _mark(frame, dups, Reason.DUPLICATE_IMAGE_NEAR)
 
@@ -186,7 +206,11 @@ def decide(
     resolved = resolve_clip_threshold(annotations, sel)
     fails = rule_failures(sel, resolved.clip_threshold)
     dedup_reasons = {
-        Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, Reason.DUPLICATE_CAPTION, Reason.DUPLICATE_IMAGE_NEAR, Reason.DUPLICATE_UID,
+        Reason.DUPLICATE_URL,
+        Reason.DUPLICATE_IMAGE,
+        Reason.DUPLICATE_CAPTION,
+        Reason.DUPLICATE_IMAGE_NEAR,
+        Reason.DUPLICATE_UID,
     }
     if sel.dedup.image_cosine is not None and embeddings is None:
         raise ValueError(
@@ -205,7 +229,9 @@ def decide(
         url_key = "_url_caption"
         frame = frame.with_columns(
             pl.when(pl.col(schema.URL_NORMALIZED).is_not_null())
-            .then(pl.concat_str([pl.col(schema.URL_NORMALIZED), pl.col(schema.CAPTION).fill_null("")], separator="\x00"))
+            .then(
+                pl.concat_str([pl.col(schema.URL_NORMALIZED), pl.col(schema.CAPTION).fill_null("")], separator="\x00")
+            )
             .alias(url_key)
         )
     for reason, key, on in (
@@ -216,7 +242,8 @@ def decide(
             frame = _dedup(frame, key, "_eligible", reason, survivor)
         else:
             frame = frame.with_columns(
-                pl.lit(False).alias(_fail(reason)), pl.lit(None, pl.String).alias(_of(reason)),
+                pl.lit(False).alias(_fail(reason)),
+                pl.lit(None, pl.String).alias(_of(reason)),
                 pl.lit(None, pl.UInt32).alias(f"{_of(reason)}_idx"),
             )
         frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(reason)).not_()).alias("_eligible"))
@@ -231,7 +258,8 @@ def decide(
         frame = _follow_survivor(frame, Reason.DUPLICATE_IMAGE, cap)
     else:
         frame = frame.with_columns(
-            pl.lit(False).alias(_fail(cap)), pl.lit(None, pl.String).alias(_of(cap)),
+            pl.lit(False).alias(_fail(cap)),
+            pl.lit(None, pl.String).alias(_of(cap)),
             pl.lit(None, pl.UInt32).alias(f"{_of(cap)}_idx"),
         )
     frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(cap)).not_()).alias("_eligible"))
@@ -244,7 +272,8 @@ def decide(
             frame = _follow_survivor(frame, earlier, near)
     else:
         frame = frame.with_columns(
-            pl.lit(False).alias(_fail(near)), pl.lit(None, pl.String).alias(_of(near)),
+            pl.lit(False).alias(_fail(near)),
+            pl.lit(None, pl.String).alias(_of(near)),
             pl.lit(None, pl.UInt32).alias(f"{_of(near)}_idx"),
         )
     frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(near)).not_()).alias("_eligible"))
@@ -254,7 +283,13 @@ def decide(
     # kept uids are unique and uids.npy has exactly one entry per kept row. No re-pointing needed:
     # duplicate_of is a uid, and a uid group's survivor has the very uid its removed copies have,
     # so an earlier duplicate whose survivor loses here still names a kept row's uid.
-    frame = _dedup(frame.with_columns(pl.col(schema.UID).alias("_uid_key")), "_uid_key", "_eligible", Reason.DUPLICATE_UID, survivor)
+    frame = _dedup(
+        frame.with_columns(pl.col(schema.UID).alias("_uid_key")),
+        "_uid_key",
+        "_eligible",
+        Reason.DUPLICATE_UID,
+        survivor,
+    )
     frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(Reason.DUPLICATE_UID)).not_()).alias("_eligible"))
 
     dedups = (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, cap, near, Reason.DUPLICATE_UID)
@@ -276,8 +311,12 @@ def decide(
         pl.coalesce(*(f"{_of(r)}_idx" for r in dedups)).alias("_of_idx"),
     )
     # the duplicate group's id is its survivor's uid, on the removed copies and on the survivor
-    survivors = frame.select(pl.col("_of_idx").alias(_IDX)).drop_nulls().unique().with_columns(pl.lit(True).alias("_survivor"))
+    survivors = (
+        frame.select(pl.col("_of_idx").alias(_IDX)).drop_nulls().unique().with_columns(pl.lit(True).alias("_survivor"))
+    )
     frame = frame.join(survivors, on=_IDX, how="left").with_columns(
-        pl.coalesce(schema.DUPLICATE_OF, pl.when(pl.col("_survivor")).then(pl.col(schema.UID))).alias(schema.DUPLICATE_CLUSTER)
+        pl.coalesce(schema.DUPLICATE_OF, pl.when(pl.col("_survivor")).then(pl.col(schema.UID))).alias(
+            schema.DUPLICATE_CLUSTER
+        )
     )
     return frame.drop(*drop, "_of_idx", "_survivor"), resolved

@@ -44,7 +44,9 @@ class Survivor:
         if self.rule not in SURVIVOR_RULES:
             raise ValueError(f"dedup.survivor = {self.rule!r}: must be one of {', '.join(SURVIVOR_RULES)}")
         if self.rule == "priority" and not self.column:
-            raise ValueError("dedup.survivor = 'priority' needs dedup.survivor_column (the column whose highest value wins)")
+            raise ValueError(
+                "dedup.survivor = 'priority' needs dedup.survivor_column (the column whose highest value wins)"
+            )
         if self.rule != "priority" and self.column is not None:
             raise ValueError(
                 f"dedup.survivor_column = {self.column!r} is only used with dedup.survivor = 'priority' "
@@ -127,5 +129,8 @@ def duplicates_frame(idx: str) -> pl.DataFrame:
 def as_duplicates(lost: pl.DataFrame, idx: str) -> pl.DataFrame:
     """losers() output in the near-duplicate result schema; `cluster` is the survivor's idx."""
     return lost.select(
-        pl.col(idx).cast(pl.UInt32), "of_uid", pl.col("of_idx").cast(pl.UInt32), pl.col("of_idx").cast(pl.UInt32).alias("cluster")
+        pl.col(idx).cast(pl.UInt32),
+        "of_uid",
+        pl.col("of_idx").cast(pl.UInt32),
+        pl.col("of_idx").cast(pl.UInt32).alias("cluster"),
     )

@@ -73,7 +73,9 @@ def _thumbnails(run_dir: str, keys: list[tuple[str, int]]) -> dict[tuple[str, in
         if not io.exists(path):
             continue
         t = io.read_parquet(path, columns=[schema.ROW, schema.IMAGE_BYTES])
-        t = t.filter(pc.is_in(t[schema.ROW], value_set=__import__("pyarrow").array(rows, type=t.schema.field(schema.ROW).type)))
+        t = t.filter(
+            pc.is_in(t[schema.ROW], value_set=__import__("pyarrow").array(rows, type=t.schema.field(schema.ROW).type))
+        )
         for r, b in zip(t[schema.ROW].to_pylist(), t[schema.IMAGE_BYTES].to_pylist()):
             if b:
                 uri = _thumb(b)
@@ -104,7 +106,10 @@ def boundary_gallery(
         sides = {}
         for side, part in (
             ("above", sub.filter(pl.col(SCORE) >= threshold).sort([SCORE, schema.UID]).head(window)),
-            ("below", sub.filter(pl.col(SCORE) < threshold).sort([SCORE, schema.UID], descending=[True, False]).head(window)),
+            (
+                "below",
+                sub.filter(pl.col(SCORE) < threshold).sort([SCORE, schema.UID], descending=[True, False]).head(window),
+            ),
         ):
             rows = part.select(schema.UID, schema.SHARD, schema.ROW, SCORE).to_dicts()
             rng = random.Random(f"{seed}|{column}|{v}|{side}")
@@ -114,8 +119,10 @@ def boundary_gallery(
         groups.append({"value": "(unknown)" if v is None else str(v), **sides})
     thumbs: dict[str, str] = {}
     if picked:
-        keys = pl.DataFrame({schema.SHARD: [p[schema.SHARD] for p in picked], schema.ROW: [p[schema.ROW] for p in picked]},
-                            schema={schema.SHARD: pl.String, schema.ROW: pl.Int64})
+        keys = pl.DataFrame(
+            {schema.SHARD: [p[schema.SHARD] for p in picked], schema.ROW: [p[schema.ROW] for p in picked]},
+            schema={schema.SHARD: pl.String, schema.ROW: pl.Int64},
+        )
         info = (
             annotations.join(keys.lazy(), on=[schema.SHARD, schema.ROW], how="semi")
             .select(schema.SHARD, schema.ROW, schema.CAPTION, schema.URL)
@@ -134,7 +141,14 @@ def boundary_gallery(
                         thumbs[p[schema.UID]] = images[k]
                     p["has_image"] = k in images
     return (
-        {"column": column, "threshold": threshold, "per_side": per_side, "window": window, "seed": seed, "groups": groups},
+        {
+            "column": column,
+            "threshold": threshold,
+            "per_side": per_side,
+            "window": window,
+            "seed": seed,
+            "groups": groups,
+        },
         thumbs,
     )
 
@@ -160,8 +174,12 @@ def build_audit(
     embeddings: the run's image embeddings, when the selection uses dedup.image_cosine."""
     cfg = report_cfg or ReportConfig()
     report, tables = build_report(
-        decisions, extra_group_columns=extra_group_columns, min_group_size=cfg.min_group_size,
-        top_groups=cfg.top_groups, meta=meta, return_tables=True,
+        decisions,
+        extra_group_columns=extra_group_columns,
+        min_group_size=cfg.min_group_size,
+        top_groups=cfg.top_groups,
+        meta=meta,
+        return_tables=True,
     )
     report["clip_threshold"] = clip_threshold
     group_cols = report["settings"]["group_columns"]
@@ -188,8 +206,14 @@ def build_audit(
         b = above[min(1, len(above) - 1)] if above else a
         compare = (a, b)
     sizes = {c: tables[f"groups_{c}"].select(pl.col("value").alias(c), "rows_in") for c in group_cols}
-    fl = flips(reps.lazy(), compare[0], compare[1], group_columns=group_cols, sizes=sizes,
-               score_dtype=annotations.collect_schema()[schema.CLIP_SCORE])
+    fl = flips(
+        reps.lazy(),
+        compare[0],
+        compare[1],
+        group_columns=group_cols,
+        sizes=sizes,
+        score_dtype=annotations.collect_schema()[schema.CLIP_SCORE],
+    )
     tables.update(fl.pop("tables"))
     report["flips"] = fl
     # boundary gallery
@@ -201,10 +225,26 @@ def build_audit(
         report["gallery"] = gal
         report["_thumbs"] = thumbs
         tables["gallery"] = pl.DataFrame(
-            [{"group": g["value"], "side": side, **{k: p[k] for k in ("uid", "shard", "row", "clip_score", "caption", "has_image")}}
-             for g in gal["groups"] for side in ("above", "below") for p in g[side]],
-            schema={"group": pl.String, "side": pl.String, "uid": pl.String, "shard": pl.String, "row": pl.Int64,
-                    "clip_score": pl.Float64, "caption": pl.String, "has_image": pl.Boolean},
+            [
+                {
+                    "group": g["value"],
+                    "side": side,
+                    **{k: p[k] for k in ("uid", "shard", "row", "clip_score", "caption", "has_image")},
+                }
+                for g in gal["groups"]
+                for side in ("above", "below")
+                for p in g[side]
+            ],
+            schema={
+                "group": pl.String,
+                "side": pl.String,
+                "uid": pl.String,
+                "shard": pl.String,
+                "row": pl.Int64,
+                "clip_score": pl.Float64,
+                "caption": pl.String,
+                "has_image": pl.Boolean,
+            },
         )
     return report, tables
 
@@ -243,11 +283,20 @@ def rebuild_report(
     if not io.exists(io.join(out, "selection.json")):
         raise FileNotFoundError(f"{out}: no such selection (no selection.json); `curate select` makes one")
     with run_lock.hold(run_dir):  # report files are rewritten one by one, each atomically
-        return _rebuild_report(run_dir, out, sweep_thresholds=sweep_thresholds, compare=compare,
-                               sweep_include=sweep_include, gallery_column=gallery_column, seed=seed)
+        return _rebuild_report(
+            run_dir,
+            out,
+            sweep_thresholds=sweep_thresholds,
+            compare=compare,
+            sweep_include=sweep_include,
+            gallery_column=gallery_column,
+            seed=seed,
+        )
 
 
-def _rebuild_report(run_dir: str, out: str, *, sweep_thresholds, compare, sweep_include, gallery_column, seed) -> dict[str, Any]:
+def _rebuild_report(
+    run_dir: str, out: str, *, sweep_thresholds, compare, sweep_include, gallery_column, seed
+) -> dict[str, Any]:
     from curate import annotations as ann_mod, manifest
     from curate.config import PipelineSpec
     from curate.filters.select import decide
@@ -262,13 +311,37 @@ def _rebuild_report(run_dir: str, out: str, *, sweep_thresholds, compare, sweep_
     decisions = decisions.collect().lazy()  # once: every report query reads it (as write_selection does)
     names = set(ann.collect_schema().names())
     extra = [c for c in cfg.group_columns if c in names]
-    meta = {k: summary.get(k) for k in ("selection", "run_dir", "rules", "resolved", "model", "language_model",
-                                        "run_state", "failed_shards", "unaccounted_rows", "created_at")}
+    meta = {
+        k: summary.get(k)
+        for k in (
+            "selection",
+            "run_dir",
+            "rules",
+            "resolved",
+            "model",
+            "language_model",
+            "run_state",
+            "failed_shards",
+            "unaccounted_rows",
+            "created_at",
+        )
+    }
     meta["resolved"] = resolved.as_dict()
     report, tables = build_audit(
-        decisions, ann, sel, resolved.clip_threshold, report_cfg=cfg, extra_group_columns=extra, meta=meta,
-        run_dir=run_dir, sweep_thresholds=sweep_thresholds, compare=compare, sweep_include=sweep_include,
-        gallery_column=gallery_column, seed=seed, embeddings=embeddings,
+        decisions,
+        ann,
+        sel,
+        resolved.clip_threshold,
+        report_cfg=cfg,
+        extra_group_columns=extra,
+        meta=meta,
+        run_dir=run_dir,
+        sweep_thresholds=sweep_thresholds,
+        compare=compare,
+        sweep_include=sweep_include,
+        gallery_column=gallery_column,
+        seed=seed,
+        embeddings=embeddings,
     )
     from curate import forget
 

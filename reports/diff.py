@@ -58,8 +58,11 @@ def _rows(sel_dir: str, cols: list[str]) -> pl.LazyFrame:
         if io.exists(d) and io.list_files(d):
             lf = pl.scan_parquet(io.join(d, "*.parquet"))
             have = set(lf.collect_schema().names())
-            parts.append(lf.select([pl.col(c) if c in have else pl.lit(None, pl.String).alias(c) for c in cols])
-                         .with_columns(pl.lit(kept).alias(schema.KEPT)))
+            parts.append(
+                lf.select([pl.col(c) if c in have else pl.lit(None, pl.String).alias(c) for c in cols]).with_columns(
+                    pl.lit(kept).alias(schema.KEPT)
+                )
+            )
     return pl.concat(parts, how="vertical_relaxed")
 
 
@@ -74,32 +77,53 @@ def diff(a: str, b: str, *, group_columns: tuple[str, ...] = GROUPS, top: int = 
     na, nb = ka.select(pl.len()).collect().item(), kb.select(pl.len()).collect().item()
     union = na + nb - both
     out: dict[str, Any] = {
-        "a": sel_a, "b": sel_b,
-        "kept_a": na, "kept_b": nb, "kept_both": both, "only_a": na - both, "only_b": nb - both,
-        "jaccard": both / union if union else None, "groups": {}, "config": {},
+        "a": sel_a,
+        "b": sel_b,
+        "kept_a": na,
+        "kept_b": nb,
+        "kept_both": both,
+        "only_a": na - both,
+        "only_b": nb - both,
+        "jaccard": both / union if union else None,
+        "groups": {},
+        "config": {},
     }
     for c in group_columns:
         ga = ra.group_by(c).agg(pl.len().alias("rows_a"), pl.col(schema.KEPT).sum().alias("kept_a"))
         gb = rb.group_by(c).agg(pl.len().alias("rows_b"), pl.col(schema.KEPT).sum().alias("kept_b"))
-        g = ga.join(gb, on=c, how="full", coalesce=True, nulls_equal=True).with_columns(
-            (pl.col("kept_a") / pl.col("rows_a")).alias("retention_a"),
-            (pl.col("kept_b") / pl.col("rows_b")).alias("retention_b"),
-        ).with_columns((pl.col("retention_b") - pl.col("retention_a")).alias("change")).collect()
+        g = (
+            ga.join(gb, on=c, how="full", coalesce=True, nulls_equal=True)
+            .with_columns(
+                (pl.col("kept_a") / pl.col("rows_a")).alias("retention_a"),
+                (pl.col("kept_b") / pl.col("rows_b")).alias("retention_b"),
+            )
+            .with_columns((pl.col("retention_b") - pl.col("retention_a")).alias("change"))
+            .collect()
+        )
         g = g.sort(pl.col("change").abs(), descending=True, nulls_last=True)
         out["groups"][c] = [
-            {"value": "(unknown)" if r[c] is None else str(r[c]), **{k: r[k] for k in ("rows_a", "kept_a", "rows_b", "kept_b",
-                                                                                    "retention_a", "retention_b", "change")}}
+            {
+                "value": "(unknown)" if r[c] is None else str(r[c]),
+                **{k: r[k] for k in ("rows_a", "kept_a", "rows_b", "kept_b", "retention_a", "retention_b", "change")},
+            }
             for r in g.head(top).iter_rows(named=True)
         ]
     conf = {}
     for label, run, sel in (("a", run_a, sel_a), ("b", run_b, sel_b)):
         s = io.read_json(io.join(sel, "selection.json"))
         m = io.read_json(io.join(run, "manifest.json")) if io.exists(io.join(run, "manifest.json")) else {}
-        conf[label] = {**_flatten(m.get("spec") or {}, "spec"), **_flatten(s.get("rules") or {}, "rules"),
-                       **_flatten(s.get("resolved") or {}, "resolved")}
+        conf[label] = {
+            **_flatten(m.get("spec") or {}, "spec"),
+            **_flatten(s.get("rules") or {}, "rules"),
+            **_flatten(s.get("resolved") or {}, "resolved"),
+        }
     keys = sorted(set(conf["a"]) | set(conf["b"]))
-    out["config"] = {k: {"a": conf["a"].get(k), "b": conf["b"].get(k)} for k in keys
-                     if json.dumps(conf["a"].get(k), sort_keys=True, default=str) != json.dumps(conf["b"].get(k), sort_keys=True, default=str)}
+    out["config"] = {
+        k: {"a": conf["a"].get(k), "b": conf["b"].get(k)}
+        for k in keys
+        if json.dumps(conf["a"].get(k), sort_keys=True, default=str)
+        != json.dumps(conf["b"].get(k), sort_keys=True, default=str)
+    }
     return out
 
 
@@ -107,27 +131,46 @@ def render_diff_html(d: dict[str, Any]) -> str:
     from curate.reports.html import CSS, _td, esc, fmt_int, fmt_pct
 
     body = [f"<h1>Diff: {esc(d['a'])} vs {esc(d['b'])}</h1>", '<div class="cards">']
-    for k, v in (("Kept A", fmt_int(d["kept_a"])), ("Kept B", fmt_int(d["kept_b"])), ("Both", fmt_int(d["kept_both"])),
-                 ("Jaccard", "—" if d["jaccard"] is None else f"{d['jaccard']:.3f}")):
+    for k, v in (
+        ("Kept A", fmt_int(d["kept_a"])),
+        ("Kept B", fmt_int(d["kept_b"])),
+        ("Both", fmt_int(d["kept_both"])),
+        ("Jaccard", "—" if d["jaccard"] is None else f"{d['jaccard']:.3f}"),
+    ):
         body.append(f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{esc(v)}</div></div>')
     body.append("</div><h2>Configuration differences</h2>")
     if d["config"]:
         body.append("<table><thead><tr><th>key</th><th>A</th><th>B</th></tr></thead><tbody>")
         for k, v in d["config"].items():
-            body.append("<tr>" + _td(esc(k), "val") + _td(esc(json.dumps(v["a"], default=str)), "val")
-                        + _td(esc(json.dumps(v["b"], default=str)), "val") + "</tr>")
+            body.append(
+                "<tr>"
+                + _td(esc(k), "val")
+                + _td(esc(json.dumps(v["a"], default=str)), "val")
+                + _td(esc(json.dumps(v["b"], default=str)), "val")
+                + "</tr>"
+            )
         body.append("</tbody></table>")
     else:
         body.append("<p>None.</p>")
     for c, rows in d["groups"].items():
-        body.append(f"<h2>Retention change by {esc(c)} (largest first)</h2><table><thead><tr><th>{esc(c)}</th>"
-                    '<th class="n">Rows</th><th class="n">Retention A</th><th class="n">Retention B</th><th class="n">Change</th></tr></thead><tbody>')
+        body.append(
+            f"<h2>Retention change by {esc(c)} (largest first)</h2><table><thead><tr><th>{esc(c)}</th>"
+            '<th class="n">Rows</th><th class="n">Retention A</th><th class="n">Retention B</th><th class="n">Change</th></tr></thead><tbody>'
+        )
         for r in rows:
             ch = r["change"]
-            body.append("<tr>" + _td(esc(r["value"]), "val") + _td(esc(fmt_int(r["rows_a"] if r["rows_a"] is not None else r["rows_b"])))
-                        + _td(esc(fmt_pct(r["retention_a"]))) + _td(esc(fmt_pct(r["retention_b"])))
-                        + _td(esc("—" if ch is None else f"{100 * ch:+.1f} pp")) + "</tr>")
+            body.append(
+                "<tr>"
+                + _td(esc(r["value"]), "val")
+                + _td(esc(fmt_int(r["rows_a"] if r["rows_a"] is not None else r["rows_b"])))
+                + _td(esc(fmt_pct(r["retention_a"])))
+                + _td(esc(fmt_pct(r["retention_b"])))
+                + _td(esc("—" if ch is None else f"{100 * ch:+.1f} pp"))
+                + "</tr>"
+            )
         body.append("</tbody></table>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
-            f"<title>curate diff</title><style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
+        f"<title>curate diff</title><style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n"
+    )

@@ -104,7 +104,9 @@ def rate_bar(rate: float | None, ci: list[float] | None, overall: float | None) 
     if rate is None:
         return ""
     w, h = BAR_W, BAR_H
-    parts = [f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="removal rate {fmt_pct(rate)}">']
+    parts = [
+        f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="removal rate {fmt_pct(rate)}">'
+    ]
     parts.append(f'<rect x="0" y="0" width="{w}" height="{h}" fill="#f6f8fa"/>')
     parts.append(f'<rect x="0" y="2" width="{rate * w:.1f}" height="{h - 4}" fill="#d4a72c"/>')
     if ci:
@@ -147,7 +149,9 @@ def histogram_svg(edges: list[float], counts: list[int], quantiles: dict[str, An
     p50 = (quantiles or {}).get("p50")
     if p50 is not None:
         x = pad_l + (p50 - lo) / span * pw
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{pad_t}" y2="{pad_t + ph}" stroke="#cf222e" stroke-dasharray="3,3"/>')
+        out.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{pad_t}" y2="{pad_t + ph}" stroke="#cf222e" stroke-dasharray="3,3"/>'
+        )
         out.append(f'<text x="{x + 3:.1f}" y="{pad_t + 10}">median</text>')
     out.append("</svg>")
     return "".join(out)
@@ -202,7 +206,9 @@ def _failed_shards(rep: dict[str, Any]) -> str:
     ]
     for shard, err in sorted(failed.items()):
         n = rows.get(shard, "unknown")
-        out.append(f"<tr>{_td(esc(shard), 'val')}{_td(esc(fmt_int(n) if isinstance(n, int) else n))}{_td(esc(err), '')}</tr>")
+        out.append(
+            f"<tr>{_td(esc(shard), 'val')}{_td(esc(fmt_int(n) if isinstance(n, int) else n))}{_td(esc(err), '')}</tr>"
+        )
     out.append("</tbody></table>")
     return "\n".join(out)
 
@@ -321,8 +327,11 @@ def _group(name: str, sec: dict[str, Any], overall: float | None) -> str:
         elif g.get("too_small"):
             flag = '<span class="tag">too small to judge</span>'
         elif g.get("significant"):
-            flag = ('<span class="tag hi">removed MORE than the rest</span>' if g.get("direction") == "higher"
-                    else '<span class="tag lo">removed LESS than the rest</span>')
+            flag = (
+                '<span class="tag hi">removed MORE than the rest</span>'
+                if g.get("direction") == "higher"
+                else '<span class="tag lo">removed LESS than the rest</span>'
+            )
         value = g.get("value")
         value_html = f"<em>{esc(value)}</em>" if g.get("unknown") or g.get("other_groups") else esc(value)
         out.append(
@@ -396,8 +405,12 @@ def _drivers(name: str, sec: dict[str, Any], rep: dict[str, Any]) -> str:
     out = [
         f"<details{' open' if sec.get('flagged_groups') else ''}><summary>Which rule drives it, by {esc(name)}: "
         "share of the group failing each rule (removed by that rule alone)</summary>",
-        f"<table><thead><tr><th>{esc(name)}</th>" + "".join(f'<th class="n">{esc(r)}</th>' for r in reasons) + "</tr></thead><tbody>",
-        "<tr><td class=\"val\"><em>all rows</em></td>" + "".join(_td(esc(fmt_pct(overall[r]))) for r in reasons) + "</tr>",
+        f"<table><thead><tr><th>{esc(name)}</th>"
+        + "".join(f'<th class="n">{esc(r)}</th>' for r in reasons)
+        + "</tr></thead><tbody>",
+        '<tr><td class="val"><em>all rows</em></td>'
+        + "".join(_td(esc(fmt_pct(overall[r]))) for r in reasons)
+        + "</tr>",
     ]
     for g in sorted(rows, key=_sig_key):
         n = g.get("rows_in") or 0
@@ -405,10 +418,16 @@ def _drivers(name: str, sec: dict[str, Any], rep: dict[str, Any]) -> str:
         for r in reasons:
             a, o = g["failed_any"].get(r, 0), g["removed_only"].get(r, 0)
             share = a / n if n else None
-            hot = share is not None and overall.get(r) and not g.get("too_small") and share > 1.5 * overall[r] and a >= 5
-            cells.append(f'<td class="n{" hot" if hot else ""}">{esc(fmt_pct(share))} ({esc(fmt_pct(o / n if n else None))})</td>')
+            hot = (
+                share is not None and overall.get(r) and not g.get("too_small") and share > 1.5 * overall[r] and a >= 5
+            )
+            cells.append(
+                f'<td class="n{" hot" if hot else ""}">{esc(fmt_pct(share))} ({esc(fmt_pct(o / n if n else None))})</td>'
+            )
         out.append(f"<tr>{_td(esc(g.get('value')), 'val')}{''.join(cells)}</tr>")
-    out.append("</tbody></table><p class=\"note\">Red cells: more than 1.5× the rule's share over all rows.</p></details>")
+    out.append(
+        '</tbody></table><p class="note">Red cells: more than 1.5× the rule\'s share over all rows.</p></details>'
+    )
     return "\n".join(out)
 
 
@@ -424,26 +443,36 @@ def _disparities(rep: dict[str, Any]) -> str:
         return ""
     tested = sum(sec.get("tested_groups", 0) for sec in groups.values())
     small = sum(sec.get("too_small_groups", 0) for sec in groups.values())
-    out = ["<h2>Disparities: groups removed at a significantly different rate</h2>",
-           f'<p class="note">{esc(fmt_int(len(flagged)))} flagged of {esc(fmt_int(tested))} groups tested; '
-           f"{esc(fmt_int(small))} groups too small to judge (listed in the tables below, never dropped).</p>"]
+    out = [
+        "<h2>Disparities: groups removed at a significantly different rate</h2>",
+        f'<p class="note">{esc(fmt_int(len(flagged)))} flagged of {esc(fmt_int(tested))} groups tested; '
+        f"{esc(fmt_int(small))} groups too small to judge (listed in the tables below, never dropped).</p>",
+    ]
     if not flagged:
         out.append("<p>No group's removal rate differs significantly from the rest of the rows.</p>")
         return "\n".join(out)
-    out.append('<table><thead><tr><th>Grouping</th><th>Group</th><th class="n">Rows in</th><th class="n">Removal rate</th>'
-               '<th class="n">95% CI</th><th class="n">Rest of rows</th><th class="n">vs overall</th><th class="n">q (BH)</th>'
-               "<th>Top rule (first reason)</th></tr></thead><tbody>")
+    out.append(
+        '<table><thead><tr><th>Grouping</th><th>Group</th><th class="n">Rows in</th><th class="n">Removal rate</th>'
+        '<th class="n">95% CI</th><th class="n">Rest of rows</th><th class="n">vs overall</th><th class="n">q (BH)</th>'
+        "<th>Top rule (first reason)</th></tr></thead><tbody>"
+    )
     for name, g in sorted(flagged, key=lambda x: (x[1].get("q_value") or 0.0, -x[1].get("rows_in", 0)))[:40]:
         ci = g.get("ci95")
         by = g.get("removed_by_reason") or {}
         top = max(by.items(), key=lambda kv: kv[1], default=(None, 0))
         tag = "hi" if g.get("direction") == "higher" else "lo"
         out.append(
-            "<tr>" + _td(esc(name), "") + _td(f'<span class="tag {tag}">{esc(g.get("value"))}</span>', "val")
-            + _td(esc(fmt_int(g.get("rows_in")))) + _td(esc(fmt_pct(g.get("removal_rate"))))
-            + _td(esc(f"{fmt_pct(ci[0])} – {fmt_pct(ci[1])}" if ci else "—")) + _td(esc(fmt_pct(g.get("rest_rate"))))
-            + _td(esc(fmt_ratio(g.get("ratio_to_overall")))) + _td(esc(fmt_p(g.get("q_value"))))
-            + _td(esc(f"{top[0]} ({fmt_int(top[1])})" if top[1] else ""), "") + "</tr>"
+            "<tr>"
+            + _td(esc(name), "")
+            + _td(f'<span class="tag {tag}">{esc(g.get("value"))}</span>', "val")
+            + _td(esc(fmt_int(g.get("rows_in"))))
+            + _td(esc(fmt_pct(g.get("removal_rate"))))
+            + _td(esc(f"{fmt_pct(ci[0])} – {fmt_pct(ci[1])}" if ci else "—"))
+            + _td(esc(fmt_pct(g.get("rest_rate"))))
+            + _td(esc(fmt_ratio(g.get("ratio_to_overall"))))
+            + _td(esc(fmt_p(g.get("q_value"))))
+            + _td(esc(f"{top[0]} ({fmt_int(top[1])})" if top[1] else ""), "")
+            + "</tr>"
         )
     out.append("</tbody></table>")
     return "\n".join(out)
@@ -467,32 +496,48 @@ def _boxes(rep: dict[str, Any]) -> str:
         W, rowh, left, right = 640, 18, 150, 20
         H = rowh * len(rows) + 24
         pw = W - left - right
+
         def x(v, left=left, lo=lo, span=span, pw=pw):  # bound now: the loop rebinds these names
             return left + (v - lo) / span * pw
-        svg = [f'<svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="CLIP score by {esc(name)}">']
+
+        svg = [
+            f'<svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="CLIP score by {esc(name)}">'
+        ]
         for i, g in enumerate(rows):
             c = g["clip_score"]
             y = 4 + i * rowh
             label = str(g.get("value"))
             label = label if len(label) <= 22 else label[:21] + "…"
             svg.append(f'<text x="{left - 6}" y="{y + 11}" text-anchor="end">{esc(label)}</text>')
-            svg.append(f'<line x1="{x(c["p05"]):.1f}" x2="{x(c["p95"]):.1f}" y1="{y + 7}" y2="{y + 7}" stroke="#8c959f"/>')
-            svg.append(f'<rect x="{x(c["p25"]):.1f}" y="{y + 2}" width="{max(x(c["p75"]) - x(c["p25"]), 1):.1f}" height="10" fill="#54aeff">'
-                       f'<title>{esc(label)}: p05 {esc(fmt_num(c["p05"]))}, p25 {esc(fmt_num(c["p25"]))}, median {esc(fmt_num(c["p50"]))}, '
-                       f'p75 {esc(fmt_num(c["p75"]))}, p95 {esc(fmt_num(c["p95"]))}, n={esc(fmt_int(c["scored"]))}</title></rect>')
-            svg.append(f'<line x1="{x(c["p50"]):.1f}" x2="{x(c["p50"]):.1f}" y1="{y + 1}" y2="{y + 13}" stroke="#0a3069" stroke-width="2"/>')
+            svg.append(
+                f'<line x1="{x(c["p05"]):.1f}" x2="{x(c["p95"]):.1f}" y1="{y + 7}" y2="{y + 7}" stroke="#8c959f"/>'
+            )
+            svg.append(
+                f'<rect x="{x(c["p25"]):.1f}" y="{y + 2}" width="{max(x(c["p75"]) - x(c["p25"]), 1):.1f}" height="10" fill="#54aeff">'
+                f"<title>{esc(label)}: p05 {esc(fmt_num(c['p05']))}, p25 {esc(fmt_num(c['p25']))}, median {esc(fmt_num(c['p50']))}, "
+                f"p75 {esc(fmt_num(c['p75']))}, p95 {esc(fmt_num(c['p95']))}, n={esc(fmt_int(c['scored']))}</title></rect>"
+            )
+            svg.append(
+                f'<line x1="{x(c["p50"]):.1f}" x2="{x(c["p50"]):.1f}" y1="{y + 1}" y2="{y + 13}" stroke="#0a3069" stroke-width="2"/>'
+            )
         base = 4 + len(rows) * rowh
         for frac in (0, 0.5, 1):
-            svg.append(f'<text x="{left + frac * pw:.1f}" y="{base + 14}" text-anchor="middle">{esc(fmt_num(lo + frac * span))}</text>')
+            svg.append(
+                f'<text x="{left + frac * pw:.1f}" y="{base + 14}" text-anchor="middle">{esc(fmt_num(lo + frac * span))}</text>'
+            )
         if thr is not None:
-            svg.append(f'<line x1="{x(thr):.1f}" x2="{x(thr):.1f}" y1="0" y2="{base}" stroke="#cf222e" stroke-dasharray="3,3"/>')
+            svg.append(
+                f'<line x1="{x(thr):.1f}" x2="{x(thr):.1f}" y1="0" y2="{base}" stroke="#cf222e" stroke-dasharray="3,3"/>'
+            )
         svg.append("</svg>")
         blocks.append(f"<h3>CLIP score by {esc(name)}</h3>" + "".join(svg))
     if not blocks:
         return ""
-    return ("<h2>CLIP score distribution per group</h2><p class=\"note\">Box: 25th–75th percentile; whiskers: 5th–95th; "
-            "dark tick: median; red dashed line: the selection's threshold. A group whose box sits left of the others "
-            "scores lower across the board.</p>" + "\n".join(blocks))
+    return (
+        '<h2>CLIP score distribution per group</h2><p class="note">Box: 25th–75th percentile; whiskers: 5th–95th; '
+        "dark tick: median; red dashed line: the selection's threshold. A group whose box sits left of the others "
+        "scores lower across the board.</p>" + "\n".join(blocks)
+    )
 
 
 _PALETTE = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a", "#e16f24", "#1b7c83", "#a40e26"]
@@ -510,19 +555,30 @@ def _sweep_svg(thr: list[float], series: list[tuple[str, list[Any]]], mark: floa
         out.append(f'<line x1="{pl_}" x2="{pl_ + pw}" y1="{y(r):.1f}" y2="{y(r):.1f}" stroke="#eaeef2"/>')
         out.append(f'<text x="{pl_ - 4}" y="{y(r) + 4:.1f}" text-anchor="end">{int(r * 100)}%</text>')
     for frac in (0, 0.25, 0.5, 0.75, 1):
-        out.append(f'<text x="{pl_ + frac * pw:.1f}" y="{H - 8}" text-anchor="middle">{esc(fmt_num(lo + frac * span))}</text>')
+        out.append(
+            f'<text x="{pl_ + frac * pw:.1f}" y="{H - 8}" text-anchor="middle">{esc(fmt_num(lo + frac * span))}</text>'
+        )
     for i, (label, vals) in enumerate(series):
         pts = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in zip(thr, vals) if v is not None)
         colour = _PALETTE[i % len(_PALETTE)]
         width = 2.5 if i == 0 else 1.5
-        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{width}" points="{pts}"><title>{esc(label)}</title></polyline>')
+        out.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="{width}" points="{pts}"><title>{esc(label)}</title></polyline>'
+        )
     if mark is not None and lo <= mark <= hi:
-        out.append(f'<line x1="{x(mark):.1f}" x2="{x(mark):.1f}" y1="{pt}" y2="{pt + ph}" stroke="#1b1f24" stroke-dasharray="4,3"/>')
+        out.append(
+            f'<line x1="{x(mark):.1f}" x2="{x(mark):.1f}" y1="{pt}" y2="{pt + ph}" stroke="#1b1f24" stroke-dasharray="4,3"/>'
+        )
         out.append(f'<text x="{x(mark) + 3:.1f}" y="{pt + 10}">selection</text>')
     out.append("</svg>")
-    legend = '<div class="legend">' + "".join(
-        f'<span><i style="background:{_PALETTE[i % len(_PALETTE)]}"></i>{esc(label)}</span>' for i, (label, _) in enumerate(series)
-    ) + "</div>"
+    legend = (
+        '<div class="legend">'
+        + "".join(
+            f'<span><i style="background:{_PALETTE[i % len(_PALETTE)]}"></i>{esc(label)}</span>'
+            for i, (label, _) in enumerate(series)
+        )
+        + "</div>"
+    )
     return "".join(out) + legend
 
 
@@ -533,17 +589,25 @@ def _sweep(rep: dict[str, Any]) -> str:
         return f'<h2>Threshold sweep</h2><p class="note">{esc(note)}</p>' if note else ""
     thr = sw["thresholds"]
     mark = sw.get("selection_threshold")
-    out = ["<h2>Threshold sweep: retention vs CLIP threshold</h2>",
-           '<p class="note">Retention = rows kept / rows in, with every other rule (missing URL, language, caption, fetch, image, '
-           "dedup) as in this selection and only the CLIP threshold varied. Exact, not estimated: dedup survivors are the "
-           "same rows at every threshold (highest score wins), so the rows kept at threshold t are the dedup "
-           "representatives with score ≥ t.</p>"]
+    out = [
+        "<h2>Threshold sweep: retention vs CLIP threshold</h2>",
+        '<p class="note">Retention = rows kept / rows in, with every other rule (missing URL, language, caption, fetch, image, '
+        "dedup) as in this selection and only the CLIP threshold varied. Exact, not estimated: dedup survivors are the "
+        "same rows at every threshold (highest score wins), so the rows kept at threshold t are the dedup "
+        "representatives with score ≥ t.</p>",
+    ]
     for name, curves in (sw.get("groups") or {}).items():
-        series = [("all rows", sw["overall"]["retention"])] + [(f"{c['value']} ({fmt_int(c['rows_in'])})", c["retention"]) for c in curves]
+        series = [("all rows", sw["overall"]["retention"])] + [
+            (f"{c['value']} ({fmt_int(c['rows_in'])})", c["retention"]) for c in curves
+        ]
         out.append(f"<h3>By {esc(name)}</h3>" + _sweep_svg(thr, series, mark))
     # compact table: overall + groups of the first grouping at a few thresholds
-    idx = sorted(set([0, len(thr) // 4, len(thr) // 2, (3 * len(thr)) // 4, len(thr) - 1]
-                     + ([min(range(len(thr)), key=lambda i: abs(thr[i] - mark))] if mark is not None else [])))
+    idx = sorted(
+        set(
+            [0, len(thr) // 4, len(thr) // 2, (3 * len(thr)) // 4, len(thr) - 1]
+            + ([min(range(len(thr)), key=lambda i: abs(thr[i] - mark))] if mark is not None else [])
+        )
+    )
     first = next(iter((sw.get("groups") or {}).items()), (None, []))
     head = "".join(f'<th class="n">{esc(fmt_num(thr[i]))}</th>' for i in idx)
     out.append(f"<details><summary>Retention table</summary><table><thead><tr><th>group</th>{head}</tr></thead><tbody>")
@@ -554,23 +618,40 @@ def _sweep(rep: dict[str, Any]) -> str:
     fl = rep.get("flips")
     if fl:
         out.append(f"<h3>What changes between threshold {esc(fmt_num(fl['a']))} and {esc(fmt_num(fl['b']))}</h3>")
-        out.append(f"<p>{esc(fmt_int(fl['rows']))} rows are kept at {esc(fmt_num(min(fl['a'], fl['b'])))} and removed "
-                   f"(clip_score) at {esc(fmt_num(max(fl['a'], fl['b'])))}; no other row changes fate.</p>")
+        out.append(
+            f"<p>{esc(fmt_int(fl['rows']))} rows are kept at {esc(fmt_num(min(fl['a'], fl['b'])))} and removed "
+            f"(clip_score) at {esc(fmt_num(max(fl['a'], fl['b'])))}; no other row changes fate.</p>"
+        )
         for name, gs in (fl.get("groups") or {}).items():
             if not gs:
                 continue
-            out.append(f"<details><summary>Groups that lose the most, by {esc(name)}</summary><table><thead><tr><th>{esc(name)}</th>"
-                       '<th class="n">Rows flipping</th><th class="n">Rows in</th><th class="n">Retention drop</th></tr></thead><tbody>')
+            out.append(
+                f"<details><summary>Groups that lose the most, by {esc(name)}</summary><table><thead><tr><th>{esc(name)}</th>"
+                '<th class="n">Rows flipping</th><th class="n">Rows in</th><th class="n">Retention drop</th></tr></thead><tbody>'
+            )
             for g in gs:
-                out.append("<tr>" + _td(esc(g["value"]), "val") + _td(esc(fmt_int(g["flips"]))) + _td(esc(fmt_int(g["rows_in"])))
-                           + _td(esc(fmt_pct(g["retention_change"]))) + "</tr>")
+                out.append(
+                    "<tr>"
+                    + _td(esc(g["value"]), "val")
+                    + _td(esc(fmt_int(g["flips"])))
+                    + _td(esc(fmt_int(g["rows_in"])))
+                    + _td(esc(fmt_pct(g["retention_change"])))
+                    + "</tr>"
+                )
             out.append("</tbody></table></details>")
         if fl.get("sample"):
-            out.append('<details><summary>Sample of flipping rows</summary><table><thead><tr><th class="n">score</th><th>caption</th>'
-                       "<th>uid</th></tr></thead><tbody>")
+            out.append(
+                '<details><summary>Sample of flipping rows</summary><table><thead><tr><th class="n">score</th><th>caption</th>'
+                "<th>uid</th></tr></thead><tbody>"
+            )
             for r in fl["sample"]:
-                out.append("<tr>" + _td(esc(fmt_num(r.get("clip_score"), 4))) + _td(esc(r.get("caption")), "")
-                           + _td(esc(r.get("uid")), "val") + "</tr>")
+                out.append(
+                    "<tr>"
+                    + _td(esc(fmt_num(r.get("clip_score"), 4)))
+                    + _td(esc(r.get("caption")), "")
+                    + _td(esc(r.get("uid")), "val")
+                    + "</tr>"
+                )
             out.append("</tbody></table></details>")
     return "\n".join(out)
 
@@ -580,10 +661,12 @@ def _gallery(rep: dict[str, Any]) -> str:
     if not gal:
         return ""
     thumbs = rep.get("_thumbs") or {}
-    out = [f"<h2>Boundary gallery (threshold {esc(fmt_num(gal['threshold']))}, by {esc(gal['column'])})</h2>",
-           f'<p class="note">For each of the largest groups, {esc(gal["per_side"])} pairs sampled (seed {esc(gal["seed"])}) from '
-           f"the {esc(gal['window'])} nearest the threshold on each side: green = just kept, red = just removed. "
-           "Is the threshold in the right place for every group?</p>"]
+    out = [
+        f"<h2>Boundary gallery (threshold {esc(fmt_num(gal['threshold']))}, by {esc(gal['column'])})</h2>",
+        f'<p class="note">For each of the largest groups, {esc(gal["per_side"])} pairs sampled (seed {esc(gal["seed"])}) from '
+        f"the {esc(gal['window'])} nearest the threshold on each side: green = just kept, red = just removed. "
+        "Is the threshold in the right place for every group?</p>",
+    ]
     for g in gal.get("groups") or []:
         out.append(f"<h3>{esc(g['value'])}</h3>")
         for side, label in (("above", "just above (kept)"), ("below", "just below (removed)")):
@@ -593,11 +676,17 @@ def _gallery(rep: dict[str, Any]) -> str:
                 out.append('<span class="note">none</span>')
             for p in items:
                 uri = thumbs.get(p.get("uid"))
-                img = (f'<img alt="" src="{esc(uri)}">' if uri and uri.startswith("data:image/") else '<div class="noimg">no image</div>')
+                img = (
+                    f'<img alt="" src="{esc(uri)}">'
+                    if uri and uri.startswith("data:image/")
+                    else '<div class="noimg">no image</div>'
+                )
                 cap = p.get("caption") or ""
                 cap = cap if len(cap) <= 160 else cap[:159] + "…"
-                out.append(f'<div class="gcard {side}">{img}<div><strong>{esc(fmt_num(p.get("clip_score"), 4))}</strong></div>'
-                           f'<div class="cap">{esc(cap)}</div></div>')
+                out.append(
+                    f'<div class="gcard {side}">{img}<div><strong>{esc(fmt_num(p.get("clip_score"), 4))}</strong></div>'
+                    f'<div class="cap">{esc(cap)}</div></div>'
+                )
             out.append("</div>")
     return "\n".join(out)
 
@@ -605,7 +694,7 @@ def _gallery(rep: dict[str, Any]) -> str:
 def _clip(rep: dict[str, Any]) -> str:
     c = rep.get("clip_score")
     if not c:
-        return "<h2>CLIP scores</h2><p class=\"note\">No clip_score column.</p>"
+        return '<h2>CLIP scores</h2><p class="note">No clip_score column.</p>'
     h = c.get("histogram") or {}
     q = c.get("quantiles") or {}
     qrow = "".join(f'<th class="n">{esc(k)}</th>' for k in q)
@@ -659,7 +748,7 @@ def render_html(report: dict[str, Any]) -> str:
         _meta(report),
     ]
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">\n"
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{esc(title)}</title>\n<style>{CSS}</style></head>\n<body>\n"

@@ -153,9 +153,7 @@ def _check_columns(lf: pl.LazyFrame, group_cols: Sequence[str]) -> set[str]:
     names = set(lf.collect_schema().names())
     missing = [c for c in (SHARD, KEPT, REASON, *group_cols) if c not in names]
     if missing:
-        raise ValueError(
-            f"decisions frame lacks column(s) {missing}; it has {sorted(names)}"
-        )
+        raise ValueError(f"decisions frame lacks column(s) {missing}; it has {sorted(names)}")
     return names
 
 
@@ -325,15 +323,18 @@ def _group_section(
     # first) so that a significant small group is never hidden in the rollup
     idx = pl.int_range(pl.len()).alias("_i")
     df = df.with_columns(idx)
-    flagged_extra = (
-        df.slice(top_groups).filter(pl.col("significant")).sort("q_value").head(top_groups)["_i"].to_list()
-    )
+    flagged_extra = df.slice(top_groups).filter(pl.col("significant")).sort("q_value").head(top_groups)["_i"].to_list()
     shown_idx = sorted(set(range(min(top_groups, distinct))) | set(flagged_extra))
     shown_df = df.filter(pl.col("_i").is_in(shown_idx))
     rest = df.filter(~pl.col("_i").is_in(shown_idx))
     shown = []
     for row in shown_df.iter_rows(named=True):
-        rec = {"value": _json_value(row[column]), "unknown": row[column] is None, "other_groups": 0, **_slice_record(row)}
+        rec = {
+            "value": _json_value(row[column]),
+            "unknown": row[column] is None,
+            "other_groups": 0,
+            **_slice_record(row),
+        }
         rec["rest_rate"] = _nan_none(row["rest_rate"])
         rec["p_value"] = _nan_none(row["p_value"])
         rec["q_value"] = _nan_none(row["q_value"])
@@ -482,7 +483,8 @@ def build_report(
     bad_shards = [s["shard"] for s in shards if not s["reconciles"]]
     if bad_shards:
         problems.append(
-            f"{len(bad_shards)} shard(s) do not reconcile: " + ", ".join(map(str, bad_shards[:10]))
+            f"{len(bad_shards)} shard(s) do not reconcile: "
+            + ", ".join(map(str, bad_shards[:10]))
             + (" ..." if len(bad_shards) > 10 else "")
         )
     for k in ("rows_in", "kept", "removed"):
@@ -516,10 +518,15 @@ def build_report(
                 if g["other_groups"]:
                     continue
                 r = byval.get(None if g["unknown"] else g["value"])
-                g["clip_score"] = None if r is None else {
-                    "scored": int(r["scored"]), "mean": _finite(r["mean"]),
-                    **{k: _finite(r[k]) for k in QUANTILES},
-                }
+                g["clip_score"] = (
+                    None
+                    if r is None
+                    else {
+                        "scored": int(r["scored"]),
+                        "mean": _finite(r["mean"]),
+                        **{k: _finite(r[k]) for k in QUANTILES},
+                    }
+                )
 
     # ---- clip score ----------------------------------------------------------------------------------
     clip = None
@@ -588,10 +595,14 @@ def _clip_by_group(lf: pl.LazyFrame, groups: dict[str, dict[str, Any]]) -> dict[
         keep = pl.col(c).is_in(pl.Series(vals).cast(lf.collect_schema()[c], strict=False)) if vals else pl.lit(False)
         if has_null:
             keep = keep | pl.col(c).is_null()
-        queries[c] = lf.filter(keep).group_by(c).agg(
-            score.count().cast(pl.Int64).alias("scored"),
-            score.mean().alias("mean"),
-            *[score.quantile(q, interpolation="linear").alias(k) for k, q in QUANTILES.items()],
+        queries[c] = (
+            lf.filter(keep)
+            .group_by(c)
+            .agg(
+                score.count().cast(pl.Int64).alias("scored"),
+                score.mean().alias("mean"),
+                *[score.quantile(q, interpolation="linear").alias(k) for k, q in QUANTILES.items()],
+            )
         )
     keys = list(queries)
     return dict(zip(keys, pl.collect_all([queries[k] for k in keys], engine="streaming")))

@@ -40,9 +40,22 @@ def thresholds(start: float, stop: float, step: float) -> list[float]:
 
 
 _RULE_INPUTS = (
-    schema.SHARD, schema.ROW, schema.UID, schema.URL, schema.LANGUAGE, schema.LANGUAGE_SCORE, schema.CAPTION_CHARS,
-    schema.CAPTION_WORDS, schema.FETCH_STATUS, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.CLIP_SCORE,
-    schema.URL_NORMALIZED, schema.IMAGE_SHA256, schema.CAPTION, schema.CAPTION_LSH,
+    schema.SHARD,
+    schema.ROW,
+    schema.UID,
+    schema.URL,
+    schema.LANGUAGE,
+    schema.LANGUAGE_SCORE,
+    schema.CAPTION_CHARS,
+    schema.CAPTION_WORDS,
+    schema.FETCH_STATUS,
+    schema.ORIGINAL_WIDTH,
+    schema.ORIGINAL_HEIGHT,
+    schema.CLIP_SCORE,
+    schema.URL_NORMALIZED,
+    schema.IMAGE_SHA256,
+    schema.CAPTION,
+    schema.CAPTION_LSH,
 )
 
 
@@ -52,14 +65,18 @@ def not_sweepable(sel: SelectionConfig) -> str | None:
     "best_score"): with "first" or "priority" the survivor among the rows above a threshold
     changes with the threshold, so one decide() cannot stand for all of them."""
     if sel.dedup.survivor != "best_score":
-        return (f"dedup.survivor = {sel.dedup.survivor!r}: the exact sweep, the flips between thresholds and the "
-                "boundary gallery need survivor = 'best_score' (with another survivor rule the kept copy of a "
-                "duplicate group changes with the threshold); compare thresholds with `curate select` and `curate diff`")
+        return (
+            f"dedup.survivor = {sel.dedup.survivor!r}: the exact sweep, the flips between thresholds and the "
+            "boundary gallery need survivor = 'best_score' (with another survivor rule the kept copy of a "
+            "duplicate group changes with the threshold); compare thresholds with `curate select` and `curate diff`"
+        )
     return None
 
 
 def representatives(
-    annotations: pl.LazyFrame, sel: SelectionConfig, keep: Sequence[str] | None = None,
+    annotations: pl.LazyFrame,
+    sel: SelectionConfig,
+    keep: Sequence[str] | None = None,
     embeddings: pl.LazyFrame | None = None,
 ) -> pl.LazyFrame:
     """Rows kept at threshold -inf (see module doc): kept at t iff their score >= t. With ``keep``,
@@ -123,9 +140,14 @@ def sweep(
     if reps is None:  # (build_audit passes reps, and only when the run has scores)
         if (why := not_sweepable(sel)) is not None:
             raise ValueError(why)
-        if dtype is None or lf.select(pl.col(schema.CLIP_SCORE).fill_nan(None).drop_nulls().len()).collect().item() == 0:
-            raise ValueError("no row of this run has a CLIP score (a run with score.source = none, or nothing "
-                             "fetched): there is no CLIP threshold to sweep")
+        if (
+            dtype is None
+            or lf.select(pl.col(schema.CLIP_SCORE).fill_nan(None).drop_nulls().len()).collect().item() == 0
+        ):
+            raise ValueError(
+                "no row of this run has a CLIP score (a run with score.source = none, or nothing "
+                "fetched): there is no CLIP threshold to sweep"
+            )
         reps = representatives(lf, sel, keep=list(group_columns), embeddings=embeddings)
     reps = reps.with_columns(_above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64).alias(IDX))
     # decide() runs once: materialise the few columns the counts need (a threshold index and the
@@ -149,8 +171,12 @@ def sweep(
         "groups": {},
         "method": "exact: representatives (decide() at threshold -inf) counted at or above each threshold",
     }
-    long = [pl.DataFrame({"column": "(all)", "value": "(all)", "threshold": thr, "rows_in": rows_in,
-                          "kept": overall_kept}, schema_overrides={"rows_in": pl.Int64, "kept": pl.Int64})]
+    long = [
+        pl.DataFrame(
+            {"column": "(all)", "value": "(all)", "threshold": thr, "rows_in": rows_in, "kept": overall_kept},
+            schema_overrides={"rows_in": pl.Int64, "kept": pl.Int64},
+        )
+    ]
     for c in group_columns:
         sizes = res[f"size:{c}"].sort(["rows_in", c], descending=[True, False], nulls_last=True)
         wanted = sizes.head(top_groups)[c].to_list()
@@ -168,10 +194,27 @@ def sweep(
             h = hist.filter(pl.col(c).is_null() if key is None else pl.col(c) == key)
             kept = _curve(dict(h.select(IDX, "n").iter_rows()), len(thr))
             n = int(size_of.get(key, 0))
-            curves.append({"value": "(unknown)" if key is None else str(key), "rows_in": n, "kept": kept,
-                           "retention": [k / n if n else None for k in kept], "named": v in named})
-            long.append(pl.DataFrame({"column": c, "value": "(unknown)" if key is None else str(key), "threshold": thr,
-                                      "rows_in": n, "kept": kept}, schema_overrides={"rows_in": pl.Int64, "kept": pl.Int64}))
+            curves.append(
+                {
+                    "value": "(unknown)" if key is None else str(key),
+                    "rows_in": n,
+                    "kept": kept,
+                    "retention": [k / n if n else None for k in kept],
+                    "named": v in named,
+                }
+            )
+            long.append(
+                pl.DataFrame(
+                    {
+                        "column": c,
+                        "value": "(unknown)" if key is None else str(key),
+                        "threshold": thr,
+                        "rows_in": n,
+                        "kept": kept,
+                    },
+                    schema_overrides={"rows_in": pl.Int64, "kept": pl.Int64},
+                )
+            )
         out["groups"][c] = curves
     table = pl.concat(long).with_columns((pl.col("kept") / pl.col("rows_in")).alias("retention"))
     out["tables"] = {"sweep": table}
@@ -198,17 +241,28 @@ def flips(
     band = reps.filter((pl.col(SCORE) >= lo) & (pl.col(SCORE) < hi))
     queries = {"n": band.select(pl.len().cast(pl.Int64).alias("n"))}
     have = set(reps.collect_schema().names())
-    cols = [c for c in dict.fromkeys((schema.UID, schema.SHARD, schema.ROW, schema.CAPTION, SCORE, *group_columns)) if c in have]
+    cols = [
+        c
+        for c in dict.fromkeys((schema.UID, schema.SHARD, schema.ROW, schema.CAPTION, SCORE, *group_columns))
+        if c in have
+    ]
     queries["sample"] = band.sort(SCORE, schema.UID).select(cols).head(sample)
     for c in group_columns:
         queries[f"g:{c}"] = band.group_by(c).agg(pl.len().cast(pl.Int64).alias("flips"))
     keys = list(queries)
     res = dict(zip(keys, pl.collect_all([queries[k] for k in keys], engine="streaming")))
-    out: dict[str, Any] = {"a": a, "b": b, "rows": int(res["n"]["n"][0]),
-                           "direction": "kept at the lower threshold, removed at the higher", "groups": {}}
+    out: dict[str, Any] = {
+        "a": a,
+        "b": b,
+        "rows": int(res["n"]["n"][0]),
+        "direction": "kept at the lower threshold, removed at the higher",
+        "groups": {},
+    }
     s = res["sample"].rename({SCORE: "clip_score"})
-    out["sample"] = [{k: (str(v) if k in group_columns and v is not None else v) for k, v in r.items()}
-                     for r in s.iter_rows(named=True)]
+    out["sample"] = [
+        {k: (str(v) if k in group_columns and v is not None else v) for k, v in r.items()}
+        for r in s.iter_rows(named=True)
+    ]
     tables = {"flips_sample": s}
     for c in group_columns:
         g = res[f"g:{c}"]
@@ -216,12 +270,18 @@ def flips(
             g = g.join(sizes[c].select(c, "rows_in"), on=c, how="left", nulls_equal=True)
             g = g.with_columns((pl.col("flips") / pl.col("rows_in")).alias("retention_change"))
         else:
-            g = g.with_columns(pl.lit(None, pl.Int64).alias("rows_in"), pl.lit(None, pl.Float64).alias("retention_change"))
+            g = g.with_columns(
+                pl.lit(None, pl.Int64).alias("rows_in"), pl.lit(None, pl.Float64).alias("retention_change")
+            )
         g = g.sort(["retention_change", "flips"], descending=True, nulls_last=True)
         tables[f"flips_{c}"] = g
         out["groups"][c] = [
-            {"value": "(unknown)" if r[c] is None else str(r[c]), "flips": int(r["flips"]),
-             "rows_in": r["rows_in"], "retention_change": r["retention_change"]}
+            {
+                "value": "(unknown)" if r[c] is None else str(r[c]),
+                "flips": int(r["flips"]),
+                "rows_in": r["rows_in"],
+                "retention_change": r["retention_change"],
+            }
             for r in g.head(top).iter_rows(named=True)
         ]
     out["tables"] = tables

@@ -89,7 +89,9 @@ def eval_pairs(n: int, seed: int):
         pos.append(S.caption(a, lang, rng))
         b = S.mismatched_attrs(a, rng)
         neg.append(S.caption(b, lang, rng))
-        kinds.append("both" if (a.shape != b.shape and a.color != b.color) else ("shape" if a.shape != b.shape else "color"))
+        kinds.append(
+            "both" if (a.shape != b.shape and a.color != b.color) else ("shape" if a.shape != b.shape else "color")
+        )
     return images, pos, neg, kinds
 
 
@@ -175,19 +177,31 @@ def main(argv=None) -> int:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 25 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  scale {logit_scale.item():6.2f}  "
-                  f"lr {lr_at(step):.2e}  {time.time() - t0:6.1f}s (data {data_s:.1f}s)", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  scale {logit_scale.item():6.2f}  "
+                f"lr {lr_at(step):.2e}  {time.time() - t0:6.1f}s (data {data_s:.1f}s)",
+                flush=True,
+            )
         if args.eval_every and step and step % args.eval_every == 0:
             print(f"  {held_out_auc(model, preprocess, tokenizer, n=300)}", flush=True)
             model.train()
     train_s = time.time() - t0
 
     model.eval()
-    state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous()
+        for k, v in model.state_dict().items()
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": MODEL, "steps": str(args.steps), "batch_size": str(args.batch_size), "seed": str(args.seed),
-            "languages": ",".join(S.LANGUAGES), "dtype": "float16", "train_seconds": f"{train_s:.0f}"}
+    meta = {
+        "model": MODEL,
+        "steps": str(args.steps),
+        "batch_size": str(args.batch_size),
+        "seed": str(args.seed),
+        "languages": ",".join(S.LANGUAGES),
+        "dtype": "float16",
+        "train_seconds": f"{train_s:.0f}",
+    }
     save_file(state, str(args.out), metadata=meta)
     size = args.out.stat().st_size
     print(f"wrote {args.out} ({size / 1e6:.2f} MB) after {train_s:.0f}s of training", flush=True)

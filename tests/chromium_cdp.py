@@ -48,7 +48,8 @@ class _Pipe:
 
         self.proc = subprocess.Popen(
             [binary, *FLAGS, f"--user-data-dir={user_dir}", "about:blank"],
-            pass_fds=(3, 4), preexec_fn=child,  # keep 3 and 4 (set by child(), which runs first) stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(3, 4),
+            preexec_fn=child,  # keep 3 and 4 (set by child(), which runs first) stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         os.close(to_r)
         os.close(from_w)
@@ -149,21 +150,36 @@ def load_page(path: str | Path, *, width: int = 1280, screenshot: bool = True, b
             sid = pipe.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
             for dom in ("Runtime.enable", "Log.enable", "Page.enable"):
                 pipe.call(dom, session=sid)
-            pipe.call("Emulation.setDeviceMetricsOverride",
-                      {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=sid)
+            pipe.call(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+                session=sid,
+            )
             pipe.call("Page.navigate", {"url": Path(path).resolve().as_uri()}, session=sid)
             pipe.wait_event("Page.loadEventFired", timeout=60)
             pipe.drain(0.5)  # late console messages
             res = PageResult()
-            res.text = pipe.call("Runtime.evaluate", {"expression": "document.body.innerText", "returnByValue": True},
-                                 session=sid)["result"].get("value", "")
-            res.height = int(pipe.call("Runtime.evaluate", {"expression": "document.documentElement.scrollHeight",
-                                                            "returnByValue": True}, session=sid)["result"]["value"])
+            res.text = pipe.call(
+                "Runtime.evaluate", {"expression": "document.body.innerText", "returnByValue": True}, session=sid
+            )["result"].get("value", "")
+            res.height = int(
+                pipe.call(
+                    "Runtime.evaluate",
+                    {"expression": "document.documentElement.scrollHeight", "returnByValue": True},
+                    session=sid,
+                )["result"]["value"]
+            )
             if screenshot:
-                shot = pipe.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                            "clip": {"x": 0, "y": 0, "width": width,
-                                                                     "height": min(res.height, 16000), "scale": 1}},
-                                 session=sid, timeout=60)
+                shot = pipe.call(
+                    "Page.captureScreenshot",
+                    {
+                        "format": "png",
+                        "captureBeyondViewport": True,
+                        "clip": {"x": 0, "y": 0, "width": width, "height": min(res.height, 16000), "scale": 1},
+                    },
+                    session=sid,
+                    timeout=60,
+                )
                 res.png = base64.b64decode(shot["data"])
             pipe.drain(0.2)
             res.errors = [d for d in map(_describe, pipe.events) if d]

@@ -32,18 +32,25 @@ def main(spec_file: str, result_file: str) -> int:
     # the GCS notices a lost node after health_check_failure_threshold missed checks (15 s by
     # default); faster here so the test does not wait for it
     fast_checks = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 4}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": fast_checks})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": fast_checks}
+    )
     workers = [cluster.add_node(num_cpus=2, resources={"accel": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
     spec = spec.with_overrides(**{"ray.address": cluster.address, "ray.scorer_resources": {"accel": 1}})
     out = Path(spec.output.dir)
     n_shards = len(list(Path(spec.input.paths[0]).glob("*.parquet")))
-    info: dict = {"head": cluster.head_node.node_id, "accel_nodes": [w.node_id for w in workers],
-                  "cluster_up_s": round(time.time() - t_start, 1)}
+    info: dict = {
+        "head": cluster.head_node.node_id,
+        "accel_nodes": [w.node_id for w in workers],
+        "cluster_up_s": round(time.time() - t_start, 1),
+    }
 
     def kill_at_40_percent() -> None:
         while True:
-            done = sorted(p.stem for p in (out / "annotations").glob("*.done")) if (out / "annotations").exists() else []
+            done = (
+                sorted(p.stem for p in (out / "annotations").glob("*.done")) if (out / "annotations").exists() else []
+            )
             if len(done) >= math.ceil(0.4 * n_shards):
                 break
             time.sleep(0.02)
@@ -58,15 +65,23 @@ def main(spec_file: str, result_file: str) -> int:
     killer.start()
     result = run(spec)
     killer.join(timeout=5)
-    info.update(ok=result.ok, failed=result.failed, shards_done=sorted(result.shards_done), seconds=round(time.time() - t0, 1),
-                )
+    info.update(
+        ok=result.ok,
+        failed=result.failed,
+        shards_done=sorted(result.shards_done),
+        seconds=round(time.time() - t0, 1),
+    )
     deadline = time.time() + 60  # the GCS marks a node dead after missed health checks
     while info.get("killed") in (alive := [n["NodeID"] for n in ray.nodes() if n["Alive"]]) and time.time() < deadline:
         time.sleep(0.5)
     info["alive_nodes"] = sorted(alive)
     info["actors"] = [
-        {"class": a.get("ActorClassName") or a.get("Name"), "state": a.get("State"), "restarts": a.get("NumRestarts"),
-         "node": (a.get("Address") or {}).get("NodeID")}
+        {
+            "class": a.get("ActorClassName") or a.get("Name"),
+            "state": a.get("State"),
+            "restarts": a.get("NumRestarts"),
+            "node": (a.get("Address") or {}).get("NodeID"),
+        }
         for a in ray._private.state.actors().values()
     ]
     Path(result_file).write_text(json.dumps(info))

@@ -69,7 +69,9 @@ def spec_overrides(inp: Path, out: Path) -> dict:
 def outcome(run_dir: Path) -> pl.DataFrame:
     """Every decided row of the default selection: shard, row, uid, kept, reason, clip_score."""
     sel = Path(run_dir) / "selections" / "default"
-    kept = pl.read_parquet(sel / "kept" / "*.parquet").with_columns(pl.lit(True).alias("kept"), pl.lit(None, pl.String).alias("reason"))
+    kept = pl.read_parquet(sel / "kept" / "*.parquet").with_columns(
+        pl.lit(True).alias("kept"), pl.lit(None, pl.String).alias("reason")
+    )
     removed = pl.read_parquet(sel / "removed" / "*.parquet").with_columns(pl.lit(False).alias("kept"))
     cols = ["shard", "row", "uid", "kept", "reason", "clip_score"]
     return pl.concat([kept.select(cols), removed.select(cols)]).sort("shard", "row")
@@ -154,8 +156,15 @@ def _exists(pid: int) -> bool:
 def child_env(ray_tmp: str, **extra: str) -> dict[str, str]:
     """Environment for a child that runs Ray: private temp dir, no inherited cluster address."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CURATE_FAILPOINT")}
-    env.update({"RAY_TMPDIR": ray_tmp, "CURATE_PROGRESS": "0", "PATH": f"{VENV_BIN}:{env.get('PATH', '')}",
-                "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "RAY_TMPDIR": ray_tmp,
+            "CURATE_PROGRESS": "0",
+            "PATH": f"{VENV_BIN}:{env.get('PATH', '')}",
+            "RAY_AUTH_MODE": "disabled",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -168,20 +177,46 @@ class RayHead:
         self.tmp = short_tmp("crh")
         self.port, self.dash_port = free_port(), free_port()
         self.env = child_env(self.tmp)
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-               "--port", str(self.port), "--num-cpus", str(num_cpus), "--num-gpus", "0",
-               "--temp-dir", os.path.join(self.tmp, "ray"), "--disable-usage-stats",
-               "--object-store-memory", str(200 * 1024 * 1024),
-               # ports that default to fixed numbers (52365, 10001): free ones, so that two heads
-               # (or a head beside another Ray) on one machine do not collide
-               "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port())]
+        cmd = [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--num-cpus",
+            str(num_cpus),
+            "--num-gpus",
+            "0",
+            "--temp-dir",
+            os.path.join(self.tmp, "ray"),
+            "--disable-usage-stats",
+            "--object-store-memory",
+            str(200 * 1024 * 1024),
+            # ports that default to fixed numbers (52365, 10001): free ones, so that two heads
+            # (or a head beside another Ray) on one machine do not collide
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--ray-client-server-port",
+            str(free_port()),
+        ]
         if dashboard:
-            cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash_port)]
+            cmd += [
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dash_port),
+            ]
         else:
             cmd += ["--include-dashboard", "false"]
         self.log = open(os.path.join(self.tmp, "ray-start.log"), "wb")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=self.tmp)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.tmp
+        )
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dash_port}"
         try:
@@ -255,7 +290,9 @@ def files_state(run_dir: Path, shards: list[str]) -> dict:
 def routes_only_in(truth: pl.DataFrame, shards: list[str]) -> list[str]:
     """URLs whose server route (host, path and query: what the server counts) no other shard
     requests: URLs differing only in a fragment are one route."""
-    r = truth.with_columns(pl.col("URL").map_elements(lambda u: "".join(url_route(u)), return_dtype=pl.String).alias("_route"))
+    r = truth.with_columns(
+        pl.col("URL").map_elements(lambda u: "".join(url_route(u)), return_dtype=pl.String).alias("_route")
+    )
     inside = r.filter(pl.col("shard").is_in(shards))
     outside = set(r.filter(~pl.col("shard").is_in(shards))["_route"])
     return sorted(u for u, route in inside.select("URL", "_route").iter_rows() if route not in outside)

@@ -48,8 +48,16 @@ def _decisions(run) -> pl.DataFrame:
 # --- (5) fetch on, no text rule: the fetch mask has one value per row -------------------------------
 def _annotated(urls: list[str | None]) -> pl.DataFrame:
     n = len(urls)
-    return pl.DataFrame({"row": list(range(n)), "url": urls, "language": ["en"] * n, "language_score": [0.9] * n,
-                         "caption_words": [5] * n, "caption_chars": [30] * n})
+    return pl.DataFrame(
+        {
+            "row": list(range(n)),
+            "url": urls,
+            "language": ["en"] * n,
+            "language_score": [0.9] * n,
+            "caption_words": [5] * n,
+            "caption_chars": [30] * n,
+        }
+    )
 
 
 def test_fetch_mask_without_text_rules_has_one_value_per_row():
@@ -80,11 +88,16 @@ def test_pure_clip_threshold_spec_prepares_a_shard_with_fetch_on(tmp_path):
     src = tmp_path / "in" / "part-0.parquet"
     src.parent.mkdir()
     pq.write_table(pa.table({"url": pa.array(urls, pa.string()), "text": _captions(4, 0)}), src)
-    spec = PipelineSpec.model_validate({
-        "name": "clip_only", "input": {"paths": [str(src)]}, "output": {"dir": str(tmp_path / "run")},
-        "annotate": {"language": False}, "fetch": {"retries": 0, "deadline_s": 5.0},
-        "selection": {"clip": {"min_score": 0.2}},
-    })
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "clip_only",
+            "input": {"paths": [str(src)]},
+            "output": {"dir": str(tmp_path / "run")},
+            "annotate": {"language": False},
+            "fetch": {"retries": 0, "deadline_s": 5.0},
+            "selection": {"clip": {"min_score": 0.2}},
+        }
+    )
     assert spec.needs_images and spec.score.source == "model"
     res = prepare_shard(str(src), spec.model_dump_json(), str(tmp_path / "run"))
     assert res["state"] == "done" and res["rows"] == 4 and res["fetch_attempted"] == 3
@@ -107,7 +120,9 @@ def messy_run(tmp_path_factory, ray_session):
     d = tmp_path_factory.mktemp("messy")
     inp = d / "in"
     inp.mkdir()
-    empty = pa.table({"uid": pa.array([], pa.string()), "url": pa.array([], pa.string()), "text": pa.array([], pa.string())})
+    empty = pa.table(
+        {"uid": pa.array([], pa.string()), "url": pa.array([], pa.string()), "text": pa.array([], pa.string())}
+    )
     pq.write_table(empty, inp / "part-0.parquet")
 
     caps = _captions(N1, 1)
@@ -130,15 +145,28 @@ def messy_run(tmp_path_factory, ray_session):
     pq.write_table(pa.table({"URL": pa.array(urls2, pa.string()), "TEXT": caps2}), inp / "part-2.parquet")
 
     # uid 20's copies (rows 21, 22) and row 1-31 are also repeated by another shard
-    pq.write_table(pa.table({"uid": [uids[20], uids[30]], "url": ["https://img.example.com/p3/a.jpg", "https://img.example.com/p3/b.jpg"],
-                             "text": ["red dog on the grass", "blue sky near the house"]}), inp / "part-3.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "uid": [uids[20], uids[30]],
+                "url": ["https://img.example.com/p3/a.jpg", "https://img.example.com/p3/b.jpg"],
+                "text": ["red dog on the grass", "blue sky near the house"],
+            }
+        ),
+        inp / "part-3.parquet",
+    )
 
     out = d / "run"
-    spec = PipelineSpec.model_validate({
-        "name": "messy", "input": {"paths": [str(inp)]}, "output": {"dir": str(out)},
-        "fetch": {"enabled": False}, "score": {"source": "none"},
-        "selection": {"dedup": {"url": True, "image_sha256": False}},
-    })
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "messy",
+            "input": {"paths": [str(inp)]},
+            "output": {"dir": str(out)},
+            "fetch": {"enabled": False},
+            "score": {"source": "none"},
+            "selection": {"dedup": {"url": True, "image_sha256": False}},
+        }
+    )
     result = run(spec)
     return out, result, {"part-0": 0, "part-1": N1, "part-2": N2, "part-3": 2}
 
@@ -151,7 +179,9 @@ def test_zero_row_shard_completes_and_reconciles(messy_run):
     assert marker["rows"] == 0 and marker["fetch_status"] == {}
     assert pl.read_parquet(out / "annotations" / "part-0.parquet").height == 0
     m = json.loads((out / "manifest.json").read_text())
-    assert m["state"] == "complete" and m["counts"]["shards_complete"] == 4 and m["counts"]["rows"] == sum(rows.values())
+    assert (
+        m["state"] == "complete" and m["counts"]["shards_complete"] == 4 and m["counts"]["rows"] == sum(rows.values())
+    )
     summary = json.loads((out / "selections" / "default" / "selection.json").read_text())
     assert summary["reconciles"] is True
     assert summary["counts"]["rows_read"] == sum(rows.values())
@@ -203,12 +233,35 @@ def test_duplicate_uid_runs_last_and_every_duplicate_names_a_kept_uid():
     from curate.annotations import conform
 
     u1, u2, u3 = _uid("1"), _uid("2"), _uid("3")
-    rows = pa.Table.from_pylist([
-        {"shard": "s", "row": 0, "uid": u1, "url": "http://a.test/x.jpg", "url_normalized": "http://a.test/x.jpg", "clip_score": 0.5},
-        {"shard": "s", "row": 1, "uid": u2, "url": "http://a.test/x.jpg", "url_normalized": "http://a.test/x.jpg", "clip_score": 0.3},
-        {"shard": "s", "row": 2, "uid": u1, "url": "http://b.test/y.jpg", "url_normalized": "http://b.test/y.jpg", "clip_score": 0.9},
-        {"shard": "s", "row": 3, "uid": u3, "url": None, "url_normalized": None, "clip_score": None},
-    ])
+    rows = pa.Table.from_pylist(
+        [
+            {
+                "shard": "s",
+                "row": 0,
+                "uid": u1,
+                "url": "http://a.test/x.jpg",
+                "url_normalized": "http://a.test/x.jpg",
+                "clip_score": 0.5,
+            },
+            {
+                "shard": "s",
+                "row": 1,
+                "uid": u2,
+                "url": "http://a.test/x.jpg",
+                "url_normalized": "http://a.test/x.jpg",
+                "clip_score": 0.3,
+            },
+            {
+                "shard": "s",
+                "row": 2,
+                "uid": u1,
+                "url": "http://b.test/y.jpg",
+                "url_normalized": "http://b.test/y.jpg",
+                "clip_score": 0.9,
+            },
+            {"shard": "s", "row": 3, "uid": u3, "url": None, "url_normalized": None, "clip_score": None},
+        ]
+    )
     ann = pl.from_arrow(conform(rows)).with_columns(pl.lit("not_needed").alias("fetch_status")).lazy()
     d = decide(ann, SelectionConfig(clip={"min_score": 0.1}, dedup={"image_sha256": False}))[0].collect().sort("row")
     assert d["reason"].to_list() == ["duplicate_uid", "duplicate_url", None, "missing_url"]
@@ -276,7 +329,9 @@ def test_forget_lists_are_validated(tmp_path):
         parse_list((_uid("a") + "0").encode(), "uids", "uids.txt")
     # what is valid still parses: a BOM, comments, blank lines, upper-case uids, IRIs
     assert parse_list("\ufeffhttps://a.test/1.jpg\n\n# c\nHTTP://B.test/ü.jpg\n".encode(), "urls") == [
-        "https://a.test/1.jpg", "HTTP://B.test/ü.jpg"]
+        "https://a.test/1.jpg",
+        "HTTP://B.test/ü.jpg",
+    ]
     assert parse_list(_uid("a").upper().encode() + b"\r\n", "uids") == [_uid("a")]
 
 
@@ -293,8 +348,16 @@ def test_forget_with_a_binary_list_fails_naming_it_and_changes_nothing(messy_run
 def test_read_refuses_non_hex_or_wrong_length_uids_naming_file_and_column(tmp_path):
     p = tmp_path / "part-0.parquet"
     good = _uid("ok")
-    pq.write_table(pa.table({"uid": [good, "xyz", good[:31], good + "0", "g" * 32, good.upper()],
-                             "url": [f"http://a.test/{i}.jpg" for i in range(6)], "text": ["t"] * 6}), p)
+    pq.write_table(
+        pa.table(
+            {
+                "uid": [good, "xyz", good[:31], good + "0", "g" * 32, good.upper()],
+                "url": [f"http://a.test/{i}.jpg" for i in range(6)],
+                "text": ["t"] * 6,
+            }
+        ),
+        p,
+    )
     with pytest.raises(ShardReadError) as e:
         read_shard(str(p), PipelineSpec.model_validate({"name": "u", "input": {"paths": [str(p)]}}).input)
     assert str(e.value).startswith(f"{p}: column 'uid': 4 value(s) are not 32-character hex uids, e.g. 'xyz'")
@@ -311,8 +374,12 @@ def test_read_names_file_and_column_of_invalid_utf8(tmp_path):
 
 def test_read_decodes_dictionary_encoded_columns(tmp_path):
     p = tmp_path / "cat.parquet"
-    pd.DataFrame({"URL": pd.Categorical(["http://a.test/1.jpg", "http://a.test/2.jpg", "http://a.test/1.jpg"]),
-                  "TEXT": pd.Categorical(["a red dog", "a blue sky", "a red dog"])}).to_parquet(p)
+    pd.DataFrame(
+        {
+            "URL": pd.Categorical(["http://a.test/1.jpg", "http://a.test/2.jpg", "http://a.test/1.jpg"]),
+            "TEXT": pd.Categorical(["a red dog", "a blue sky", "a red dog"]),
+        }
+    ).to_parquet(p)
     assert pa.types.is_dictionary(pq.read_schema(p).field("TEXT").type)
     t = read_shard(str(p), PipelineSpec.model_validate({"name": "c", "input": {"paths": [str(p)]}}).input)
     assert t.column("url").type == pa.string() and t.column("caption").type == pa.string()
@@ -328,18 +395,39 @@ def bad_shards_run(tmp_path_factory, ray_session):
     inp.mkdir()
     n = 25
     caps = _captions(n, 3)
-    pd.DataFrame({"uid": [_uid(f"c{i}") for i in range(n)],
-                  "url": pd.Categorical([f"https://img.example.com/c/{i % 20}.jpg" for i in range(n)]),
-                  "text": pd.Categorical(caps)}).to_parquet(inp / "part-0.parquet")
-    pq.write_table(pa.table({"uid": [_uid("u0"), "not-a-uid", _uid("u2"), "12345"],
-                             "url": [f"https://img.example.com/u/{i}.jpg" for i in range(4)], "text": _captions(4, 4)}),
-                   inp / "part-1.parquet")
+    pd.DataFrame(
+        {
+            "uid": [_uid(f"c{i}") for i in range(n)],
+            "url": pd.Categorical([f"https://img.example.com/c/{i % 20}.jpg" for i in range(n)]),
+            "text": pd.Categorical(caps),
+        }
+    ).to_parquet(inp / "part-0.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "uid": [_uid("u0"), "not-a-uid", _uid("u2"), "12345"],
+                "url": [f"https://img.example.com/u/{i}.jpg" for i in range(4)],
+                "text": _captions(4, 4),
+            }
+        ),
+        inp / "part-1.parquet",
+    )
     bad_text = pa.array([b"a red dog", b"caf\xe9 latte"], pa.binary()).view(pa.string())
-    pq.write_table(pa.table({"uid": [_uid("t0"), _uid("t1")], "url": ["https://img.example.com/t/0.jpg", "https://img.example.com/t/1.jpg"],
-                             "text": bad_text}), inp / "part-2.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "uid": [_uid("t0"), _uid("t1")],
+                "url": ["https://img.example.com/t/0.jpg", "https://img.example.com/t/1.jpg"],
+                "text": bad_text,
+            }
+        ),
+        inp / "part-2.parquet",
+    )
     spec = d / "spec.toml"
-    spec.write_text('name = "bad"\n[input]\npaths = ["x"]\n[fetch]\nenabled = false\n[score]\nsource = "none"\n'
-                    '[annotate]\nlanguage = false\n[selection]\ndedup = { url = true, image_sha256 = false }\n')
+    spec.write_text(
+        'name = "bad"\n[input]\npaths = ["x"]\n[fetch]\nenabled = false\n[score]\nsource = "none"\n'
+        "[annotate]\nlanguage = false\n[selection]\ndedup = { url = true, image_sha256 = false }\n"
+    )
     out = d / "run"
     res = CliRunner().invoke(app, ["run", str(spec), "--input", str(inp), "--out", str(out)])
     return out, res, n

@@ -57,7 +57,19 @@ def data(tmp_path_factory):
 
 
 def _cmd(data, out: Path, head) -> list[str]:
-    return [sys.executable, "-m", "curate.cli", "run", "demo", "--input", data["inputs"], "--out", str(out), "--address", head.address]
+    return [
+        sys.executable,
+        "-m",
+        "curate.cli",
+        "run",
+        "demo",
+        "--input",
+        data["inputs"],
+        "--out",
+        str(out),
+        "--address",
+        head.address,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +124,13 @@ def test_run_with_address_killed_then_rerun_redoes_only_unfinished_shards(head, 
     out = tmp_path / "run"
     cmd = _cmd(data, out, head)
     slow_down(servers, truth, lambda k: 0.5 * k)  # shards finish in order, the last ones seconds later
-    driver = subprocess.Popen(cmd, env=head.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    driver = subprocess.Popen(
+        cmd, env=head.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
-        ok = wait_until(lambda: len(list((out / "annotations").glob("*.done"))) >= 3 or driver.poll() is not None, 240, 0.02)
+        ok = wait_until(
+            lambda: len(list((out / "annotations").glob("*.done"))) >= 3 or driver.poll() is not None, 240, 0.02
+        )
         assert ok and driver.poll() is None, driver.stdout.read().decode(errors="replace")[-3000:]
         scorer_running = any(c.startswith("ray::ShardScorer") for c in session_cmdlines(head.proc.pid))
         os.kill(driver.pid, signal.SIGKILL)  # the driver alone, as a user or the OOM killer would
@@ -124,7 +140,9 @@ def test_run_with_address_killed_then_rerun_redoes_only_unfinished_shards(head, 
         assert not session_cmdlines(driver.pid), "the killed driver left processes behind"
         # on the cluster, Ray ends the dead driver's job: its scoring actor goes too
         assert scorer_running
-        gone = wait_until(lambda: not any(c.startswith("ray::ShardScorer") for c in session_cmdlines(head.proc.pid)), 60)
+        gone = wait_until(
+            lambda: not any(c.startswith("ray::ShardScorer") for c in session_cmdlines(head.proc.pid)), 60
+        )
         assert gone, session_cmdlines(head.proc.pid)
     finally:
         kill_session(driver.pid)
@@ -146,6 +164,8 @@ def test_run_with_address_killed_then_rerun_redoes_only_unfinished_shards(head, 
     assert_same_outcome(out, job_run["out"], truth)
 
     # --address joined the head's cluster: both drivers, killed and rerun, are jobs there
-    drivers = [j for j in job_run["client"].list_jobs() if j.type == JobType.DRIVER and str(out) in (j.entrypoint or "")]
+    drivers = [
+        j for j in job_run["client"].list_jobs() if j.type == JobType.DRIVER and str(out) in (j.entrypoint or "")
+    ]
     assert len(drivers) == 2, drivers
     assert m["cluster"]["address"] == head.address and m["cluster"]["nodes"] == 1

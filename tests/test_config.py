@@ -49,7 +49,12 @@ def test_published_recipes_carry_their_thresholds():
     l2b = load_spec(preset_path("laion2b_en"))
     assert l2b.selection.clip.min_score == 0.28 and l2b.selection.language.allow == ["en"]
     basic = load_spec(preset_path("datacomp_basic")).selection
-    assert (basic.caption.min_words, basic.caption.min_chars, basic.image.min_side, basic.image.max_aspect) == (3, 6, 200, 3.0)
+    assert (basic.caption.min_words, basic.caption.min_chars, basic.image.min_side, basic.image.max_aspect) == (
+        3,
+        6,
+        200,
+        3.0,
+    )
     cs = load_spec(preset_path("datacomp_clip_score"))
     assert cs.selection.clip.top_fraction == 0.30 and cs.score.column == "clip_l14_similarity_score"
 
@@ -86,9 +91,16 @@ def test_fetch_deadline_has_an_upper_bound():
     assert parse_spec({**MINIMAL, "fetch": {"deadline_s": 3600}}).fetch.deadline_s == 3600
 
 
-@pytest.mark.parametrize("section,key,value", [("fetch", "threads", "16"), ("fetch", "enabled", "off"),
-                                               ("score", "batch_size", 64.0), ("selection", "clip", {"min_score": "0.3"}),
-                                               ("annotate", "language", 1)])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("fetch", "threads", "16"),
+        ("fetch", "enabled", "off"),
+        ("score", "batch_size", 64.0),
+        ("selection", "clip", {"min_score": "0.3"}),
+        ("annotate", "language", 1),
+    ],
+)
 def test_spec_values_are_not_coerced_from_other_types(section, key, value):
     # strict specs: "16" is not an int and "off" not a bool (both used to be coerced silently)
     with pytest.raises(SpecError, match=rf"{section}\.{key}"):
@@ -102,15 +114,27 @@ def test_an_integer_is_still_a_float():
 BASE_TOML = 'name = "t"\n[input]\npaths = ["x.parquet"]\n'
 
 
-@pytest.mark.parametrize("tables,keys,fix", [
-    ('[selection.dedup]\ncaption_jaccard = 0.8\n', ["selection.dedup.caption_jaccard", "annotate.caption_minhash"],
-     '[annotate]\ncaption_minhash = true\n'),
-    ('[selection.dedup]\nimage_cosine = 0.95\n', ["selection.dedup.image_cosine", "score.store_embeddings"],
-     '[score]\nstore_embeddings = true\n'),
-    ('[fetch]\nenabled = false\n[selection.clip]\nmin_score = 0.3\n', ["selection.clip", "fetch.enabled"],
-     '[score]\nsource = "column"\ncolumn = "similarity"\n'),
-    ('[fetch]\nprocesses = 4\n', ["fetch.processes"], None),
-])
+@pytest.mark.parametrize(
+    "tables,keys,fix",
+    [
+        (
+            "[selection.dedup]\ncaption_jaccard = 0.8\n",
+            ["selection.dedup.caption_jaccard", "annotate.caption_minhash"],
+            "[annotate]\ncaption_minhash = true\n",
+        ),
+        (
+            "[selection.dedup]\nimage_cosine = 0.95\n",
+            ["selection.dedup.image_cosine", "score.store_embeddings"],
+            "[score]\nstore_embeddings = true\n",
+        ),
+        (
+            "[fetch]\nenabled = false\n[selection.clip]\nmin_score = 0.3\n",
+            ["selection.clip", "fetch.enabled"],
+            '[score]\nsource = "column"\ncolumn = "similarity"\n',
+        ),
+        ("[fetch]\nprocesses = 4\n", ["fetch.processes"], None),
+    ],
+)
 def test_settings_that_would_silently_do_nothing_are_refused_naming_the_keys(tmp_path, tables, keys, fix):
     """Each was accepted by `curate show-spec` and then did nothing (caption dedup without band
     keys; fetch.processes, never read), failed after the whole fetch and score (image dedup

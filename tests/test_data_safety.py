@@ -34,8 +34,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 def curate(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """Run the real `curate` command; its own process group, so nothing it started outlives it."""
-    p = subprocess.Popen([CURATE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=_env(**env), start_new_session=True)
+    p = subprocess.Popen(
+        [CURATE, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(**env),
+        start_new_session=True,
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     finally:
@@ -54,8 +60,11 @@ def _kill_group(p: subprocess.Popen) -> None:
 
 
 def digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not str(p.relative_to(root)).startswith(skip)
+    }
 
 
 def check_complete(sel: Path) -> dict:
@@ -129,8 +138,13 @@ def test_spec_with_a_path_selection_name_is_refused(tmp_path):
 # --- 2. --overwrite removes only what curate wrote --------------------------------------------------
 def test_overwrite_removes_only_curates_files(base_run, tmp_path):
     run = _copy_run(base_run, tmp_path / "run")
-    mine = {"notes.txt": b"my notes", "annotations/README": b"mine", "selections/default/extra.csv": b"a,b\n",
-            "selections/mine/list.csv": b"x\n", "data/raw.parquet": b"not curate's"}
+    mine = {
+        "notes.txt": b"my notes",
+        "annotations/README": b"mine",
+        "selections/default/extra.csv": b"a,b\n",
+        "selections/mine/list.csv": b"x\n",
+        "data/raw.parquet": b"not curate's",
+    }
     for rel, data in mine.items():
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         (run / rel).write_bytes(data)
@@ -193,8 +207,14 @@ def test_corrupt_manifest_is_named_by_select(base_run, tmp_path):
 
 # --- 3. one writer per run directory ------------------------------------------------------------------
 def _start(*args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([CURATE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(**env), start_new_session=True)
+    return subprocess.Popen(
+        [CURATE, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(**env),
+        start_new_session=True,
+    )
 
 
 def _wait_holder(run: Path, pid: int, timeout: float = 120) -> dict:
@@ -214,8 +234,9 @@ def _wait_holder(run: Path, pid: int, timeout: float = 120) -> dict:
 @pytest.mark.parametrize("trial", range(3))
 def test_two_selects_one_proceeds_the_other_is_refused(base_run, tmp_path, trial):
     run = _copy_run(base_run, tmp_path / "run")
-    first = _start("select", str(run), "--name", "default", "--min-words", str(4 + trial),
-                   CURATE_PAUSE="selection.start=6")
+    first = _start(
+        "select", str(run), "--name", "default", "--min-words", str(4 + trial), CURATE_PAUSE="selection.start=6"
+    )
     try:
         _wait_holder(run, first.pid)
         second = curate("select", str(run), "--name", "default", "--min-words", "9")
@@ -234,8 +255,15 @@ def test_two_selects_one_proceeds_the_other_is_refused(base_run, tmp_path, trial
 def test_run_and_select_one_proceeds_the_other_is_refused(base_run, tmp_path, trial):
     run = _copy_run(base_run, tmp_path / "run")
     if trial % 2 == 0:  # the run holds the directory; a select comes in
-        holder = _start("run", "laion_sample", "--input", str(base_run["input"]), "--out", str(run),
-                        CURATE_PAUSE="run.before_selection=8")
+        holder = _start(
+            "run",
+            "laion_sample",
+            "--input",
+            str(base_run["input"]),
+            "--out",
+            str(run),
+            CURATE_PAUSE="run.before_selection=8",
+        )
         other = ("select", str(run), "--name", "default", "--min-words", "9")
         what = "curate run"
     else:  # a select holds it; a run comes in
@@ -257,9 +285,18 @@ def test_run_and_select_one_proceeds_the_other_is_refused(base_run, tmp_path, tr
 
 
 # --- 4. selections swapped in whole: SIGKILL at every step --------------------------------------------
-KILL_POINTS = ["selection.start", "selection.shard_written", "selection.uids_written", "selection.report_written",
-               "selection.json_written", "publish.before_swap", "publish.after_swap", "publish.after_cleanup",
-               "selection.before_manifest", "selection.after_manifest"]
+KILL_POINTS = [
+    "selection.start",
+    "selection.shard_written",
+    "selection.uids_written",
+    "selection.report_written",
+    "selection.json_written",
+    "publish.before_swap",
+    "publish.after_swap",
+    "publish.after_cleanup",
+    "selection.before_manifest",
+    "selection.after_manifest",
+]
 SWAPPED = KILL_POINTS.index("publish.after_swap")  # from here on the new selection is in place
 
 
@@ -270,8 +307,15 @@ def test_sigkill_at_every_step_of_curate_select(base_run, tmp_path):
     old = check_complete(sel)["rules"]["caption"]["min_words"]
     for i, point in enumerate(KILL_POINTS):
         new = old + 1 + i % 3
-        res = curate("select", str(run), "--name", "default", "--min-words", str(new),
-                     CURATE_FAILPOINT=f"{point}:{tmp_path / f'once-{i}'}")
+        res = curate(
+            "select",
+            str(run),
+            "--name",
+            "default",
+            "--min-words",
+            str(new),
+            CURATE_FAILPOINT=f"{point}:{tmp_path / f'once-{i}'}",
+        )
         assert res.returncode == -signal.SIGKILL, (point, res.returncode, res.stderr[-2000:])
         got = check_complete(sel)["rules"]["caption"]["min_words"]  # old or new, whole, never a mixture
         assert got == (new if i >= SWAPPED else old), (point, got, old, new)
@@ -294,8 +338,15 @@ def test_sigkill_in_the_selection_phase_of_curate_run(base_run, tmp_path):
     for i, point in enumerate(["run.before_selection", *KILL_POINTS]):
         new = old + 1 + i % 3
         spec.write_text(base.replace("min_words = 3", f"min_words = {new}"))
-        res = curate("run", str(spec), "--input", str(base_run["input"]), "--out", str(run),
-                     CURATE_FAILPOINT=f"{point}:{tmp_path / f'once-{i}'}")
+        res = curate(
+            "run",
+            str(spec),
+            "--input",
+            str(base_run["input"]),
+            "--out",
+            str(run),
+            CURATE_FAILPOINT=f"{point}:{tmp_path / f'once-{i}'}",
+        )
         assert res.returncode == -signal.SIGKILL, (point, res.returncode, res.stderr[-2000:])
         got = check_complete(sel)["rules"]["caption"]["min_words"]
         swapped = point != "run.before_selection" and KILL_POINTS.index(point) >= SWAPPED
@@ -315,8 +366,16 @@ def test_select_without_atomic_exchange_recovers_a_parked_selection(base_run, tm
     from curate.selection import readable_dir
 
     run = _copy_run(base_run, tmp_path / "run")
-    res = curate("select", str(run), "--name", "default", "--min-words", "6", CURATE_NO_RENAME_EXCHANGE="1",
-                 CURATE_FAILPOINT=f"publish.between_renames:{tmp_path / 'once'}")
+    res = curate(
+        "select",
+        str(run),
+        "--name",
+        "default",
+        "--min-words",
+        "6",
+        CURATE_NO_RENAME_EXCHANGE="1",
+        CURATE_FAILPOINT=f"publish.between_renames:{tmp_path / 'once'}",
+    )
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert not (run / "selections" / "default").exists()
     summary = check_complete(Path(readable_dir(str(run), "default")))  # readers find the parked old one
@@ -331,8 +390,15 @@ def test_select_without_atomic_exchange_recovers_a_parked_selection(base_run, tm
 @pytest.mark.slow
 def test_ctrl_c_says_interrupted_and_the_manifest_says_so(base_run, tmp_path):
     run = _copy_run(base_run, tmp_path / "run")
-    p = _start("run", "laion_sample", "--input", str(base_run["input"]), "--out", str(run),
-               CURATE_PAUSE="run.before_selection=30")
+    p = _start(
+        "run",
+        "laion_sample",
+        "--input",
+        str(base_run["input"]),
+        "--out",
+        str(run),
+        CURATE_PAUSE="run.before_selection=30",
+    )
     try:
         _wait_holder(run, p.pid)
         deadline = time.monotonic() + 120
@@ -371,8 +437,9 @@ def test_settings_and_paths_are_checked_before_the_first_shard(base_run, tmp_pat
     run = _copy_run(base_run, tmp_path / "copy")
     res = curate("forget", str(run), "--uids", str(tmp_path))
     assert res.returncode == 2 and "is a folder" in res.stderr and "Traceback" not in res.stderr, res.stderr
-    res = curate("run", "laion_sample", "--input", str(base_run["input"]), "--out", str(tmp_path / "r2"),
-                 "--address", "x")
+    res = curate(
+        "run", "laion_sample", "--input", str(base_run["input"]), "--out", str(tmp_path / "r2"), "--address", "x"
+    )
     assert "Traceback" not in res.stderr
 
 

@@ -18,7 +18,15 @@ THRESHOLD = 0.8
 def test_signature_equals_datasketch_minhash_update():
     from datasketch import MinHash
 
-    caps = ["A red dress for women", "a RED dress, for women!", "北京烤鸭很好吃", "x", None, "", "one two three four five"]
+    caps = [
+        "A red dress for women",
+        "a RED dress, for women!",
+        "北京烤鸭很好吃",
+        "x",
+        None,
+        "",
+        "one two three four five",
+    ]
     rows, hv = cm.shingle_hashes(caps)
     sig, has = cm.signatures(caps, chunk=3)  # tiny chunks: the chunking must not change anything
     assert has.tolist() == [True, True, True, True, False, False, True]
@@ -37,17 +45,25 @@ def test_signature_equals_datasketch_minhash_update():
 def ann_table(captions, shard="s", scores=None, uid_prefix="") -> pa.Table:
     n = len(captions)
     scores = scores if scores is not None else np.random.default_rng(0).uniform(0.2, 0.4, n).tolist()
-    t = pa.table({
-        "shard": [shard] * n, "row": list(range(n)), "uid": [f"{uid_prefix}{shard}{i:020d}"[-32:].rjust(32, "0") for i in range(n)],
-        "caption": captions, "fetch_status": ["not_needed"] * n, "clip_score": pa.array(scores, pa.float32()),
-        "url": [f"http://x.test/{shard}/{i}.jpg" for i in range(n)],  # every row has a URL (else: missing_url)
-    })
+    t = pa.table(
+        {
+            "shard": [shard] * n,
+            "row": list(range(n)),
+            "uid": [f"{uid_prefix}{shard}{i:020d}"[-32:].rjust(32, "0") for i in range(n)],
+            "caption": captions,
+            "fetch_status": ["not_needed"] * n,
+            "clip_score": pa.array(scores, pa.float32()),
+            "url": [f"http://x.test/{shard}/{i}.jpg" for i in range(n)],  # every row has a URL (else: missing_url)
+        }
+    )
     t = t.append_column("caption_lsh", cm.caption_lsh(pl.Series(captions, dtype=pl.String).fill_null(""), THRESHOLD))
     return conform(t)
 
 
 def cap_sel(**kw) -> SelectionConfig:
-    return SelectionConfig(dedup={"url": False, "image_sha256": False, "caption_jaccard": THRESHOLD, **kw.pop("dedup", {})}, **kw)
+    return SelectionConfig(
+        dedup={"url": False, "image_sha256": False, "caption_jaccard": THRESHOLD, **kw.pop("dedup", {})}, **kw
+    )
 
 
 def _edit(words, rate, rng, vocab):
@@ -126,8 +142,10 @@ def test_quality_vs_brute_force_on_laion_with_injected_near_duplicates(laion_cap
     rj = exact_j(x, size, ra, rb)
     low = float((rj < THRESHOLD - 0.1).mean())
     assert low <= 0.05, low
-    print(f"pairs J>={THRESHOLD + 0.05}: {hi.sum()}, recall {recall:.4f}; removed {ra.size}, "
-          f"reported pairs below {THRESHOLD - 0.1}: {low:.4f}, min J {rj.min():.3f}")
+    print(
+        f"pairs J>={THRESHOLD + 0.05}: {hi.sum()}, recall {recall:.4f}; removed {ra.size}, "
+        f"reported pairs below {THRESHOLD - 0.1}: {low:.4f}, min J {rj.min():.3f}"
+    )
 
 
 def test_a_pair_split_across_two_shards_is_found(tmp_path):
@@ -216,7 +234,12 @@ def test_a_pair_split_across_two_shards_and_two_map_tasks_is_found(tmp_path, ray
 
 
 def test_duplicate_cluster_names_the_group_on_every_member():
-    caps = ["a bowl of ramen with egg", "A bowl of ramen, with egg", "a plate of spaghetti with basil", "a bowl of ramen with egg!"]
+    caps = [
+        "a bowl of ramen with egg",
+        "A bowl of ramen, with egg",
+        "a plate of spaghetti with basil",
+        "a bowl of ramen with egg!",
+    ]
     d = decide(pl.from_arrow(ann_table(caps, scores=[0.3, 0.9, 0.5, 0.4])).lazy(), cap_sel())[0].collect().sort("row")
     survivor = d["uid"][1]
     assert d["kept"].to_list() == [False, True, True, False]

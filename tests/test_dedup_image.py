@@ -88,9 +88,17 @@ def _annotate(scorer, jpgs, kind, rng):
     )
     ann = pl.from_arrow(annotations.conform(ann.to_arrow()))
     embl = pl.DataFrame(
-        {schema.SHARD: ann[schema.SHARD], schema.ROW: ann[schema.ROW], schema.IMAGE_EMBEDDING: list(emb),
-         schema.IMAGE_PHASH: pl.Series(phash, dtype=pl.UInt64)}
-    ).with_columns(pl.col(schema.IMAGE_EMBEDDING).cast(pl.List(pl.Float16)) if hasattr(pl, "Float16") else pl.col(schema.IMAGE_EMBEDDING))
+        {
+            schema.SHARD: ann[schema.SHARD],
+            schema.ROW: ann[schema.ROW],
+            schema.IMAGE_EMBEDDING: list(emb),
+            schema.IMAGE_PHASH: pl.Series(phash, dtype=pl.UInt64),
+        }
+    ).with_columns(
+        pl.col(schema.IMAGE_EMBEDDING).cast(pl.List(pl.Float16))
+        if hasattr(pl, "Float16")
+        else pl.col(schema.IMAGE_EMBEDDING)
+    )
     return ann, embl
 
 
@@ -126,8 +134,10 @@ def test_near_duplicates_found_distinct_kept(corpus, cluster_size):
     recall, precision = _pair_metrics(d, group)
     # each group of original + 3 variants should keep one copy and remove 3 as duplicate_image_near
     removed_variants = (d[schema.REASON].to_numpy()[kind != "exact"] == "duplicate_image_near").sum() / (3 * 40)
-    print(f"cluster_size={cluster_size}: pair recall {recall:.3f}, pair precision {precision:.3f}, "
-          f"variants removed {removed_variants:.3f}, kept {int(d[schema.KEPT].sum())} of 40 groups")
+    print(
+        f"cluster_size={cluster_size}: pair recall {recall:.3f}, pair precision {precision:.3f}, "
+        f"variants removed {removed_variants:.3f}, kept {int(d[schema.KEPT].sum())} of 40 groups"
+    )
     assert recall >= 0.9
     assert precision >= 0.95
     assert removed_variants >= 0.9
@@ -138,8 +148,11 @@ def test_near_duplicates_found_distinct_kept(corpus, cluster_size):
     of = d.filter(pl.col(schema.DUPLICATE_OF).is_not_null())[schema.DUPLICATE_OF].to_list()
     assert of and set(of) <= kept
     # some exact copy pointed at an original that lost near dedup, and was re-pointed
-    assert (d.filter(pl.Series(kind == "exact"))[schema.DUPLICATE_OF].is_in(
-        d.filter(pl.Series(kind == "original") & pl.col(schema.KEPT))[schema.UID].to_list()).not_()).any()
+    assert (
+        d.filter(pl.Series(kind == "exact"))[schema.DUPLICATE_OF]
+        .is_in(d.filter(pl.Series(kind == "original") & pl.col(schema.KEPT))[schema.UID].to_list())
+        .not_()
+    ).any()
 
 
 def test_ray_engine_selects_exactly_like_local(corpus, ray_session):
@@ -157,7 +170,9 @@ def test_survivor_is_best_scored_copy(corpus):
     kept = d.filter(pl.col(schema.KEPT)).with_columns(pl.Series("g", group[d[schema.KEPT].to_numpy()]))
     best = (
         pl.DataFrame({"g": group, schema.CLIP_SCORE: d[schema.CLIP_SCORE], schema.UID: d[schema.UID]})
-        .sort(schema.CLIP_SCORE, descending=True).group_by("g", maintain_order=True).first()
+        .sort(schema.CLIP_SCORE, descending=True)
+        .group_by("g", maintain_order=True)
+        .first()
     )
     assert 40 <= kept.height <= 44  # one per group, but for a copy the threshold misses
     assert set(best[schema.UID].to_list()) <= set(kept[schema.UID].to_list())  # highest clip_score survives
@@ -182,11 +197,19 @@ def test_score_shard_writes_embeddings_before_marker(tmp_path, scorer, monkeypat
     jpgs = [sy.to_jpeg(sy.render(sy.random_attrs(rng), rng)) for _ in range(5)]
     jpgs[2] = b"not an image"
     ann = pl.DataFrame(
-        {schema.SHARD: [shard] * 5, schema.ROW: np.arange(5, dtype=np.int64), schema.UID: [f"{i:032x}" for i in range(5)],
-         schema.CAPTION: ["a red circle"] * 5, schema.FETCH_STATUS: ["ok"] * 5}
+        {
+            schema.SHARD: [shard] * 5,
+            schema.ROW: np.arange(5, dtype=np.int64),
+            schema.UID: [f"{i:032x}" for i in range(5)],
+            schema.CAPTION: ["a red circle"] * 5,
+            schema.FETCH_STATUS: ["ok"] * 5,
+        }
     )
     io.write_parquet(shard_jobs.work_path(run_dir, shard), annotations.conform(ann.to_arrow()))
-    io.write_parquet(shard_jobs.images_path(run_dir, shard), pa.table({schema.ROW: pa.array(range(5), pa.int64()), schema.IMAGE_BYTES: pa.array(jpgs, pa.binary())}))
+    io.write_parquet(
+        shard_jobs.images_path(run_dir, shard),
+        pa.table({schema.ROW: pa.array(range(5), pa.int64()), schema.IMAGE_BYTES: pa.array(jpgs, pa.binary())}),
+    )
     spec = PipelineSpec(name="t", input={"paths": ["x.parquet"]}, score={"store_embeddings": True})
     order = []
     real_write_json = shard_jobs.io.write_json
@@ -248,8 +271,10 @@ def test_perceptual_hash_keeps_distinct_lookalikes_apart(hard_corpus):
     r1, p1 = _pair_metrics(d, group)
     # each group of 4 should keep one copy: 3 removals per group
     removed_variants = (d[schema.REASON].to_numpy() == "duplicate_image_near").sum() / (3 * (group.max() + 1))
-    print(f"hard corpus ({ann.height} images, {group.max() + 1} distinct): embeddings only recall {r0:.3f} "
-          f"precision {p0:.3f}; + pHash<=12 recall {r1:.3f} precision {p1:.3f}, variants removed {removed_variants:.3f}")
+    print(
+        f"hard corpus ({ann.height} images, {group.max() + 1} distinct): embeddings only recall {r0:.3f} "
+        f"precision {p0:.3f}; + pHash<=12 recall {r1:.3f} precision {p1:.3f}, variants removed {removed_variants:.3f}"
+    )
     assert p0 < 0.8  # the problem is real on this corpus
     assert p1 >= 0.95 and r1 >= 0.9 and 0.9 <= removed_variants <= 1.0
 
@@ -257,4 +282,6 @@ def test_perceptual_hash_keeps_distinct_lookalikes_apart(hard_corpus):
 def test_phash_rule_needs_stored_hashes(corpus):
     ann, embl, _, _ = corpus
     with pytest.raises(ValueError, match="image_phash"):
-        _decide(ann, embl.with_columns(pl.lit(None, pl.UInt64).alias(schema.IMAGE_PHASH)), _sel(image_phash_max_distance=12))
+        _decide(
+            ann, embl.with_columns(pl.lit(None, pl.UInt64).alias(schema.IMAGE_PHASH)), _sel(image_phash_max_distance=12)
+        )

@@ -34,18 +34,25 @@ def caption_run(tmp_path_factory, laion_sample, ray_session):
     a, b = src.head(1500), src.tail(1500)
     # copies of 150 long captions of shard A, with new URLs, in shard B
     long_a = a.with_row_index("i").filter(pl.col("TEXT").str.split(" ").list.len() >= 20).head(150)
-    copies = pl.DataFrame({
-        "URL": [f"https://mirror.example.org/c/{i}.jpg" for i in range(long_a.height)],
-        "TEXT": [_edit(t, rng) for t in long_a["TEXT"]],
-    })
+    copies = pl.DataFrame(
+        {
+            "URL": [f"https://mirror.example.org/c/{i}.jpg" for i in range(long_a.height)],
+            "TEXT": [_edit(t, rng) for t in long_a["TEXT"]],
+        }
+    )
     a.write_parquet(inp / "part-00000.parquet")
     pl.concat([b, copies]).write_parquet(inp / "part-00001.parquet")
     out = inp / "run"
-    spec = load_spec(preset_path("laion_sample")).with_overrides(**{
-        "input.paths": [str(inp)], "output.dir": str(out),
-        "annotate.caption_minhash": True,
-        "selection.dedup.caption_jaccard": 0.8, "selection.dedup.engine": "ray", "selection.dedup.partitions": 4,
-    })
+    spec = load_spec(preset_path("laion_sample")).with_overrides(
+        **{
+            "input.paths": [str(inp)],
+            "output.dir": str(out),
+            "annotate.caption_minhash": True,
+            "selection.dedup.caption_jaccard": 0.8,
+            "selection.dedup.engine": "ray",
+            "selection.dedup.partitions": 4,
+        }
+    )
     result = run(spec)
     assert result.ok, result.failed
     return out, long_a, copies
@@ -69,8 +76,11 @@ def test_copies_in_another_shard_are_found_and_attributed(caption_run):
     out, originals, copies = caption_run
     d = _decisions(out)
     assert d.height == 3000 + copies.height and d.select("shard", "row").n_unique() == d.height
-    orig = d.filter(pl.col("shard") == "part-00000").join(
-        originals.select(pl.col("i").cast(pl.Int64).alias("row")), on="row", how="semi").sort("row")
+    orig = (
+        d.filter(pl.col("shard") == "part-00000")
+        .join(originals.select(pl.col("i").cast(pl.Int64).alias("row")), on="row", how="semi")
+        .sort("row")
+    )
     copy = d.filter((pl.col("shard") == "part-00001") & (pl.col("row") >= 1500)).sort("row")
     assert orig.height == copy.height == copies.height
     # pairs where both rows pass every other rule: exactly one of the two is kept, the other is
@@ -78,9 +88,13 @@ def test_copies_in_another_shard_are_found_and_attributed(caption_run):
     # and whose true Jaccard is >= threshold + 0.05 (the recall bar; LSH is probabilistic
     # just above the threshold)
     other = {"language", "caption_length", "duplicate_url"}
-    both = [(o, c) for o, c in zip(orig.iter_rows(named=True), copy.iter_rows(named=True))
-            if not (set(o["reasons"] or []) & other) and not (set(c["reasons"] or []) & other)
-            and _jaccard(o["caption"], c["caption"]) >= 0.85]
+    both = [
+        (o, c)
+        for o, c in zip(orig.iter_rows(named=True), copy.iter_rows(named=True))
+        if not (set(o["reasons"] or []) & other)
+        and not (set(c["reasons"] or []) & other)
+        and _jaccard(o["caption"], c["caption"]) >= 0.85
+    ]
     assert len(both) >= 30
     found = sum(
         (o["kept"] and c["reason"] == "duplicate_caption" and c["duplicate_of"] == o["uid"])
@@ -106,5 +120,7 @@ def test_report_breaks_caption_dedup_down_by_domain_and_language(caption_run):
     n_dup = int((d["reason"] == "duplicate_caption").sum())
     assert n_dup >= 50
     # the mirror domain holds the copies: its removals by duplicate_caption show in the domain table
-    mirror = d.filter(pl.col("url").str.contains("mirror.example.org") & (pl.col("reason") == "duplicate_caption")).height
+    mirror = d.filter(
+        pl.col("url").str.contains("mirror.example.org") & (pl.col("reason") == "duplicate_caption")
+    ).height
     assert mirror > 0 and str(mirror) in text

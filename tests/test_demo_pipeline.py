@@ -79,11 +79,17 @@ def test_every_row_is_accounted_for_per_shard_and_overall(demo):
 
 
 def test_fetch_outcomes_follow_the_ground_truth(demo):
-    d = _selection(demo["result"].run_dir).join(demo["truth"].select("shard", "row", "row_kind", "gt_language"), on=["shard", "row"])
+    d = _selection(demo["result"].run_dir).join(
+        demo["truth"].select("shard", "row", "row_kind", "gt_language"), on=["shard", "row"]
+    )
     allowed = pl.col("gt_language") != "it"
     assert set(d.filter(allowed & (pl.col("row_kind") == "broken_404"))["fetch_status"]) == {"http_4xx"}
     assert set(d.filter(allowed & (pl.col("row_kind") == "corrupt"))["fetch_status"]) == {"decode_error"}
-    assert set(d.filter(allowed & (pl.col("row_kind") == "tiny"))["reason"]) <= {"image_size", "language", "caption_length"}
+    assert set(d.filter(allowed & (pl.col("row_kind") == "tiny"))["reason"]) <= {
+        "image_size",
+        "language",
+        "caption_length",
+    }
     # rows removed by a text rule were never fetched
     assert set(d.filter(pl.col("reason") == "language")["fetch_status"]) == {"not_attempted"}
     # every removed duplicate points at a kept row
@@ -138,12 +144,32 @@ def test_report_sweep_and_diff_commands(demo, tmp_path):
 
     run_dir = demo["result"].run_dir
     cli = CliRunner()
-    res = cli.invoke(app, ["report", run_dir, "--selection", "default", "--from", "0.5", "--to", "0.95", "--step", "0.05"])
+    res = cli.invoke(
+        app, ["report", run_dir, "--selection", "default", "--from", "0.5", "--to", "0.95", "--step", "0.05"]
+    )
     assert res.exit_code == 0, res.output
     assert (Path(run_dir) / "selections" / "default" / "report.html").stat().st_size > 10_000
 
     out = tmp_path / "sweep.parquet"
-    res = cli.invoke(app, ["sweep", run_dir, "--rule", "clip", "--from", "0.5", "--to", "0.95", "--step", "0.05", "--group", "language", "--out", str(out)])
+    res = cli.invoke(
+        app,
+        [
+            "sweep",
+            run_dir,
+            "--rule",
+            "clip",
+            "--from",
+            "0.5",
+            "--to",
+            "0.95",
+            "--step",
+            "0.05",
+            "--group",
+            "language",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     table = pl.read_parquet(out)
     overall = table.filter(pl.col("column") == "(all)").sort("threshold")
@@ -159,7 +185,16 @@ def test_report_sweep_and_diff_commands(demo, tmp_path):
 
     d = _selection(run_dir)
 
-    res = cli.invoke(app, ["diff", str(Path(run_dir) / "selections" / "default"), str(Path(run_dir) / "selections" / "strict"), "--out", str(tmp_path / "diff")])
+    res = cli.invoke(
+        app,
+        [
+            "diff",
+            str(Path(run_dir) / "selections" / "default"),
+            str(Path(run_dir) / "selections" / "strict"),
+            "--out",
+            str(tmp_path / "diff"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     diff = json.loads((tmp_path / "diff" / "diff.json").read_text())
     kept_a = set(d.filter(pl.col("kept"))["uid"])
@@ -173,7 +208,9 @@ def test_looser_rule_reports_not_scored_then_a_rerun_fetches_only_those_rows(dem
     from curate.selection import write_selection
 
     spec = demo["spec"]
-    loose = spec.selection.model_copy(update={"name": "all_languages", "language": spec.selection.language.model_copy(update={"allow": []})})
+    loose = spec.selection.model_copy(
+        update={"name": "all_languages", "language": spec.selection.language.model_copy(update={"allow": []})}
+    )
     write_selection(run_dir, SelectionConfig.model_validate(loose.model_dump()), spec.report)
     d = _selection(run_dir, "all_languages")
     skipped = d.filter(pl.col("fetch_status") == "not_attempted")

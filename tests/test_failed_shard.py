@@ -61,4 +61,4 @@ def test_corrupt_shards_fail_loudly_and_alone(tmp_path, laion_sample, ray_sessio
     assert report["meta"]["unaccounted_rows"] == {"part-2": "unknown", "part-3": 120}
     html = (sel / "report.html").read_text()
     assert "2 input shard(s) failed: 120 + unknown rows are not accounted for" in html
-    assert "<td class=\"val\">part-3</td><td>120</td>" in html.replace(" class=\"n\"", "")
+    assert '<td class="val">part-3</td><td>120</td>' in html.replace(' class="n"', "")

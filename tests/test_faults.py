@@ -52,8 +52,11 @@ def _spec(base: Path, out: Path, **extra):
 def test_scorer_resources_are_typed():
     base = {"name": "t", "input": {"paths": ["x.parquet"]}}
     assert parse_spec({**base, "ray": {"scorer_resources": {"accel": 1}}}).ray.scorer_resources == {"accel": 1.0}
-    for bad, says in (({"GPU": 1}, "'GPU' is not a custom resource"), ({"accel": 0}, "accel = 0.0 must be > 0"),
-                      ({"accel": "many"}, "ray.scorer_resources.accel")):
+    for bad, says in (
+        ({"GPU": 1}, "'GPU' is not a custom resource"),
+        ({"accel": 0}, "accel = 0.0 must be > 0"),
+        ({"accel": "many"}, "ray.scorer_resources.accel"),
+    ):
         with pytest.raises(SpecError, match=says):
             parse_spec({**base, "ray": {"scorer_resources": bad}})
     with pytest.raises(SpecError, match="ray.scorer_resource: Extra inputs are not permitted"):
@@ -132,8 +135,15 @@ def test_scoring_node_removed_at_40_percent(world, tmp_path):
     slow_down(servers, truth, lambda k: 0.3 * k)  # later shards still in flight at 40%
     cmd = [sys.executable, str(REPO / "tests" / "cluster_node_kill.py"), str(spec_file), str(result_file)]
     ray_tmp = short_tmp("crc")
-    proc = subprocess.Popen(cmd, env=child_env(ray_tmp), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=child_env(ray_tmp),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=400)
     finally:
@@ -142,7 +152,9 @@ def test_scoring_node_removed_at_40_percent(world, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, output[-4000:]
     info = json.loads(result_file.read_text())
-    print(f"node-kill run: {info['seconds']}s, cluster up in {info['cluster_up_s']}s, node removed after {info['kill_after_s']}s")
+    print(
+        f"node-kill run: {info['seconds']}s, cluster up in {info['cluster_up_s']}s, node removed after {info['kill_after_s']}s"
+    )
 
     # the custom resource placed the scoring actor on an accel node, never on the head (which
     # has free CPUs and is the driver's own node, where Ray would otherwise put it)

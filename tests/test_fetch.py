@@ -105,7 +105,9 @@ def shuffled_rows(srv: ImageServer, cases: list[Case], seed: int = 0) -> tuple[p
     order = list(by_row)
     rng.shuffle(order)
     urls = [by_row[r].url if by_row[r].path is None else srv.url(by_row[r].path) for r in order]
-    table = pa.table({"row": pa.array(order, pa.int64()), "url": pa.array(urls, pa.string()), "caption": [f"c{r}" for r in order]})
+    table = pa.table(
+        {"row": pa.array(order, pa.int64()), "url": pa.array(urls, pa.string()), "caption": [f"c{r}" for r in order]}
+    )
     return table, by_row
 
 
@@ -132,7 +134,9 @@ def test_mixed_shard_every_row_once_joined_by_row(server: ImageServer, tmp_path:
             assert rec["image_sha256"] == hashlib.sha256(case.body).hexdigest()
         else:
             assert case.error and case.error.lower() in (rec["fetch_error"] or "").lower(), (case, rec)
-            assert [rec[k] for k in ("width", "height", "original_width", "original_height", "image_sha256")] == [None] * 5
+            assert [rec[k] for k in ("width", "height", "original_width", "original_height", "image_sha256")] == [
+                None
+            ] * 5
 
     ok_rows = sorted(r for r, c in by_row.items() if c.status is FetchStatus.OK)
     assert images["row"].to_pylist() == ok_rows
@@ -150,7 +154,9 @@ def test_mixed_shard_every_row_once_joined_by_row(server: ImageServer, tmp_path:
 
 
 def test_empty_shard(tmp_path: Any) -> None:
-    rows = pa.table({"row": pa.array([], pa.int64()), "url": pa.array([], pa.string()), "caption": pa.array([], pa.string())})
+    rows = pa.table(
+        {"row": pa.array([], pa.int64()), "url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}
+    )
     status, images = fetch_shard(rows, CFG, str(tmp_path), "empty")
     assert status.num_rows == 0 and images.num_rows == 0
     assert status.schema == STATUS_SCHEMA and images.schema == IMAGES_SCHEMA
@@ -162,7 +168,9 @@ def test_duplicate_row_ids_are_rejected(tmp_path: Any) -> None:
         fetch_shard(rows, CFG, str(tmp_path), "dups")
 
 
-def test_one_rows_surprise_is_that_rows_status(server: ImageServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_rows_surprise_is_that_rows_status(
+    server: ImageServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An unexpected exception for one URL becomes internal_error for that row (traceback in
     fetch_error); the other rows are unaffected."""
     from curate.fetching import images as image_checks
@@ -179,7 +187,13 @@ def test_one_rows_surprise_is_that_rows_status(server: ImageServer, tmp_path: An
     boom = encode("JPEG", (41, 41), (255, 0, 0))
     server.add("/fine.png", fine)
     server.add("/explode.jpg", boom)
-    rows = pa.table({"row": [10, 20, 30], "url": [server.url("/fine.png"), server.url("/explode.jpg"), server.url("/gone.jpg")], "caption": ["a", "b", "c"]})
+    rows = pa.table(
+        {
+            "row": [10, 20, 30],
+            "url": [server.url("/fine.png"), server.url("/explode.jpg"), server.url("/gone.jpg")],
+            "caption": ["a", "b", "c"],
+        }
+    )
 
     status, images = fetch_shard(rows, CFG, str(tmp_path), "part-lost")
 
@@ -193,7 +207,9 @@ def test_one_rows_surprise_is_that_rows_status(server: ImageServer, tmp_path: An
     assert os.listdir(tmp_path) == []
 
 
-def test_shard_failure_raises_with_shard_name(server: ImageServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shard_failure_raises_with_shard_name(
+    server: ImageServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from curate.stages import fetch
 
     def broken(cfg: Any) -> Any:
@@ -215,7 +231,9 @@ def rec(row: int, status: str = "ok", **kw: Any) -> dict[str, Any]:
 
 
 def test_reconcile_marks_missing_rows_lost() -> None:
-    status, images = reconcile([3, 9, 5], [rec(5, width=8), rec(3, "http_4xx", fetch_error="HTTP Error 404")], [(5, b"\xff\xd8")], "s")
+    status, images = reconcile(
+        [3, 9, 5], [rec(5, width=8), rec(3, "http_4xx", fetch_error="HTTP Error 404")], [(5, b"\xff\xd8")], "s"
+    )
     assert status["row"].to_pylist() == [3, 5, 9]
     assert status["fetch_status"].to_pylist() == ["http_4xx", "ok", "lost"]
     assert "no record" in status["fetch_error"][2].as_py()
@@ -230,6 +248,8 @@ def test_reconcile_marks_missing_rows_lost() -> None:
         ([rec(1)], [], "disagree"),
     ],
 )
-def test_reconcile_rejects_broken_output(records: list[dict[str, Any]], imgs: list[tuple[int, bytes]], match: str) -> None:
+def test_reconcile_rejects_broken_output(
+    records: list[dict[str, Any]], imgs: list[tuple[int, bytes]], match: str
+) -> None:
     with pytest.raises(FetchError, match=match):
         reconcile([1], records, imgs, "s")

@@ -126,26 +126,39 @@ def test_loopback_is_refused_by_default_and_the_canary_sees_nothing(canary: Imag
      "http://[::ffff:127.0.0.1]:{port}/secret", "http://[::ffff:7f00:1]:{port}/secret", "http://localhost:{port}/secret",
      "HTTP://127.0.0.1:{port}/secret", "http://user:pw@127.0.0.1:{port}/secret"],
 )  # fmt: skip
-def test_disguised_loopback_forms_are_refused(template: str, canary: ImageServer, public: ImageServer, tmp_path: Any) -> None:
+def test_disguised_loopback_forms_are_refused(
+    template: str, canary: ImageServer, public: ImageServer, tmp_path: Any
+) -> None:
     recs = fetch([template.format(port=canary.port)], tmp=str(tmp_path))
     assert statuses(recs) == ["blocked_address"], recs
     assert canary.hits == {}
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
-def test_public_redirect_to_private_is_refused_at_the_hop(code: int, public: ImageServer, canary3: ImageServer, tmp_path: Any) -> None:
+def test_public_redirect_to_private_is_refused_at_the_hop(
+    code: int, public: ImageServer, canary3: ImageServer, tmp_path: Any
+) -> None:
     public.redirect("/r", canary3.url("/secret"), status=code)
     recs = fetch([public.url("/r")], tmp=str(tmp_path))
     assert statuses(recs) == ["blocked_address"] and "127.0.0.3" in recs[0]["fetch_error"]
     assert public.hits == {"/r": 1} and canary3.hits == {}
 
 
-def test_metadata_names_and_addresses_are_refused_before_any_lookup(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+def test_metadata_names_and_addresses_are_refused_before_any_lookup(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     def no_dns(*a: Any, **k: Any) -> Any:
         raise AssertionError(f"DNS lookup attempted: {a}")
 
     monkeypatch.setattr(guarded_http.socket, "getaddrinfo", no_dns)
-    recs = fetch(["http://metadata.google.internal/computeMetadata/v1/", "http://METADATA.GOOGLE.INTERNAL./x", "http://instance-data/latest"], tmp=str(tmp_path))
+    recs = fetch(
+        [
+            "http://metadata.google.internal/computeMetadata/v1/",
+            "http://METADATA.GOOGLE.INTERNAL./x",
+            "http://instance-data/latest",
+        ],
+        tmp=str(tmp_path),
+    )
     assert statuses(recs) == ["blocked_address"] * 3
 
 
@@ -183,7 +196,19 @@ def test_dns_rebinding_is_decided_on_the_address_connected_to(
     assert calls.count("rebind.test") == 2  # resolved once per hop, connected to what was checked
 
 
-@pytest.mark.parametrize("url", ["file:///etc/hostname", "ftp://127.0.0.2/x.jpg", "gopher://127.0.0.2/", "data:image/png;base64,AAAA", "javascript:alert(1)", "//127.0.0.2/x", "", None])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/hostname",
+        "ftp://127.0.0.2/x.jpg",
+        "gopher://127.0.0.2/",
+        "data:image/png;base64,AAAA",
+        "javascript:alert(1)",
+        "//127.0.0.2/x",
+        "",
+        None,
+    ],
+)
 def test_only_http_and_https(url: Any, tmp_path: Any) -> None:
     assert statuses(fetch([url], tmp=str(tmp_path))) == ["bad_url"]
 
@@ -199,7 +224,9 @@ def test_drip_feed_stream_frees_the_worker_at_the_deadline(public: ImageServer, 
     public.add("/drip.jpg", jpeg() * 10, drip_s=0.5)  # a byte every half second: no socket timeout ever fires
     public.add("/slow-headers.jpg", jpeg(), delay_s=30)
     t0 = time.monotonic()
-    recs = fetch([public.url("/drip.jpg"), public.url("/slow-headers.jpg")], cfg(deadline_s=2, timeout_s=10), str(tmp_path))
+    recs = fetch(
+        [public.url("/drip.jpg"), public.url("/slow-headers.jpg")], cfg(deadline_s=2, timeout_s=10), str(tmp_path)
+    )
     took = time.monotonic() - t0
     assert statuses(recs) == ["timeout", "timeout"], recs
     assert took < 2 + 1, took
@@ -385,7 +412,9 @@ def test_opt_out_is_its_own_reason_and_every_other_failure_is_fetch_failed() -> 
         frame = pl.DataFrame({"fetch_status": [s.value]})
         failed, opted = frame.select(fetch_fails().alias("f"), opt_out_fails().alias("o")).row(0)
         assert opted == (s is FetchStatus.OPT_OUT)
-        assert failed == (s not in (FetchStatus.OK, FetchStatus.OPT_OUT, FetchStatus.NOT_ATTEMPTED, FetchStatus.NOT_NEEDED))
+        assert failed == (
+            s not in (FetchStatus.OK, FetchStatus.OPT_OUT, FetchStatus.NOT_ATTEMPTED, FetchStatus.NOT_NEEDED)
+        )
     assert "timeout" in FETCH_FAILURES and "blocked_address" in FETCH_FAILURES
 
 
@@ -395,7 +424,9 @@ def test_429_with_retry_after_is_waited_out_then_retried(public: ImageServer, tm
     public.add_sequence("/busy.jpg", [Route(b"slow down", "text/plain", 429, {"Retry-After": "1"}), Route(body)])
     public.add_sequence("/flaky.jpg", [Route(b"", "text/plain", 503), Route(b"", "text/plain", 500), Route(body)])
     t0 = time.monotonic()
-    recs = fetch([public.url("/busy.jpg"), public.url("/flaky.jpg")], cfg(retries=2, retry_backoff_s=0.05), str(tmp_path))
+    recs = fetch(
+        [public.url("/busy.jpg"), public.url("/flaky.jpg")], cfg(retries=2, retry_backoff_s=0.05), str(tmp_path)
+    )
     assert statuses(recs) == ["ok", "ok"]
     assert public.hits == {"/busy.jpg": 2, "/flaky.jpg": 3}
     assert time.monotonic() - t0 >= 1.0
@@ -406,7 +437,9 @@ def test_permanent_failures_are_not_retried_and_long_retry_after_gives_up(public
     public.add("/html.jpg", b"<html></html>")
     public.add("/later.jpg", b"", status=429, headers={"Retry-After": "3600"})
     t0 = time.monotonic()
-    recs = fetch([public.url(p) for p in ("/gone.jpg", "/missing.jpg", "/html.jpg", "/later.jpg")], cfg(retries=3), str(tmp_path))
+    recs = fetch(
+        [public.url(p) for p in ("/gone.jpg", "/missing.jpg", "/html.jpg", "/later.jpg")], cfg(retries=3), str(tmp_path)
+    )
     assert statuses(recs) == ["http_4xx", "http_4xx", "bad_format", "rate_limited"]
     assert public.hits == {"/gone.jpg": 1, "/missing.jpg": 1, "/html.jpg": 1, "/later.jpg": 1}
     assert time.monotonic() - t0 < 3

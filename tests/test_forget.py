@@ -35,8 +35,14 @@ def _selection(run: Path, name: str) -> pl.DataFrame:
     return pl.concat([kept, removed], how="diagonal_relaxed")
 
 
-def _assert_gone(run: Path, *, uids: set[str] = frozenset(), urls: set[str] = frozenset(),
-                 sha256: set[str] = frozenset(), rows: set[tuple[str, int]] = frozenset()) -> int:
+def _assert_gone(
+    run: Path,
+    *,
+    uids: set[str] = frozenset(),
+    urls: set[str] = frozenset(),
+    sha256: set[str] = frozenset(),
+    rows: set[tuple[str, int]] = frozenset(),
+) -> int:
     """No forgotten identifier in any parquet file (any string column) or text file of the run
     directory, and no forgotten (shard, row) in a per-shard file. forget/ holds the deletion list
     itself (uids, sha256 and hashed URLs) and is skipped. Returns the number of files checked."""
@@ -52,8 +58,17 @@ def _assert_gone(run: Path, *, uids: set[str] = frozenset(), urls: set[str] = fr
                 if dtype == pl.String:
                     vals = set(df.get_column(name).drop_nulls().to_list())
                     low = {v.lower() for v in vals}
-                    assert not (vals & needles) and not (low & needles), f"{p}: column {name} holds forgotten identifiers"
-            if "row" in df.columns and p.parent.name in ("annotations", "images", "embeddings", "_work", "kept", "removed"):
+                    assert not (vals & needles) and not (low & needles), (
+                        f"{p}: column {name} holds forgotten identifiers"
+                    )
+            if "row" in df.columns and p.parent.name in (
+                "annotations",
+                "images",
+                "embeddings",
+                "_work",
+                "kept",
+                "removed",
+            ):
                 shard = df.get_column("shard")[0] if "shard" in df.columns and df.height else p.stem
                 keys = {(shard, r) for r in df.get_column("row").to_list()}
                 assert not (keys & set(rows)), f"{p}: holds forgotten rows"
@@ -61,7 +76,9 @@ def _assert_gone(run: Path, *, uids: set[str] = frozenset(), urls: set[str] = fr
             text = p.read_text(errors="replace")
             low = text.lower()
             for n in needles:
-                assert n not in text and n.lower() not in low and html.escape(n) not in text, f"{p}: mentions {n[:60]!r}"
+                assert n not in text and n.lower() not in low and html.escape(n) not in text, (
+                    f"{p}: mentions {n[:60]!r}"
+                )
     return checked
 
 
@@ -88,7 +105,12 @@ def laion_forget(tmp_path_factory, laion_sample, ray_session):
     tmp = tmp_path_factory.mktemp("forget")
     src = pl.read_parquet(laion_sample).head(2 * ROWS_PER_SHARD - 1)
     # the last row of part-1 repeats a part-0 image URL with a tracking parameter, another caption
-    twin = src.slice(5, 1).with_columns(pl.when(pl.col("URL").str.contains("?", literal=True)).then(pl.col("URL") + "&utm_source=feed").otherwise(pl.col("URL") + "?utm_source=feed"), pl.lit("another caption for this picture").alias("TEXT"))
+    twin = src.slice(5, 1).with_columns(
+        pl.when(pl.col("URL").str.contains("?", literal=True))
+        .then(pl.col("URL") + "&utm_source=feed")
+        .otherwise(pl.col("URL") + "?utm_source=feed"),
+        pl.lit("another caption for this picture").alias("TEXT"),
+    )
     src = pl.concat([src, twin])
     inp = tmp / "in"
     inp.mkdir()
@@ -123,8 +145,16 @@ def laion_forget(tmp_path_factory, laion_sample, ray_session):
     r1 = _cli("forget", str(run), "--uids", str(uid_file))
     r2 = _cli("forget", str(run), "--urls", str(url_file))
     return {
-        "tmp": tmp, "inp": inp, "run": run, "src": src, "forgotten": forgotten, "uids": set(forgotten["uid"]),
-        "urls": set(by_url["url"]) | set(listed_urls), "uid_file": uid_file, "url_file": url_file, "out": (r1.output, r2.output),
+        "tmp": tmp,
+        "inp": inp,
+        "run": run,
+        "src": src,
+        "forgotten": forgotten,
+        "uids": set(forgotten["uid"]),
+        "urls": set(by_url["url"]) | set(listed_urls),
+        "uid_file": uid_file,
+        "url_file": url_file,
+        "out": (r1.output, r2.output),
         "n_by_uid": by_uid.height,
     }
 
@@ -187,7 +217,21 @@ def test_forget_is_idempotent(laion_forget):
 def test_looser_selection_keeps_them_out(laion_forget):
     f = laion_forget
     run = f["run"]
-    _cli("select", str(run), "--name", "loose", "--languages", "", "--min-language-confidence", "0", "--min-words", "0", "--min-chars", "0", "--no-dedup-url")
+    _cli(
+        "select",
+        str(run),
+        "--name",
+        "loose",
+        "--languages",
+        "",
+        "--min-language-confidence",
+        "0",
+        "--min-words",
+        "0",
+        "--min-chars",
+        "0",
+        "--no-dedup-url",
+    )
     s = _check_counts(run, "loose", 2 * ROWS_PER_SHARD, f["forgotten"].height)
     assert s["counts"]["removed"] == 0  # nothing else removes a row under these rules
     rows = {(a, b) for a, b in f["forgotten"].select("shard", "row").iter_rows()}
@@ -204,7 +248,9 @@ def test_rerun_rereading_inputs_keeps_them_out(laion_forget):
     (run / "annotations" / "part-1.done").unlink()
     src = f["src"].with_columns(pl.Series("uid", compute_uids(f["src"]["URL"].to_list(), f["src"]["TEXT"].to_list())))
     again = src.filter(pl.col("URL").is_in(list(f["urls"]))).head(3)
-    other = src.filter(pl.col("URL").is_in(list(f["urls"])).not_() & pl.col("uid").is_in(list(f["uids"])).not_()).head(20)
+    other = src.filter(pl.col("URL").is_in(list(f["urls"])).not_() & pl.col("uid").is_in(list(f["uids"])).not_()).head(
+        20
+    )
     extra = pl.concat([again, other]).drop("uid")
     extra.write_parquet(inp / "part-2.parquet")
     _cli("run", "laion_sample", "--input", str(inp), "--out", str(run))
@@ -253,11 +299,20 @@ def test_forget_by_image_sha256(demo_run, tmp_path):
     before = _selection(run, "default")
     assert (run / "embeddings").exists() and (run / "images").exists()
     # two images, one of them served for more than one row if the demo has such a duplicate
-    counts = ann.filter(pl.col("image_sha256").is_not_null()).group_by("image_sha256").len().sort(["len", "image_sha256"], descending=[True, False])
-    kept_sha = before.filter(pl.col("kept") & pl.col("image_sha256").is_not_null()).sort("shard", "row")["image_sha256"][0]
+    counts = (
+        ann.filter(pl.col("image_sha256").is_not_null())
+        .group_by("image_sha256")
+        .len()
+        .sort(["len", "image_sha256"], descending=[True, False])
+    )
+    kept_sha = before.filter(pl.col("kept") & pl.col("image_sha256").is_not_null()).sort("shard", "row")[
+        "image_sha256"
+    ][0]
     digests = sorted({counts["image_sha256"][0], kept_sha})
     gone = ann.filter(pl.col("image_sha256").is_in(digests))
-    gone = ann.filter(pl.col("image_sha256").is_in(digests).fill_null(False) | pl.col("uid").is_in(gone["uid"].to_list()))
+    gone = ann.filter(
+        pl.col("image_sha256").is_in(digests).fill_null(False) | pl.col("uid").is_in(gone["uid"].to_list())
+    )
     rows = {(a, b) for a, b in gone.select("shard", "row").iter_rows()}
     assert len(rows) >= 2
     lst = tmp_path / "sha.txt"
@@ -279,7 +334,10 @@ def test_forget_by_image_sha256(demo_run, tmp_path):
     assert res.ok, res.failed
     _assert_gone(run, sha256=set(digests), rows=rows)
     s = json.loads((run / "selections" / "default" / "selection.json").read_text())
-    assert s["reconciles"] and s["counts"]["kept"] + s["counts"]["removed"] + s["counts"]["forgotten"] == s["counts"]["rows_read"]
+    assert (
+        s["reconciles"]
+        and s["counts"]["kept"] + s["counts"]["removed"] + s["counts"]["forgotten"] == s["counts"]["rows_read"]
+    )
     m = json.loads((run / "manifest.json").read_text())
     assert m["forget_requests"][-1]["kind"] == "sha256"
     assert m["model"]["preprocess"]["config"]["size"] == [64, 64]

@@ -110,8 +110,15 @@ print("RESULT " + json.dumps(out), flush=True)
 def fake_gpu_run() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CURATE_FAILPOINT", model.RAY_GPU_IDS_ENV)}
     env.update({"RAY_AUTH_MODE": "disabled", "CURATE_PROGRESS": "0"})
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=300)
     finally:
@@ -119,7 +126,7 @@ def fake_gpu_run() -> dict:
         kill_session(proc.pid)
     lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, f"driver exited {proc.returncode} without a result:\n{stdout[-3000:]}\n{stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_each_scoring_actor_gets_its_own_gpu(fake_gpu_run):

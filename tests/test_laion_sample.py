@@ -14,7 +14,9 @@ from curate.runner import run
 @pytest.fixture(scope="module")
 def laion_run(tmp_path_factory, laion_sample, ray_session):
     out = tmp_path_factory.mktemp("laion") / "run"
-    spec = load_spec(preset_path("laion_sample")).with_overrides(**{"input.paths": [str(laion_sample)], "output.dir": str(out)})
+    spec = load_spec(preset_path("laion_sample")).with_overrides(
+        **{"input.paths": [str(laion_sample)], "output.dir": str(out)}
+    )
     result = run(spec)
     assert result.ok, result.failed
     return out, result

@@ -51,8 +51,13 @@ def test_same_spec_same_inputs_same_kept_set_and_checksums(two_runs):
     kept = sorted(k for k in fa if k.startswith("selections/default/kept/"))
     assert kept == ["selections/default/kept/part-0.parquet", "selections/default/kept/part-1.parquet"]
     # parquet files carry no timestamps: the bytes, not only the content, are reproducible
-    for rel in [*kept, *(k for k in fa if k.startswith("selections/default/removed/")), "annotations/part-0.parquet",
-                "annotations/part-1.parquet", "selections/default/uids.npy"]:
+    for rel in [
+        *kept,
+        *(k for k in fa if k.startswith("selections/default/removed/")),
+        "annotations/part-0.parquet",
+        "annotations/part-1.parquet",
+        "selections/default/uids.npy",
+    ]:
         assert fa[rel]["sha256"] == fb[rel]["sha256"], rel
         assert fa[rel]["sha256"] == _sha(a / rel)
 
@@ -75,8 +80,14 @@ def test_manifest_records_the_audit_trail(two_runs):
     assert [Path(i["path"]).name for i in m["inputs"]] == ["part-0.parquet", "part-1.parquet"]
     assert all(i["bytes"] > 0 and i["version"] for i in m["inputs"])
     files = m["outputs"]["files"]
-    for rel in ("annotations/part-0.parquet", "annotations/part-0.done", "selections/default/selection.json",
-                "selections/default/report.json", "selections/default/report.html", "selections/default/uids.npy"):
+    for rel in (
+        "annotations/part-0.parquet",
+        "annotations/part-0.done",
+        "selections/default/selection.json",
+        "selections/default/report.json",
+        "selections/default/report.html",
+        "selections/default/uids.npy",
+    ):
         assert rel in files and files[rel]["bytes"] == (run / rel).stat().st_size
         assert re.fullmatch(r"[0-9a-f]{64}", files[rel]["sha256"])
     assert any(k.startswith("selections/default/tables/") for k in files)

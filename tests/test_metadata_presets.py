@@ -23,14 +23,16 @@ def pool(tmp_path_factory):
         n = N // 2
         texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 8)))) for _ in range(n)]
         urls = [f"https://img{s}.example.com/{i}.jpg" for i in range(n)]
-        pl.DataFrame({
-            "uid": [hashlib.md5(f"{s}-{i}".encode()).hexdigest() for i in range(n)],
-            "url": urls,
-            "text": texts,
-            "original_width": rng.integers(50, 1200, n).astype(np.int64),
-            "original_height": rng.integers(50, 1200, n).astype(np.int64),
-            "clip_l14_similarity_score": rng.normal(0.25, 0.06, n).astype(np.float32),
-        }).write_parquet(d / f"{s:08d}.parquet")
+        pl.DataFrame(
+            {
+                "uid": [hashlib.md5(f"{s}-{i}".encode()).hexdigest() for i in range(n)],
+                "url": urls,
+                "text": texts,
+                "original_width": rng.integers(50, 1200, n).astype(np.int64),
+                "original_height": rng.integers(50, 1200, n).astype(np.int64),
+                "clip_l14_similarity_score": rng.normal(0.25, 0.06, n).astype(np.float32),
+            }
+        ).write_parquet(d / f"{s:08d}.parquet")
     return d
 
 
@@ -42,7 +44,9 @@ def _decisions(out):
 
 
 def test_clip_score_preset_keeps_datacomps_top_fraction_from_metadata(pool, tmp_path, ray_session):
-    spec = load_spec(preset_path("datacomp_clip_score")).with_overrides(**{"input.paths": [str(pool)], "output.dir": str(tmp_path / "run")})
+    spec = load_spec(preset_path("datacomp_clip_score")).with_overrides(
+        **{"input.paths": [str(pool)], "output.dir": str(tmp_path / "run")}
+    )
     result = run(spec)
     assert result.ok
     d = _decisions(tmp_path / "run")

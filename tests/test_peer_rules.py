@@ -116,17 +116,23 @@ def corpus(laion_sample):
         score = round(float(rng.uniform(0.1, 0.4)), 2)  # rounded: many ties
         pri = int(rng.integers(0, 4))
         pri_f = float(rng.uniform(0, 1))
-        rows.append({
-            "shard": shard, "row": row, "uid": f"{int(rng.integers(0, 2**62)):032x}",
-            "url": f"http://x/{i}", "url_normalized": f"http://x/{int(rng.integers(0, 300))}",
-            "image_sha256": f"{int(rng.integers(0, 350)):064x}",
-            "caption": variant(fams[fam]), "_cap_family": fam,
-            "language": "en" if rng.random() > 0.1 else "fr",
-            "fetch_status": "ok",
-            "clip_score": None if rng.random() < 0.05 else (float("nan") if rng.random() < 0.03 else score),
-            "pri": None if rng.random() < 0.1 else pri,
-            "pri_f": None if rng.random() < 0.05 else (float("nan") if rng.random() < 0.05 else pri_f),
-        })
+        rows.append(
+            {
+                "shard": shard,
+                "row": row,
+                "uid": f"{int(rng.integers(0, 2**62)):032x}",
+                "url": f"http://x/{i}",
+                "url_normalized": f"http://x/{int(rng.integers(0, 300))}",
+                "image_sha256": f"{int(rng.integers(0, 350)):064x}",
+                "caption": variant(fams[fam]),
+                "_cap_family": fam,
+                "language": "en" if rng.random() > 0.1 else "fr",
+                "fetch_status": "ok",
+                "clip_score": None if rng.random() < 0.05 else (float("nan") if rng.random() < 0.03 else score),
+                "pri": None if rng.random() < 0.1 else pri,
+                "pri_f": None if rng.random() < 0.05 else (float("nan") if rng.random() < 0.05 else pri_f),
+            }
+        )
         fam_img = int(rng.integers(0, 150))
         rows[-1]["_img_family"] = fam_img
         e = base_emb[fam_img] / np.linalg.norm(base_emb[fam_img]) + rng.normal(scale=0.01, size=d)
@@ -137,10 +143,13 @@ def corpus(laion_sample):
     t = pa.Table.from_pylist([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
     t = t.append_column("caption_lsh", cm.caption_lsh(pl.Series([r["caption"] for r in rows]), 0.8))
     ann = pl.from_arrow(conform(t, keep_columns=["pri", "pri_f"]))
-    embeddings = pl.DataFrame({
-        schema.SHARD: ann[schema.SHARD], schema.ROW: ann[schema.ROW],
-        schema.IMAGE_EMBEDDING: pl.Series(emb.tolist(), dtype=pl.List(pl.Float32)),
-    })
+    embeddings = pl.DataFrame(
+        {
+            schema.SHARD: ann[schema.SHARD],
+            schema.ROW: ann[schema.ROW],
+            schema.IMAGE_EMBEDDING: pl.Series(emb.tolist(), dtype=pl.List(pl.Float32)),
+        }
+    )
     # the reference reads the values back as stored (float32 scores)
     stored = ann.select("shard", "row", "uid", "clip_score", "pri", "pri_f").to_dicts()
     for r, s in zip(rows, stored):
@@ -163,7 +172,10 @@ KINDS = {
     "url": ({"url": True, "image_sha256": False}, lambda r: r["url_normalized"]),
     "sha256": ({"url": False, "image_sha256": True}, lambda r: r["image_sha256"]),
     "caption": ({"url": False, "image_sha256": False, "caption_jaccard": 0.8}, lambda r: r["_cap_family"]),
-    "image": ({"url": False, "image_sha256": False, "image_cosine": 0.95, "image_cluster_size": 5000}, lambda r: r["_img_family"]),
+    "image": (
+        {"url": False, "image_sha256": False, "image_cosine": 0.95, "image_cluster_size": 5000},
+        lambda r: r["_img_family"],
+    ),
 }
 
 
@@ -193,7 +205,9 @@ def test_the_rules_pick_different_survivors(corpus, kind):
     not pass with the rule ignored)."""
     dedup, _ = KINDS[kind]
     kept = {
-        (rule, column): frozenset(_decide(corpus, {**dedup, "survivor": rule, "survivor_column": column}).filter("kept")["uid"])
+        (rule, column): frozenset(
+            _decide(corpus, {**dedup, "survivor": rule, "survivor_column": column}).filter("kept")["uid"]
+        )
         for rule, column in RULES
     }
     for a, b in itertools.combinations(RULES, 2):
@@ -219,8 +233,17 @@ def test_all_dedups_together_point_at_a_better_kept_row(corpus, rule, column):
     survivors can only improve), and kept rows are unique on every key."""
     rows = corpus[0]
     by_uid = {r["uid"]: r for r in rows}
-    d = _decide(corpus, {**KINDS["caption"][0], **KINDS["image"][0], "url": True, "image_sha256": True,
-                         "survivor": rule, "survivor_column": column})
+    d = _decide(
+        corpus,
+        {
+            **KINDS["caption"][0],
+            **KINDS["image"][0],
+            "url": True,
+            "image_sha256": True,
+            "survivor": rule,
+            "survivor_column": column,
+        },
+    )
     kept = d.filter("kept")
     dups = d.filter(pl.col("duplicate_of").is_not_null())
     assert set(dups["reason"]) == {"duplicate_url", "duplicate_image", "duplicate_caption", "duplicate_image_near"}
@@ -250,8 +273,18 @@ def test_priority_ties_nulls_and_nan():
         {"pri": 0.5, "clip_score": 0.3},  # tie on priority: the better score wins, as best_score
         {"pri": 0.2, "clip_score": 0.95},
     ]
-    recs = [{"shard": "s", "row": i, "uid": f"{i:032x}", "url": "http://x/", "url_normalized": "http://x/",
-             "fetch_status": "ok", **r} for i, r in enumerate(rows)]
+    recs = [
+        {
+            "shard": "s",
+            "row": i,
+            "uid": f"{i:032x}",
+            "url": "http://x/",
+            "url_normalized": "http://x/",
+            "fetch_status": "ok",
+            **r,
+        }
+        for i, r in enumerate(rows)
+    ]
     ann = pl.from_arrow(conform(pa.Table.from_pylist(recs), keep_columns=["pri"])).lazy()
     sel = SelectionConfig.model_validate({"dedup": {"survivor": "priority", "survivor_column": "pri"}})
     d = decide(ann, sel)[0].collect().sort("row")
@@ -354,8 +387,15 @@ def test_caption_words_equal_the_reference_on_laion_and_whitespace_words_elsewhe
 
 def test_min_words_no_longer_removes_chinese_and_japanese_captions():
     caps = ["北京烤鸭很好吃", "東京タワーの夜景", "서울의 아름다운 야경 사진", "cat", "two words"]
-    t = pa.table({"shard": ["s"] * 5, "row": list(range(5)), "uid": [f"{i:032x}" for i in range(5)],
-                  "url": [f"http://x/{i}" for i in range(5)], "caption": caps})
+    t = pa.table(
+        {
+            "shard": ["s"] * 5,
+            "row": list(range(5)),
+            "uid": [f"{i:032x}" for i in range(5)],
+            "url": [f"http://x/{i}" for i in range(5)],
+            "caption": caps,
+        }
+    )
     out = pl.from_arrow(conform(annotate_text(t, language=False)))
     assert out["caption_words"].to_list() == [7, 8, 4, 1, 2]
     d = decide(out.lazy(), SelectionConfig.model_validate({"caption": {"min_words": 3}}))[0].collect().sort("row")
@@ -372,7 +412,7 @@ def _pairs_at(jaccard_overlap: int, size: int, n_pairs: int) -> list[str]:
     caps = []
     for p in range(n_pairs):
         toks = [f"t{p}x{i}" for i in range(2 * size - jaccard_overlap)]
-        caps += [" ".join(toks[:size]), " ".join(toks[size - jaccard_overlap:])]
+        caps += [" ".join(toks[:size]), " ".join(toks[size - jaccard_overlap :])]
     return caps
 
 
@@ -381,8 +421,11 @@ def test_the_13_7_percent_case_is_refused_with_what_to_set():
     candidate 13.7% of the time; with caption_verify = false every candidate was merged."""
     assert cm.lsh_params(0.7, 256) == (32, 8)
     assert cm.candidate_probability(0.51, 32, 8) == pytest.approx(0.137, abs=0.0005)
-    spec = {**MINIMAL, "annotate": {"caption_minhash": True, "caption_minhash_perm": 256, "caption_minhash_threshold": 0.7},
-            "selection": {"dedup": {"caption_jaccard": 0.7, "caption_verify": False}}}
+    spec = {
+        **MINIMAL,
+        "annotate": {"caption_minhash": True, "caption_minhash_perm": 256, "caption_minhash_threshold": 0.7},
+        "selection": {"dedup": {"caption_jaccard": 0.7, "caption_verify": False}},
+    }
     with pytest.raises(SpecError) as e:
         parse_spec(spec)
     msg = str(e.value)
@@ -437,13 +480,23 @@ def test_the_formula_describes_the_band_keys_and_what_decide_merges_unverified()
         assert abs(shared.mean() - p) <= 4 * sd + 0.002, (thr, shared.mean(), p)
         if expect is None:
             continue
-        t = pa.table({"shard": ["s"] * len(caps), "row": list(range(len(caps))),
-                      "uid": [f"{i:032x}" for i in range(len(caps))], "url": [f"http://x/{i}" for i in range(len(caps))],
-                      "caption": caps, "fetch_status": ["ok"] * len(caps), "clip_score": [0.3] * len(caps)})
+        t = pa.table(
+            {
+                "shard": ["s"] * len(caps),
+                "row": list(range(len(caps))),
+                "uid": [f"{i:032x}" for i in range(len(caps))],
+                "url": [f"http://x/{i}" for i in range(len(caps))],
+                "caption": caps,
+                "fetch_status": ["ok"] * len(caps),
+                "clip_score": [0.3] * len(caps),
+            }
+        )
         t = t.append_column("caption_lsh", cm.caption_lsh(pl.Series(caps), thr, perm, ngram=1))
         ann = pl.from_arrow(conform(t)).lazy()
         for verify, merged in ((False, int(shared.sum())), (True, 0)):
-            sel = SelectionConfig.model_validate({"dedup": {"caption_jaccard": 0.7, "caption_ngram": 1, "caption_verify": verify}})
+            sel = SelectionConfig.model_validate(
+                {"dedup": {"caption_jaccard": 0.7, "caption_ngram": 1, "caption_verify": verify}}
+            )
             d = decide(ann, sel)[0].collect()
             assert int((d["reason"] == "duplicate_caption").sum()) == merged
 
@@ -457,8 +510,14 @@ def test_a_report_with_another_survivor_rule_says_why_it_has_no_sweep(corpus, ru
     from curate.reports.sweep import sweep
 
     _, ann, _ = corpus
-    sel = SelectionConfig.model_validate({"name": "t", "language": {"allow": ["en"]}, "clip": {"min_score": 0.2},
-                                          "dedup": {"url": True, "survivor": rule, "survivor_column": column}})
+    sel = SelectionConfig.model_validate(
+        {
+            "name": "t",
+            "language": {"allow": ["en"]},
+            "clip": {"min_score": 0.2},
+            "dedup": {"url": True, "survivor": rule, "survivor_column": column},
+        }
+    )
     decisions, resolved = decide(ann.lazy(), sel)
     report, _ = build_audit(decisions, ann.lazy(), sel, resolved.clip_threshold)
     assert report["sweep"] is None and "survivor" in report["sweep_note"]

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from curate.config import RayConfig
 from fault_support import REPO, kill_session
 
-DRIVER = r'''
+DRIVER = r"""
 import json, logging, os, sys, time
 args = json.loads(sys.argv[1])
 warnings = []
@@ -52,14 +52,21 @@ out["warnings"] = warnings
 out["ray_children"] = ray_children()
 rx.shutdown()
 print("RESULT " + json.dumps(out), flush=True)
-'''
+"""
 
 
 def _drive(cfg: dict, env_extra: dict | None = None, timeout: float = 240) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CURATE_FAILPOINT")}
     env.update({"RAY_AUTH_MODE": "disabled", "CURATE_PROGRESS": "0", **(env_extra or {})})
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps({"cfg": cfg})], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, json.dumps({"cfg": cfg})],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
@@ -67,7 +74,7 @@ def _drive(cfg: dict, env_extra: dict | None = None, timeout: float = 240) -> di
         kill_session(proc.pid)
     lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, f"driver exited {proc.returncode} without a result:\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _gcs_servers(children: list[str]) -> list[str]:

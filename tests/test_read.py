@@ -14,7 +14,13 @@ def _write(path, **cols):
 
 
 def test_laion_layout_gets_stable_datacomp_style_uids(tmp_path):
-    p = _write(tmp_path / "a.parquet", URL=["http://x.com/1.jpg", None], TEXT=["a cat", "a dog"], WIDTH=[10, 20], HEIGHT=[30, 40])
+    p = _write(
+        tmp_path / "a.parquet",
+        URL=["http://x.com/1.jpg", None],
+        TEXT=["a cat", "a dog"],
+        WIDTH=[10, 20],
+        HEIGHT=[30, 40],
+    )
     t = read_shard(p, InputConfig(paths=[p]))
     assert t.column("shard").to_pylist() == ["a", "a"]
     assert t.column("row").to_pylist() == [0, 1]
@@ -28,8 +34,15 @@ def test_laion_layout_gets_stable_datacomp_style_uids(tmp_path):
 
 def test_datacomp_layout_keeps_its_uids(tmp_path):
     uid = "0123456789abcdef0123456789ABCDEF"
-    p = _write(tmp_path / "d.parquet", uid=[uid], url=["http://x/1.jpg"], text=["t"], original_width=[300], original_height=[200],
-               clip_l14_similarity_score=[0.31])
+    p = _write(
+        tmp_path / "d.parquet",
+        uid=[uid],
+        url=["http://x/1.jpg"],
+        text=["t"],
+        original_width=[300],
+        original_height=[200],
+        clip_l14_similarity_score=[0.31],
+    )
     t = read_shard(p, InputConfig(paths=[p]), extra_columns=("clip_l14_similarity_score",))
     assert t.column("uid").to_pylist() == [uid.lower()]
     assert t.column("clip_l14_similarity_score").to_pylist() == pytest.approx([0.31])

@@ -91,8 +91,13 @@ def report(df: pl.DataFrame) -> dict:
         extra_group_columns=("source",),
         min_group_size=30,
         top_groups=100,
-        meta={"selection": "sel-a", "thresholds": {"clip_min": 0.28}, "model": "curate-tiny/bundled",
-              "run_dir": "runs/test", "created_at": "2025-01-01T00:00:00Z"},
+        meta={
+            "selection": "sel-a",
+            "thresholds": {"clip_min": 0.28},
+            "model": "curate-tiny/bundled",
+            "run_dir": "runs/test",
+            "created_at": "2025-01-01T00:00:00Z",
+        },
     )
 
 
@@ -198,7 +203,9 @@ def test_top_groups_rollup(df):
         assert sum(g["removed_by_reason"][r] for g in sec["rows"]) == next(
             x["removed_first"] for x in rep["reasons"] if x["reason"] == r
         )
-        assert sum(g["failed_any"][r] for g in sec["rows"]) == next(x["failed_any"] for x in rep["reasons"] if x["reason"] == r)
+        assert sum(g["failed_any"][r] for g in sec["rows"]) == next(
+            x["failed_any"] for x in rep["reasons"] if x["reason"] == r
+        )
     assert other["removal_rate"] == other["removed"] / other["rows_in"]
     assert other["kept"] + sum(other["removed_by_reason"].values()) == other["rows_in"]
     # language has 4 groups, none flagged: top_groups=3 rolls up exactly one
@@ -224,9 +231,7 @@ def test_removed_without_reason_is_detected(df):
         for i, (k, s, d) in enumerate(zip(df["kept"], df["shard"], df["domain"]))
         if not k and s == "part-00001" and d == "shop.de"
     )
-    bad = df.with_columns(
-        pl.when(pl.int_range(pl.len()) == idx).then(None).otherwise(pl.col("reason")).alias("reason")
-    )
+    bad = df.with_columns(pl.when(pl.int_range(pl.len()) == idx).then(None).otherwise(pl.col("reason")).alias("reason"))
     rep = build_report(bad.lazy())
     assert rep["reconciles"] is False
     assert rep["totals"]["reconciles"] is False
@@ -352,9 +357,7 @@ def test_html_shards_collapse():
 
 def test_hostile_meta_and_values_escaped(df):
     evil = '"><img src=x onerror=alert(1)>'
-    rep = build_report(
-        df.with_columns(pl.lit(evil).alias("language")), meta={"selection": evil, evil: evil}
-    )
+    rep = build_report(df.with_columns(pl.lit(evil).alias("language")), meta={"selection": evil, evil: evil})
     page = render_html(rep)
     assert "<img" not in page and "onerror=alert(1)>" not in page
     assert html_escaped(evil) in page

@@ -32,10 +32,23 @@ def synthetic(seed: int) -> pl.DataFrame:
     n = len(names)
     removed = rng.random(n) < p
     # reasons of removed rows: each rule fails with its own probability, at least one
-    p_fail = {"missing_url": 0.01, "language": 0.3, "caption_length": 0.1, "fetch_failed": 0.1, "opt_out": 0.02, "image_size": 0.05,
-              "not_scored": 0.02, "clip_score": 0.5, "duplicate_url": 0.1, "duplicate_image": 0.05, "duplicate_caption": 0.05,
-              "duplicate_image_near": 0.05, "duplicate_uid": 0.01}
-    fail = rng.random((n, len(REASONS))) < np.array([p_fail[r] for r in REASONS])  # one per RULE_ORDER entry (KeyError if one is new)
+    p_fail = {
+        "missing_url": 0.01,
+        "language": 0.3,
+        "caption_length": 0.1,
+        "fetch_failed": 0.1,
+        "opt_out": 0.02,
+        "image_size": 0.05,
+        "not_scored": 0.02,
+        "clip_score": 0.5,
+        "duplicate_url": 0.1,
+        "duplicate_image": 0.05,
+        "duplicate_caption": 0.05,
+        "duplicate_image_near": 0.05,
+        "duplicate_uid": 0.01,
+    }
+    # one probability per RULE_ORDER entry (KeyError if one is new)
+    fail = rng.random((n, len(REASONS))) < np.array([p_fail[r] for r in REASONS])
     none = removed & ~fail.any(axis=1)
     fail[none, rng.integers(0, len(REASONS), none.sum())] = True
     fail &= removed[:, None]
@@ -45,9 +58,17 @@ def synthetic(seed: int) -> pl.DataFrame:
         pl.concat_list([pl.when(pl.col(r)).then(pl.lit(r)) for r in REASONS]).list.drop_nulls().alias("reasons")
     )["reasons"]
     return pl.DataFrame(
-        {"shard": "s", "row": np.arange(n), "kept": ~removed, "reason": reason, "reasons": reasons,
-         "domain": names, "tld": "com", "language": np.where(np.arange(n) % 2 == 0, "en", "pl"),
-         "clip_score": rng.normal(0.3, 0.05, n).astype(np.float32)}
+        {
+            "shard": "s",
+            "row": np.arange(n),
+            "kept": ~removed,
+            "reason": reason,
+            "reasons": reasons,
+            "domain": names,
+            "tld": "com",
+            "language": np.where(np.arange(n) % 2 == 0, "en", "pl"),
+            "clip_score": rng.normal(0.3, 0.05, n).astype(np.float32),
+        }
     )
 
 
@@ -74,7 +95,10 @@ def test_rates_exact_and_groups_reconcile(runs):
         for r in REASONS:  # marginal effect and only-this-rule counts
             sub = df.filter(pl.col("domain") == g["value"])
             assert g["failed_any"][r] == sub["reasons"].list.contains(r).sum()
-            assert g["removed_only"][r] == sub.filter(pl.col("reasons").list.len() == 1)["reasons"].list.first().eq(r).sum()
+            assert (
+                g["removed_only"][r]
+                == sub.filter(pl.col("reasons").list.len() == 1)["reasons"].list.first().eq(r).sum()
+            )
     assert rep["reconciles"]
 
 
@@ -155,9 +179,16 @@ def _audit_run_dir(tmp: Path) -> Path:
             buf = _io.BytesIO()
             Image.new("RGB", (64, 48), ((r * 37) % 255, (r * 91) % 255, 120)).save(buf, format="JPEG")
             imgs.append({"row": r, "jpg": buf.getvalue()})
-        pl.DataFrame(imgs, schema={"row": pl.Int64, "jpg": pl.Binary}).write_parquet(run / "images" / f"{shard}.parquet")
+        pl.DataFrame(imgs, schema={"row": pl.Int64, "jpg": pl.Binary}).write_parquet(
+            run / "images" / f"{shard}.parquet"
+        )
     spec = load_spec(preset_path("laion_sample"))
-    m = {"format": 1, "spec": json.loads(spec.model_dump_json()), "state": "done", "model": {"model_id": "test"}}  # a curate manifest
+    m = {
+        "format": 1,
+        "spec": json.loads(spec.model_dump_json()),
+        "state": "done",
+        "model": {"model_id": "test"},
+    }  # a curate manifest
     (run / "manifest.json").write_text(json.dumps(m))
     from curate.config import SelectionConfig
 
@@ -180,8 +211,15 @@ def test_html_in_headless_chromium(chromium, tmp_path):
     res = load_page(sel / "report.html")
     assert res.errors == [], res.errors
     t = rep["totals"]
-    for needle in (f"{t['rows_in']:,}", f"{t['kept']:,}", f"{100 * t['removal_rate']:.1f}%", "Disparities",
-                   "Threshold sweep", "Boundary gallery", "CLIP score distribution per group"):
+    for needle in (
+        f"{t['rows_in']:,}",
+        f"{t['kept']:,}",
+        f"{100 * t['removal_rate']:.1f}%",
+        "Disparities",
+        "Threshold sweep",
+        "Boundary gallery",
+        "CLIP score distribution per group",
+    ):
         assert needle in res.text, needle
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "report.png").write_bytes(res.png)

@@ -55,7 +55,9 @@ def test_sweep_equals_decide_at_every_threshold(dedup):
     res = sweep(ann, sel, thr, group_columns=["language", "domain"], top_groups=20)
     assert res["thresholds"] == sorted(thr)
     for i, t in enumerate(res["thresholds"]):
-        d, _ = decide(ann, SelectionConfig(**SEL, dedup={"url": dedup[0], "image_sha256": dedup[1]}, clip={"min_score": t}))
+        d, _ = decide(
+            ann, SelectionConfig(**SEL, dedup={"url": dedup[0], "image_sha256": dedup[1]}, clip={"min_score": t})
+        )
         d = d.collect()
         assert res["overall"]["kept"][i] == int(d["kept"].sum()), t
         for c in ("language", "domain"):
@@ -71,7 +73,11 @@ def test_flips_are_the_rows_whose_fate_changes():
     sel = SelectionConfig(**SEL)
     a, b = 0.25, 0.33
     da = decide(ann, SelectionConfig(**SEL, clip={"min_score": a}))[0].collect().select("uid", "shard", "row", "kept")
-    db = decide(ann, SelectionConfig(**SEL, clip={"min_score": b}))[0].collect().select("shard", "row", "kept", "reason", "language")
+    db = (
+        decide(ann, SelectionConfig(**SEL, clip={"min_score": b}))[0]
+        .collect()
+        .select("shard", "row", "kept", "reason", "language")
+    )
     j = da.join(db, on=["shard", "row"], suffix="_b")
     changed = j.filter(pl.col("kept") != pl.col("kept_b"))
     assert changed.filter(pl.col("kept_b")).height == 0  # stricter never keeps more

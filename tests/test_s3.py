@@ -35,7 +35,10 @@ def test_run_and_select_from_bucket_to_bucket(laion_sample, ray_session, s3_endp
     assert result.selection["counts"]["rows"] == 400 and result.selection["reconciles"]
     assert fs.exists("curate-test/runs/r1/annotations/part-0.done")
     m = json.loads(fs.cat("curate-test/runs/r1/manifest.json"))
-    assert [i["path"] for i in m["inputs"]] == ["s3://curate-test/in/part-0.parquet", "s3://curate-test/in/part-1.parquet"]
+    assert [i["path"] for i in m["inputs"]] == [
+        "s3://curate-test/in/part-0.parquet",
+        "s3://curate-test/in/part-1.parquet",
+    ]
     assert all(i["bytes"] > 0 for i in m["inputs"])
     etags = {i["path"]: i["version"] for i in m["inputs"]}
     assert etags["s3://curate-test/in/part-0.parquet"] == fs.info("curate-test/in/part-0.parquet")["ETag"].strip('"')
@@ -54,8 +57,10 @@ def test_run_and_select_from_bucket_to_bucket(laion_sample, ray_session, s3_endp
     # the audit commands read the bucket too
     res = CliRunner().invoke(app, ["report", "s3://curate-test/runs/r1", "--selection", "any_language"])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(app, ["sweep", "s3://curate-test/runs/r1", "--selection", "default",
-                                   "--from", "0", "--to", "1", "--step", "0.5"])
+    res = CliRunner().invoke(
+        app,
+        ["sweep", "s3://curate-test/runs/r1", "--selection", "default", "--from", "0", "--to", "1", "--step", "0.5"],
+    )
     # laion_sample has no CLIP scores: the sweep says so instead of printing a flat 0% curve
     assert res.exit_code != 0 and "no row of this run has a CLIP score" in res.output, res.output
 
@@ -83,7 +88,12 @@ def test_full_run_with_fetch_and_model_bucket_to_bucket(tmp_path, ray_session, s
     assert result.ok, result.failed
     assert result.selection["reconciles"] and result.selection["counts"]["rows"] == truth.height
     for shard in ("part-00000", "part-00001"):
-        for folder, suffix in (("annotations", ".parquet"), ("annotations", ".done"), ("images", ".parquet"), ("embeddings", ".parquet")):
+        for folder, suffix in (
+            ("annotations", ".parquet"),
+            ("annotations", ".done"),
+            ("images", ".parquet"),
+            ("embeddings", ".parquet"),
+        ):
             assert fs.exists(f"curate-full/run/{folder}/{shard}{suffix}"), (folder, shard)
     with fs.open("curate-full/run/annotations/part-00000.parquet", "rb") as f:
         ann = pl.read_parquet(f)
@@ -96,15 +106,23 @@ def test_full_run_with_fetch_and_model_bucket_to_bucket(tmp_path, ray_session, s
     assert res.exit_code == 0, res.output
     strict = json.loads(fs.cat(f"{_sel('s3://curate-full/run', 'strict')}/selection.json"))
     assert strict["counts"]["rows"] == truth.height and strict["counts"]["kept"] <= result.selection["counts"]["kept"]
-    res = cli.invoke(app, ["report", "s3://curate-full/run", "--selection", "strict", "--from", "0.8", "--to", "0.95", "--step", "0.05"])
+    res = cli.invoke(
+        app,
+        ["report", "s3://curate-full/run", "--selection", "strict", "--from", "0.8", "--to", "0.95", "--step", "0.05"],
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads(fs.cat(f"{_sel('s3://curate-full/run', 'strict')}/report.json"))
     assert rep["sweep"] and len(rep["sweep"]["thresholds"]) == 4
-    res = cli.invoke(app, ["sweep", "s3://curate-full/run", "--selection", "default", "--from", "0.8", "--to", "0.9", "--step", "0.05"])
+    res = cli.invoke(
+        app,
+        ["sweep", "s3://curate-full/run", "--selection", "default", "--from", "0.8", "--to", "0.9", "--step", "0.05"],
+    )
     assert res.exit_code == 0, res.output
 
 
-def test_bucket_selections_publish_whole_and_one_writer_holds_the_lease(laion_sample, ray_session, s3_endpoint, tmp_path):
+def test_bucket_selections_publish_whole_and_one_writer_holds_the_lease(
+    laion_sample, ray_session, s3_endpoint, tmp_path
+):
     """On a bucket (no rename): a killed `curate select` leaves CURRENT.json naming the old,
     complete version; the next select publishes and tidies. The run's lease object is created
     with a conditional write: a second writer is refused naming the holder, an expired lease
@@ -124,7 +142,8 @@ def test_bucket_selections_publish_whole_and_one_writer_holds_the_lease(laion_sa
     with fs.open("curate-safe/in/part-0.parquet", "wb") as f:
         src.write_parquet(f)
     spec = load_spec(preset_path("laion_sample")).with_overrides(
-        **{"input.paths": ["s3://curate-safe/in/"], "output.dir": "s3://curate-safe/run"})
+        **{"input.paths": ["s3://curate-safe/in/"], "output.dir": "s3://curate-safe/run"}
+    )
     assert run(spec).ok
     run_dir = "s3://curate-safe/run"
     first = _sel(run_dir, "default")
@@ -132,8 +151,13 @@ def test_bucket_selections_publish_whole_and_one_writer_holds_the_lease(laion_sa
 
     env = {**os.environ, "CURATE_PROGRESS": "0", "CURATE_FAILPOINT": f"publish.before_swap:{tmp_path / 'once'}"}
     curate = str(Path(sys.executable).with_name("curate"))
-    res = subprocess.run([curate, "select", run_dir, "--name", "default", "--min-words", "6"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [curate, "select", run_dir, "--name", "default", "--min-words", "6"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     fs.invalidate_cache()  # another process wrote: drop this one's cached listings
     assert _sel(run_dir, "default") == first  # the pointer still names the old version, byte for byte
@@ -165,8 +189,18 @@ def test_bucket_selections_publish_whole_and_one_writer_holds_the_lease(laion_sa
         a.release()
     assert not fs.exists("curate-safe/run/.curate.lock")
     with fs.open("curate-safe/run/.curate.lock", "wb") as f:  # a holder that was killed: never renewed
-        f.write(json.dumps({"command": "curate run (killed)", "pid": 1, "host": "h", "since": "x",
-                            "token": "dead", "expires": time.time() - 1}).encode())
+        f.write(
+            json.dumps(
+                {
+                    "command": "curate run (killed)",
+                    "pid": 1,
+                    "host": "h",
+                    "since": "x",
+                    "token": "dead",
+                    "expires": time.time() - 1,
+                }
+            ).encode()
+        )
     c = run_lock._Lease(run_dir, run_lock.describe_self("curate select C"))
     c.acquire()
     c.release()

@@ -79,11 +79,13 @@ def test_corrupt_image_is_nan_and_disturbs_no_neighbour(scorer, pairs):
 
 def test_call_on_pyarrow_table_appends_clip_score(scorer, pairs):
     images, captions = pairs
-    table = pa.table({
-        schema.UID: [f"{i:032x}" for i in range(N)],
-        schema.IMAGE_BYTES: pa.array(images[:-1] + [b"\xff\xd8garbage"], type=pa.binary()),
-        schema.CAPTION: pa.array(captions, type=pa.string()),
-    })
+    table = pa.table(
+        {
+            schema.UID: [f"{i:032x}" for i in range(N)],
+            schema.IMAGE_BYTES: pa.array(images[:-1] + [b"\xff\xd8garbage"], type=pa.binary()),
+            schema.CAPTION: pa.array(captions, type=pa.string()),
+        }
+    )
     out = scorer(table)
     assert out.column_names == [schema.UID, schema.IMAGE_BYTES, schema.CAPTION, schema.CLIP_SCORE]
     assert out.schema.field(schema.CLIP_SCORE).type == pa.float32()

@@ -76,9 +76,11 @@ def test_reduced_precision_guard(precision, pairs, fp32_scores):
     flips = (got >= DEMO_THRESHOLD) != (fp32_scores >= DEMO_THRESHOLD)
     demo = kind == "demo"
     near = np.abs(fp32_scores[demo] - DEMO_THRESHOLD) <= 0.05
-    print(f"\n{precision}: max |d| {delta.max():.4f}, p99.9 {np.quantile(delta, 0.999):.4f}, "
-          f"within 0.01: {within:.4%}; laion max |d| {delta[~demo].max():.4f}; demo max |d| {delta[demo].max():.4f}; "
-          f"flips at {DEMO_THRESHOLD}: {int(flips.sum())}/{len(flips)} (demo pairs within 0.05 of it: {int(near.sum())})")
+    print(
+        f"\n{precision}: max |d| {delta.max():.4f}, p99.9 {np.quantile(delta, 0.999):.4f}, "
+        f"within 0.01: {within:.4%}; laion max |d| {delta[~demo].max():.4f}; demo max |d| {delta[demo].max():.4f}; "
+        f"flips at {DEMO_THRESHOLD}: {int(flips.sum())}/{len(flips)} (demo pairs within 0.05 of it: {int(near.sum())})"
+    )
     assert within >= 0.999, within
     assert flips.mean() <= 0.005, int(flips.sum())
     # the demo pairs really straddle the threshold (the guard is not vacuous)

@@ -13,9 +13,22 @@ from curate.filters.select import decide
 
 def ann(rows: list[dict]) -> pl.LazyFrame:
     base = {
-        "shard": "s", "uid": None, "url": "http://x/1", "caption": "a b c d", "language": "en", "language_score": 0.9,
-        "caption_chars": 20, "caption_words": 4, "domain": "x", "tld": None, "url_normalized": None,
-        "fetch_status": "ok", "original_width": 100, "original_height": 100, "image_sha256": None, "clip_score": 0.5,
+        "shard": "s",
+        "uid": None,
+        "url": "http://x/1",
+        "caption": "a b c d",
+        "language": "en",
+        "language_score": 0.9,
+        "caption_chars": 20,
+        "caption_words": 4,
+        "domain": "x",
+        "tld": None,
+        "url_normalized": None,
+        "fetch_status": "ok",
+        "original_width": 100,
+        "original_height": 100,
+        "image_sha256": None,
+        "clip_score": 0.5,
     }
     recs = []
     for i, r in enumerate(rows):
@@ -36,7 +49,9 @@ def test_first_reason_follows_rule_order_and_reasons_lists_all():
             {"clip_score": 0.1},  # clip only
             {},  # kept
         ],
-        language={"allow": ["en"]}, caption={"min_words": 3}, clip={"min_score": 0.3},
+        language={"allow": ["en"]},
+        caption={"min_words": 3},
+        clip={"min_score": 0.3},
     )
     assert d["kept"].to_list() == [False, False, True]
     assert d["reason"].to_list() == ["language", "clip_score", None]
@@ -51,7 +66,8 @@ def test_fetch_failures_and_unscored_rows_get_their_own_reasons():
             {"fetch_status": "not_attempted", "clip_score": None, "original_width": None, "original_height": None},
             {"fetch_status": "ok", "clip_score": 0.2},
         ],
-        clip={"min_score": 0.3}, image={"min_side": 50},
+        clip={"min_score": 0.3},
+        image={"min_side": 50},
     )
     assert d["reason"].to_list() == ["fetch_failed", "not_scored", "clip_score"]
     # a failed fetch is never also reported as "not scored": the fetch is the cause
@@ -70,7 +86,11 @@ def test_top_fraction_is_exactly_datacomps_rule():
     rng = np.random.default_rng(0)
     scores = rng.normal(0.3, 0.05, 1000).astype(np.float32)
     scores[10] = scores[11]  # a tie
-    d, resolved = run([{"clip_score": float(s)} for s in scores], clip={"top_fraction": 0.3}, dedup={"url": False, "image_sha256": False})
+    d, resolved = run(
+        [{"clip_score": float(s)} for s in scores],
+        clip={"top_fraction": 0.3},
+        dedup={"url": False, "image_sha256": False},
+    )
     # datacomp baselines.get_threshold: n = int(len * fraction); threshold = -np.sort(-scores)[n]; keep >= threshold
     s64 = d["clip_score"].cast(pl.Float64).to_numpy()
     threshold = -np.sort(-s64)[int(len(s64) * 0.3)]
@@ -98,7 +118,10 @@ def test_duplicate_survivor_is_the_best_scored_eligible_copy():
 
 def test_changing_the_threshold_repicks_the_survivor():
     same = "http://x/same.jpg"
-    rows = [{"url_normalized": same, "clip_score": 0.35, "language": "en"}, {"url_normalized": same, "clip_score": 0.50, "language": "de"}]
+    rows = [
+        {"url_normalized": same, "clip_score": 0.35, "language": "en"},
+        {"url_normalized": same, "clip_score": 0.50, "language": "de"},
+    ]
     d1, _ = run(rows, language={"allow": ["en"]})
     d2, _ = run(rows)
     assert d1["kept"].to_list() == [True, False]
@@ -109,11 +132,13 @@ def test_image_duplicates_and_every_duplicate_points_at_a_kept_row():
     rng = np.random.default_rng(1)
     rows = []
     for _ in range(300):
-        rows.append({
-            "url_normalized": f"http://x/{rng.integers(0, 150)}",
-            "image_sha256": f"{rng.integers(0, 200):064x}",
-            "clip_score": float(rng.random()),
-        })
+        rows.append(
+            {
+                "url_normalized": f"http://x/{rng.integers(0, 150)}",
+                "image_sha256": f"{rng.integers(0, 200):064x}",
+                "clip_score": float(rng.random()),
+            }
+        )
     d, _ = run(rows, clip={"min_score": 0.2})
     kept_uids = set(d.filter(pl.col("kept"))["uid"].to_list())
     dups = d.filter(pl.col("reason").is_in(["duplicate_url", "duplicate_image"]))
@@ -135,14 +160,25 @@ def test_url_caption_pair_key_keeps_one_row_per_caption_of_a_url():
 
     from curate.annotations import conform
 
-    t = conform(pa.table({
-        "shard": ["s"] * 4, "row": [0, 1, 2, 3], "uid": [f"{i:032x}" for i in range(4)],
-        "url": ["http://a.test/x.jpg", "HTTP://a.test/x.jpg#frag", "http://a.test/x.jpg", "http://b.test/y.jpg"],
-        "url_normalized": ["http://a.test/x.jpg"] * 3 + ["http://b.test/y.jpg"],
-        "caption": ["a red car", "a red car", "a blue car", "a red car"],
-        "fetch_status": ["not_needed"] * 4,
-        "clip_score": pa.array([0.3, 0.4, 0.2, 0.3], pa.float32()),
-    }))
+    t = conform(
+        pa.table(
+            {
+                "shard": ["s"] * 4,
+                "row": [0, 1, 2, 3],
+                "uid": [f"{i:032x}" for i in range(4)],
+                "url": [
+                    "http://a.test/x.jpg",
+                    "HTTP://a.test/x.jpg#frag",
+                    "http://a.test/x.jpg",
+                    "http://b.test/y.jpg",
+                ],
+                "url_normalized": ["http://a.test/x.jpg"] * 3 + ["http://b.test/y.jpg"],
+                "caption": ["a red car", "a red car", "a blue car", "a red car"],
+                "fetch_status": ["not_needed"] * 4,
+                "clip_score": pa.array([0.3, 0.4, 0.2, 0.3], pa.float32()),
+            }
+        )
+    )
     lf = pl.from_arrow(t).lazy()
     by_url = decide(lf, SelectionConfig(dedup={"image_sha256": False}))[0].collect().sort("row")
     assert by_url["reason"].to_list() == ["duplicate_url", None, "duplicate_url", None]

@@ -107,7 +107,8 @@ def test_forms_that_used_to_pass_are_refused_and_the_reason_says_why(ip: str) ->
 
 
 @pytest.mark.parametrize(
-    "ip", ["5f00::1", "3fff::1", "100:0:0:1::1", "192.88.99.1", "1::1", "64:ff9b:0:0:1::1", "::ffff:0:a00:1", "::c0a8:101"]
+    "ip",
+    ["5f00::1", "3fff::1", "100:0:0:1::1", "192.88.99.1", "1::1", "64:ff9b:0:0:1::1", "::ffff:0:a00:1", "::c0a8:101"],
 )
 def test_more_ranges_that_used_to_pass_are_refused(ip: str) -> None:
     # SRv6 SIDs, RFC 9637 documentation, dummy prefix, the terminated 6to4 relay block, IETF-reserved
@@ -116,7 +117,16 @@ def test_more_ranges_that_used_to_pass_are_refused(ip: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "ip", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2001:4860:4860::8888", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"]
+    "ip",
+    [
+        "8.8.8.8",
+        "1.1.1.1",
+        "2606:4700:4700::1111",
+        "2001:4860:4860::8888",
+        "::ffff:8.8.8.8",
+        "64:ff9b::808:808",
+        "2002:808:808::1",
+    ],
 )
 def test_public_addresses_and_their_embeddings_are_allowed(ip: str) -> None:
     assert refusal(ip) is None

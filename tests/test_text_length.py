@@ -30,7 +30,7 @@ def test_trimmed_equals_padded_on_laion_captions(clip):
     worst, cut = 0.0, []
     with torch.inference_mode():
         for s in range(0, len(caps), 32):
-            t = tokens[s:s + 32]
+            t = tokens[s : s + 32]
             cut.append(real_length(t))
             worst = max(worst, float((clip.model.encode_text(t) - encode_text_trimmed(clip.model, t)).abs().max()))
     print(f"max |delta| {worst:.2e}; batch lengths {min(cut)}..{max(cut)} of 77")

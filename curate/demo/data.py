@@ -131,8 +131,13 @@ def generate(n_rows: int, seed: int, ports: dict[str, int]) -> DemoData:
             body = synthetic.to_jpeg(synthetic.render(attrs, rng, w, h), quality=90)
             served.append(Served(host, path, body))
         rec.update(
-            URL=url, TEXT=synthetic.caption(cap_attrs, lang, rng), matched=matched,
-            _caption_attrs=cap_attrs, _size=(w, h), _host=host, _body=body,
+            URL=url,
+            TEXT=synthetic.caption(cap_attrs, lang, rng),
+            matched=matched,
+            _caption_attrs=cap_attrs,
+            _size=(w, h),
+            _host=host,
+            _body=body,
         )
         if kind == "unique":
             originals.append(i)
@@ -168,9 +173,7 @@ def expected_outcome(rows: pl.DataFrame) -> pl.Series:
     Every member of a duplicate group (exact URL or bytes copies, and re-encoded near-duplicate
     copies), the original included, is "duplicate": one of the group survives, and which one
     depends on the scores."""
-    copied = set(
-        rows.filter(pl.col("row_kind").is_in(DUPLICATE_KINDS))["duplicate_of_index"].to_list()
-    )
+    copied = set(rows.filter(pl.col("row_kind").is_in(DUPLICATE_KINDS))["duplicate_of_index"].to_list())
     out = []
     for index, kind, matched, lang in zip(rows["index"], rows["row_kind"], rows["matched"], rows["gt_language"]):
         if lang not in DEMO_ALLOWED_LANGUAGES:

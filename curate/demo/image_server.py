@@ -121,7 +121,10 @@ class ImageServer:
         self._server = _Server(self, host)
         self.host, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"ImageServer:{self.port}", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"ImageServer:{self.port}",
+            daemon=True,
         )
         self._thread.start()
 

@@ -32,8 +32,9 @@ def claim_demo_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out} is a file, not a folder", param_hint="--out")
     if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARK).exists():
-        raise typer.BadParameter(f"{out} is not empty and was not made by `curate demo`; choose a new folder",
-                                 param_hint="--out")
+        raise typer.BadParameter(
+            f"{out} is not empty and was not made by `curate demo`; choose a new folder", param_hint="--out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARK).write_text("made by `curate demo`: it may rewrite input/ and run/ here\n")
 
@@ -53,7 +54,9 @@ def write_inputs(out: Path, rows: int, shards: int, seed: int, servers: dict[str
     for k, part in enumerate(df.partition_by("_shard", maintain_order=True)):
         name = f"part-{k:05d}"
         part.select("URL", "TEXT", "site").write_parquet(shard_dir / f"{name}.parquet")
-        gt.append(part.with_columns(pl.lit(name).alias(schema.SHARD), pl.int_range(pl.len()).cast(pl.Int64).alias(schema.ROW)))
+        gt.append(
+            part.with_columns(pl.lit(name).alias(schema.SHARD), pl.int_range(pl.len()).cast(pl.Int64).alias(schema.ROW))
+        )
     truth = pl.concat(gt).drop("_shard")
     from curate.stages.read import compute_uids
 
@@ -73,8 +76,16 @@ def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> d
     from curate.selection import readable_dir
 
     sel = readable_dir(run_dir, selection)
-    kept = pl.read_parquet(io.join(sel, "kept", "*.parquet")).select(schema.SHARD, schema.ROW).with_columns(pl.lit(True).alias("kept"))
-    removed = pl.read_parquet(io.join(sel, "removed", "*.parquet")).select(schema.SHARD, schema.ROW, schema.REASON).with_columns(pl.lit(False).alias("kept"))
+    kept = (
+        pl.read_parquet(io.join(sel, "kept", "*.parquet"))
+        .select(schema.SHARD, schema.ROW)
+        .with_columns(pl.lit(True).alias("kept"))
+    )
+    removed = (
+        pl.read_parquet(io.join(sel, "removed", "*.parquet"))
+        .select(schema.SHARD, schema.ROW, schema.REASON)
+        .with_columns(pl.lit(False).alias("kept"))
+    )
     decided = pl.concat([kept, removed], how="diagonal")
     j = truth.join(decided, on=[schema.SHARD, schema.ROW], how="left")
 
@@ -96,7 +107,9 @@ def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> d
         .group_by("_group")
         .agg(
             pl.col("kept").fill_null(False).sum().alias("kept"),
-            (pl.col("matched").all() & (pl.col("gt_language").is_in(list(DEMO_ALLOWED_LANGUAGES))).all()).alias("eligible"),
+            (pl.col("matched").all() & (pl.col("gt_language").is_in(list(DEMO_ALLOWED_LANGUAGES))).all()).alias(
+                "eligible"
+            ),
             (pl.col("row_kind") == "near_duplicate").any().alias("near"),
         )
     )
@@ -111,12 +124,18 @@ def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> d
         "mismatched_removed_by_clip": mism_rate,
         "mismatched_n": n_mism,
         "duplicate_groups": groups.height,
-        "duplicate_groups_keeping_one": float((eligible_groups["kept"] == 1).mean()) if eligible_groups.height else float("nan"),
+        "duplicate_groups_keeping_one": float((eligible_groups["kept"] == 1).mean())
+        if eligible_groups.height
+        else float("nan"),
         "duplicate_groups_keeping_more": int((groups["kept"] > 1).sum()),
         "near_duplicate_groups": near_groups.height,
-        "near_duplicate_groups_keeping_one": float((near_groups["kept"] == 1).mean()) if near_groups.height else float("nan"),
+        "near_duplicate_groups_keeping_one": float((near_groups["kept"] == 1).mean())
+        if near_groups.height
+        else float("nan"),
         # rows that should be kept but were removed as a near-duplicate of some other image
-        "false_near_duplicates": int(j.filter((pl.col("expected") == "keep") & (pl.col(schema.REASON) == "duplicate_image_near")).height),
+        "false_near_duplicates": int(
+            j.filter((pl.col("expected") == "keep") & (pl.col(schema.REASON) == "duplicate_image_near")).height
+        ),
     }
 
 
@@ -127,7 +146,10 @@ def run_demo(out: Path, rows: int = 600, shards: int = 3, seed: int = 0) -> int:
     claim_demo_folder(out)
     with contextlib.ExitStack() as stack:
         servers = {host: stack.enter_context(ImageServer(host)) for host, _ in SITES}
-        typer.echo(f"demo: {rows} rows in {shards} shards; image servers on " + ", ".join(f"{h}:{s.port}" for h, s in servers.items()))
+        typer.echo(
+            f"demo: {rows} rows in {shards} shards; image servers on "
+            + ", ".join(f"{h}:{s.port}" for h, s in servers.items())
+        )
         truth = write_inputs(out, rows, shards, seed, servers)
         spec = demo_spec(out)
         result = run(spec)
@@ -138,14 +160,24 @@ def run_demo(out: Path, rows: int = 600, shards: int = 3, seed: int = 0) -> int:
     sel = result.selection or {}
     c = sel.get("counts", {})
     typer.echo("")
-    typer.echo(f"rows in: {c.get('rows', 0):,}   kept: {c.get('kept', 0):,}   removed: {c.get('removed', 0):,}   "
-               f"counts reconcile: {'yes' if sel.get('reconciles') else 'NO'}")
-    typer.echo(f"matched, unique, fetchable pairs kept:  {ev['matched_unique_fetchable_kept']:.1%} of {ev['matched_unique_fetchable_n']}")
-    typer.echo(f"mismatched pairs removed by CLIP rule:  {ev['mismatched_removed_by_clip']:.1%} of {ev['mismatched_n']}")
-    typer.echo(f"duplicate groups keeping one copy:      {ev['duplicate_groups_keeping_one']:.1%} of eligible groups "
-               f"({ev['duplicate_groups_keeping_more']} groups kept more than one)")
-    typer.echo(f"  of which re-encoded (near) copies:    {ev['near_duplicate_groups_keeping_one']:.1%} of {ev['near_duplicate_groups']}; "
-               f"distinct images removed as near-duplicates: {ev['false_near_duplicates']}")
+    typer.echo(
+        f"rows in: {c.get('rows', 0):,}   kept: {c.get('kept', 0):,}   removed: {c.get('removed', 0):,}   "
+        f"counts reconcile: {'yes' if sel.get('reconciles') else 'NO'}"
+    )
+    typer.echo(
+        f"matched, unique, fetchable pairs kept:  {ev['matched_unique_fetchable_kept']:.1%} of {ev['matched_unique_fetchable_n']}"
+    )
+    typer.echo(
+        f"mismatched pairs removed by CLIP rule:  {ev['mismatched_removed_by_clip']:.1%} of {ev['mismatched_n']}"
+    )
+    typer.echo(
+        f"duplicate groups keeping one copy:      {ev['duplicate_groups_keeping_one']:.1%} of eligible groups "
+        f"({ev['duplicate_groups_keeping_more']} groups kept more than one)"
+    )
+    typer.echo(
+        f"  of which re-encoded (near) copies:    {ev['near_duplicate_groups_keeping_one']:.1%} of {ev['near_duplicate_groups']}; "
+        f"distinct images removed as near-duplicates: {ev['false_near_duplicates']}"
+    )
     typer.echo(f"ground truth: {out / 'input' / 'ground_truth.parquet'}")
     typer.echo(f"run directory: {result.run_dir}")
     typer.secho(f"report: {sel.get('report_html')}", bold=True)

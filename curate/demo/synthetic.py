@@ -119,7 +119,20 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
             pts.append((rad * math.cos(t), rad * math.sin(t)))
     elif shape == "cross":
         a, b = 0.3, 0.95
-        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+        pts = [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
     elif shape == "heart":
         pts = []
         for t in np.linspace(0, 2 * math.pi, 48, endpoint=False):
@@ -195,10 +208,24 @@ def _caption_en(a: Attrs, t: int) -> str:
 
 
 # German: (noun, gender) ; colour stems take the endings
-_DE_SHAPE = {"circle": ("Kreis", "m"), "square": ("Quadrat", "n"), "triangle": ("Dreieck", "n"),
-             "star": ("Stern", "m"), "cross": ("Kreuz", "n"), "heart": ("Herz", "n")}
-_DE_COLOR = {"red": "rot", "green": "grün", "blue": "blau", "yellow": "gelb", "orange": "orangefarben",
-             "purple": "violett", "pink": "rosafarben", "brown": "braun"}
+_DE_SHAPE = {
+    "circle": ("Kreis", "m"),
+    "square": ("Quadrat", "n"),
+    "triangle": ("Dreieck", "n"),
+    "star": ("Stern", "m"),
+    "cross": ("Kreuz", "n"),
+    "heart": ("Herz", "n"),
+}
+_DE_COLOR = {
+    "red": "rot",
+    "green": "grün",
+    "blue": "blau",
+    "yellow": "gelb",
+    "orange": "orangefarben",
+    "purple": "violett",
+    "pink": "rosafarben",
+    "brown": "braun",
+}
 _DE_BG = {"white": "weiß", "black": "schwarz", "gray": "grau", "beige": "beige", "navy": "dunkelblau"}
 
 
@@ -216,11 +243,24 @@ def _caption_de(a: Attrs, t: int) -> str:
 
 
 # French: (noun, gender, starts with vowel)
-_FR_SHAPE = {"circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"),
-             "star": ("étoile", "f"), "cross": ("croix", "f"), "heart": ("cœur", "m")}
-_FR_COLOR = {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"),
-             "yellow": ("jaune", "jaune"), "orange": ("orange", "orange"), "purple": ("violet", "violette"),
-             "pink": ("rose", "rose"), "brown": ("marron", "marron")}
+_FR_SHAPE = {
+    "circle": ("cercle", "m"),
+    "square": ("carré", "m"),
+    "triangle": ("triangle", "m"),
+    "star": ("étoile", "f"),
+    "cross": ("croix", "f"),
+    "heart": ("cœur", "m"),
+}
+_FR_COLOR = {
+    "red": ("rouge", "rouge"),
+    "green": ("vert", "verte"),
+    "blue": ("bleu", "bleue"),
+    "yellow": ("jaune", "jaune"),
+    "orange": ("orange", "orange"),
+    "purple": ("violet", "violette"),
+    "pink": ("rose", "rose"),
+    "brown": ("marron", "marron"),
+}
 _FR_BG = {"white": "blanc", "black": "noir", "gray": "gris", "beige": "beige", "navy": "bleu marine"}
 
 
@@ -239,11 +279,24 @@ def _caption_fr(a: Attrs, t: int) -> str:
     ][t % 4]
 
 
-_ES_SHAPE = {"circle": ("círculo", "m"), "square": ("cuadrado", "m"), "triangle": ("triángulo", "m"),
-             "star": ("estrella", "f"), "cross": ("cruz", "f"), "heart": ("corazón", "m")}
-_ES_COLOR = {"red": ("rojo", "roja"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
-             "yellow": ("amarillo", "amarilla"), "orange": ("naranja", "naranja"),
-             "purple": ("morado", "morada"), "pink": ("rosa", "rosa"), "brown": ("marrón", "marrón")}
+_ES_SHAPE = {
+    "circle": ("círculo", "m"),
+    "square": ("cuadrado", "m"),
+    "triangle": ("triángulo", "m"),
+    "star": ("estrella", "f"),
+    "cross": ("cruz", "f"),
+    "heart": ("corazón", "m"),
+}
+_ES_COLOR = {
+    "red": ("rojo", "roja"),
+    "green": ("verde", "verde"),
+    "blue": ("azul", "azul"),
+    "yellow": ("amarillo", "amarilla"),
+    "orange": ("naranja", "naranja"),
+    "purple": ("morado", "morada"),
+    "pink": ("rosa", "rosa"),
+    "brown": ("marrón", "marrón"),
+}
 _ES_BG = {"white": "blanco", "black": "negro", "gray": "gris", "beige": "beige", "navy": "azul marino"}
 
 
@@ -262,11 +315,24 @@ def _caption_es(a: Attrs, t: int) -> str:
     ][t % 4]
 
 
-_IT_SHAPE = {"circle": ("cerchio", "m"), "square": ("quadrato", "m"), "triangle": ("triangolo", "m"),
-             "star": ("stella", "f"), "cross": ("croce", "f"), "heart": ("cuore", "m")}
-_IT_COLOR = {"red": ("rosso", "rossa"), "green": ("verde", "verde"), "blue": ("blu", "blu"),
-             "yellow": ("giallo", "gialla"), "orange": ("arancione", "arancione"), "purple": ("viola", "viola"),
-             "pink": ("rosa", "rosa"), "brown": ("marrone", "marrone")}
+_IT_SHAPE = {
+    "circle": ("cerchio", "m"),
+    "square": ("quadrato", "m"),
+    "triangle": ("triangolo", "m"),
+    "star": ("stella", "f"),
+    "cross": ("croce", "f"),
+    "heart": ("cuore", "m"),
+}
+_IT_COLOR = {
+    "red": ("rosso", "rossa"),
+    "green": ("verde", "verde"),
+    "blue": ("blu", "blu"),
+    "yellow": ("giallo", "gialla"),
+    "orange": ("arancione", "arancione"),
+    "purple": ("viola", "viola"),
+    "pink": ("rosa", "rosa"),
+    "brown": ("marrone", "marrone"),
+}
 _IT_BG = {"white": "bianco", "black": "nero", "gray": "grigio", "beige": "beige", "navy": "blu scuro"}
 
 
@@ -286,23 +352,39 @@ def _caption_it(a: Attrs, t: int) -> str:
 
 
 # Polish: (nominative, accusative, gender); colour stems (hard-stem "y" / soft-stem "i")
-_PL_SHAPE = {"circle": ("koło", "koło", "n"), "square": ("kwadrat", "kwadrat", "m"),
-             "triangle": ("trójkąt", "trójkąt", "m"), "star": ("gwiazda", "gwiazdę", "f"),
-             "cross": ("krzyż", "krzyż", "m"), "heart": ("serce", "serce", "n")}
-_PL_COLOR = {"red": "czerwon", "green": "zielon", "blue": "niebiesk", "yellow": "żółt", "orange": "pomarańczow",
-             "purple": "fioletow", "pink": "różow", "brown": "brązow"}
+_PL_SHAPE = {
+    "circle": ("koło", "koło", "n"),
+    "square": ("kwadrat", "kwadrat", "m"),
+    "triangle": ("trójkąt", "trójkąt", "m"),
+    "star": ("gwiazda", "gwiazdę", "f"),
+    "cross": ("krzyż", "krzyż", "m"),
+    "heart": ("serce", "serce", "n"),
+}
+_PL_COLOR = {
+    "red": "czerwon",
+    "green": "zielon",
+    "blue": "niebiesk",
+    "yellow": "żółt",
+    "orange": "pomarańczow",
+    "purple": "fioletow",
+    "pink": "różow",
+    "brown": "brązow",
+}
 _PL_BG = {"white": "biał", "black": "czarn", "gray": "szar", "beige": "beżow", "navy": "granatow"}
 
 
 def _pl_adj(stem: str, case: str) -> str:
     soft = stem.endswith(("k", "g"))
-    return stem + {
-        "m": "i" if soft else "y",
-        "f": "a",
-        "n": "ie" if soft else "e",
-        "f_acc": "ą",
-        "loc": "im" if soft else "ym",
-    }[case]
+    return (
+        stem
+        + {
+            "m": "i" if soft else "y",
+            "f": "a",
+            "n": "ie" if soft else "e",
+            "f_acc": "ą",
+            "loc": "im" if soft else "ym",
+        }[case]
+    )
 
 
 def _caption_pl(a: Attrs, t: int) -> str:
@@ -320,8 +402,14 @@ def _caption_pl(a: Attrs, t: int) -> str:
     ][t % 4]
 
 
-_CAPTIONERS = {"en": _caption_en, "de": _caption_de, "fr": _caption_fr, "es": _caption_es,
-               "it": _caption_it, "pl": _caption_pl}
+_CAPTIONERS = {
+    "en": _caption_en,
+    "de": _caption_de,
+    "fr": _caption_fr,
+    "es": _caption_es,
+    "it": _caption_it,
+    "pl": _caption_pl,
+}
 N_TEMPLATES = 4
 
 

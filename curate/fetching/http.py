@@ -121,7 +121,9 @@ WATCHDOG = Watchdog()
 
 
 # --- connections that connect only to checked addresses ---------------------------------------------
-def _checked_connect(policy: AddressPolicy, host: str, port: int, timeout: float, on_socket: Callable[[socket.socket], None]) -> socket.socket:
+def _checked_connect(
+    policy: AddressPolicy, host: str, port: int, timeout: float, on_socket: Callable[[socket.socket], None]
+) -> socket.socket:
     why = policy.hostname_refusal(host)
     if why:
         raise FetchFailure(FetchStatus.BLOCKED_ADDRESS, f"refused {host}: {why}")
@@ -149,13 +151,23 @@ def _checked_connect(policy: AddressPolicy, host: str, port: int, timeout: float
 
 
 class _GuardedHTTP(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, timeout: float, policy: AddressPolicy, on_socket: Callable[[socket.socket], None]) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float, policy: AddressPolicy, on_socket: Callable[[socket.socket], None]
+    ) -> None:
         super().__init__(host, port, timeout=timeout)
         self._create_connection = lambda addr, t, src=None: _checked_connect(policy, addr[0], addr[1], t, on_socket)
 
 
 class _GuardedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, timeout: float, policy: AddressPolicy, on_socket: Callable[[socket.socket], None], context: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        policy: AddressPolicy,
+        on_socket: Callable[[socket.socket], None],
+        context: ssl.SSLContext,
+    ) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self._create_connection = lambda addr, t, src=None: _checked_connect(policy, addr[0], addr[1], t, on_socket)
 
@@ -226,10 +238,15 @@ class GuardedFetcher:
                 return Fetched(url, status, headers, body, hops)
             hops += 1
             if hops > self.max_redirects:
-                raise FetchFailure(FetchStatus.TOO_MANY_REDIRECTS, f"more than {self.max_redirects} redirects (last to {location[:200]})")
+                raise FetchFailure(
+                    FetchStatus.TOO_MANY_REDIRECTS,
+                    f"more than {self.max_redirects} redirects (last to {location[:200]})",
+                )
             url = urljoin(url, location)
 
-    def _one_hop(self, url: str, deadline: float, on_headers: Optional[Callable[[int, Message], None]]) -> tuple[int, Message, bytes, Optional[str]]:
+    def _one_hop(
+        self, url: str, deadline: float, on_headers: Optional[Callable[[int, Message], None]]
+    ) -> tuple[int, Message, bytes, Optional[str]]:
         scheme, host, port, target = _target(url)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -241,7 +258,9 @@ class GuardedFetcher:
 
         timeout = min(self.timeout_s, remaining)
         if scheme == "https":
-            conn: http.client.HTTPConnection = _GuardedHTTPS(host, port, timeout, self.policy, on_socket, self.ssl_context)
+            conn: http.client.HTTPConnection = _GuardedHTTPS(
+                host, port, timeout, self.policy, on_socket, self.ssl_context
+            )
         else:
             conn = _GuardedHTTP(host, port, timeout, self.policy, on_socket)
         try:

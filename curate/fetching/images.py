@@ -78,7 +78,9 @@ def prepare(body: bytes, formats: list[str], max_pixels: int) -> bytes:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(body), formats=[_PIL_NAME[fmt]])
     except Image.DecompressionBombError as err:
-        raise FetchFailure(FetchStatus.TOO_MANY_PIXELS, f"decompression bomb (from the header, not decoded): {err}") from err
+        raise FetchFailure(
+            FetchStatus.TOO_MANY_PIXELS, f"decompression bomb (from the header, not decoded): {err}"
+        ) from err
     except Exception as err:  # noqa: BLE001 (Pillow raises many kinds on bad headers)
         raise FetchFailure(FetchStatus.DECODE_ERROR, f"image decoding error: unreadable {fmt} header: {err}") from err
     with im:
@@ -86,7 +88,10 @@ def prepare(body: bytes, formats: list[str], max_pixels: int) -> bytes:
         if w <= 0 or h <= 0:
             raise FetchFailure(FetchStatus.DECODE_ERROR, f"image decoding error: {fmt} header says {w}x{h}")
         if w * h > max_pixels:
-            raise FetchFailure(FetchStatus.TOO_MANY_PIXELS, f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels} (from the header, not decoded)")
+            raise FetchFailure(
+                FetchStatus.TOO_MANY_PIXELS,
+                f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels} (from the header, not decoded)",
+            )
         try:
             orientation = im.getexif().get(_ORIENTATION, 1) if fmt in ("jpeg", "png", "webp", "tiff") else 1
         except Exception:  # noqa: BLE001 (a broken EXIF block is not a broken image)
@@ -110,7 +115,9 @@ def prepare(body: bytes, formats: list[str], max_pixels: int) -> bytes:
         except FetchFailure:
             raise
         except Exception as err:  # noqa: BLE001 (truncated, corrupt)
-            raise FetchFailure(FetchStatus.DECODE_ERROR, f"image decoding error: {fmt} is truncated or corrupt: {err}") from err
+            raise FetchFailure(
+                FetchStatus.DECODE_ERROR, f"image decoding error: {fmt} is truncated or corrupt: {err}"
+            ) from err
     buf = io.BytesIO()
     out.save(buf, "PPM")
     return buf.getvalue()

@@ -58,7 +58,9 @@ def domain_and_suffix(host_or_url: str) -> tuple[str | None, str | None]:
     if not host_or_url:
         return None, None
     r = _extractor()(host_or_url)
-    registered = r.top_domain_under_public_suffix if hasattr(r, "top_domain_under_public_suffix") else r.registered_domain
+    registered = (
+        r.top_domain_under_public_suffix if hasattr(r, "top_domain_under_public_suffix") else r.registered_domain
+    )
     if registered:
         return registered.lower(), r.suffix.lower() or None
     return (r.domain.lower() or None), (r.suffix.lower() or None)
@@ -83,12 +85,7 @@ def caption_word_counts(captions: pl.Series) -> pl.Series:
     cjk_words = caps.str.extract_all(rf"\S*[{_WORD_CJK}]\S*")
     inner = cjk_words.list.join(" ")
     runs = inner.str.count_matches(rf"[^\s{_WORD_CJK}\p{{L}}\p{{N}}]*{_WORD_LETTER_OR_DIGIT}[^\s{_WORD_CJK}]*")
-    words = (
-        caps.str.count_matches(r"\S+")
-        - cjk_words.list.len()
-        + caps.str.count_matches(rf"[{_WORD_CJK}]")
-        + runs
-    )
+    words = caps.str.count_matches(r"\S+") - cjk_words.list.len() + caps.str.count_matches(rf"[{_WORD_CJK}]") + runs
     return words.cast(pl.Int32).rename(schema.CAPTION_WORDS)
 
 

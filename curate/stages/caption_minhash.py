@@ -136,7 +136,8 @@ def _token_hashes(tokens: pl.Series) -> np.ndarray:
     uniq = tokens.unique()
     hs = np.fromiter(
         (int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in uniq.to_list()),
-        dtype=np.uint64, count=uniq.len(),
+        dtype=np.uint64,
+        count=uniq.len(),
     )
     lut = pl.DataFrame({"t": uniq, "h": pl.Series(hs, dtype=pl.UInt64)})
     return pl.DataFrame({"t": tokens}).join(lut, on="t", how="left", maintain_order="left").get_column("h").to_numpy()

@@ -261,7 +261,9 @@ class _ShardFetch:
             body = self._get_with_retries(url)
             sha = hashlib.sha256(body).hexdigest()
             if expected is not None and sha != expected:
-                return row, _record(row, FetchStatus.HASH_MISMATCH, f"sha256 of the bytes served {sha} != input sha256 {expected}")
+                return row, _record(
+                    row, FetchStatus.HASH_MISMATCH, f"sha256 of the bytes served {sha} != input sha256 {expected}"
+                )
             prepared = image_checks.prepare(body, self.cfg.image_formats, self.cfg.max_pixels)
             return row, (prepared, sha)
         except FetchFailure as f:
@@ -274,7 +276,9 @@ class _ShardFetch:
         if values and self.disallowed:
             hit = robots.opt_out(values, self.token, self.disallowed)
             if hit:
-                raise FetchFailure(FetchStatus.OPT_OUT, f"X-Robots-Tag {hit!r} applies to {self.token!r}: {'; '.join(values)[:200]}")
+                raise FetchFailure(
+                    FetchStatus.OPT_OUT, f"X-Robots-Tag {hit!r} applies to {self.token!r}: {'; '.join(values)[:200]}"
+                )
 
     def _get_with_retries(self, url: str) -> bytes:
         cfg = self.cfg
@@ -287,18 +291,25 @@ class _ShardFetch:
                 slot.acquire()
                 deadline = time.monotonic() + cfg.deadline_s
             elif not slot.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                raise FetchFailure(FetchStatus.TIMEOUT, f"total deadline {cfg.deadline_s:g}s passed waiting for a slot on {host}")
+                raise FetchFailure(
+                    FetchStatus.TIMEOUT, f"total deadline {cfg.deadline_s:g}s passed waiting for a slot on {host}"
+                )
             try:
                 wait = self.hosts.not_before(host) - time.monotonic()
                 if wait > 0:
                     if time.monotonic() + wait >= deadline:
-                        raise FetchFailure(FetchStatus.RATE_LIMITED, f"{host} asked us to back off for {wait:.1f}s more, beyond the deadline")
+                        raise FetchFailure(
+                            FetchStatus.RATE_LIMITED,
+                            f"{host} asked us to back off for {wait:.1f}s more, beyond the deadline",
+                        )
                     time.sleep(wait)
                 return self.fetcher.get(url, deadline, self._check_headers).body
             except FetchFailure as f:
                 if f.retry_after is not None:
                     if f.retry_after > cfg.max_retry_after_s:
-                        raise FetchFailure(f.status, f"{f.detail} (Retry-After {f.retry_after:g}s > max_retry_after_s)") from f
+                        raise FetchFailure(
+                            f.status, f"{f.detail} (Retry-After {f.retry_after:g}s > max_retry_after_s)"
+                        ) from f
                     self.hosts.back_off(host, time.monotonic() + f.retry_after)  # every URL of the host waits
                 if f.status not in TRANSIENT or attempt >= cfg.retries:
                     raise
@@ -320,7 +331,9 @@ def _make_resizer(cfg: FetchConfig) -> Any:
     from img2dataset import resizer as i2d_resizer
 
     # Not thread-safe (it swaps the process's stdout/stderr fds around OpenCV calls): one thread only.
-    return i2d_resizer.Resizer(image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_format="jpg")
+    return i2d_resizer.Resizer(
+        image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_format="jpg"
+    )
 
 
 def _internal(err: BaseException) -> str:
@@ -335,7 +348,13 @@ def _record(
     sizes: Sequence[Optional[int]] = (None, None, None, None),
     sha256: Optional[str] = None,
 ) -> dict[str, Any]:
-    return {ROW: row, FETCH_STATUS: status.value, FETCH_ERROR: error, **dict(zip(_SIZE_COLUMNS, sizes)), IMAGE_SHA256: sha256}
+    return {
+        ROW: row,
+        FETCH_STATUS: status.value,
+        FETCH_ERROR: error,
+        **dict(zip(_SIZE_COLUMNS, sizes)),
+        IMAGE_SHA256: sha256,
+    }
 
 
 # --- reconciliation -------------------------------------------------------------------------------
@@ -363,5 +382,8 @@ def reconcile(
     if sorted(image_rows) != ok_rows:
         raise FetchError(f"shard {shard!r}: ok rows and stored images disagree")
     status = pa.Table.from_pylist([by_row[r] for r in sorted(by_row)], schema=STATUS_SCHEMA)
-    imgs = pa.table({ROW: pa.array(image_rows, pa.int64()), IMAGE_BYTES: pa.array([b for _, b in images], pa.binary())}, schema=IMAGES_SCHEMA)
+    imgs = pa.table(
+        {ROW: pa.array(image_rows, pa.int64()), IMAGE_BYTES: pa.array([b for _, b in images], pa.binary())},
+        schema=IMAGES_SCHEMA,
+    )
     return status, imgs.sort_by(ROW).combine_chunks()

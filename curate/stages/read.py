@@ -34,11 +34,20 @@ class Layout:
 
 LAYOUTS = {
     # LAION metadata shards: URL, TEXT, WIDTH, HEIGHT, similarity, ...
-    "laion": Layout("laion", "URL", "TEXT", None, (("WIDTH", schema.ORIGINAL_WIDTH), ("HEIGHT", schema.ORIGINAL_HEIGHT))),
+    "laion": Layout(
+        "laion", "URL", "TEXT", None, (("WIDTH", schema.ORIGINAL_WIDTH), ("HEIGHT", schema.ORIGINAL_HEIGHT))
+    ),
     # DataComp CommonPool metadata: uid, url, text, original_width, original_height, sha256, clip_*_similarity_score
     "datacomp": Layout(
-        "datacomp", "url", "text", "uid",
-        (("original_width", schema.ORIGINAL_WIDTH), ("original_height", schema.ORIGINAL_HEIGHT), ("sha256", schema.EXPECTED_SHA256)),
+        "datacomp",
+        "url",
+        "text",
+        "uid",
+        (
+            ("original_width", schema.ORIGINAL_WIDTH),
+            ("original_height", schema.ORIGINAL_HEIGHT),
+            ("sha256", schema.EXPECTED_SHA256),
+        ),
     ),
 }
 
@@ -60,7 +69,9 @@ def list_shards(cfg: InputConfig) -> list[str]:
     for p in paths:
         n = shard_name(p)
         if n in names:
-            raise ShardReadError(f"two input shards share the name {n!r}: {names[n]} and {p}; outputs are named by shard")
+            raise ShardReadError(
+                f"two input shards share the name {n!r}: {names[n]} and {p}; outputs are named by shard"
+            )
         names[n] = p
     return paths
 
@@ -128,7 +139,9 @@ def read_shard(path: str, cfg: InputConfig, extra_columns: tuple[str, ...] = ())
             meta_cols = [src for src, _ in layout.metadata if src in columns]
             for col in [*extra_columns, *cfg.keep_columns]:
                 if col not in columns:
-                    raise ShardReadError(f"{path}: missing column {col!r} (named in the spec); columns present: {columns}")
+                    raise ShardReadError(
+                        f"{path}: missing column {col!r} (named in the spec); columns present: {columns}"
+                    )
             for col in wanted:
                 if col not in columns:
                     raise ShardReadError(

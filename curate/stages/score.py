@@ -50,14 +50,15 @@ class ClipScorer:
             raise ValueError("ClipScorer needs score.source = 'model' (source='column' reads an input column)")
         self.cfg = cfg
         self.clip: LoadedClip = load_clip(
-            cfg.model, cfg.pretrained, device=device, precision=cfg.precision, threads=cfg.cpu_threads)
+            cfg.model, cfg.pretrained, device=device, precision=cfg.precision, threads=cfg.cpu_threads
+        )
         self.batch_size = cfg.batch_size
         self.decode_threads = getattr(cfg, "decode_threads", 1)
         self._pool: Optional[ThreadPoolExecutor] = None
 
     @property
     def model_id(self) -> str:
-        """"<architecture>/<pretrained label>", e.g. "curate-tiny/bundled:0123456789ab"."""
+        """ "<architecture>/<pretrained label>", e.g. "curate-tiny/bundled:0123456789ab"."""
         return self.clip.model_id
 
     # ----------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class ClipScorer:
     ) -> Iterator[tuple[list[int], Optional[torch.Tensor], list[int]]]:
         """(usable rows, pixel batch) per chunk of ``batch_size`` candidate rows; with decode
         threads, chunk k+1 is decoded while the caller runs the model on chunk k."""
-        chunks = [rows[s:s + self.batch_size] for s in range(0, len(rows), self.batch_size)]
+        chunks = [rows[s : s + self.batch_size] for s in range(0, len(rows), self.batch_size)]
         if self.decode_threads <= 0 or len(chunks) <= 1:
             for c in chunks:
                 yield self._decode_batch(images, c, phash)
@@ -136,7 +137,7 @@ class ClipScorer:
         for s, e in token_budget_batches(lengths[order].tolist(), max(self.batch_size, 1), tokens.shape[1]):
             idx = order[s:e]
             tok = tokens[idx]
-            tok = tok[:, :real_length(tok)]  # also cuts the host->device copy
+            tok = tok[:, : real_length(tok)]  # also cuts the host->device copy
             with clip.autocast():
                 f = encode_text_trimmed(clip.model, self._to_device(tok))
             f = torch.nn.functional.normalize(f.float(), dim=-1)
@@ -210,7 +211,8 @@ class ClipScorer:
         if isinstance(batch, pa.Table):
             scores = pa.array(
                 self.score(batch.column(schema.IMAGE_BYTES).to_pylist(), batch.column(schema.CAPTION).to_pylist()),
-                type=pa.float32())
+                type=pa.float32(),
+            )
             if schema.CLIP_SCORE in batch.column_names:
                 return batch.set_column(batch.column_names.index(schema.CLIP_SCORE), schema.CLIP_SCORE, scores)
             return batch.append_column(schema.CLIP_SCORE, scores)
