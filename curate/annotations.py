@@ -11,7 +11,7 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from curate import io, schema
+from curate import io, schema, store
 
 # Columns every annotation shard has, with their types; input keep_columns follow them.
 ANNOTATION_FIELDS: list[pa.Field] = [
@@ -60,16 +60,16 @@ def conform(table: pa.Table, keep_columns: list[str] = ()) -> pa.Table:
 
 
 def shard_path(run_dir: str, shard: str) -> str:
-    return io.join(run_dir, "annotations", f"{shard}.parquet")
+    return store.annotation_path(run_dir, shard)
 
 
 def marker_path(run_dir: str, shard: str) -> str:
-    return io.join(run_dir, "annotations", f"{shard}.done")
+    return store.marker_path(run_dir, shard)
 
 
 def completed_shards(run_dir: str) -> list[str]:
     """Shards whose marker exists (marker is written after the data: only these are trusted)."""
-    d = io.join(run_dir, "annotations")
+    d = store.annotations_dir(run_dir)
     if not io.exists(d):
         return []
     return sorted(p.rsplit("/", 1)[-1][: -len(".done")] for p in io.list_files(d, suffix=".done"))
@@ -93,7 +93,7 @@ def scan(run_dir: str, shards: list[str] | None = None, include_forgotten: bool 
 
 # --- image embeddings (score.store_embeddings): embeddings/<shard>.parquet, columns row, image_embedding
 def embeddings_path(run_dir: str, shard: str) -> str:
-    return io.join(run_dir, "embeddings", f"{shard}.parquet")
+    return store.embeddings_path(run_dir, shard)
 
 
 def embeddings_for(run_dir: str, sel, shards: list[str] | None = None) -> pl.LazyFrame | None:

@@ -36,14 +36,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate import annotations, io, schema
+from curate import annotations, io, schema, store
 
 KINDS = ("uids", "urls", "sha256")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def forget_dir(run_dir: str) -> str:
-    return io.join(run_dir, "forget")
+    return store.forget_dir(run_dir)
 
 
 def keys_path(run_dir: str) -> str:
@@ -241,12 +241,10 @@ def rows_read(marker: dict) -> int:
 
 # --- cleaning a run directory -----------------------------------------------------------------------
 def _side_paths(run_dir: str, shard: str) -> dict[str, str]:
-    from curate.shard_jobs import images_path, work_path
-
     return {
-        "work": work_path(run_dir, shard),
-        "images": images_path(run_dir, shard),
-        "embeddings": annotations.embeddings_path(run_dir, shard),
+        "work": store.work_path(run_dir, shard),
+        "images": store.images_path(run_dir, shard),
+        "embeddings": store.embeddings_path(run_dir, shard),
     }
 
 
@@ -313,8 +311,8 @@ def clean_shard(run_dir: str, shard: str, keys: Keys) -> dict[str, Any]:
 
 def _shards_with_files(run_dir: str) -> list[str]:
     found: set[str] = set()
-    for d in ("annotations", "_work", "images", "embeddings"):
-        top = io.join(run_dir, d)
+    for d in store.SHARD_DIRS:
+        top = store.folder(run_dir, d)
         if io.exists(top):
             for p in io.list_files(top, suffix=".parquet"):
                 found.add(p.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")])
@@ -388,7 +386,7 @@ def _forget_rows(run_dir: str, kind: str, data: bytes, entries: list[str]) -> di
 
     # every selection, rewritten from the cleaned annotations with the rules it was made with
     spec = PipelineSpec.model_validate(m["spec"])
-    sel_root = io.join(run_dir, "selections")
+    sel_root = store.selections_dir(run_dir)
     names = set(m.get("selections", []))
     if io.exists(sel_root):
         fs_, sp = io.fs_and_path(sel_root)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
-from curate import io
+from curate import io, store
 from curate.config import PipelineSpec
 
 PACKAGES = (
@@ -50,7 +50,7 @@ def now() -> str:
 
 
 def path(run_dir: str) -> str:
-    return io.join(run_dir, "manifest.json")
+    return store.manifest_path(run_dir)
 
 
 def read(run_dir: str) -> dict[str, Any]:
@@ -186,7 +186,7 @@ def opt_out_policy(spec: PipelineSpec) -> dict[str, Any]:
 
 
 # --- output checksums ------------------------------------------------------------------------------
-OUTPUT_DIRS = ("annotations", "images", "embeddings", "selections", "forget")
+OUTPUT_DIRS = store.OUTPUT_DIRS
 
 
 def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
@@ -197,7 +197,7 @@ def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
     old = (m.get("outputs") or {}).get("files") or {}
     found: dict[str, dict[str, Any]] = {}  # url -> {bytes, version}, from one listing per folder
     for d in OUTPUT_DIRS:
-        top = io.join(run_dir, d)
+        top = store.folder(run_dir, d)
         fs, tp = io.fs_and_path(top)
         if not fs.exists(tp):
             continue

@@ -18,13 +18,13 @@ import json
 import re
 from typing import Any
 
-from curate import io, publish
+from curate import io, publish, store
 from curate.names import _NAME
 
-SHARD_DIRS = ("annotations", "images", "embeddings", "_work")
+SHARD_DIRS = store.SHARD_DIRS
 _SHARD_FILE = re.compile(r"^[^/]+\.(parquet|done)$")
 _TMP = re.compile(r"\.tmp-[0-9a-f]{32}$")
-KEEP = ("forget", ".curate.lock")  # never removed
+KEEP = (store.FORGET, store.LOCK)  # never removed
 
 
 class NotARunDir(ValueError):
@@ -90,12 +90,12 @@ def remove_outputs(run_dir: str) -> list[str]:
         parts = rel.split("/")
         if parts[0] in KEEP:
             continue
-        if rel == "manifest.json" or _TMP.search(parts[-1]):
+        if rel == store.MANIFEST or _TMP.search(parts[-1]):
             doomed.append(p)
         elif parts[0] in SHARD_DIRS and len(parts) == 2 and _SHARD_FILE.match(parts[1]):
             doomed.append(p)
         elif (
-            parts[0] == "selections"
+            parts[0] == store.SELECTIONS
             and len(parts) >= 3
             and _selection_file(parts[1], "/".join(parts[2:]), selection.owned)
         ):
@@ -103,10 +103,10 @@ def remove_outputs(run_dir: str) -> list[str]:
         else:
             left.append(rel)
     markers = [p for p in doomed if p.endswith(".done")]
-    for p in markers + [p for p in doomed if not p.endswith(".done") and not p.endswith("manifest.json")]:
+    for p in markers + [p for p in doomed if not p.endswith(".done") and not p.endswith(store.MANIFEST)]:
         fs.rm(p)
     for p in doomed:
-        if p.endswith("manifest.json"):
+        if p.endswith(store.MANIFEST):
             fs.rm(p)  # last: until here the folder is still a (partly emptied) curate run
     _remove_empty_dirs(fs, top)
     return left

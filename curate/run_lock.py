@@ -31,9 +31,9 @@ import time
 import uuid
 from typing import Iterator
 
-from curate import io
+from curate import io, store
 
-LOCK_NAME = ".curate.lock"
+LOCK_NAME = store.LOCK
 LEASE_S = 120.0
 
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import polars as pl
 
-from curate import annotations, faults, forget, io, manifest, publish, run_lock, schema
+from curate import annotations, faults, forget, io, manifest, publish, run_lock, schema, store
 from curate.config import ReportConfig, SelectionConfig
 from curate.filters.select import decide
 from curate.reports.audit import build_audit, write_audit
@@ -29,7 +29,7 @@ _DROP_FROM_OUTPUTS = (schema.URL_NORMALIZED,)
 
 
 def selection_dir(run_dir: str, name: str) -> str:
-    return io.join(run_dir, "selections", name)
+    return store.selection_dir(run_dir, name)
 
 
 def uids_to_datacomp(uids: list[str]) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from curate import annotations, faults, forget, io, schema
+from curate import annotations, faults, forget, io, schema, store
 from curate.config import PipelineSpec
 from curate.filters.rules import text_rules_mask
 from curate.schema import FetchStatus
@@ -36,11 +36,11 @@ PENDING = "pending"  # internal, never written to a finished annotation shard
 
 
 def work_path(run_dir: str, shard: str) -> str:
-    return io.join(run_dir, "_work", f"{shard}.parquet")
+    return store.work_path(run_dir, shard)
 
 
 def images_path(run_dir: str, shard: str) -> str:
-    return io.join(run_dir, "images", f"{shard}.parquet")
+    return store.images_path(run_dir, shard)
 
 
 def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
@@ -128,7 +128,7 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
 def _fetch_into(
     ann: pl.DataFrame, rows: pa.Table, spec: PipelineSpec, run_dir: str, shard: str
 ) -> tuple[pl.DataFrame, pa.Table]:
-    status, images = fetch_shard(rows, spec.fetch, io.join(run_dir, "_work"), shard)
+    status, images = fetch_shard(rows, spec.fetch, store.work_dir(run_dir), shard)
     if status.num_rows != rows.num_rows:
         raise RuntimeError(f"shard {shard}: fetch returned {status.num_rows} statuses for {rows.num_rows} rows")
     st = pl.from_arrow(status)

@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from curate import io, schema
+from curate import io, schema, store
 from curate.config import ReportConfig, SelectionConfig
 from curate.reports.summary import build_report, write_report
 from curate.reports.sweep import SCORE, flips, not_sweepable, representatives, sweep, thresholds
@@ -69,7 +69,7 @@ def _thumbnails(run_dir: str, keys: list[tuple[str, int]]) -> dict[tuple[str, in
     for shard, row in keys:
         by_shard.setdefault(shard, []).append(int(row))
     for shard, rows in by_shard.items():
-        path = io.join(run_dir, "images", f"{shard}.parquet")
+        path = store.images_path(run_dir, shard)
         if not io.exists(path):
             continue
         t = io.read_parquet(path, columns=[schema.ROW, schema.IMAGE_BYTES])

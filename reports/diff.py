@@ -9,7 +9,7 @@ from typing import Any
 
 import polars as pl
 
-from curate import io, schema
+from curate import io, schema, store
 
 GROUPS = (schema.DOMAIN, schema.TLD, schema.LANGUAGE)
 
@@ -23,8 +23,8 @@ def resolve_selection(path: str) -> tuple[str, str]:
     p = path.rstrip("/")
     here = publish.resolve(p)
     if io.exists(io.join(here, "selection.json")):
-        return p.rsplit("/selections/", 1)[0] if "/selections/" in p else p, here
-    sels = io.join(p, "selections")
+        return p.rsplit(f"/{store.SELECTIONS}/", 1)[0] if f"/{store.SELECTIONS}/" in p else p, here
+    sels = store.selections_dir(p)
     names = []
     if io.exists(sels):
         fs, sp = io.fs_and_path(sels)
@@ -111,7 +111,7 @@ def diff(a: str, b: str, *, group_columns: tuple[str, ...] = GROUPS, top: int = 
     conf = {}
     for label, run, sel in (("a", run_a, sel_a), ("b", run_b, sel_b)):
         s = io.read_json(io.join(sel, "selection.json"))
-        m = io.read_json(io.join(run, "manifest.json")) if io.exists(io.join(run, "manifest.json")) else {}
+        m = io.read_json(store.manifest_path(run)) if io.exists(store.manifest_path(run)) else {}
         conf[label] = {
             **_flatten(m.get("spec") or {}, "spec"),
             **_flatten(s.get("rules") or {}, "rules"),

@@ -1,0 +1,92 @@
+"""The run directory's layout, in one place: every path of a run is made here, and no other module
+spells a folder name (tests/test_structure.py holds us to that).
+
+    RUN_DIR/
+      .curate.lock                  the writer lock (curate/run_lock.py)
+      manifest.json                 what the run was made from and did (curate/manifest.py)
+      annotations/<shard>.parquet   one row per input row (curate/annotations.py)
+      annotations/<shard>.done      the shard's completion marker, written last
+      images/<shard>.parquet        fetched images (row, jpg)
+      embeddings/<shard>.parquet    CLIP image embeddings + pHash (score.store_embeddings)
+      _work/<shard>.parquet         a shard between fetch and scoring (removed when it is done)
+      selections/<name>/            one selection, published whole (curate/publish.py)
+      forget/keys.parquet, forget/requests.json   deletion requests (curate/forget.py)
+
+Paths are local or bucket URLs alike (curate.io.join).
+"""
+
+from __future__ import annotations
+
+from curate import io
+
+ANNOTATIONS = "annotations"
+IMAGES = "images"
+EMBEDDINGS = "embeddings"
+WORK = "_work"
+SELECTIONS = "selections"
+FORGET = "forget"
+MANIFEST = "manifest.json"
+LOCK = ".curate.lock"
+
+SHARD_DIRS = (ANNOTATIONS, IMAGES, EMBEDDINGS, WORK)  # one file per shard each
+OUTPUT_DIRS = (ANNOTATIONS, IMAGES, EMBEDDINGS, SELECTIONS, FORGET)  # what the manifest checksums
+MARKER_SUFFIX = ".done"
+
+
+def manifest_path(run_dir: str) -> str:
+    return io.join(run_dir, MANIFEST)
+
+
+def lock_path(run_dir: str) -> str:
+    return io.join(run_dir, LOCK)
+
+
+def folder(run_dir: str, name: str) -> str:
+    """RUN_DIR/<one of the folders above>."""
+    if name not in (*SHARD_DIRS, SELECTIONS, FORGET):
+        raise ValueError(f"{name!r} is not a run directory folder")
+    return io.join(run_dir, name)
+
+
+def annotations_dir(run_dir: str) -> str:
+    return io.join(run_dir, ANNOTATIONS)
+
+
+def annotation_path(run_dir: str, shard: str) -> str:
+    return io.join(run_dir, ANNOTATIONS, f"{shard}.parquet")
+
+
+def marker_path(run_dir: str, shard: str) -> str:
+    return io.join(run_dir, ANNOTATIONS, f"{shard}{MARKER_SUFFIX}")
+
+
+def images_path(run_dir: str, shard: str) -> str:
+    return io.join(run_dir, IMAGES, f"{shard}.parquet")
+
+
+def embeddings_path(run_dir: str, shard: str) -> str:
+    return io.join(run_dir, EMBEDDINGS, f"{shard}.parquet")
+
+
+def work_dir(run_dir: str) -> str:
+    return io.join(run_dir, WORK)
+
+
+def work_path(run_dir: str, shard: str) -> str:
+    return io.join(run_dir, WORK, f"{shard}.parquet")
+
+
+def selections_dir(run_dir: str) -> str:
+    return io.join(run_dir, SELECTIONS)
+
+
+def selection_dir(run_dir: str, name: str) -> str:
+    """The folder of selection `name` (its published version may sit below it on a bucket:
+    curate.selection.readable_dir)."""
+    from curate.names import check_name
+
+    return io.join(run_dir, SELECTIONS, check_name(name, "selection name"))
+
+
+def forget_dir(run_dir: str) -> str:
+    return io.join(run_dir, FORGET)
