@@ -450,3 +450,14 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     res = curate("demo", "--out", str(out), timeout=120)
     assert res.returncode == 2 and "not made by `curate demo`" in res.stderr, res.stderr
     assert (out / "input" / "shards" / "part-00000.parquet").read_bytes() == b"a user's shard"
+
+
+def test_input_shard_names_that_would_hide_outputs_are_refused(tmp_path):
+    from curate.config import InputConfig
+    from curate.stages.read import ShardReadError, list_shards
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pl.DataFrame({"URL": ["http://a/x.jpg"], "TEXT": ["a"]}).write_parquet(inp / ".parquet")
+    with pytest.raises(ShardReadError, match="must not be empty"):
+        list_shards(InputConfig(paths=[str(inp / ".parquet")]))

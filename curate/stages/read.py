@@ -68,6 +68,10 @@ def list_shards(cfg: InputConfig) -> list[str]:
     names: dict[str, str] = {}
     for p in paths:
         n = shard_name(p)
+        if not n or n.startswith(".") or "\x00" in n:  # outputs are named <shard>.parquet, <shard>.done
+            raise ShardReadError(
+                f"{p}: an input shard's name must not be empty or start with '.' (it names its output files)"
+            )
         if n in names:
             raise ShardReadError(
                 f"two input shards share the name {n!r}: {names[n]} and {p}; outputs are named by shard"
