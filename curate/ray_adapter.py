@@ -25,6 +25,7 @@ Ray's spelling of these APIs has changed across releases; only this file needs t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -127,6 +128,7 @@ def _start_local(cfg: RayConfig, env: dict) -> None:
                     configure_logging=True,
                     logging_level=logging.WARNING,
                 )
+            _reap_on_driver_death([p for pid, p in _ray_children().items() if pid not in before])
             return
         except (TypeError, ValueError):  # bad arguments: the same every time
             _clean_failed_start(before)
@@ -184,6 +186,61 @@ def _clean_failed_start(before: dict[int, Any]) -> list[int]:
             p.kill()
     psutil.wait_procs(left, timeout=10)
     return [p.pid for p in left]
+
+
+# A local Ray's dashboard and runtime-env agents outlive a driver killed with SIGKILL by a minute
+# or more (each reports the raylet's death to a GCS that died too, with a fixed 60 s timeout;
+# Ray has no setting for it: cluster/README.md). This watchdog, a tiny process of its own, waits
+# for the driver to be gone and then kills the Ray processes that driver's start made, each
+# checked by pid and start time (a reused pid is never touched).
+_WATCHDOG = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[2])  # Ray's bundled psutil
+import psutil
+
+driver, procs = int(sys.argv[1]), json.loads(sys.stdin.read())
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+while alive(driver):
+    time.sleep(0.5)
+for pid, created in procs:
+    try:
+        p = psutil.Process(pid)
+        if abs(p.create_time() - created) < 0.01:
+            p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _reap_on_driver_death(procs: list[Any]) -> None:
+    """Start the watchdog above for this driver's local Ray processes (best effort: a platform
+    without it keeps Ray's own, slower clean-up)."""
+    import subprocess
+    import sys
+
+    try:
+        listed = json.dumps([[p.pid, p.create_time()] for p in procs])
+        w = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WATCHDOG,
+                str(os.getpid()),
+                os.path.join(os.path.dirname(ray.__file__), "thirdparty_files"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        w.stdin.write(listed.encode())
+        w.stdin.close()
+    except Exception:  # noqa: BLE001 - a missing watchdog only means Ray's own (slower) clean-up
+        log.debug("no driver watchdog for the local Ray", exc_info=True)
 
 
 def _join(address: str, env: dict, timeout: float) -> None:

@@ -136,3 +136,46 @@ def test_a_cluster_address_that_refuses_is_an_error_at_once():
     assert res["warnings"] == []  # not retried
     assert res["seconds"] < 15, res["seconds"]  # Ray alone keeps trying for minutes
     assert res["ray_children"] == []
+
+
+KILLED_DRIVER = r"""
+import sys, time
+from curate import ray_adapter as rx
+from curate.config import RayConfig
+rx.connect(RayConfig(num_cpus=1))
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_drivers_local_ray_is_gone_within_seconds():
+    """SIGKILL the driver alone: every Ray process its start made (GCS, raylet, and the dashboard
+    and runtime-env agents, which Ray itself leaves for a minute or more) is gone within 20 s."""
+    import time
+
+    from fault_support import session_cmdlines, session_pids, wait_until
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", KILLED_DRIVER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        assert driver.stdout.readline().strip() == "up"
+        started = [p for p in session_pids(driver.pid) if p != driver.pid]
+        agents = [c for c in session_cmdlines(driver.pid) if "Agent" in c]
+        assert started and agents, (started, agents)  # the processes this is about
+        driver.kill()
+        driver.wait()
+        t0 = time.monotonic()
+        left = wait_until(lambda: not session_pids(driver.pid), timeout=20)
+        assert left, (
+            f"still running {time.monotonic() - t0:.0f} s after the driver died: {session_cmdlines(driver.pid)}"
+        )
+    finally:
+        kill_session(driver.pid)
