@@ -11,7 +11,7 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from curate import io, schema, store
+from curate import deletions, io, schema, store
 
 # Columns every annotation shard has, with their types; input keep_columns follow them.
 ANNOTATION_FIELDS: list[pa.Field] = [
@@ -77,17 +77,15 @@ def completed_shards(run_dir: str) -> list[str]:
 
 def scan(run_dir: str, shards: list[str] | None = None, include_forgotten: bool = False) -> pl.LazyFrame:
     """Lazily scan completed annotation shards (or the named ones). Rows a `curate forget` key
-    matches by uid or image sha256 are left out (curate/forget.py; none remain after it ran)."""
+    matches by uid or image sha256 are left out (curate/deletions.py; none remain after it ran)."""
     shards = completed_shards(run_dir) if shards is None else shards
     if not shards:
         raise FileNotFoundError(f"{run_dir}: no completed annotation shards (annotations/*.done)")
     lf = pl.scan_parquet([shard_path(run_dir, s) for s in shards])
     if not include_forgotten:
-        from curate import forget
-
-        keys = forget.load_keys(run_dir)
+        keys = deletions.load_keys(run_dir)
         if keys:
-            lf = lf.filter(forget.exclude_expr(keys, lf.collect_schema().names()).not_())
+            lf = lf.filter(deletions.exclude_expr(keys, lf.collect_schema().names()).not_())
     return lf
 
 

@@ -243,7 +243,7 @@ def report(
     seed: int = typer.Option(0, "--seed", help="seed of the boundary-gallery sample"),
 ) -> None:
     """Re-render a selection's audit report (HTML, JSON, tables/*.parquet) from the run's annotations."""
-    from curate.reports.audit import rebuild_report
+    from curate.selection import rebuild_report
     from curate.reports.sweep import thresholds
 
     thr = None

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
-from curate import io, store
+from curate import deletions, io, store
 from curate.config import PipelineSpec
 
 PACKAGES = (
@@ -66,8 +66,6 @@ def new(spec: PipelineSpec, shards: list[str], previous: dict[str, Any] | None =
     """A fresh manifest for a run starting now; `previous` (the run directory's manifest, when a
     run is resumed or rerun) passes on what outlives one run: its selections and their rules, and
     the output checksums (reused for files that did not change)."""
-    from curate import forget
-
     run_dir = spec.output.dir
     previous = previous or {}
     return {
@@ -86,8 +84,8 @@ def new(spec: PipelineSpec, shards: list[str], previous: dict[str, Any] | None =
         "language_model": None,
         "preprocessing": preprocessing(spec),
         "opt_out": opt_out_policy(spec),
-        "deletion_lists": forget.describe_lists(run_dir),
-        "forget_requests": forget.read_log(run_dir),
+        "deletion_lists": deletions.describe_lists(run_dir),
+        "forget_requests": deletions.read_log(run_dir),
         "cluster": None,
         "counts": {},
         "shards": {},

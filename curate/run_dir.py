@@ -5,7 +5,7 @@ curate writes, and so may remove:
     manifest.json
     annotations/<shard>.parquet, annotations/<shard>.done
     images/<shard>.parquet, embeddings/<shard>.parquet, _work/<shard>.parquet
-    selections/<name>/...   the files of a selection (curate.selection.owned), its staging and
+    selections/<name>/...   the files of a selection (store.selection_owned), its staging and
                             parked copies, its bucket versions (curate/publish.py)
     *.tmp-<hex>             a temporary file of an atomic write that a kill left behind
 It never removes forget/ (deletion requests outlive every run) nor .curate.lock (curate/run_lock.py).
@@ -34,9 +34,7 @@ class NotARunDir(ValueError):
 def read_manifest(run_dir: str) -> dict[str, Any] | None:
     """The run's manifest, None when there is none; NotARunDir (naming the file) when it is not
     readable JSON or not a curate manifest."""
-    from curate import manifest
-
-    p = manifest.path(run_dir)
+    p = store.manifest_path(run_dir)
     if not io.exists(p):
         return None
     try:
@@ -77,8 +75,6 @@ def remove_outputs(run_dir: str) -> list[str]:
     """`--overwrite`: remove every file curate wrote in `run_dir` (see the module docstring),
     completion markers first so that a kill part-way leaves shards that are simply not done.
     Returns the files left because curate did not write them (relative paths)."""
-    from curate import selection
-
     fs, top = io.fs_and_path(run_dir)
     top = top.rstrip("/")
     if not fs.exists(top):
@@ -97,7 +93,7 @@ def remove_outputs(run_dir: str) -> list[str]:
         elif (
             parts[0] == store.SELECTIONS
             and len(parts) >= 3
-            and _selection_file(parts[1], "/".join(parts[2:]), selection.owned)
+            and _selection_file(parts[1], "/".join(parts[2:]), store.selection_owned)
         ):
             doomed.append(p)
         else:

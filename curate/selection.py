@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import io as _io
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
 
-from curate import annotations, faults, forget, io, manifest, publish, run_lock, schema, store
-from curate.config import ReportConfig, SelectionConfig
+from curate import accounting, annotations, faults, io, manifest, publish, run_lock, schema, store
+from curate.config import PipelineSpec, ReportConfig, SelectionConfig
 from curate.filters.select import decide
 from curate.reports.audit import build_audit, write_audit
 
@@ -39,16 +41,7 @@ def uids_to_datacomp(uids: list[str]) -> np.ndarray:
 
 
 # what a selection folder holds, all written by write_selection; anything else there is not ours
-_OWNED_FILES = frozenset({"selection.json", "report.json", "report.html", "uids.npy"})
-_OWNED_DIRS = frozenset({"kept", "removed", "tables"})
-
-
-def owned(rel: str) -> bool:
-    """Whether `rel` (a path inside a selection folder) is a file write_selection writes."""
-    parts = rel.split("/")
-    return (len(parts) == 1 and parts[0] in _OWNED_FILES) or (
-        len(parts) == 2 and parts[0] in _OWNED_DIRS and parts[1].endswith(".parquet")
-    )
+owned = store.selection_owned  # whether a path inside a selection folder is a file written here
 
 
 def readable_dir(run_dir: str, name: str) -> str:
@@ -120,9 +113,9 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
         embeddings=embeddings,
     )
     # forgotten rows (curate forget) are counted: kept + removed + forgotten == rows read, per shard
-    accounting = forget.reconcile_report(report, run_dir, shards, forget.excluded_counts(run_dir, shards))
-    counts["forgotten"] = sum(c["forgotten"] for c in accounting.values())
-    counts["rows_read"] = sum(c["rows_read"] for c in accounting.values())
+    per_shard_counts = accounting.reconcile_report(report, run_dir, shards, accounting.excluded_counts(run_dir, shards))
+    counts["forgotten"] = sum(c["forgotten"] for c in per_shard_counts.values())
+    counts["rows_read"] = sum(c["rows_read"] for c in per_shard_counts.values())
 
     def build(out: str, readable_at: str) -> dict:
         per_shard: dict[str, dict[str, int]] = {}
@@ -134,7 +127,7 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
             io.write_parquet(io.join(out, "removed", f"{shard}.parquet"), removed.to_arrow())
             per_shard[shard] = {"rows": part.height, "kept": kept.height, "removed": removed.height}
             faults.fire("selection.shard_written", shard)
-        for shard, c in accounting.items():
+        for shard, c in per_shard_counts.items():
             per_shard.setdefault(shard, {"rows": 0, "kept": 0, "removed": 0}).update(c)
         io.atomic_write_bytes(io.join(out, "uids.npy"), buf.getvalue())
         faults.fire("selection.uids_written", sel.name)
@@ -169,3 +162,81 @@ def _record_in_manifest(run_dir: str, sel: SelectionConfig) -> None:
     m.setdefault("selection_specs", {})[sel.name] = sel.model_dump(mode="json")
     manifest.record_outputs(run_dir, m)
     manifest.write(run_dir, m)
+
+
+def rebuild_report(
+    run_dir: str,
+    name: str = "default",
+    *,
+    sweep_thresholds: Sequence[float] | None = None,
+    compare: tuple[float, float] | None = None,
+    sweep_include: dict[str, Sequence[str]] | None = None,
+    gallery_column: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Re-render selections/<name>/ report from the run's annotations: the selection's recorded
+    rules are re-applied with decide() (no model, no network), then the audit is rebuilt."""
+    out = readable_dir(run_dir, name)  # checks the name
+    if not io.exists(io.join(out, "selection.json")):
+        raise FileNotFoundError(f"{out}: no such selection (no selection.json); `curate select` makes one")
+    with run_lock.hold(run_dir):  # report files are rewritten one by one, each atomically
+        return _rebuild_report(
+            run_dir,
+            out,
+            sweep_thresholds=sweep_thresholds,
+            compare=compare,
+            sweep_include=sweep_include,
+            gallery_column=gallery_column,
+            seed=seed,
+        )
+
+
+def _rebuild_report(
+    run_dir: str, out: str, *, sweep_thresholds, compare, sweep_include, gallery_column, seed
+) -> dict[str, Any]:
+    summary = io.read_json(io.join(out, "selection.json"))
+    sel = SelectionConfig.model_validate(summary["rules"])
+    m = manifest.read(run_dir)
+    cfg = PipelineSpec.model_validate(m["spec"]).report
+    ann = annotations.scan(run_dir)
+    embeddings = annotations.embeddings_for(run_dir, sel)
+    decisions, resolved = decide(ann, sel, embeddings=embeddings)
+    decisions = decisions.collect().lazy()  # once: every report query reads it (as write_selection does)
+    names = set(ann.collect_schema().names())
+    extra = [c for c in cfg.group_columns if c in names]
+    meta = {
+        k: summary.get(k)
+        for k in (
+            "selection",
+            "run_dir",
+            "rules",
+            "resolved",
+            "model",
+            "language_model",
+            "run_state",
+            "failed_shards",
+            "unaccounted_rows",
+            "created_at",
+        )
+    }
+    meta["resolved"] = resolved.as_dict()
+    report, tables = build_audit(
+        decisions,
+        ann,
+        sel,
+        resolved.clip_threshold,
+        report_cfg=cfg,
+        extra_group_columns=extra,
+        meta=meta,
+        run_dir=run_dir,
+        sweep_thresholds=sweep_thresholds,
+        compare=compare,
+        sweep_include=sweep_include,
+        gallery_column=gallery_column,
+        seed=seed,
+        embeddings=embeddings,
+    )
+    shards = annotations.completed_shards(run_dir)  # forgotten rows count: kept + removed + forgotten == rows read
+    accounting.reconcile_report(report, run_dir, shards, accounting.excluded_counts(run_dir, shards))
+    json_path, html_path = write_audit(report, tables, out)
+    return {"report": report, "report_json": json_path, "report_html": html_path}

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from curate import annotations, faults, forget, io, schema, store
+from curate import accounting, annotations, deletions, faults, forget, io, schema, store
 from curate.config import PipelineSpec
 from curate.filters.rules import text_rules_mask
 from curate.schema import FetchStatus
@@ -49,12 +49,12 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
     shard = shard_name(path)
     t0 = time.time()
     done = io.exists(annotations.marker_path(run_dir, shard))
-    keys = forget.load_keys(run_dir)  # `curate forget` requests: those rows never come back
+    keys = deletions.load_keys(run_dir)  # `curate forget` requests: those rows never come back
 
     if done:
         if keys:
             forget.clean_shard(run_dir, shard, keys)
-        carried = forget.marker_counts(run_dir, shard)
+        carried = accounting.marker_counts(run_dir, shard)
         ann = pl.from_arrow(io.read_parquet(annotations.shard_path(run_dir, shard)))
         if not spec.needs_images:
             return {"shard": shard, "state": "unchanged", "rows": ann.height}
@@ -67,7 +67,7 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
             return {"shard": shard, "state": "unchanged", "rows": ann.height}
     else:
         extra = (spec.score.column,) if spec.score.source == "column" and spec.score.column else ()
-        table, carried = forget.drop_at_read(read_shard(path, spec.input, extra_columns=extra), keys)
+        table, carried = deletions.drop_at_read(read_shard(path, spec.input, extra_columns=extra), keys)
         ann = pl.from_arrow(annotate_text(table, spec.annotate.language, spec.input.max_caption_chars))
         if spec.annotate.caption_minhash:
             from curate.stages.caption_minhash import annotate_caption_lsh
@@ -100,7 +100,7 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
     if n_fetch:
         rows = ann.filter(todo).select(schema.ROW, schema.URL, schema.CAPTION, schema.EXPECTED_SHA256).to_arrow()
         ann, images = _fetch_into(ann, rows, spec, run_dir, shard)
-        ann, images, k = forget.drop_fetched(ann, images, keys)
+        ann, images, k = deletions.drop_fetched(ann, images, keys)
         carried["forgotten"] += k
         fetched_ok = images.num_rows
         _merge_images(run_dir, shard, images)

@@ -88,5 +88,19 @@ def selection_dir(run_dir: str, name: str) -> str:
     return io.join(run_dir, SELECTIONS, check_name(name, "selection name"))
 
 
+# what a selection folder holds, all written by curate.selection.write_selection
+SELECTION_FILES = frozenset({"selection.json", "report.json", "report.html", "uids.npy"})
+SELECTION_DIRS = frozenset({"kept", "removed", "tables"})  # <shard or table>.parquet each
+
+
+def selection_owned(rel: str) -> bool:
+    """Whether `rel` (a path inside a selection folder) is a file curate writes there; anything
+    else is someone else's, and is never deleted (curate/publish.py, curate/run_dir.py)."""
+    parts = rel.split("/")
+    return (len(parts) == 1 and parts[0] in SELECTION_FILES) or (
+        len(parts) == 2 and parts[0] in SELECTION_DIRS and parts[1].endswith(".parquet")
+    )
+
+
 def forget_dir(run_dir: str) -> str:
     return io.join(run_dir, FORGET)

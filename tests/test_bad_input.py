@@ -312,7 +312,7 @@ def test_select_with_an_upper_case_code_keeps_rows_and_a_bad_code_fails(messy_ru
 
 # --- (14) `curate forget` lists are validated ---------------------------------------------------------
 def test_forget_lists_are_validated(tmp_path):
-    from curate.forget import parse_list
+    from curate.deletions import parse_list
 
     junk = bytes(range(256)) * 4
     with pytest.raises(ValueError, match=r"junk\.bin: not a UTF-8 text file"):
