@@ -32,9 +32,10 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def curate(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """Run the real `curate` command; its own process group, so nothing it started outlives it."""
-    p = subprocess.Popen(
+def _start(*args: str, **env: str) -> subprocess.Popen:
+    """The real `curate` command, started in a process session of its own (so that _kill_group
+    ends whatever it started)."""
+    return subprocess.Popen(
         [CURATE, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -42,6 +43,11 @@ def curate(*args: str, timeout: float = 300, **env: str) -> subprocess.Completed
         env=_env(**env),
         start_new_session=True,
     )
+
+
+def curate(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run the real `curate` command to its end; nothing it started outlives it."""
+    p = _start(*args, **env)
     try:
         out, err = p.communicate(timeout=timeout)
     finally:
@@ -206,17 +212,6 @@ def test_corrupt_manifest_is_named_by_select(base_run, tmp_path):
 
 
 # --- 3. one writer per run directory ------------------------------------------------------------------
-def _start(*args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [CURATE, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(**env),
-        start_new_session=True,
-    )
-
-
 def _wait_holder(run: Path, pid: int, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
