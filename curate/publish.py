@@ -76,7 +76,7 @@ def publish(final: str, build: Callable[[str, str], T], owned: Callable[[str], b
     check_replaceable(final, owned)
     if io.is_local(final):
         return _publish_local(final, build)
-    return _publish_bucket(final, build)
+    return _publish_bucket(final, build, owned)
 
 
 def unpublish(final: str, owned: Callable[[str], bool]) -> None:
@@ -193,7 +193,7 @@ def _listdir(path: str) -> list[str]:
 
 
 # --- buckets -------------------------------------------------------------------------------------------
-def _publish_bucket(final: str, build: Callable[[str, str], T]) -> T:
+def _publish_bucket(final: str, build: Callable[[str, str], T], owned: Callable[[str], bool]) -> T:
     version = f"v-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:12]}"
     where = io.join(final, version)
     pointer = io.join(final, POINTER)
@@ -203,12 +203,15 @@ def _publish_bucket(final: str, build: Callable[[str, str], T]) -> T:
     io.write_json(pointer, {"version": version, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     faults.fire("publish.after_swap", final)
     fs, path = io.fs_and_path(final)
+    path = path.rstrip("/")
     for p in fs.ls(path, detail=False):
         base = p.rstrip("/").rsplit("/", 1)[-1]
         if _VERSION.match(base) and base not in (version, previous):
             fs.rm(p, recursive=True)  # an older version, or an unfinished one a killed writer left
-        elif base != POINTER and not _VERSION.match(base):
-            fs.rm(p, recursive=True)  # a version written before pointers (checked owned above)
+    for p in fs.find(path):  # a version written before pointers: curate's files of it, and only those
+        rel = p[len(path) + 1 :]
+        if rel != POINTER and not _VERSION.match(rel.split("/", 1)[0]) and owned(rel):
+            fs.rm(p)
     faults.fire("publish.after_cleanup", final)
     return result
 

@@ -173,6 +173,13 @@ def test_bucket_selections_publish_whole_and_one_writer_holds_the_lease(
     left = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("curate-safe/run/selections/default"))
     assert left == sorted(["CURRENT.json", first.rsplit("/", 1)[-1], now.rsplit("/", 1)[-1]])  # unfinished one gone
 
+    # a file someone put beside the versions is never deleted by a publish
+    fs.pipe("curate-safe/run/selections/default/notes.txt", b"mine")
+    res = CliRunner().invoke(app, ["select", run_dir, "--name", "default", "--min-words", "5"])
+    assert res.exit_code == 0, res.output
+    fs.invalidate_cache()
+    assert fs.cat("curate-safe/run/selections/default/notes.txt") == b"mine"
+
     # the lease: exactly one holder; the second is refused by name; an expired lease is taken over
     a = run_lock._Lease(run_dir, run_lock.describe_self("curate select A"))
     a.acquire()
