@@ -133,6 +133,7 @@ def forget_rows(run_dir: str, kind: str, list_url: str) -> dict[str, Any]:
     with fs.open(p, "rb") as f:
         data = f.read()
     entries = parse_list(data, kind, list_url)  # validated before the run directory is touched
+    manifest.read(run_dir)  # a clear error for a folder that is not a run, before a lock file is made there
     with run_lock.hold(run_dir):  # no run, select or other forget writes meanwhile
         return _forget_rows(run_dir, kind, data, entries)
 
