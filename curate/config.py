@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from curate.names import check_name
+import ipaddress
 
 
 class Strict(BaseModel):
@@ -83,8 +84,6 @@ class FetchConfig(Strict):
 
     @model_validator(mode="after")
     def _valid_fetch(self) -> "FetchConfig":
-        import ipaddress
-
         for cidr in self.allow_networks:
             ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad entry
         unknown = set(self.image_formats) - {"jpeg", "png", "gif", "webp", "bmp", "tiff"}

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from curate import io, schema, store
 from curate.urls import normalize_url
+from urllib.parse import urlsplit
 
 KINDS = ("uids", "urls", "sha256")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -92,8 +93,6 @@ def parse_list(data: bytes, kind: str, source: str = "<list>") -> list[str]:
     Every line is checked, so a wrong file is an error naming it and the line, never a list of
     junk "identifiers": a UTF-8 text file (a leading BOM is allowed), URLs are http(s) URLs with a
     host and no control characters, uids 32 hex characters, sha256 64."""
-    from urllib.parse import urlsplit
-
     if kind not in KINDS:
         raise ValueError(f"unknown forget list kind {kind!r}; one of {KINDS}")
     try:

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import signal
 
 ENV = "CURATE_FAILPOINT"
 FAILPOINT_EXIT_CODE = 75
@@ -70,8 +72,6 @@ def fire(name: str, detail: str = "") -> None:
         for item in pause.split(","):
             key, _, seconds = item.partition("=")
             if key.strip() == name:
-                import time
-
                 time.sleep(float(seconds))
     value = os.environ.get(ENV)
     if not value:
@@ -90,8 +90,6 @@ def fire(name: str, detail: str = "") -> None:
     os.write(fd, json.dumps({"failpoint": name, "detail": detail, "pid": os.getpid()}).encode())
     os.close(fd)
     if name.startswith(KILL_PREFIXES):
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
     os._exit(FAILPOINT_EXIT_CODE)
 

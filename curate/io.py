@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.names import check_name  # noqa: F401  (re-exported: io.check_name)
+import hashlib
 
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -29,8 +30,6 @@ def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def sha256_file(url: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 hex digest of a file (local or bucket), streamed in chunks (checkpoints and image
     shards can be gigabytes)."""
-    import hashlib
-
     fs, p = fs_and_path(str(url))
     h = hashlib.sha256()
     with fs.open(p, "rb") as f:

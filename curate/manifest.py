@@ -15,6 +15,8 @@ from typing import Any
 
 from curate import deletions, io, store
 from curate.config import PipelineSpec
+import curate
+from curate.run_dir import read_manifest
 
 PACKAGES = (
     "curate",
@@ -54,8 +56,6 @@ def path(run_dir: str) -> str:
 
 
 def read(run_dir: str) -> dict[str, Any]:
-    from curate.run_dir import read_manifest
-
     m = read_manifest(run_dir)  # a corrupt or foreign manifest.json is an error naming the file
     if m is None:
         raise FileNotFoundError(f"{run_dir}: not a curate run directory (no manifest.json)")
@@ -102,8 +102,6 @@ def code_version(src: str | None = None) -> dict[str, Any]:
     commit is None when git is missing, the package is not tracked by git (an installed wheel),
     or git fails."""
     if src is None:
-        import curate
-
         src = os.path.dirname(os.path.abspath(curate.__file__))
     out: dict[str, Any] = {
         "curate": package_versions().get("curate"),

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import fsspec
+from curate import io
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = "curate-tiny"
@@ -61,8 +63,6 @@ def _is_url(s: str) -> bool:
 def _fetch_to_cache(url: str) -> str:
     """Copy a checkpoint at an fsspec URL (s3://, gs://, https://, memory://, ...) to the local
     cache, once; a cached copy of the same size is reused. Written atomically (temp + rename)."""
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(url)
     info = fs.info(path)
     size = info.get("size")
@@ -112,8 +112,6 @@ def resolve_pretrained(model: str, pretrained: str) -> str:
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
     """sha256 hex digest of a checkpoint file (curate.io.sha256_file: streamed, local or bucket)."""
-    from curate import io
-
     return io.sha256_file(path)
 
 

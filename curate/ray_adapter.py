@@ -35,6 +35,9 @@ from typing import Any, Callable, Iterable
 import ray
 from curate import faults
 from curate.config import RayConfig
+import sys
+import subprocess
+import socket
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +222,6 @@ for pid, created in procs:
 def _reap_on_driver_death(procs: list[Any]) -> None:
     """Start the watchdog above for this driver's local Ray processes (best effort: a platform
     without it keeps Ray's own, slower clean-up)."""
-    import subprocess
-    import sys
-
     try:
         listed = json.dumps([[p.pid, p.create_time()] for p in procs])
         w = subprocess.Popen(
@@ -248,8 +248,6 @@ def _join(address: str, env: dict, timeout: float) -> None:
     naming the address (Ray itself would keep trying for minutes)."""
     target = _gcs_host_port(address)
     if target is not None:
-        import socket
-
         try:
             socket.create_connection(target, timeout=min(timeout, 10.0)).close()
         except OSError as e:

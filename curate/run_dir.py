@@ -20,6 +20,7 @@ from typing import Any
 
 from curate import io, publish, store
 from curate.names import _NAME
+import os
 
 SHARD_DIRS = store.SHARD_DIRS
 _SHARD_FILE = re.compile(r"^[^/]+\.(parquet|done)$")
@@ -124,7 +125,6 @@ def _selection_file(entry: str, rel: str, owned) -> bool:
 def _remove_empty_dirs(fs, top: str) -> None:
     if not io.is_local(top):
         return  # buckets have no empty folders
-    import os
 
     for root, _dirs, _files in os.walk(top, topdown=False):
         if root != top and os.path.relpath(root, top).split(os.sep)[0] not in KEEP and not os.listdir(root):

@@ -32,6 +32,7 @@ import uuid
 from typing import Iterator
 
 from curate import io, store
+import fcntl
 
 LOCK_NAME = store.LOCK
 LEASE_S = 120.0
@@ -112,8 +113,6 @@ class _LocalLock(_Holder):
     fd: int = -1
 
     def acquire(self) -> None:
-        import fcntl
-
         path = lock_path(self.run_dir)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

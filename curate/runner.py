@@ -15,6 +15,10 @@ from curate import annotations, faults, io, manifest, publish, selection
 from curate import run_dir as run_dir_mod
 from curate.config import PipelineSpec
 from curate.stages.read import footer_rows, list_shards, shard_name
+from tqdm import tqdm
+from curate.stages.annotate import LANGUAGE_MODEL_ID
+from curate.annotations import ANNOTATION_COLUMNS
+from curate import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,6 @@ def run(spec: PipelineSpec) -> RunResult:
     """The whole `curate run`, holding the run directory's writer lock (curate/run_lock.py): a
     second writer is refused, naming this one. The manifest says "complete" only once the
     selection is in place; a Ctrl-C leaves it "interrupted", a crash "failed" (with the error)."""
-    from curate import run_lock
-
     run_dir = spec.output.dir
     preflight(spec)
     run_dir_mod.check_output_dir(run_dir)  # before the lock file is made: a foreign folder stays untouched
@@ -50,8 +52,6 @@ def run(spec: PipelineSpec) -> RunResult:
 def preflight(spec: PipelineSpec) -> None:
     """Everything about the spec that can be checked before the first shard: report columns
     that will not exist (after fetching and scoring was too late)."""
-    from curate.annotations import ANNOTATION_COLUMNS
-
     known = set(ANNOTATION_COLUMNS) | set(spec.input.keep_columns)
     unknown = [c for c in spec.report.group_columns if c not in known]
     if unknown:
@@ -133,7 +133,6 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str]) -> RunResult:
         manifest.write(run_dir, m)
     elif spec.score.source == "column":
         m["model"] = {"model_id": f"input-column:{spec.score.column}"}
-    from curate.stages.annotate import LANGUAGE_MODEL_ID
 
     m["language_model"] = LANGUAGE_MODEL_ID if spec.annotate.language else None
 
@@ -259,8 +258,6 @@ def _totals(run_dir: str, shards: list[str]) -> dict:
 
 
 def _progress(total: int):
-    from tqdm import tqdm
-
     from curate.ray_adapter import progress_disabled
 
     return tqdm(total=total, desc="shards", unit="shard", disable=progress_disabled())

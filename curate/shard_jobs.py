@@ -29,6 +29,8 @@ from curate.schema import FetchStatus
 from curate.stages.annotate import annotate_text
 from curate.stages.fetch import TRANSIENT, fetch_shard
 from curate.stages.read import read_shard, shard_name
+from curate.stages.caption_minhash import annotate_caption_lsh
+from curate.manifest import describe_transform
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,6 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
         table, carried = deletions.drop_at_read(read_shard(path, spec.input, extra_columns=extra), keys)
         ann = pl.from_arrow(annotate_text(table, spec.annotate.language, spec.input.max_caption_chars))
         if spec.annotate.caption_minhash:
-            from curate.stages.caption_minhash import annotate_caption_lsh
-
             a = spec.annotate
             ann = annotate_caption_lsh(
                 ann, a.caption_minhash_threshold, a.caption_minhash_perm, spec.selection.dedup.caption_ngram
@@ -199,8 +199,6 @@ class ShardScorer:
         self.scorer = ClipScorer(self.spec.score)
 
     def describe(self) -> dict:
-        from curate.manifest import describe_transform
-
         loaded = self.scorer.clip
         return {
             "model_id": self.scorer.model_id,

@@ -18,6 +18,7 @@ Paths are local or bucket URLs alike (curate.io.join).
 from __future__ import annotations
 
 from curate import io
+from curate.names import check_name
 
 ANNOTATIONS = "annotations"
 IMAGES = "images"
@@ -83,8 +84,6 @@ def selections_dir(run_dir: str) -> str:
 def selection_dir(run_dir: str, name: str) -> str:
     """The folder of selection `name` (its published version may sit below it on a bucket:
     curate.selection.readable_dir)."""
-    from curate.names import check_name
-
     return io.join(run_dir, SELECTIONS, check_name(name, "selection name"))
 
 

@@ -22,6 +22,8 @@ from curate.config import SelectionConfig
 from curate.schema import RULE_ORDER, Reason
 from curate.filters.rules import rule_failures
 from curate.filters.survivors import BEST_SCORE, Survivor, duplicates_frame, losers
+from curate.filters.image_dedup import image_duplicates
+from curate.filters.caption_dedup import caption_duplicates
 
 _IDX = "_i"  # a row index for the joins inside decide(): cheaper than joining on (shard, row)
 
@@ -119,8 +121,6 @@ def _follow_url_survivor(frame: pl.LazyFrame) -> pl.LazyFrame:
 def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> pl.LazyFrame:
     """Near-duplicate captions among eligible rows (filters/caption_dedup.py). The global step is
     eager: it collects the eligible rows' band keys, clusters them, and joins the result back."""
-    from curate.filters.caption_dedup import caption_duplicates
-
     if has_lsh:
         pool = (
             frame.filter(pl.col("_eligible") & pl.col(schema.CAPTION_LSH).is_not_null())
@@ -143,8 +143,6 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> 
 
 def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.LazyFrame) -> pl.LazyFrame:
     """Near-duplicate images among eligible rows (filters/image_dedup.py): eager like captions."""
-    from curate.filters.image_dedup import image_duplicates
-
     emb = embeddings.select(
         pl.col(schema.SHARD).cast(pl.String),
         pl.col(schema.ROW).cast(pl.Int64),

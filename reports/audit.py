@@ -18,6 +18,8 @@ from curate import io, schema, store
 from curate.config import ReportConfig, SelectionConfig
 from curate.reports.summary import build_report, write_report
 from curate.reports.sweep import SCORE, flips, not_sweepable, representatives, sweep, thresholds
+import pyarrow.compute as pc
+from PIL import Image
 
 SWEEP_STEPS = 26
 GALLERY_GROUPS = 6
@@ -49,8 +51,6 @@ def _nice_range(reps: pl.DataFrame, t0: float | None) -> list[float]:
 
 def _thumb(jpg: bytes) -> str | None:
     try:
-        from PIL import Image
-
         im = Image.open(_io.BytesIO(jpg))
         im = im.convert("RGB")
         im.thumbnail((THUMB_PX, THUMB_PX))
@@ -62,8 +62,6 @@ def _thumb(jpg: bytes) -> str | None:
 
 
 def _thumbnails(run_dir: str, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
-    import pyarrow.compute as pc
-
     out: dict[tuple[str, int], str] = {}
     by_shard: dict[str, list[int]] = {}
     for shard, row in keys:

@@ -10,6 +10,9 @@ from typing import Any
 import polars as pl
 
 from curate import io, schema, store
+from curate.reports.html import CSS, _td, esc, fmt_int, fmt_pct
+from curate.names import check_name
+from curate import publish
 
 GROUPS = (schema.DOMAIN, schema.TLD, schema.LANGUAGE)
 
@@ -17,9 +20,6 @@ GROUPS = (schema.DOMAIN, schema.TLD, schema.LANGUAGE)
 def resolve_selection(path: str) -> tuple[str, str]:
     """A selection dir (selections/<name>) or a run dir (its 'default' selection, else its only
     one). Returns (run_dir, the folder to read: the selection's published version)."""
-    from curate import publish
-    from curate.names import check_name
-
     p = path.rstrip("/")
     here = publish.resolve(p)
     if io.exists(io.join(here, "selection.json")):
@@ -128,8 +128,6 @@ def diff(a: str, b: str, *, group_columns: tuple[str, ...] = GROUPS, top: int = 
 
 
 def render_diff_html(d: dict[str, Any]) -> str:
-    from curate.reports.html import CSS, _td, esc, fmt_int, fmt_pct
-
     body = [f"<h1>Diff: {esc(d['a'])} vs {esc(d['b'])}</h1>", '<div class="cards">']
     for k, v in (
         ("Kept A", fmt_int(d["kept_a"])),

@@ -39,6 +39,7 @@ from curate.schema import (
     RULE_ORDER,
     SHARD,
 )
+from curate import io
 
 REPORT_VERSION = 1
 UNKNOWN = "(unknown)"  # how a null group value is shown
@@ -617,7 +618,6 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[st
 
     The HTML is written first, so a present report.json means both are complete. Returns the two
     paths as given (out_dir joined with the file name)."""
-    from curate import io
     from curate.reports.html import render_html
 
     out = os.fspath(out_dir)

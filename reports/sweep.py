@@ -24,6 +24,7 @@ import polars as pl
 
 from curate import schema
 from curate.config import ClipRule, SelectionConfig
+from curate.filters.select import decide
 
 SCORE = "_score"
 IDX = "_above"  # number of sweep thresholds <= the row's score
@@ -82,8 +83,6 @@ def representatives(
     """Rows kept at threshold -inf (see module doc): kept at t iff their score >= t. With ``keep``,
     only the rule inputs and these columns go through decide() (much less to sort and join).
     embeddings: the run's image embeddings, for selections with dedup.image_cosine."""
-    from curate.filters.select import decide
-
     if keep is not None:
         have = annotations.collect_schema().names()
         annotations = annotations.select([c for c in have if c in _RULE_INPUTS or c in keep])

@@ -16,6 +16,8 @@ import numpy as np
 import polars as pl
 
 from curate.demo import synthetic
+from io import BytesIO
+from PIL import Image
 
 SITES: tuple[tuple[str, str], ...] = (
     ("127.0.0.1", "shop-a"),
@@ -159,9 +161,6 @@ def generate(n_rows: int, seed: int, ports: dict[str, int]) -> DemoData:
 
 
 def _reencode(jpeg: bytes) -> bytes:
-    from io import BytesIO
-
-    from PIL import Image
 
     img = Image.open(BytesIO(jpeg)).convert("RGB")
     return synthetic.to_jpeg(img, quality=55)

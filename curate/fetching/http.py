@@ -37,6 +37,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from curate.fetching.policy import AddressPolicy
 from curate.schema import FetchStatus
+from email.utils import parsedate_to_datetime
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 256 * 1024
@@ -180,8 +181,6 @@ def _parse_retry_after(value: Optional[str]) -> Optional[float]:
     if value.isdigit():
         return float(value)
     try:
-        from email.utils import parsedate_to_datetime
-
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError, IndexError):
         return None

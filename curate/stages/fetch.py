@@ -60,6 +60,7 @@ from curate.schema import (
     WIDTH,
     FetchStatus,
 )
+from multiprocessing.pool import ThreadPool
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +211,6 @@ class _ShardFetch:
         self.token = cfg.user_agent_token.strip().lower()
 
     def run(self, rows: pa.Table) -> tuple[list[dict[str, Any]], list[tuple[int, bytes]]]:
-        from multiprocessing.pool import ThreadPool
-
         urls = rows[URL].to_pylist()
         shas = rows[EXPECTED_SHA256].to_pylist() if EXPECTED_SHA256 in rows.column_names else [None] * rows.num_rows
         records: list[dict[str, Any]] = []
