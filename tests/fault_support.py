@@ -153,6 +153,33 @@ def _exists(pid: int) -> bool:
         return False
 
 
+def driver_result(
+    code: str, *args: str, drop_env: tuple[str, ...] = (), timeout: float = 240, **env_extra: str
+) -> dict:
+    """Run a Python driver script in a process session of its own (everything it starts is
+    killed afterwards) and return the JSON it printed after "RESULT ". The driver gets a local
+    Ray of its own: RAY_ADDRESS and CURATE_FAILPOINT (and `drop_env`) are not passed on."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CURATE_FAILPOINT", *drop_env)}
+    env.update({"RAY_AUTH_MODE": "disabled", "CURATE_PROGRESS": "0", **env_extra})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+        kill_session(proc.pid)
+    lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, f"driver exited {proc.returncode} without a result:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def child_env(ray_tmp: str, **extra: str) -> dict[str, str]:
     """Environment for a child that runs Ray: private temp dir, no inherited cluster address."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CURATE_FAILPOINT")}

@@ -10,17 +10,13 @@ with the GPU ids Ray assigned it."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from curate import model
 from curate import ray_adapter as rx
-from fault_support import REPO, kill_session
+from fault_support import driver_result
 
 
 @pytest.mark.parametrize(
@@ -108,25 +104,7 @@ print("RESULT " + json.dumps(out), flush=True)
 
 @pytest.fixture(scope="module")
 def fake_gpu_run() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CURATE_FAILPOINT", model.RAY_GPU_IDS_ENV)}
-    env.update({"RAY_AUTH_MODE": "disabled", "CURATE_PROGRESS": "0"})
-    proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-        kill_session(proc.pid)
-    lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, f"driver exited {proc.returncode} without a result:\n{stdout[-3000:]}\n{stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
+    return driver_result(DRIVER, drop_env=(model.RAY_GPU_IDS_ENV,), timeout=300)
 
 
 def test_each_scoring_actor_gets_its_own_gpu(fake_gpu_run):

@@ -18,7 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 from curate.config import RayConfig
-from fault_support import REPO, kill_session
+from fault_support import REPO, driver_result, kill_session
 
 DRIVER = r"""
 import json, logging, os, sys, time
@@ -56,25 +56,7 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 def _drive(cfg: dict, env_extra: dict | None = None, timeout: float = 240) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CURATE_FAILPOINT")}
-    env.update({"RAY_AUTH_MODE": "disabled", "CURATE_PROGRESS": "0", **(env_extra or {})})
-    proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, json.dumps({"cfg": cfg})],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        proc.kill()
-        kill_session(proc.pid)
-    lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, f"driver exited {proc.returncode} without a result:\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
+    return driver_result(DRIVER, json.dumps({"cfg": cfg}), timeout=timeout, **(env_extra or {}))
 
 
 def _gcs_servers(children: list[str]) -> list[str]:
