@@ -26,7 +26,6 @@ import polars as pl
 
 from curate import schema
 
-SURVIVOR_RULES = ("best_score", "first", "priority")
 SURVIVOR_ORDER = [schema.CLIP_SCORE, schema.UID, schema.SHARD, schema.ROW]  # best_score's order
 SURVIVOR_DESC = [True, False, False, False]
 
@@ -35,23 +34,11 @@ Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 
 @dataclass(frozen=True)
 class Survivor:
-    """A survivor rule: `rule` in SURVIVOR_RULES, `column` for rule = "priority" only."""
+    """A survivor rule: "best_score", "first" or "priority" (with `column`), as a DedupRule asks
+    for (curate.config checks the combination: the one place it is checked)."""
 
     rule: str = "best_score"
     column: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.rule not in SURVIVOR_RULES:
-            raise ValueError(f"dedup.survivor = {self.rule!r}: must be one of {', '.join(SURVIVOR_RULES)}")
-        if self.rule == "priority" and not self.column:
-            raise ValueError(
-                "dedup.survivor = 'priority' needs dedup.survivor_column (the column whose highest value wins)"
-            )
-        if self.rule != "priority" and self.column is not None:
-            raise ValueError(
-                f"dedup.survivor_column = {self.column!r} is only used with dedup.survivor = 'priority' "
-                f"(survivor is {self.rule!r}): remove it, or set survivor = 'priority'"
-            )
 
     @classmethod
     def of(cls, dedup) -> "Survivor":
