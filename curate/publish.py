@@ -91,7 +91,8 @@ def unpublish(final: str, owned: Callable[[str], bool]) -> None:
             os.rename(final, doomed)
             shutil.rmtree(doomed)
         return
-    io.remove(final, recursive=True)
+    io.remove(io.join(final, POINTER))  # first: from here readers find no selection
+    _remove_bucket_versions(final, owned)
 
 
 def recover(parent: str) -> None:
@@ -202,16 +203,7 @@ def _publish_bucket(final: str, build: Callable[[str, str], T], owned: Callable[
     faults.fire("publish.before_swap", final)
     io.write_json(pointer, {"version": version, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     faults.fire("publish.after_swap", final)
-    fs, path = io.fs_and_path(final)
-    path = path.rstrip("/")
-    for p in fs.ls(path, detail=False):
-        base = p.rstrip("/").rsplit("/", 1)[-1]
-        if _VERSION.match(base) and base not in (version, previous):
-            fs.rm(p, recursive=True)  # an older version, or an unfinished one a killed writer left
-    for p in fs.find(path):  # a version written before pointers: curate's files of it, and only those
-        rel = p[len(path) + 1 :]
-        if rel != POINTER and not _VERSION.match(rel.split("/", 1)[0]) and owned(rel):
-            fs.rm(p)
+    _remove_bucket_versions(final, owned, keep=(version, previous))
     faults.fire("publish.after_cleanup", final)
     return result
 
@@ -242,3 +234,21 @@ def _foreign_files(final: str, owned: Callable[[str], bool]) -> list[str]:
         if not owned(rel):
             out.append(rel)
     return sorted(out)
+
+
+def _remove_bucket_versions(final: str, owned: Callable[[str], bool], keep: tuple[str | None, ...] = ()) -> None:
+    """On a bucket: delete the version prefixes of `final` not in `keep` (older ones, or
+    unfinished ones a killed writer left) and curate's own files of a version written before
+    pointers. Anything else under `final` (a file someone put there) stays."""
+    fs, path = io.fs_and_path(final)
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        return
+    for p in fs.ls(path, detail=False):
+        base = p.rstrip("/").rsplit("/", 1)[-1]
+        if _VERSION.match(base) and base not in keep:
+            fs.rm(p, recursive=True)
+    for p in fs.find(path):
+        rel = p[len(path) + 1 :]
+        if rel != POINTER and not _VERSION.match(rel.split("/", 1)[0]) and owned(rel):
+            fs.rm(p)

@@ -179,6 +179,13 @@ def test_bucket_selections_publish_whole_and_one_writer_holds_the_lease(
     assert res.exit_code == 0, res.output
     fs.invalidate_cache()
     assert fs.cat("curate-safe/run/selections/default/notes.txt") == b"mine"
+    # ... nor by deleting a selection (forget does, for one it cannot rebuild): curate's files go
+    from curate import publish
+    from curate.selection import owned, selection_dir
+
+    publish.unpublish(selection_dir(run_dir, "default"), owned)
+    fs.invalidate_cache()
+    assert fs.find("curate-safe/run/selections/default") == ["curate-safe/run/selections/default/notes.txt"]
 
     # the lease: exactly one holder; the second is refused by name; an expired lease is taken over
     a = run_lock._Lease(run_dir, run_lock.describe_self("curate select A"))
