@@ -42,7 +42,7 @@ from curate.deletions import (
     read_log,
     rows_read,
 )
-from curate.names import check_name
+from curate.names import is_name
 
 
 def _side_paths(run_dir: str, shard: str) -> dict[str, str]:
@@ -174,7 +174,7 @@ def _forget_rows(run_dir: str, kind: str, data: bytes, entries: list[str]) -> di
     if io.exists(sel_root):
         fs_, sp = io.fs_and_path(sel_root)
         names |= {x.rstrip("/").rsplit("/", 1)[-1] for x in fs_.ls(sp, detail=False) if fs_.isdir(x)}
-    names = {n for n in names if _is_selection_name(n)}  # not curate's staging folders (curate/publish.py)
+    names = {n for n in names if is_name(n)}  # not curate's staging folders (curate/publish.py)
     rewritten, dropped, reconciles = [], [], True
     have_annotations = bool(annotations.completed_shards(run_dir))
     for name in sorted(names):
@@ -227,11 +227,3 @@ def _refresh_counts(run_dir: str, m: dict[str, Any]) -> None:
     if m.get("counts"):
         m["counts"]["rows"] = tot_rows
         m["counts"]["forgotten"] = tot_forgotten
-
-
-def _is_selection_name(name: str) -> bool:
-    try:
-        check_name(name, "selection name")
-        return True
-    except ValueError:
-        return False

@@ -18,7 +18,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.names import check_name  # noqa: F401  (re-exported: io.check_name)
 import hashlib
 
 

@@ -12,10 +12,15 @@ import re
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
+def is_name(name: object) -> bool:
+    """Whether `name` passes check_name (listing folders: curate's hidden staging folders do not)."""
+    return isinstance(name, str) and _NAME.match(name) is not None
+
+
 def check_name(name: object, what: str) -> str:
     """`name` if it is safe as one path component, else a ValueError naming `what` (e.g.
     "selection name"). Every place where a user-given name becomes a path calls this."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not is_name(name):
         raise ValueError(
             f"{what} {name!r} is not allowed: use 1-128 letters, digits, '_', '-' or '.', not starting "
             "with '.' or '-' (it becomes a folder name, so '.', '..', '' and path separators are refused)"

@@ -25,6 +25,7 @@ import polars as pl
 from curate import accounting, annotations, faults, io, manifest, publish, run_lock, schema, store
 from curate.config import PipelineSpec, ReportConfig, SelectionConfig
 from curate.filters.select import decide
+from curate.names import check_name
 from curate.reports.audit import build_audit, write_audit
 
 _DROP_FROM_OUTPUTS = (schema.URL_NORMALIZED,)
@@ -45,8 +46,8 @@ owned = store.selection_owned  # whether a path inside a selection folder is a f
 
 
 def readable_dir(run_dir: str, name: str) -> str:
-    """Where selection `name` can be read now (its published version: curate/publish.py)."""
-    io.check_name(name, "selection name")
+    """Where selection `name` can be read now (its published version: curate/publish.py); the
+    name is checked (store.selection_dir)."""
     return publish.resolve(selection_dir(run_dir, name))
 
 
@@ -55,7 +56,7 @@ def write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfig
     written beside the old one and swapped in, so a reader, or a kill at any point, sees the old
     selection complete or the new one complete. Holds the run's writer lock (curate/run_lock.py);
     the manifest records the selection only once it is in place."""
-    io.check_name(sel.name, "selection name")
+    check_name(sel.name, "selection name")  # before the lock and the decisions
     with run_lock.hold(run_dir):
         return _write_selection(run_dir, sel, report_cfg or ReportConfig())
 

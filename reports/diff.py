@@ -11,7 +11,7 @@ import polars as pl
 
 from curate import io, schema, store
 from curate.reports.html import CSS, _td, esc, fmt_int, fmt_pct
-from curate.names import check_name
+from curate.names import is_name  # not curate's hidden staging folders
 from curate import publish
 
 GROUPS = (schema.DOMAIN, schema.TLD, schema.LANGUAGE)
@@ -30,11 +30,7 @@ def resolve_selection(path: str) -> tuple[str, str]:
         fs, sp = io.fs_and_path(sels)
         for x in fs.ls(sp, detail=False):
             name = x.rstrip("/").rsplit("/", 1)[-1]
-            try:
-                check_name(name, "selection name")  # not curate's hidden staging folders
-            except ValueError:
-                continue
-            if io.exists(io.join(publish.resolve(io.join(sels, name)), "selection.json")):
+            if is_name(name) and io.exists(io.join(publish.resolve(io.join(sels, name)), "selection.json")):
                 names.append(name)
     found = ["default"] if "default" in names else sorted(names)
     if len(found) == 1:
