@@ -41,6 +41,16 @@ _PARKED = re.compile(r"^\.(?P<name>.+)\.old-[0-9a-f]{32}$")
 _VERSION = re.compile(r"^v-\d{8}T\d{6}Z-[0-9a-f]{12}$")
 
 
+def is_transient(entry: str) -> bool:
+    """A staging or parked folder name of publish's own (`.<name>.staging-<id>`, `.<name>.old-<id>`)."""
+    return bool(_STAGING.match(entry) or _PARKED.match(entry))
+
+
+def is_version(entry: str) -> bool:
+    """A bucket version prefix name of publish's own (`v-<time>-<id>`)."""
+    return bool(_VERSION.match(entry))
+
+
 class PublishError(RuntimeError):
     """The new version cannot replace the old one (nothing was changed)."""
 

@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from curate import io, publish, store
-from curate.names import _NAME
+from curate.names import is_name
 import os
 
 SHARD_DIRS = store.SHARD_DIRS
@@ -99,27 +99,23 @@ def remove_outputs(run_dir: str) -> list[str]:
             doomed.append(p)
         else:
             left.append(rel)
-    markers = [p for p in doomed if p.endswith(".done")]
-    for p in markers + [p for p in doomed if not p.endswith(".done") and not p.endswith(store.MANIFEST)]:
+    manifest = f"{top}/{store.MANIFEST}"
+    # completion markers first, the manifest last: until then the folder is a (partly emptied) run
+    for p in sorted(doomed, key=lambda p: (p == manifest, not p.endswith(store.MARKER_SUFFIX))):
         fs.rm(p)
-    for p in doomed:
-        if p.endswith(store.MANIFEST):
-            fs.rm(p)  # last: until here the folder is still a (partly emptied) curate run
     _remove_empty_dirs(fs, top)
     return left
 
 
 def _selection_file(entry: str, rel: str, owned) -> bool:
-    if publish._STAGING.match(entry) or publish._PARKED.match(entry):
-        return owned(rel) or rel.split("/", 1)[0] in ("kept", "removed", "tables")
-    if not _NAME.match(entry):
+    """Whether selections/<entry>/<rel> is a file curate wrote: a selection's own file, in its
+    folder, a staging or parked copy, or a bucket version; or a bucket pointer."""
+    if not (is_name(entry) or publish.is_transient(entry)):
         return False
     if rel == publish.POINTER:
         return True
     head, _, rest = rel.partition("/")
-    if publish._VERSION.match(head):
-        return owned(rest)
-    return owned(rel)
+    return owned(rest) if publish.is_version(head) else owned(rel)
 
 
 def _remove_empty_dirs(fs, top: str) -> None:
