@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from fault_support import kill_session
 
 CURATE = str(Path(sys.executable).with_name("curate"))
 SHARDS = 3
@@ -56,10 +57,8 @@ def curate(*args: str, timeout: float = 300, **env: str) -> subprocess.Completed
 
 
 def _kill_group(p: subprocess.Popen) -> None:
-    try:
-        os.killpg(p.pid, signal.SIGKILL)  # Ray processes a killed driver started
-    except (ProcessLookupError, PermissionError):
-        pass
+    """Everything the command started (Ray's processes too), then the command itself."""
+    kill_session(p.pid)
     if p.poll() is None:
         p.kill()
         p.wait()
