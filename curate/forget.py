@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate import annotations, io, manifest, publish, run_lock, schema, selection, store
+from curate import accounting, annotations, io, manifest, publish, run_lock, schema, selection, store
 from curate.config import PipelineSpec, SelectionConfig
 from curate.deletions import (
     Keys,
@@ -40,7 +40,6 @@ from curate.deletions import (
     match,
     parse_list,
     read_log,
-    rows_read,
 )
 from curate.names import is_name
 
@@ -94,23 +93,12 @@ def clean_shard(run_dir: str, shard: str, keys: Keys) -> dict[str, Any]:
     if ann is not None:
         removed = _drop_rows(ann_path, rows)
         out["rows"] = removed
-    mpath = annotations.marker_path(run_dir, shard)
-    if io.exists(mpath):
-        mk = io.read_json(mpath)
-        height = ann.height - removed if ann is not None else int(mk["rows"])
-        if removed or int(mk["rows"]) != height:
+    if io.exists(store.marker_path(run_dir, shard)):
+        mk = store.read_marker(run_dir, shard)
+        height = ann.height - removed if ann is not None else mk.rows
+        if removed or mk.rows != height:
             final = pl.from_arrow(io.read_parquet(ann_path, columns=[schema.FETCH_STATUS, schema.CLIP_SCORE]))
-            read = rows_read(mk)
-            mk.update(
-                {
-                    "rows": final.height,
-                    "rows_read": read,
-                    "forgotten": read - final.height,
-                    "scored": int(final.get_column(schema.CLIP_SCORE).is_not_null().sum()),
-                    "fetch_status": {k: int(v) for k, v in final.get_column(schema.FETCH_STATUS).value_counts().rows()},
-                }
-            )
-            io.write_json(mpath, mk)
+            store.write_marker(run_dir, accounting.recount(mk, final))
     return out
 
 
@@ -168,9 +156,9 @@ def _forget_rows(run_dir: str, kind: str, data: bytes, entries: list[str]) -> di
         keys = load_keys(run_dir)
 
     # every selection, rewritten from the cleaned annotations with the rules it was made with
-    spec = PipelineSpec.model_validate(m["spec"])
+    spec = PipelineSpec.model_validate(m.spec)
     sel_root = store.selections_dir(run_dir)
-    names = set(m.get("selections", []))
+    names = set(m.selections)
     if io.exists(sel_root):
         fs_, sp = io.fs_and_path(sel_root)
         names |= {x.rstrip("/").rsplit("/", 1)[-1] for x in fs_.ls(sp, detail=False) if fs_.isdir(x)}
@@ -179,8 +167,8 @@ def _forget_rows(run_dir: str, kind: str, data: bytes, entries: list[str]) -> di
     have_annotations = bool(annotations.completed_shards(run_dir))
     for name in sorted(names):
         sj = io.join(selection.readable_dir(run_dir, name), "selection.json")
-        rules = io.read_json(sj)["rules"] if io.exists(sj) else (m.get("selection_specs") or {}).get(name)
-        if rules is None and name not in m.get("selections", []):
+        rules = io.read_json(sj)["rules"] if io.exists(sj) else m.selection_specs.get(name)
+        if rules is None and name not in m.selections:
             continue  # a folder curate did not write: not ours to rewrite or delete
         if rules is None or not have_annotations:
             # cannot be rebuilt, and may hold forgotten rows: curate's files go (refused if others are there)
@@ -209,21 +197,7 @@ def _forget_rows(run_dir: str, kind: str, data: bytes, entries: list[str]) -> di
     m = manifest.read(run_dir)  # write_selection has updated it
     m["forget_requests"] = log
     m["deletion_lists"] = describe_lists(run_dir)
-    _refresh_counts(run_dir, m)
+    accounting.refresh_counts(run_dir, m)  # clean_shard rewrote the markers
     manifest.record_outputs(run_dir, m)
     manifest.write(run_dir, m)
     return {**record, "reconciles": reconciles}
-
-
-def _refresh_counts(run_dir: str, m: dict[str, Any]) -> None:
-    """The manifest's per-shard and total rows/forgotten, from the (rewritten) markers."""
-    tot_rows = tot_forgotten = 0
-    for shard in annotations.completed_shards(run_dir):
-        mk = io.read_json(annotations.marker_path(run_dir, shard))
-        entry = m.setdefault("shards", {}).setdefault(shard, {})
-        entry.update({"rows": int(mk["rows"]), "rows_read": rows_read(mk), "forgotten": int(mk.get("forgotten", 0))})
-        tot_rows += int(mk["rows"])
-        tot_forgotten += int(mk.get("forgotten", 0))
-    if m.get("counts"):
-        m["counts"]["rows"] = tot_rows
-        m["counts"]["forgotten"] = tot_forgotten

@@ -1,5 +1,7 @@
 """manifest.json: what a run was made from and what it did. Written at the start (state
-"running") and rewritten at the end ("complete" or "failed"), so an interrupted run says so."""
+"running") and rewritten at the end ("complete" or "failed"), so an interrupted run says so.
+Read and made as a records.Manifest: the same JSON object, with typed accessors (m.state,
+m.counts, m.selections, ...) that fail naming the file and key instead of defaulting."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 from curate import deletions, io, store
 from curate.config import PipelineSpec
 import curate
+from curate.records import Manifest
 from curate.run_dir import read_manifest
 
 PACKAGES = (
@@ -55,20 +58,27 @@ def path(run_dir: str) -> str:
     return store.manifest_path(run_dir)
 
 
-def read(run_dir: str) -> dict[str, Any]:
-    m = read_manifest(run_dir)  # a corrupt or foreign manifest.json is an error naming the file
+def read(run_dir: str) -> Manifest:
+    m = read_if_present(run_dir)
     if m is None:
         raise FileNotFoundError(f"{run_dir}: not a curate run directory (no manifest.json)")
     return m
 
 
-def new(spec: PipelineSpec, shards: list[str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def read_if_present(run_dir: str) -> Manifest | None:
+    """The run's manifest, None when it has none; a corrupt or foreign manifest.json is an error
+    naming the file (run_dir.read_manifest)."""
+    m = read_manifest(run_dir)
+    return None if m is None else Manifest(m, path(run_dir))
+
+
+def new(spec: PipelineSpec, shards: list[str], previous: dict[str, Any] | None = None) -> Manifest:
     """A fresh manifest for a run starting now; `previous` (the run directory's manifest, when a
     run is resumed or rerun) passes on what outlives one run: its selections and their rules, and
     the output checksums (reused for files that did not change)."""
     run_dir = spec.output.dir
-    previous = previous or {}
-    return {
+    prev = Manifest.of(previous, path(run_dir)) if previous is not None else None
+    m = {
         "format": 1,
         "state": "running",
         "spec": spec.model_dump(mode="json"),
@@ -90,10 +100,11 @@ def new(spec: PipelineSpec, shards: list[str], previous: dict[str, Any] | None =
         "counts": {},
         "shards": {},
         "failed_shards": {},
-        "selections": list(previous.get("selections", [])),
-        "selection_specs": dict(previous.get("selection_specs", {})),
-        "outputs": previous.get("outputs") or {"files": {}, "recorded_at": None},
+        "selections": list(prev.selections) if prev else [],
+        "selection_specs": dict(prev.selection_specs) if prev else {},
+        "outputs": prev.outputs if prev else {"files": {}, "recorded_at": None},
     }
+    return Manifest(m, path(run_dir))
 
 
 def code_version(src: str | None = None) -> dict[str, Any]:
@@ -190,7 +201,7 @@ def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
     embeddings/, selections/, forget/) as {relative path: {bytes, version, sha256}}. A file whose
     size and version (mtime locally, ETag on a bucket) match the previous record keeps its
     checksum; only new or changed files are read (streamed through fsspec)."""
-    old = (m.get("outputs") or {}).get("files") or {}
+    old = Manifest.of(m, path(run_dir)).outputs["files"]
     found: dict[str, dict[str, Any]] = {}  # url -> {bytes, version}, from one listing per folder
     for d in OUTPUT_DIRS:
         top = store.folder(run_dir, d)
@@ -235,7 +246,7 @@ def _relative(run_dir: str, url: str) -> str:
 def check_compatible(old: dict[str, Any], spec: PipelineSpec) -> None:
     """A run directory caches annotations made from one input and one scorer. Reusing it with
     another would silently mix them, so refuse (the user picks a new output dir)."""
-    o = old.get("spec", {})
+    o = Manifest.of(old, path(spec.output.dir)).spec
     problems = []
     if o.get("input", {}).get("paths") != spec.input.paths:
         problems.append(f"input.paths was {o.get('input', {}).get('paths')}, now {spec.input.paths}")

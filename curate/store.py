@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from curate import io
 from curate.names import check_name
+from curate.records import ShardMarker
 
 ANNOTATIONS = "annotations"
 IMAGES = "images"
@@ -59,6 +60,41 @@ def annotation_path(run_dir: str, shard: str) -> str:
 
 def marker_path(run_dir: str, shard: str) -> str:
     return io.join(run_dir, ANNOTATIONS, f"{shard}{MARKER_SUFFIX}")
+
+
+def _read_marker_json(run_dir: str, shard: str) -> tuple[object, str]:
+    p = marker_path(run_dir, shard)
+    try:
+        return io.read_json(p), p
+    except (ValueError, UnicodeDecodeError) as e:  # json names the position, not the file
+        raise ValueError(f"{p}: not a readable completion marker ({e})") from None
+
+
+def read_marker(run_dir: str, shard: str) -> ShardMarker:
+    """The one way a shard's completion marker is read: a ShardMarker, or a ValueError naming the
+    file and the key that is missing or wrong (curate/records.py)."""
+    data, p = _read_marker_json(run_dir, shard)
+    return _of_shard(ShardMarker.from_json(data, p), shard, p)
+
+
+def read_marker_or_bare(run_dir: str, shard: str) -> ShardMarker | None:
+    """As read_marker, but a bare marker (an empty object, {}: a shard marked done by hand, as in
+    hand-made run directories) is None: it says the shard is done and nothing about its counts.
+    Only the selection accounting accepts one (curate/accounting.py); anything else in the file
+    is read strictly."""
+    data, p = _read_marker_json(run_dir, shard)
+    return None if data == {} else _of_shard(ShardMarker.from_json(data, p), shard, p)
+
+
+def _of_shard(marker: ShardMarker, shard: str, path: str) -> ShardMarker:
+    if marker.shard != shard:  # a marker copied from another shard would vouch for the wrong file
+        raise ValueError(f"{path}: the completion marker is for shard {marker.shard!r}, not {shard!r}")
+    return marker
+
+
+def write_marker(run_dir: str, marker: ShardMarker) -> None:
+    """The one way a completion marker is written (atomically: a reader sees the old one or the new)."""
+    io.write_json(marker_path(run_dir, marker.shard), marker.to_json())
 
 
 def images_path(run_dir: str, shard: str) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 import polars as pl
 
-from curate import io, schema, store
+from curate import io, manifest, schema, store
 from curate.reports.html import CSS, _td, esc, fmt_int, fmt_pct
 from curate.names import is_name  # not curate's hidden staging folders
 from curate import publish
@@ -107,9 +107,9 @@ def diff(a: str, b: str, *, group_columns: tuple[str, ...] = GROUPS, top: int = 
     conf = {}
     for label, run, sel in (("a", run_a, sel_a), ("b", run_b, sel_b)):
         s = io.read_json(io.join(sel, "selection.json"))
-        m = io.read_json(store.manifest_path(run)) if io.exists(store.manifest_path(run)) else {}
+        m = manifest.read_if_present(run)  # None: a selection folder outside its run (no spec to compare)
         conf[label] = {
-            **_flatten(m.get("spec") or {}, "spec"),
+            **_flatten(m.spec if m is not None else {}, "spec"),
             **_flatten(s.get("rules") or {}, "rules"),
             **_flatten(s.get("resolved") or {}, "resolved"),
         }
