@@ -1,10 +1,12 @@
 """The global dedup steps on Ray (selection.dedup.engine = "ray"): the same results as the
-in-process engine, with the all-rows work spread over the cluster.
+in-process engine, with the all-rows work spread over the cluster. They are written against the
+executor interface (curate/executor.py): a RayExecutor unless one is given (a LocalExecutor runs
+the same shuffle in-process: tests).
 
 * Captions: candidate pairs are a group-by on LSH band keys. Here it is a hash shuffle: map tasks
   take a block of representatives, explode their band keys and split the (key, rep) records
-  into P partitions by key (`num_returns=P`, so reducer j only ever fetches partition j of
-  every map output); reduce task j runs `bucket_pairs` on partition j. A key lives in exactly one
+  into P partitions by key (`num_returns=P`: P futures, so reducer j only ever fetches partition
+  j of every map output); reduce task j runs `bucket_pairs` on partition j. A key lives in exactly one
   partition, so each reducer sees whole buckets and the union of their pairs is exactly the
   in-process result. Verification and connected components run on the (few) candidate pairs.
 * Images: after k-means, the in-cluster pairwise comparisons (the quadratic part) run in Ray
@@ -22,39 +24,49 @@ import math
 import numpy as np
 import polars as pl
 
-from curate import ray_adapter as rx
+from curate.executor import Executor, Resources
 from curate.filters.caption_dedup import bucket_pairs, exploded_keys
 from curate.filters.image_dedup import cluster_edges
 
 ROWS_PER_BLOCK = 250_000  # representatives per map task
+TASK = Resources(cpus=1)  # each map, reduce or edge task
 
 
-def _partition_keys(reps: pl.DataFrame, partitions: int) -> list[pl.DataFrame] | pl.DataFrame:
+def _executor(given: Executor | None) -> Executor:
+    """The executor given, or Ray: the Ray this process already has, or a new local one (a
+    selection may run outside `curate run`)."""
+    if given is not None:
+        return given
+    # lazy: ray (~0.4 s), only for the Ray engine without an executor given
+    from curate.ray_adapter import RayExecutor
+
+    return RayExecutor()
+
+
+def _partition_keys(reps: pl.DataFrame, partitions: int) -> list[pl.DataFrame]:
     keys = exploded_keys(reps).with_columns((pl.col("_k") % partitions).alias("_p"))
     parts = {p[0]: f.drop("_p") for p, f in keys.partition_by("_p", as_dict=True).items()}
     empty = keys.drop("_p").clear()
-    out = [parts.get(j, empty) for j in range(partitions)]
-    return out if partitions > 1 else out[0]  # one return value is not a list in Ray
+    return [parts.get(j, empty) for j in range(partitions)]
 
 
 def _reduce_pairs(*parts: pl.DataFrame) -> pl.DataFrame:
     return bucket_pairs(pl.concat(parts))
 
 
-def ray_caption_pairs(partitions: int = 0, rows_per_block: int = ROWS_PER_BLOCK):
-    """A caption pair finder (filters.caption_dedup.PairFinder) that shuffles on Ray."""
+def ray_caption_pairs(partitions: int = 0, rows_per_block: int = ROWS_PER_BLOCK, executor: Executor | None = None):
+    """A caption pair finder (filters.caption_dedup.PairFinder) that shuffles on Ray (or `executor`)."""
 
     def find(reps: pl.DataFrame) -> pl.DataFrame:
-        rx.ensure_connected()
+        ex = _executor(executor)
         blocks = max(1, math.ceil(reps.height / rows_per_block))
         p = partitions or max(2, blocks)
-        mapper = rx.cpu_task(_partition_keys, num_returns=p)
-        reducer = rx.cpu_task(_reduce_pairs)
         step = math.ceil(reps.height / blocks) if reps.height else 1
-        outs = [mapper.remote(reps.slice(i, step), p) for i in range(0, max(reps.height, 1), step)]
-        if p == 1:
-            outs = [[o] for o in outs]
-        pairs = rx.get([reducer.remote(*[o[j] for o in outs]) for j in range(p)])
+        outs = [
+            ex.submit(_partition_keys, reps.slice(i, step), p, resources=TASK, num_returns=p)
+            for i in range(0, max(reps.height, 1), step)
+        ]
+        pairs = ex.results([ex.submit(_reduce_pairs, *[o[j] for o in outs], resources=TASK) for j in range(p)])
         return pl.concat(pairs).unique()
 
     return find
@@ -67,20 +79,20 @@ def _edges_for(
     return members[a], members[b]
 
 
-def ray_image_edges(partitions: int = 0):
-    """An image edge finder (filters.image_dedup.EdgeFinder): k-means clusters compared in Ray tasks."""
+def ray_image_edges(partitions: int = 0, executor: Executor | None = None):
+    """An image edge finder (filters.image_dedup.EdgeFinder): k-means clusters compared in Ray
+    tasks (or on `executor`)."""
 
     def find(x: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        rx.ensure_connected()
+        ex = _executor(executor)
         n_clusters = int(labels.max()) + 1 if labels.size else 0
         p = partitions or max(2, min(n_clusters, 64))
-        task = rx.cpu_task(_edges_for)
-        refs = []
+        futures = []
         for j in range(p):
             members = np.flatnonzero(labels % p == j)
             if members.size > 1:
-                refs.append(task.remote(x[members], labels[members], members, threshold))
-        got = rx.get(refs)
+                futures.append(ex.submit(_edges_for, x[members], labels[members], members, threshold, resources=TASK))
+        got = ex.results(futures)
         if not got:
             return np.empty(0, np.int64), np.empty(0, np.int64)
         return np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])

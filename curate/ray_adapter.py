@@ -1,23 +1,30 @@
-"""The one module that talks to Ray. Stages are plain Python; this module decides how they run.
+"""The one module that talks to Ray: `RayExecutor`, the Ray implementation of curate/executor.py's
+interface (the runner and the Ray dedup engine talk to that interface only; LocalExecutor runs the
+same work in-process, without Ray). Stages are plain Python; this module decides how they run.
 
 - `connect()`: a new local Ray by default (never one that happens to run on the machine), the
   cluster in RAY_ADDRESS (set inside a Ray job), or a given address ("auto", "host:6379",
   "ray://host:10001"). A local start gets `ray.init_timeout_s` for Ray's start-up waits and, if
   it fails, is cleaned up and retried once; a cluster address that does not answer is an error at
   once (cluster/README.md).
-- `cpu_task()`: a stage function as a Ray task (fetching, annotating: CPU work, one shard a task).
-- `ActorPool`: long-lived actors that load a model once (`num_gpus=1` when the cluster has GPUs,
-  `gpus_per_scorer()`: decided from the cluster's resources, never from the driver's own CUDA;
-  plus any custom resources, `ray.scorer_resources`, to keep scoring on the nodes that have them).
-  Each actor records the GPU ids Ray assigned it before its __init__ runs, and the model goes on
-  that GPU or, with none, on the CPU (curate.model.choose_device).
+- `RayExecutor.submit()`: a stage function as a Ray task (fetching, annotating: CPU work, one shard
+  a task), with the resources the caller declares (curate.executor.Resources). Ray's remote
+  functions are made once per function and resources, and `num_returns=p` always gives p futures
+  (Ray's own single return is not a list).
+- `RayActorPool`: long-lived actors that load a model once, each with the resources the caller
+  declares (the runner: a GPU when the cluster has GPUs, `gpus_per_scorer()`, decided from the
+  cluster's resources, never from the driver's own CUDA; plus any custom resources,
+  `ray.scorer_resources`, to keep scoring on the nodes that have them). Each actor records the
+  GPU ids Ray assigned it before its __init__ runs, and the model goes on that GPU or, with none,
+  on the CPU (curate.model.choose_device).
 
 Fault tolerance: a task whose worker or node dies is retried (`TASK_RETRIES`); a dead actor is
 restarted (`ACTOR_RESTARTS`) and its unfinished calls are resubmitted to it (`ACTOR_TASK_RETRIES`).
 Redoing work is safe because every output has a deterministic name and the completion marker is
 written last (curate/shard_jobs.py). An exception a stage raises is not retried.
-- `wait_one()` / `get()` / `describe_error()`: the runner's loop over shard futures, so that one
-  bad shard is recorded with its error and never hides or stops the others.
+- `wait_first()` / `result()`: the runner's loop over shard futures, so that one bad shard is
+  recorded with its error and never hides or stops the others; a call whose actor is dead for good
+  raises curate.executor.ActorDied (Ray's ActorDiedError), anything else is the stage's own error.
 
 Ray's spelling of these APIs has changed across releases; only this file needs to follow it.
 """
@@ -25,16 +32,19 @@ Ray's spelling of these APIs has changed across releases; only this file needs t
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import ray
+import psutil  # a Ray dependency (vendored in ray/thirdparty_files, importable once ray is)
 from curate import faults
 from curate.config import RayConfig
+from curate.executor import ActorDied, ActorPool, ClusterInfo, Executor, Future, Resources, describe_error
+from curate.executor import gpus_per_scorer as gpus_per_scorer  # re-exported: the runner's rule, tested here
 import sys
 import subprocess
 import socket
@@ -48,17 +58,6 @@ ACTOR_RESTARTS = 3  # per scoring actor: a crash or a lost node each cost one; t
 # yet noticed a lost node (ActorUnavailableError, seconds), failing shards the restarted actor
 # would have scored; the restart budget above is what bounds a crash loop.
 ACTOR_TASK_RETRIES = -1
-
-
-@dataclass(frozen=True)
-class ClusterInfo:
-    address: str | None
-    cpus: float
-    gpus: float
-    nodes: int
-
-    def as_dict(self) -> dict:
-        return {"address": self.address, "cpus": self.cpus, "gpus": self.gpus, "nodes": self.nodes}
 
 
 def connect(cfg: RayConfig) -> ClusterInfo:
@@ -160,8 +159,6 @@ def _start_local(cfg: RayConfig, env: dict) -> None:
 
 def _ray_children() -> dict[int, Any]:
     """This process's descendants that are Ray processes (GCS, raylet, agents, workers)."""
-    import psutil  # a Ray dependency (vendored in ray/thirdparty_files, importable once ray is)
-
     ray_dir = os.path.dirname(ray.__file__)
     out = {}
     for p in psutil.Process().children(recursive=True):
@@ -179,8 +176,6 @@ def _clean_failed_start(before: dict[int, Any]) -> list[int]:
     that are still there. ray.shutdown() alone does not stop them when ray.init failed inside
     Ray's Node() (a GCS that started after its port wait ran out keeps running, holding ports and
     memory, until the driver exits). Returns the pids killed."""
-    import psutil
-
     with contextlib.suppress(Exception):
         ray.shutdown()
     left = [p for pid, p in _ray_children().items() if pid not in before]
@@ -281,15 +276,29 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-def cpu_task(fn: Callable, num_cpus: float = 1, max_retries: int = TASK_RETRIES, num_returns: int = 1) -> Any:
+def cpu_task(
+    fn: Callable,
+    num_cpus: float = 1,
+    max_retries: int = TASK_RETRIES,
+    num_returns: int = 1,
+    num_gpus: float = 0,
+    resources: dict[str, float] | None = None,
+) -> Any:
     """`fn` as a Ray task. System failures (a dead worker or node) are retried; an exception the
     stage raises is not (a corrupt shard fails the same way every time) and is reported.
-    num_returns > 1: the task returns that many objects (a shuffle's map side: one per partition)."""
+    num_returns > 1: the task returns that many objects (a shuffle's map side: one per partition).
+    GPUs and custom resources are passed to Ray only when asked for (Ray's defaults otherwise)."""
+    extra: dict[str, Any] = {}
+    if num_gpus:
+        extra["num_gpus"] = num_gpus
+    if resources:
+        extra["resources"] = dict(resources)
     return ray.remote(
         num_cpus=num_cpus,
         max_retries=max_retries,
         retry_exceptions=False,
         num_returns=num_returns,
+        **extra,
         **_forwarded_runtime_env(),
     )(fn)
 
@@ -301,68 +310,105 @@ def _forwarded_runtime_env() -> dict:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def ensure_connected() -> None:
-    """Steps that may run outside `curate run` (selection with dedup.engine = "ray") join the
-    Ray the process already has, or start a local one."""
-    if not ray.is_initialized():
-        connect(RayConfig())
+class RayFuture(Future):
+    """A Ray ObjectRef, kept inside: callers see a curate.executor.Future only."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: Any, slot: int | None = None, actor: Any = None):
+        super().__init__(slot, actor)
+        self.ref = ref
 
 
-class ActorPool:
-    """N actors of `cls(*args)`; each loads its model once. The caller picks the slot for each call
-    (`loads()`, `submit_to()`) and replaces an actor that is dead for good (`replace()`).
-    `resources`: Ray custom resources each actor requires (e.g. {"accel": 1}), so that actors
-    land only on the nodes that advertise them."""
+class RayExecutor(Executor):
+    """Tasks and actors on Ray: `connect(cfg)` first (a new local Ray by default, RAY_ADDRESS, or
+    cfg.address; joins the Ray this process already has). Tasks are retried on a dead worker or
+    node (TASK_RETRIES), never on an exception of the stage; failpoints set in the driver reach the
+    workers (`_forwarded_runtime_env`)."""
 
-    def __init__(
-        self,
-        cls: type,
-        args: tuple,
-        size: int,
-        gpus_per_actor: float,
-        cpus_per_actor: float,
-        resources: dict[str, float] | None = None,
-        max_restarts: int = ACTOR_RESTARTS,
-    ):
+    def __init__(self, cfg: RayConfig | None = None):
+        self.cluster = connect(cfg or RayConfig())
+        self._tasks: dict[tuple, Any] = {}  # one Ray remote function per (function, resources, returns, env)
+
+    def _task(self, fn: Callable, res: Resources, num_returns: int | None) -> Any:
+        key = (fn, res.key(), num_returns, tuple(faults.forwarded_env().items()))
+        task = self._tasks.get(key)
+        if task is None:
+            body = _first_of(fn) if num_returns == 1 else fn  # Ray's single return is the whole sequence
+            task = cpu_task(body, res.cpus, num_returns=num_returns or 1, num_gpus=res.gpus, resources=res.custom)
+            self._tasks[key] = task
+        return task
+
+    def submit(
+        self, fn: Callable, *args: Any, resources: Resources = Resources(), num_returns: int | None = None
+    ) -> Any:
+        args = tuple(a.ref if isinstance(a, RayFuture) else a for a in args)  # Ray resolves refs itself
+        refs = self._task(fn, resources, num_returns).remote(*args)
+        if num_returns is None:
+            return RayFuture(refs)
+        return [RayFuture(r) for r in (refs if num_returns > 1 else [refs])]
+
+    def wait_first(self, futures: Iterable[Future]) -> Future:
+        by_ref = {f.ref: f for f in futures}  # type: ignore[attr-defined]
+        ready, _ = ray.wait(list(by_ref), num_returns=1)
+        return by_ref[ready[0]]
+
+    def result(self, future: Future) -> Any:
+        return self.results([future])[0]
+
+    def results(self, futures: list[Future]) -> list[Any]:
+        try:
+            return ray.get([f.ref for f in futures])  # type: ignore[attr-defined]
+        except ray.exceptions.ActorDiedError as e:
+            raise ActorDied(describe_error(e)) from e
+
+    def actor_pool(
+        self, cls: type, args: tuple, size: int, resources: Resources, max_restarts: int = ACTOR_RESTARTS
+    ) -> RayActorPool:
+        return RayActorPool(cls, args, size, resources, max_restarts)
+
+
+def _first_of(fn: Callable) -> Callable:
+    """`fn` returning its only value (a one-partition map task: Ray stores one return as is)."""
+
+    @functools.wraps(fn)
+    def first(*args: Any) -> Any:
+        return fn(*args)[0]
+
+    return first
+
+
+class RayActorPool(ActorPool):
+    """N Ray actors of `cls(*args)`, each with `resources` (CPUs, GPUs, and custom resources that
+    make actors land only on the nodes that advertise them). A crashed actor is restarted
+    (`max_restarts`) and its unfinished calls are resubmitted to it (ACTOR_TASK_RETRIES); one dead
+    for good is replaced by the caller (`replace`). `actors`: the Ray handles (placement tests)."""
+
+    def __init__(self, cls: type, args: tuple, size: int, resources: Resources, max_restarts: int = ACTOR_RESTARTS):
+        super().__init__(size)
         self._remote_cls = ray.remote(_records_gpus(cls)).options(
-            num_gpus=gpus_per_actor,
-            num_cpus=cpus_per_actor,
-            resources=dict(resources or {}),
+            num_gpus=resources.gpus,
+            num_cpus=resources.cpus,
+            resources=dict(resources.custom),
             max_restarts=max_restarts,
             max_task_retries=ACTOR_TASK_RETRIES,  # outputs are written under deterministic names: a rerun is harmless
             **_forwarded_runtime_env(),
         )
         self._args = args
         self.actors = [self._remote_cls.remote(*args) for _ in range(size)]
-        self._load = [0] * size
-        self.replaced = 0
 
-    def loads(self) -> list[int]:
-        """Calls in flight per actor slot."""
-        return list(self._load)
+    def _call(self, i: int, method: str, *args: Any) -> Future:
+        actor = self.actors[i]
+        return RayFuture(getattr(actor, method).remote(*args), slot=i, actor=actor)
 
-    def submit_to(self, i: int, method: str, *args: Any) -> Any:
-        self._load[i] += 1
-        return getattr(self.actors[i], method).remote(*args)
-
-    def handle(self, i: int) -> Any:
-        return self.actors[i]
-
-    def replace(self, i: int, dead: Any) -> bool:
-        """Put a fresh actor in slot i if it still holds `dead` (an actor whose restarts are used
-        up: every call queued on it fails). Without this one poison shard that crashes its actor
-        on every try would take every later shard sent to that slot down with it. True when
-        replaced now; False when an earlier failure of the same actor already did it."""
-        if self.actors[i] is not dead:
+    def replace(self, i: int, dead: Future) -> bool:
+        if self.actors[i] is not dead.actor:
             return False
         with contextlib.suppress(Exception):
-            ray.kill(dead)
+            ray.kill(dead.actor)
         self.actors[i] = self._remote_cls.remote(*self._args)
         self.replaced += 1
         return True
-
-    def done(self, i: int) -> None:
-        self._load[i] -= 1
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])
@@ -380,18 +426,12 @@ class ActorPool:
         (e.g. {"CPU": 1.0, "GPU": 1.0}), as Ray sees them inside the actor."""
         return ray.get([a.__ray_call__.remote(_placement) for a in self.actors])
 
-    def kill(self) -> None:
+    def close(self) -> None:
         for a in self.actors:
             ray.kill(a)
 
 
 GPU_IDS_ENV = "CURATE_RAY_GPU_IDS"  # = curate.model.RAY_GPU_IDS_ENV (not imported here: torch)
-
-
-def gpus_per_scorer(info: ClusterInfo) -> float:
-    """num_gpus for each scoring actor: 1 when the cluster reports GPUs, else 0. Decided from the
-    cluster's resources, never from the driver's own CUDA (the driver may run on a CPU head)."""
-    return 1.0 if info.gpus > 0 else 0.0
 
 
 def _records_gpus(cls: type) -> type:
@@ -424,27 +464,6 @@ def _placement(_actor: Any) -> dict:
     }
 
 
-def is_actor_dead(e: BaseException) -> bool:
-    """The call failed because its actor is dead for good (restarts used up, or killed)."""
-    return isinstance(e, ray.exceptions.ActorDiedError)
-
-
-def wait_one(refs: Iterable[Any]) -> tuple[list[Any], list[Any]]:
-    return ray.wait(list(refs), num_returns=1)
-
-
 def get(ref: Any) -> Any:
-    """One ref or a list of refs."""
+    """One ref or a list of refs (of a `cpu_task`)."""
     return ray.get(ref)
-
-
-def describe_error(e: Exception) -> str:
-    cause = getattr(e, "cause", None)
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"
-
-
-def progress_disabled() -> bool:
-    return os.environ.get("CURATE_PROGRESS", "1") == "0"

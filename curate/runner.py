@@ -1,19 +1,25 @@
-"""`curate run`: drive every input shard through prepare (CPU tasks) and scoring (actors) on Ray,
-then write the spec's default selection. Shards flow through as they finish (fetching shard k+1
-overlaps scoring shard k); a failed shard is recorded with its error and its row count (from the
-parquet footer when that is readable, else "unknown") as unaccounted, and the run exits
-non-zero, but never hides or stops the other shards. A worker, node or actor that dies is Ray's
-to retry (curate/ray_adapter.py); a killed driver is resumed by running the same command again:
-shards with a completion marker are not redone."""
+"""`curate run`: drive every input shard through prepare (CPU tasks) and scoring (actors) on an
+executor (curate/executor.py: Ray by default, or in-process), then write the spec's default
+selection. Shards flow through as they finish (fetching shard k+1 overlaps scoring shard k;
+`ShardScheduler`); a failed shard is recorded with its error and its row count (from the parquet
+footer when that is readable, else "unknown") as unaccounted, and the run exits non-zero, but
+never hides or stops the other shards. A worker, node or actor that dies is Ray's to retry
+(curate/ray_adapter.py); a killed driver is resumed by running the same command again: shards
+with a completion marker are not redone."""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from curate import annotations, faults, io, manifest, publish, selection
+from curate import accounting, annotations, faults, io, manifest, publish, selection
 from curate import run_dir as run_dir_mod
 from curate.config import PipelineSpec
+from curate.executor import ActorDied, ActorPool, ClusterInfo, Executor, Future, Resources, describe_error
+from curate.executor import gpus_per_scorer
+from curate.shard_jobs import ShardScorer, prepare_shard
 from curate.stages.read import footer_rows, list_shards, shard_name
 from tqdm import tqdm
 from curate.stages.annotate import LANGUAGE_MODEL_ID
@@ -24,6 +30,15 @@ log = logging.getLogger(__name__)
 
 SCORE_QUEUE = 2  # scoring calls in flight per actor: one running, one ready to start
 SCORE_RESUBMITS = 2  # times a shard is resubmitted after a dead actor took its call down
+
+PREPARE_RESOURCES = Resources(cpus=1)  # one prepare task (read, annotate, fetch one shard): CPU and network
+
+
+def scorer_resources(spec: PipelineSpec, cluster: ClusterInfo) -> Resources:
+    """Each scoring actor: 1 CPU; 1 GPU when the cluster has any, decided from the cluster, never
+    the driver's own CUDA (tests/test_gpu_placement.py); and the custom resources of
+    ray.scorer_resources, so that scoring runs only on the nodes that advertise them."""
+    return Resources(cpus=1, gpus=gpus_per_scorer(cluster), custom=dict(spec.ray.scorer_resources))
 
 
 @dataclass
@@ -38,15 +53,18 @@ class RunResult:
         return not self.failed
 
 
-def run(spec: PipelineSpec) -> RunResult:
+def run(spec: PipelineSpec, executor: Executor | None = None) -> RunResult:
     """The whole `curate run`, holding the run directory's writer lock (curate/run_lock.py): a
     second writer is refused, naming this one. The manifest says "complete" only once the
-    selection is in place; a Ctrl-C leaves it "interrupted", a crash "failed" (with the error)."""
+    selection is in place; a Ctrl-C leaves it "interrupted", a crash "failed" (with the error).
+    `executor`: where the shards run; None = Ray as `spec.ray` says (a new local Ray, or the
+    cluster at its address), connected once the run directory is locked. A LocalExecutor runs the
+    whole run in this process without importing Ray (tests)."""
     run_dir = spec.output.dir
     preflight(spec)
     run_dir_mod.check_output_dir(run_dir)  # before the lock file is made: a foreign folder stays untouched
     with run_lock.hold(run_dir):
-        return _run(spec)
+        return _run(spec, executor)
 
 
 def preflight(spec: PipelineSpec) -> None:
@@ -61,7 +79,7 @@ def preflight(spec: PipelineSpec) -> None:
         )
 
 
-def _run(spec: PipelineSpec) -> RunResult:
+def _run(spec: PipelineSpec, executor: Executor | None) -> RunResult:
     run_dir = spec.output.dir
     previous = run_dir_mod.check_output_dir(run_dir)  # again, under the lock
     shards = list_shards(spec.input)
@@ -83,7 +101,7 @@ def _run(spec: PipelineSpec) -> RunResult:
     m = manifest.new(spec, shards, previous)  # carries the selections over
     manifest.write(run_dir, m)
     try:
-        return _run_shards(spec, m, shards)
+        return _run_shards(spec, m, shards, executor)
     except KeyboardInterrupt:
         _final_state(
             run_dir, m, "interrupted", "interrupted by the user (SIGINT); run the same command again to resume"
@@ -103,131 +121,57 @@ def _final_state(run_dir: str, m: dict, state: str, error: str) -> None:
         log.exception("could not record state %r in the manifest", state)
 
 
-def _run_shards(spec: PipelineSpec, m: dict, shards: list[str]) -> RunResult:
-    from curate import ray_adapter as rx
-    from curate.selection import write_selection
-    from curate.shard_jobs import ShardScorer, prepare_shard
+def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Executor | None) -> RunResult:
+    if executor is None:
+        # lazy: ray (~0.4 s), only for a run not given an executor (a LocalExecutor run never imports it)
+        from curate.ray_adapter import RayExecutor
 
+        executor = RayExecutor(spec.ray)
     run_dir = spec.output.dir
-    info = rx.connect(spec.ray)
-    m["cluster"] = info.as_dict()
+    m["cluster"] = executor.cluster.as_dict()
     spec_json = spec.model_dump_json()
     result = RunResult(run_dir)
 
     pool = None
     if spec.score.source == "model" and spec.fetch.enabled:
-        # one GPU per scoring actor when the cluster has any (tests/test_gpu_placement.py)
-        gpus = rx.gpus_per_scorer(info)
-        pool = rx.ActorPool(
+        pool = executor.actor_pool(
             ShardScorer,
             (spec_json,),
             size=spec.score.actors,
-            gpus_per_actor=gpus,
-            cpus_per_actor=1,
-            resources=spec.ray.scorer_resources,
+            resources=scorer_resources(spec, executor.cluster),
             max_restarts=spec.ray.scorer_max_restarts,
         )
-        m["model"] = pool.call_all("describe")[0]  # also fails fast on a bad checkpoint
-        m["cluster"]["scorer_nodes"] = pool.node_ids()
-        m["cluster"]["scorer_placement"] = pool.placement()  # node, GPU ids and resources per actor
-        manifest.write(run_dir, m)
-    elif spec.score.source == "column":
-        m["model"] = {"model_id": f"input-column:{spec.score.column}"}
-
-    m["language_model"] = LANGUAGE_MODEL_ID if spec.annotate.language else None
-
-    prepare = rx.cpu_task(prepare_shard)
     paths = {shard_name(p): p for p in shards}
-    # ref -> (stage, shard, actor index or -1, actor handle or None)
-    by_ref = {prepare.remote(p, spec_json, run_dir): ("prepare", shard_name(p), -1, None) for p in shards}
-    prepared: dict[str, dict] = {}  # shard -> its prepare counts, to resubmit a scoring call
-    deaths: dict[str, int] = {}  # shard -> its scoring calls that a dead actor took down
-    waiting: list[str] = []  # prepared shards not yet sent to an actor
-    suspects: list[str] = []  # shards whose call died with an actor: each is retried ALONE on an actor
-    isolated: dict[int, str] = {}  # actor slot -> the suspect it is running, nothing else queued there
+    try:
+        if pool is not None:
+            m["model"] = pool.call_all("describe")[0]  # also fails fast on a bad checkpoint
+            m["cluster"]["scorer_nodes"] = pool.node_ids()
+            m["cluster"]["scorer_placement"] = pool.placement()  # node, GPU ids and resources per actor
+            manifest.write(run_dir, m)
+        elif spec.score.source == "column":
+            m["model"] = {"model_id": f"input-column:{spec.score.column}"}
 
-    def dispatch() -> None:
-        """Send waiting shards to actors, at most SCORE_QUEUE calls per actor so that work goes to
-        whichever frees up first and a dying actor takes few calls down with it. A suspect runs
-        alone on an idle actor: if that actor dies, the suspect killed it, and no innocent shard
-        queued behind it is taken down again."""
-        assert pool is not None
-        loads = pool.loads()
-        for i in range(len(loads)):
-            if suspects and loads[i] == 0 and i not in isolated:
-                shard = suspects.pop(0)
-                isolated[i] = shard
-                submit(shard, i)
-                loads[i] += 1
-        while waiting:
-            free = [i for i in range(len(loads)) if i not in isolated and loads[i] < SCORE_QUEUE]
-            if not free:
-                return
-            i = min(free, key=loads.__getitem__)
-            submit(waiting.pop(0), i)
-            loads[i] += 1
+        m["language_model"] = LANGUAGE_MODEL_ID if spec.annotate.language else None
 
-    def submit(shard: str, i: int) -> None:
-        sref = pool.submit_to(i, "score_shard", run_dir, shard, prepared[shard])
-        by_ref[sref] = ("score", shard, i, pool.handle(i))
-
-    def finished(ref) -> None:
-        kind, shard, actor, handle = by_ref.pop(ref)
-        if actor >= 0 and pool is not None:
-            pool.done(actor)
-            if isolated.get(actor) == shard:
-                del isolated[actor]
-        try:
-            res = rx.get(ref)
-        except Exception as e:  # noqa: BLE001 - recorded and reported, never swallowed
-            if kind == "score" and pool is not None and rx.is_actor_dead(e):
-                if pool.replace(actor, handle):
-                    log.warning(
-                        "scoring actor %d is dead for good (%s); started a fresh one", actor, rx.describe_error(e)
-                    )
-                deaths[shard] = deaths.get(shard, 0) + 1
-                if deaths[shard] <= SCORE_RESUBMITS:  # it may only have been queued behind the culprit
-                    suspects.append(shard)
-                    return
-                e = RuntimeError(
-                    f"its scoring actor died on all {deaths[shard]} tries, the last ones with this "
-                    f"shard alone on the actor (a shard that crashes the scorer, or lost nodes): "
-                    f"{rx.describe_error(e)}"
-                )
-            result.failed[shard] = rx.describe_error(e)
-            log.error("shard %s failed in %s: %s", shard, kind, result.failed[shard])
-            bar.update(1)
-            return
-        m["shards"].setdefault(shard, {}).update(
-            {k: v for k, v in res.items() if k not in ("shard", "state", "counts")}
-        )
-        if res["state"] == "needs_scoring":
-            prepared[shard] = res["counts"]
-            waiting.append(shard)
-            return
-        result.shards_done.append(shard)
-        bar.update(1)
-
-    with _progress(len(shards)) as bar:
-        while by_ref:
-            ready, _ = rx.wait_one(by_ref)
-            finished(ready[0])
-            if pool is not None:
-                dispatch()
-    assert not waiting and not suspects, (waiting, suspects)  # every prepared shard went to an actor
-    if pool is not None:
-        m["cluster"]["scorer_replacements"] = pool.replaced
-        pool.kill()
+        with _progress(len(shards)) as bar:
+            scheduler = ShardScheduler(
+                executor, prepare_shard, pool, spec_json, run_dir, m["shards"], result, bar.update
+            )
+            scheduler.run(shards)
+    finally:
+        if pool is not None:  # also on Ctrl-C or a crash: a driver that lives on (a notebook, a test) frees its GPUs
+            m["cluster"]["scorer_replacements"] = pool.replaced
+            _close(pool)
 
     m["failed_shards"] = result.failed
     m["unaccounted_rows"] = {s: footer_rows(paths[s]) for s in sorted(result.failed)}
     done = annotations.completed_shards(run_dir)
-    m["counts"] = _totals(run_dir, done)
+    m["counts"] = accounting.run_totals(run_dir, done).to_json()
     m["state"] = "selecting"  # shards done; "complete" only once the selection is in place
     manifest.write(run_dir, m)
     faults.fire("run.before_selection", run_dir)
     if done:
-        result.selection = write_selection(run_dir, spec.selection, spec.report)
+        result.selection = selection.write_selection(run_dir, spec.selection, spec.report)
     recorded = manifest.read(run_dir)  # write_selection recorded the selection and the output checksums
     m.update({k: recorded[k] for k in ("selections", "selection_specs", "outputs") if k in recorded})
     m["state"] = "failed" if result.failed else "complete"
@@ -236,28 +180,139 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str]) -> RunResult:
     return result
 
 
-def _totals(run_dir: str, shards: list[str]) -> dict:
-    """Counts per stage over completed shards, from their markers: rows read, rows that passed
-    the text rules and were fetched (this run), fetched OK, and rows holding a score."""
-    tot: dict = {
-        "shards_complete": len(shards),
-        "rows": 0,
-        "forgotten": 0,
-        "fetch_attempted": 0,
-        "fetch_ok": 0,
-        "scored": 0,
-        "fetch_status": {},
-    }
-    for s in shards:
-        mk = io.read_json(annotations.marker_path(run_dir, s))
-        for key in ("rows", "forgotten", "fetch_attempted", "fetch_ok", "scored"):  # forgotten: curate forget
-            tot[key] += int(mk.get(key, 0))
-        for k, v in mk["fetch_status"].items():
-            tot["fetch_status"][k] = tot["fetch_status"].get(k, 0) + v
-    return tot
+def _close(pool: ActorPool) -> None:
+    try:
+        pool.close()
+    except Exception:  # noqa: BLE001 - the run's own outcome (or error) is what to report
+        log.warning("could not stop the scoring actors", exc_info=True)
 
 
 def _progress(total: int):
-    from curate.ray_adapter import progress_disabled
+    return tqdm(total=total, desc="shards", unit="shard", disable=os.environ.get("CURATE_PROGRESS", "1") == "0")
 
-    return tqdm(total=total, desc="shards", unit="shard", disable=progress_disabled())
+
+@dataclass(frozen=True)
+class _Call:
+    stage: str  # "prepare" or "score"
+    shard: str
+
+
+class ShardScheduler:
+    """Every shard through `prepare(path, spec_json, run_dir)` (a task) and, when it answers
+    "needs_scoring", `score_shard(run_dir, shard, counts)` on one actor of `pool`, as calls finish.
+    It talks to the executor interface only (curate/executor.py), so it runs the same on Ray and
+    in-process. Each shard ends in `result.shards_done` or in `result.failed` with its error, and
+    `on_shard_end(1)` (the progress bar); what prepare and scoring report of a shard is merged into
+    `records[shard]` (the manifest's shards).
+
+    Named state:
+      pending    future -> the call in flight (stage, shard)
+      prepared   shard -> its prepare counts (a resubmitted scoring call needs them again)
+      waiting    prepared shards not yet sent to an actor, in order
+      deaths     shard -> its scoring calls that a dead actor took down
+      suspects   shards whose call died with an actor: each is retried ALONE on an idle actor
+      isolated   actor slot -> the suspect it runs, with nothing else queued there
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        prepare: Callable[[str, str, str], dict],
+        pool: ActorPool | None,
+        spec_json: str,
+        run_dir: str,
+        records: dict[str, dict],
+        result: RunResult,
+        on_shard_end: Callable[[int], Any] = lambda n: None,
+    ):
+        self.executor, self.prepare, self.pool = executor, prepare, pool
+        self.spec_json, self.run_dir, self.records, self.result = spec_json, run_dir, records, result
+        self.on_shard_end = on_shard_end
+        self.pending: dict[Future, _Call] = {}
+        self.prepared: dict[str, dict] = {}
+        self.waiting: list[str] = []
+        self.deaths: dict[str, int] = {}
+        self.suspects: list[str] = []
+        self.isolated: dict[int, str] = {}
+
+    def run(self, paths: list[str]) -> None:
+        for p in paths:
+            fut = self.executor.submit(self.prepare, p, self.spec_json, self.run_dir, resources=PREPARE_RESOURCES)
+            self.pending[fut] = _Call("prepare", shard_name(p))
+        while self.pending:
+            self._finished(self.executor.wait_first(self.pending))
+            if self.pool is not None:
+                self._dispatch()
+        assert not self.waiting and not self.suspects, (self.waiting, self.suspects)  # all went to an actor
+
+    def _dispatch(self) -> None:
+        """Send waiting shards to actors, at most SCORE_QUEUE calls per actor so that work goes to
+        whichever frees up first and a dying actor takes few calls down with it. A suspect runs
+        alone on an idle actor: if that actor dies, the suspect killed it, and no innocent shard
+        queued behind it is taken down again."""
+        assert self.pool is not None
+        loads = self.pool.loads()
+        for i in range(len(loads)):
+            if self.suspects and loads[i] == 0 and i not in self.isolated:
+                shard = self.suspects.pop(0)
+                self.isolated[i] = shard
+                self._score(shard, i)
+                loads[i] += 1
+        while self.waiting:
+            free = [i for i in range(len(loads)) if i not in self.isolated and loads[i] < SCORE_QUEUE]
+            if not free:
+                return
+            i = min(free, key=loads.__getitem__)
+            self._score(self.waiting.pop(0), i)
+            loads[i] += 1
+
+    def _score(self, shard: str, i: int) -> None:
+        assert self.pool is not None
+        fut = self.pool.call(i, "score_shard", self.run_dir, shard, self.prepared[shard])
+        self.pending[fut] = _Call("score", shard)
+
+    def _finished(self, fut: Future) -> None:
+        call = self.pending.pop(fut)
+        if fut.slot is not None and self.pool is not None:
+            self.pool.done(fut.slot)
+            if self.isolated.get(fut.slot) == call.shard:
+                del self.isolated[fut.slot]
+        try:
+            res = self.executor.result(fut)
+        except Exception as e:  # noqa: BLE001 - recorded and reported, never swallowed
+            if isinstance(e, ActorDied) and call.stage == "score":
+                if self._resubmitted(call.shard, fut, e):
+                    return
+                e = RuntimeError(
+                    f"its scoring actor died on all {self.deaths[call.shard]} tries, the last ones with this "
+                    f"shard alone on the actor (a shard that crashes the scorer, or lost nodes): {describe_error(e)}"
+                )
+            self._fail(call, e)
+            return
+        self.records.setdefault(call.shard, {}).update(
+            {k: v for k, v in res.items() if k not in ("shard", "state", "counts")}
+        )
+        if res["state"] == "needs_scoring":
+            self.prepared[call.shard] = res["counts"]
+            self.waiting.append(call.shard)
+            return
+        self.result.shards_done.append(call.shard)
+        self.on_shard_end(1)
+
+    def _resubmitted(self, shard: str, fut: Future, e: ActorDied) -> bool:
+        """A dead actor took this shard's call down: replace the actor (once, whichever of its
+        calls reports first) and make the shard a suspect, up to SCORE_RESUBMITS times. False
+        when the shard has had its resubmissions."""
+        assert self.pool is not None and fut.slot is not None
+        if self.pool.replace(fut.slot, fut):
+            log.warning("scoring actor %d is dead for good (%s); started a fresh one", fut.slot, describe_error(e))
+        self.deaths[shard] = self.deaths.get(shard, 0) + 1
+        if self.deaths[shard] <= SCORE_RESUBMITS:  # it may only have been queued behind the culprit
+            self.suspects.append(shard)
+            return True
+        return False
+
+    def _fail(self, call: _Call, e: Exception) -> None:
+        self.result.failed[call.shard] = describe_error(e)
+        log.error("shard %s failed in %s: %s", call.shard, call.stage, self.result.failed[call.shard])
+        self.on_shard_end(1)

@@ -73,9 +73,7 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
         ann = pl.from_arrow(annotate_text(table, spec.annotate.language, spec.input.max_caption_chars))
         if spec.annotate.caption_minhash:
             a = spec.annotate
-            ann = annotate_caption_lsh(
-                ann, a.caption_minhash_threshold, a.caption_minhash_perm, spec.selection.dedup.caption_ngram
-            )
+            ann = annotate_caption_lsh(ann, a.caption_minhash_threshold, a.caption_minhash_perm, a.caption_ngram)
         if spec.score.source == "column":
             ann = ann.with_columns(
                 pl.col(spec.score.column).cast(pl.Float32).alias(schema.CLIP_SCORE),
@@ -155,21 +153,15 @@ def _merge_by_row(path: str, table: pa.Table) -> None:
 
 
 def finish_shard(run_dir: str, shard: str, ann: pl.DataFrame, keep_columns: list[str], counts: dict) -> None:
+    """Write the shard's annotation file, then its completion marker (a ShardMarker: the file's
+    own counts, the prepare/score `counts` and the time). The counts are checked before anything
+    is written: an unknown or mistyped key fails here, not as a silent 0 in a later report."""
     if (ann.get_column(schema.FETCH_STATUS) == PENDING).any():
         raise RuntimeError(f"shard {shard}: rows left in an internal 'pending' fetch state")
     table = annotations.conform(ann.sort(schema.ROW).to_arrow(), keep_columns)
+    marker = accounting.finished_marker(run_dir, shard, table, counts)
     io.write_parquet(annotations.shard_path(run_dir, shard), table)
-    final = pl.from_arrow(table)
-    status_counts = final.get_column(schema.FETCH_STATUS).value_counts().rows()
-    marker = {
-        "shard": shard,
-        "rows": table.num_rows,
-        "scored": int(final.get_column(schema.CLIP_SCORE).is_not_null().sum()),
-        "fetch_status": {k: int(v) for k, v in status_counts},
-        **counts,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    io.write_json(annotations.marker_path(run_dir, shard), marker)  # last: the completion marker
+    store.write_marker(run_dir, marker)  # last: the completion marker
     io.remove(work_path(run_dir, shard))
 
 
@@ -190,9 +182,12 @@ def _merge_embeddings(run_dir: str, shard: str, rows: np.ndarray, emb: np.ndarra
 
 
 class ShardScorer:
-    """Loads the CLIP model once; scores whole shards. Runs as a Ray actor (see ray_adapter)."""
+    """Loads the CLIP model once; scores whole shards. Runs as an actor of the run's executor
+    (curate/executor.py: a Ray actor, or a plain instance in-process); curate/runner.py declares
+    its resources (`scorer_resources`)."""
 
     def __init__(self, spec_json: str):
+        # lazy: torch and open_clip (seconds), only in a scoring actor
         from curate.stages.score import ClipScorer
 
         self.spec = PipelineSpec.model_validate_json(spec_json)
@@ -215,7 +210,7 @@ class ShardScorer:
         if not io.exists(work_path(run_dir, shard)) and io.exists(annotations.marker_path(run_dir, shard)):
             # a retried call (the actor died after finishing it, before its answer reached the
             # driver): the shard is done, its marker says with what
-            return {**io.read_json(annotations.marker_path(run_dir, shard)), "state": "done"}
+            return {**store.read_marker(run_dir, shard).to_json(), "state": "done"}
         ann = pl.from_arrow(io.read_parquet(work_path(run_dir, shard)))
         todo = ann.filter((pl.col(schema.FETCH_STATUS) == FetchStatus.OK.value) & pl.col(schema.CLIP_SCORE).is_null())
         imgs = pl.from_arrow(io.read_parquet(images_path(run_dir, shard)))

@@ -58,6 +58,8 @@ import json, os
 import ray
 from curate import ray_adapter as rx
 from curate.config import PipelineSpec, RayConfig
+from curate.executor import Resources
+from curate.runner import scorer_resources
 from curate.shard_jobs import ShardScorer
 
 def inside(scorer):
@@ -79,9 +81,10 @@ out = {}
 try:
     info = rx.connect(RayConfig())  # joins the Ray this process has, as the runner's connect() would
     out["info"] = info.as_dict()
-    spec_json = PipelineSpec.model_validate({"name": "t", "input": {"paths": ["x.parquet"]}}).model_dump_json()
-    gpus = rx.gpus_per_scorer(info)
-    pool = rx.ActorPool(ShardScorer, (spec_json,), size=2, gpus_per_actor=gpus, cpus_per_actor=1)
+    spec = PipelineSpec.model_validate({"name": "t", "input": {"paths": ["x.parquet"]}})
+    spec_json = spec.model_dump_json()
+    # the resources the runner declares for each scoring actor on this cluster
+    pool = rx.RayActorPool(ShardScorer, (spec_json,), size=2, resources=scorer_resources(spec, info))
     out["gpu_pool"] = {
         "placement": pool.placement(),
         "inside": ray.get([a.__ray_call__.remote(inside) for a in pool.actors]),
@@ -89,13 +92,13 @@ try:
         "gpus_left": ray.available_resources().get("GPU", 0.0),
     }
     # the same node, an actor that asked for no GPU (what the runner does on a cluster without GPUs)
-    cpu_pool = rx.ActorPool(ShardScorer, (spec_json,), size=1, gpus_per_actor=0, cpus_per_actor=1)
+    cpu_pool = rx.RayActorPool(ShardScorer, (spec_json,), size=1, resources=Resources(cpus=1, gpus=0))
     out["cpu_pool"] = {
         "placement": cpu_pool.placement(),
         "inside": ray.get([a.__ray_call__.remote(inside) for a in cpu_pool.actors]),
     }
-    pool.kill()
-    cpu_pool.kill()
+    pool.close()
+    cpu_pool.close()
 finally:
     ray.shutdown()
 print("RESULT " + json.dumps(out), flush=True)

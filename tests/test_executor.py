@@ -1,0 +1,409 @@
+"""The executor interface (curate/executor.py) and the runner's scheduling on it.
+
+- LocalExecutor semantics: tasks run at submit, in order; errors are kept and re-raised; a
+  multi-return task gives a list of futures; a crashed actor is restarted, then dead for good
+  (ActorDied) until replaced; the Ray dedup engine's shuffle gives the in-process pairs on it.
+- ShardScheduler (curate/runner.py) on the LocalExecutor with stand-in stages: an actor that dies
+  on a poison shard is replaced, the shards queued behind it are retried, the poison shard alone
+  on an idle actor, and it fails by name after SCORE_RESUBMITS resubmissions.
+- Composition: prepare + score, a rerun that redoes nothing, a run interrupted after some shards
+  and resumed, and `curate forget` followed by a rerun, each on BOTH executors, with the same
+  selection on both. The local reference run happens in a subprocess where Ray cannot be
+  imported at all: the whole run needs none of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from curate.cli import app
+from curate.config import PipelineSpec, load_spec
+from curate.demo.run_demo import write_inputs
+from curate.distributed_dedup import ray_caption_pairs, ray_image_edges
+from curate.executor import ActorCrash, ActorDied, Executor, LocalExecutor, Resources
+from curate.filters.caption_dedup import local_pairs
+from curate.filters.image_dedup import cluster_edges
+from curate.presets import preset_path
+from curate.runner import SCORE_RESUBMITS, RunResult, ShardScheduler, run
+from curate.stages.read import shard_name
+from fault_support import REPO, annotations_frame, demo_servers, driver_result, files_state, outcome
+
+ROWS, SHARDS, SEED = 60, 3, 5
+NAMES = [f"part-{k:05d}" for k in range(SHARDS)]
+
+
+# --- the LocalExecutor -----------------------------------------------------------------------
+
+
+def _three_from(n: int) -> list[int]:
+    return [n, n + 1, n + 2]
+
+
+def _add(a: int, b: int) -> int:
+    return a + b
+
+
+def test_local_tasks_run_in_order_and_keep_their_errors():
+    ex = LocalExecutor(cpus=2)
+    ok, bad = ex.submit(pow, 2, 10), ex.submit(int, "x")
+    assert ex.result(ok) == 1024
+    with pytest.raises(ValueError, match="invalid literal"):
+        ex.result(bad)
+    assert ex.wait_first([bad, ok]) is bad  # everything is settled at submit: the first one given
+    parts = ex.submit(_three_from, 5, num_returns=3)
+    assert ex.results(parts) == [5, 6, 7]
+    (only,) = ex.submit(lambda: ["one"], num_returns=1)  # a one-partition map task is a list too
+    assert ex.result(only) == "one"
+    assert ex.result(ex.submit(_add, parts[0], parts[2])) == 12  # a future as an argument is its value
+    with pytest.raises(ValueError, match="GPU 1"):
+        ex.submit(pow, 1, 1, resources=Resources(gpus=1))  # refused, not left waiting
+    accel = LocalExecutor(custom={"accel": 1})
+    assert accel.result(accel.submit(pow, 3, 2, resources=Resources(custom={"accel": 1}))) == 9
+
+
+class _Crashy:
+    made = 0
+
+    def __init__(self, tag: str):
+        type(self).made += 1
+        self.tag = tag
+
+    def work(self, what: str) -> str:
+        if what == "crash":
+            raise ActorCrash("the process died")
+        return f"{self.tag}:{what}"
+
+
+def test_local_actor_restarts_then_dies_until_replaced():
+    _Crashy.made = 0
+    ex = LocalExecutor()
+    pool = ex.actor_pool(_Crashy, ("a",), size=2, resources=Resources(), max_restarts=1)
+    assert pool.size == 2 and _Crashy.made == 2
+    assert ex.result(pool.call(0, "work", "x")) == "a:x"
+    died = pool.call(0, "work", "crash")  # restarted once and retried, then dead for good
+    assert _Crashy.made == 3
+    with pytest.raises(ActorDied, match="no restarts left"):
+        ex.result(died)
+    behind = pool.call(0, "work", "y")  # a call queued on a dead actor fails the same way
+    with pytest.raises(ActorDied):
+        ex.result(behind)
+    assert ex.result(pool.call(1, "work", "z")) == "a:z"  # the other slot is fine
+    assert pool.loads() == [3, 1]
+    pool.done(0)
+    assert pool.loads() == [2, 1]
+    assert pool.replace(0, died) is True and pool.replaced == 1
+    assert pool.replace(0, behind) is False  # the same dead actor, already replaced
+    assert ex.result(pool.call(0, "work", "x")) == "a:x"
+    assert pool.placement()[0] == {"node_id": "local", "gpu_ids": [], "resources": {"CPU": 1.0}}
+    assert pool.call_all("work", "all") == ["a:all", "a:all"]
+
+
+def test_the_dedup_shuffle_gives_the_same_pairs_on_the_local_executor():
+    """curate/distributed_dedup.py through the executor interface: the candidate pairs of the
+    in-process group-by, with one partition (a one-value map task is a list too) or several; and
+    the image edges of the in-process comparison."""
+    rng = np.random.default_rng(0)
+    keys = [rng.integers(0, 60, 3).tolist() for _ in range(200)]
+    reps = pl.DataFrame(
+        {"_rep": range(200), "caption_lsh": keys}, schema={"_rep": pl.Int64, "caption_lsh": pl.List(pl.UInt64)}
+    )
+    want = local_pairs(reps).unique().sort("a", "b")
+    assert want.height > 50
+    for partitions in (1, 3):
+        finder = ray_caption_pairs(partitions, rows_per_block=64, executor=LocalExecutor())
+        assert finder(reps).sort("a", "b").equals(want)
+    x = rng.normal(size=(120, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = rng.integers(0, 7, 120)
+    a, b = ray_image_edges(3, executor=LocalExecutor())(x, labels, 0.5)
+    wa, wb = cluster_edges(x, labels, 0.5)
+    assert len(wa) > 0 and sorted(zip(a.tolist(), b.tolist())) == sorted(zip(wa.tolist(), wb.tolist()))
+
+
+# --- ShardScheduler with stand-in stages -----------------------------------------------------
+
+
+def _prepare(path: str, spec_json: str, run_dir: str) -> dict:
+    shard = shard_name(path)
+    if shard == "part-bad":
+        raise ValueError(f"{path} is not a readable parquet file")
+    return {"shard": shard, "state": "needs_scoring", "counts": {"rows": 3}, "rows": 3}
+
+
+class _Scorer:
+    """Crashes its process (ActorCrash) on the poison shard, every time; once on a flaky one."""
+
+    crashed: set[str] = set()
+
+    def __init__(self, poison: str, flaky: str = ""):
+        self.poison, self.flaky = poison, flaky
+
+    def score_shard(self, run_dir: str, shard: str, counts: dict) -> dict:
+        if shard == self.poison or (shard == self.flaky and shard not in _Scorer.crashed):
+            _Scorer.crashed.add(shard)
+            raise ActorCrash(f"{shard} kills its scorer")
+        return {"shard": shard, "state": "done", "scored": counts["rows"]}
+
+
+def _schedule(pool, paths: list[str], events: list | None = None) -> tuple[RunResult, dict]:
+    """Run a ShardScheduler over `paths`; `events` gets ("call", slot, shard, load before) and
+    ("done", slot) in order."""
+    if events is not None:
+        call, done = pool.call, pool.done
+
+        def spy_call(i: int, method: str, *args: Any):
+            events.append(("call", i, args[1], pool.loads()[i]))
+            return call(i, method, *args)
+
+        def spy_done(i: int) -> None:
+            events.append(("done", i))
+            done(i)
+
+        pool.call, pool.done = spy_call, spy_done
+    result, records = RunResult("rd"), {}
+    ShardScheduler(LocalExecutor(), _prepare, pool, "{}", "rd", records, result).run(paths)
+    return result, records
+
+
+def test_a_poison_shard_is_retried_alone_then_fails_and_its_actors_are_replaced():
+    _Scorer.crashed = set()
+    pool = LocalExecutor().actor_pool(_Scorer, ("part-00002",), size=2, resources=Resources(), max_restarts=0)
+    events: list = []
+    result, records = _schedule(pool, [f"in/part-{k:05d}.parquet" for k in range(6)], events)
+    assert list(result.failed) == ["part-00002"]
+    assert result.failed["part-00002"].startswith(f"RuntimeError: its scoring actor died on all {SCORE_RESUBMITS + 1}")
+    assert "part-00002 kills its scorer" in result.failed["part-00002"]
+    assert sorted(result.shards_done) == [f"part-{k:05d}" for k in range(6) if k != 2]
+    assert records["part-00000"] == {"rows": 3, "scored": 3}  # prepare's and scoring's reports merged
+    tries = Counter(e[2] for e in events if e[0] == "call")
+    assert tries.pop("part-00002") == SCORE_RESUBMITS + 1
+    assert sorted(tries.values()) == [1, 1, 1, 1, 2]  # one innocent shard went down with the poisoned actor
+    poison = [i for i, e in enumerate(events) if e[0] == "call" and e[2] == "part-00002"]
+    for k in poison[1:]:  # each retry alone: an idle actor, and nothing else sent there until it ends
+        _, slot, _, load = events[k]
+        assert load == 0
+        assert next(e for e in events[k + 1 :] if e[1] == slot) == ("done", slot)
+    assert pool.replaced == SCORE_RESUBMITS + 1  # one fresh actor per death, however many calls it took
+    assert pool.loads() == [0, 0]
+
+
+def test_a_crash_with_restarts_left_is_retried_by_the_actor():
+    _Scorer.crashed = set()
+    pool = LocalExecutor().actor_pool(_Scorer, ("", "part-00001"), size=1, resources=Resources(), max_restarts=1)
+    result, _ = _schedule(pool, [f"in/part-{k:05d}.parquet" for k in range(3)])
+    assert result.ok and sorted(result.shards_done) == NAMES
+    assert _Scorer.crashed == {"part-00001"} and pool.replaced == 0
+
+
+def test_a_stage_error_is_recorded_and_the_others_go_on():
+    pool = LocalExecutor().actor_pool(_Scorer, ("",), size=1, resources=Resources())
+    result, _ = _schedule(pool, ["in/part-00000.parquet", "in/part-bad.parquet", "in/part-00001.parquet"])
+    assert result.failed == {"part-bad": "ValueError: in/part-bad.parquet is not a readable parquet file"}
+    assert sorted(result.shards_done) == ["part-00000", "part-00001"]
+
+
+# --- composition: whole runs on both executors ----------------------------------------------
+
+NO_RAY_DRIVER = r"""
+import importlib.abc, json, sys, traceback
+
+refused = []
+
+
+class NoRay(importlib.abc.MetaPathFinder):
+    '''Ray cannot be imported here; who tried is recorded (img2dataset probes for it, optionally).'''
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            frames = [f.filename for f in traceback.extract_stack()[:-1] if not f.filename.startswith("<frozen")]
+            refused.append(frames[-1])
+            raise ModuleNotFoundError(f"No module named {name!r} (refused by the test)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoRay())
+from curate.config import PipelineSpec
+from curate.executor import LocalExecutor
+from curate.runner import run
+
+with open(sys.argv[1]) as f:
+    res = run(PipelineSpec.model_validate_json(f.read()), executor=LocalExecutor())
+out = {"ok": res.ok, "failed": res.failed, "done": sorted(res.shards_done)}
+out.update({"ray_loaded": "ray" in sys.modules, "refused": refused})
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("executor")
+    with demo_servers() as servers:
+        write_inputs(base, ROWS, SHARDS, SEED, servers)
+        yield {"base": base, "servers": servers}
+
+
+def _spec(world, out: Path) -> PipelineSpec:
+    return load_spec(preset_path("demo")).with_overrides(
+        **{"input.paths": [str(world["base"] / "input" / "shards")], "output.dir": str(out)}
+    )
+
+
+def _hits(world) -> int:
+    return sum(sum(s.hits.values()) for s in world["servers"].values())
+
+
+@pytest.fixture(scope="module")
+def reference(world) -> Path:
+    """A clean run on the LocalExecutor, in a process where Ray cannot be imported."""
+    out = world["base"] / "reference"
+    spec_file = world["base"] / "reference.json"
+    spec_file.write_text(_spec(world, out).model_dump_json())
+    res = driver_result(NO_RAY_DRIVER, str(spec_file), timeout=300)
+    assert res["ok"] and res["done"] == NAMES, res
+    assert res["ray_loaded"] is False
+    assert not [f for f in res["refused"] if f.startswith(str(REPO / "curate"))], res["refused"]
+    return out
+
+
+@pytest.fixture(params=["local", "ray"])
+def executor(request) -> Executor:
+    if request.param == "local":
+        return LocalExecutor()
+    request.getfixturevalue("ray_session")  # the session's Ray, joined
+    from curate.config import RayConfig
+    from curate.ray_adapter import RayExecutor
+
+    return RayExecutor(RayConfig())
+
+
+def _assert_same(run_dir: Path, reference: Path) -> None:
+    """The same decisions, scores and annotations as the reference run, every row once."""
+    got = outcome(run_dir)
+    assert got.height == ROWS and got.select("shard", "row").n_unique() == ROWS
+    assert got.equals(outcome(reference)), "decisions or scores differ from the reference run"
+    assert annotations_frame(run_dir).equals(annotations_frame(reference))
+
+
+@pytest.fixture(scope="module")
+def clean_runs() -> dict[str, Path]:
+    return {}
+
+
+@pytest.fixture(scope="module")
+def spare_runs() -> dict[str, Path]:
+    """Complete runs that a later test may change (the forget test takes a resumed run, one run
+    less per executor); a test that finds none here makes its own."""
+    return {}
+
+
+@pytest.fixture
+def clean(world, executor, clean_runs) -> Path:
+    """A clean run on `executor`, made once per executor in this module."""
+    kind = type(executor).__name__
+    if kind not in clean_runs:
+        out = world["base"] / f"clean-{kind}"
+        res = run(_spec(world, out), executor=executor)
+        assert res.ok and sorted(res.shards_done) == NAMES, res.failed
+        clean_runs[kind] = out
+    return clean_runs[kind]
+
+
+def test_prepare_and_score_give_the_same_selection(clean, reference, executor):
+    _assert_same(clean, reference)
+    m = json.loads((clean / "manifest.json").read_text())
+    assert m["state"] == "complete" and m["counts"]["shards_complete"] == SHARDS
+    assert m["model"]["model"] == "curate-tiny" and m["counts"]["scored"] > 0
+    assert {k: m["cluster"][k] for k in ("address", "cpus", "gpus", "nodes")} == executor.cluster.as_dict()
+    assert m["cluster"]["scorer_placement"][0]["resources"]["CPU"] == 1.0  # the runner's declaration
+    assert len(m["cluster"]["scorer_nodes"]) == 1 and m["cluster"]["scorer_replacements"] == 0
+    assert sorted(m["shards"]) == NAMES and all(s["fetch_attempted"] > 0 for s in m["shards"].values())
+
+
+def test_a_second_run_redoes_nothing(world, clean, reference, executor):
+    before, hits = files_state(clean, NAMES), _hits(world)
+    res = run(_spec(world, clean), executor=executor)
+    assert res.ok and sorted(res.shards_done) == NAMES
+    assert _hits(world) == hits  # nothing fetched
+    assert files_state(clean, NAMES) == before  # no shard rewritten
+    _assert_same(clean, reference)
+
+
+class _Interrupting(Executor):
+    """`inner`, with a Ctrl-C at the `at`-th result the runner collects (a driver stopped mid-run).
+    Keeps the task futures, so that the test can let what was in flight end before resuming."""
+
+    def __init__(self, inner: Executor, at: int):
+        self.inner, self.at, self.cluster = inner, at, inner.cluster
+        self.collected, self.tasks = 0, []
+
+    def submit(self, fn, *args, resources=Resources(), num_returns=None):
+        f = self.inner.submit(fn, *args, resources=resources, num_returns=num_returns)
+        self.tasks.append(f)
+        return f
+
+    def wait_first(self, futures):
+        return self.inner.wait_first(futures)
+
+    def result(self, future):
+        self.collected += 1
+        if self.collected == self.at:
+            raise KeyboardInterrupt
+        return self.inner.result(future)
+
+    def actor_pool(self, cls, args, size, resources, max_restarts=3):
+        return self.inner.actor_pool(cls, args, size, resources, max_restarts)
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(world, reference, executor, spare_runs):
+    out = world["base"] / f"interrupted-{type(executor).__name__}"
+    stopped = _Interrupting(executor, at=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(_spec(world, out), executor=stopped)
+    for f in stopped.tasks:  # what was still running ends before the resume (a killed driver's would die)
+        with contextlib.suppress(Exception):
+            executor.result(f)
+    assert json.loads((out / "manifest.json").read_text())["state"] == "interrupted"
+    finished = sorted(p.stem for p in (out / "annotations").glob("*.done"))
+    assert len(finished) < SHARDS
+    if isinstance(executor, LocalExecutor):  # deterministic: shard 0 was scored when its call was made
+        assert finished == ["part-00000"]
+    before = files_state(out, finished)
+    res = run(_spec(world, out), executor=executor)
+    assert res.ok and sorted(res.shards_done) == NAMES, res.failed
+    assert files_state(out, finished) == before  # the shards finished before the stop were not redone
+    _assert_same(out, reference)
+    spare_runs[type(executor).__name__] = out
+
+
+def test_forgotten_rows_do_not_come_back_in_a_rerun(world, reference, executor, spare_runs, tmp_path):
+    out = spare_runs.pop(type(executor).__name__, None)
+    if out is None:
+        out = world["base"] / f"forget-{type(executor).__name__}"
+        assert run(_spec(world, out), executor=executor).ok
+    # two kept rows that no removed row is a duplicate of: forgetting them changes no other decision
+    dup_of = set(pl.read_parquet(out / "selections" / "default" / "removed" / "*.parquet")["duplicate_of"].drop_nulls())
+    kept = outcome(out).filter(pl.col("kept") & ~pl.col("uid").is_in(list(dup_of)))
+    gone = {kept["uid"][0], kept["uid"][-1]}
+    (tmp_path / "uids.txt").write_text("\n".join(sorted(gone)) + "\n")
+    res = CliRunner().invoke(app, ["forget", str(out), "--uids", str(tmp_path / "uids.txt")])
+    assert res.exit_code == 0, res.output
+    after_forget = outcome(out)
+    assert after_forget.height == ROWS - 2 and not set(after_forget["uid"]) & gone
+
+    res = run(_spec(world, out), executor=executor)  # re-reads every input shard's state
+    assert res.ok
+    again = outcome(out)
+    assert again.equals(after_forget)
+    ann = pl.read_parquet(out / "annotations" / "*.parquet")
+    assert ann.height == ROWS - 2 and not set(ann["uid"]) & gone
+    want = outcome(reference).filter(~pl.col("uid").is_in(list(gone)))
+    assert again.equals(want)  # everything else as in the reference run
