@@ -38,6 +38,7 @@ ANNOTATION_FIELDS: list[pa.Field] = [
     pa.field(schema.CLIP_SCORE, pa.float32()),
     pa.field(schema.CLIP_MODEL, pa.string()),
     pa.field(schema.CAPTION_LSH, pa.list_(pa.uint64())),  # null unless annotate.caption_minhash
+    pa.field(schema.CAPTION_LSH_NGRAM, pa.int8()),  # with the keys: verification shingles the same way
 ]
 ANNOTATION_COLUMNS = [f.name for f in ANNOTATION_FIELDS]
 

@@ -3,12 +3,18 @@ need them, so `curate select` and `curate --help` stay fast and model-free."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
+
+from curate.config import PipelineSpec, SelectionConfig, SpecError, describe, load_spec
+from curate.filters import rules
+from curate.presets import preset_path
 
 app = typer.Typer(
     add_completion=False,
@@ -61,8 +67,7 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="discard an existing run in the output directory"),
 ) -> None:
     """Run a pipeline spec: read, annotate, fetch, score on Ray, then write the default selection."""
-    from curate.config import SpecError, load_spec
-    from curate.presets import preset_path
+    # lazy: curate.runner adds ~0.33 s (pyarrow, fsspec, the run stack); --help and other commands skip it
     from curate.runner import run as run_pipeline
 
     try:
@@ -95,63 +100,26 @@ def run(
         raise typer.Exit(1)
 
 
-@app.command()
-def select(
-    run_dir: str = typer.Argument(..., help="a run directory written by `curate run`"),
-    name: str = typer.Option(..., "--name", "-n", help="name of the new selection (selections/<name>/)"),
-    clip_min_score: Optional[float] = typer.Option(None, "--clip-min-score", help="keep rows with clip_score >= this"),
-    clip_top_fraction: Optional[float] = typer.Option(
-        None, "--clip-top-fraction", help="keep the top fraction by clip_score (DataComp --fraction)"
-    ),
-    no_clip: bool = typer.Option(False, "--no-clip", help="switch the CLIP rule off"),
-    languages: Optional[str] = typer.Option(
-        None, "--languages", help="comma-separated allow-list, e.g. en,de ('' = any)"
-    ),
-    min_language_confidence: Optional[float] = typer.Option(None, "--min-language-confidence"),
-    min_words: Optional[int] = typer.Option(None, "--min-words"),
-    min_chars: Optional[int] = typer.Option(None, "--min-chars"),
-    max_chars: Optional[int] = typer.Option(None, "--max-chars"),
-    min_side: Optional[int] = typer.Option(None, "--min-side", help="minimum image side in pixels"),
-    max_aspect: Optional[float] = typer.Option(None, "--max-aspect"),
-    dedup_url: Optional[bool] = typer.Option(None, "--dedup-url/--no-dedup-url"),
-    dedup_image: Optional[bool] = typer.Option(None, "--dedup-image/--no-dedup-image"),
-) -> None:
+def select(run_dir: str, name: str, **flags: object) -> None:
     """Re-apply selection rules to a run's cached annotations: no model, no network, seconds.
 
     Rules not given on the command line are taken from the run's spec."""
-    from pydantic import ValidationError
-
+    # lazy: curate.manifest adds ~0.32 s (pyarrow, fsspec via curate.io); --help and other commands skip it
     from curate import manifest
-    from curate.config import PipelineSpec, SelectionConfig, describe
+
+    # lazy: curate.selection adds ~0.35 s (pyarrow, fsspec, reports); --help and other commands skip it
     from curate.selection import write_selection
 
     try:
         m = manifest.read(run_dir)  # a clear error when missing, corrupt or not curate's
-        spec = PipelineSpec.model_validate(m["spec"])
+        spec = PipelineSpec.model_validate(m.spec)
     except ValidationError as e:
         _fail(f"{run_dir}/manifest.json: its spec is not valid with this version of curate\n" + describe(e))
     except _USER_ERRORS as e:
         _fail(str(e))
     data = spec.selection.model_dump(mode="json")
     data["name"] = name
-    if no_clip:
-        data["clip"] = {"min_score": None, "top_fraction": None}
-    elif clip_min_score is not None or clip_top_fraction is not None:
-        data["clip"] = {"min_score": clip_min_score, "top_fraction": clip_top_fraction}
-    if languages is not None:
-        data["language"]["allow"] = [x.strip() for x in languages.split(",") if x.strip()]
-    for section, key, value in (
-        ("language", "min_confidence", min_language_confidence),
-        ("caption", "min_words", min_words),
-        ("caption", "min_chars", min_chars),
-        ("caption", "max_chars", max_chars),
-        ("image", "min_side", min_side),
-        ("image", "max_aspect", max_aspect),
-        ("dedup", "url", dedup_url),
-        ("dedup", "image_sha256", dedup_image),
-    ):
-        if value is not None:
-            data[section][key] = value
+    rules.apply_flags(data, flags)  # the rule registry's flags (filters/rules.py)
     try:
         sel = SelectionConfig.model_validate(data)
     except ValidationError as e:
@@ -171,6 +139,35 @@ def select(
         )
 
 
+def _select_signature() -> inspect.Signature:
+    """`curate select RUN --name N` plus one option per flag the rule registry declares: a new
+    rule's flags appear here without touching this file."""
+    P = inspect.Parameter
+    params = [
+        P(
+            "run_dir",
+            P.POSITIONAL_OR_KEYWORD,
+            annotation=str,
+            default=typer.Argument(..., help="a run directory written by `curate run`"),
+        ),
+        P(
+            "name",
+            P.KEYWORD_ONLY,
+            annotation=str,
+            default=typer.Option(..., "--name", "-n", help="name of the new selection (selections/<name>/)"),
+        ),
+    ]
+    for flag in rules.FLAGS:
+        annotation = bool if flag.is_switch else Optional[flag.type]
+        default = typer.Option(False if flag.is_switch else None, *flag.decl.split(" "), help=flag.help or None)
+        params.append(P(flag.param, P.KEYWORD_ONLY, annotation=annotation, default=default))
+    return inspect.Signature(params, return_annotation=None)
+
+
+select.__signature__ = _select_signature()  # typer reads the options from the signature
+app.command()(select)
+
+
 @app.command()
 def forget(
     run_dir: str = typer.Argument(..., help="a run directory written by `curate run`"),
@@ -182,6 +179,7 @@ def forget(
 ) -> None:
     """Delete rows on request: from annotations, images, embeddings, work files and every selection
     (rewritten from the cleaned annotations), and from every later run and selection."""
+    # lazy: curate.forget adds ~0.31 s (pyarrow, fsspec via curate.io); --help and other commands skip it
     from curate.forget import forget_rows
 
     given = [(k, v) for k, v in (("urls", urls), ("sha256", sha256), ("uids", uids)) if v]
@@ -209,6 +207,7 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Offline end-to-end demo: synthetic shards, a local image server, the bundled small CLIP."""
+    # lazy: curate.demo.run_demo adds ~0.26 s (pyarrow, fsspec, the runner); --help and other commands skip it
     from curate.demo.run_demo import run_demo
 
     code = run_demo(out, rows=rows, shards=shards, seed=seed)
@@ -218,9 +217,6 @@ def demo(
 @app.command("show-spec")
 def show_spec(spec_path: str = typer.Argument(..., help="pipeline spec: a TOML file or a preset name")) -> None:
     """Validate a spec and print it fully resolved (every default filled in)."""
-    from curate.config import SpecError, load_spec
-    from curate.presets import preset_path
-
     try:
         typer.echo(load_spec(preset_path(spec_path)).resolved_json())
     except (SpecError, FileNotFoundError) as e:
@@ -243,7 +239,10 @@ def report(
     seed: int = typer.Option(0, "--seed", help="seed of the boundary-gallery sample"),
 ) -> None:
     """Re-render a selection's audit report (HTML, JSON, tables/*.parquet) from the run's annotations."""
+    # lazy: curate.selection adds ~0.35 s (pyarrow, fsspec, reports); --help and other commands skip it
     from curate.selection import rebuild_report
+
+    # lazy: curate.reports.sweep adds ~0.21 s (pyarrow via filters.select); --help and other commands skip it
     from curate.reports.sweep import thresholds
 
     thr = None
@@ -292,14 +291,17 @@ def sweep(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="write the long table here (.parquet or .csv)"),
 ) -> None:
     """Retention vs CLIP threshold from cached scores (other rules fixed, exact; no model)."""
+    # lazy: curate.annotations and curate.io add ~0.3 s (pyarrow, fsspec); --help and other commands skip them
     from curate import annotations, io
-    from curate.config import SelectionConfig
+
+    # lazy: curate.reports.sweep adds ~0.21 s (pyarrow via filters.select); --help and other commands skip it
     from curate.reports.sweep import sweep as run_sweep, thresholds
 
     if rule != "clip":
         _fail("only --rule clip can be swept")
     try:
         thr = thresholds(sweep_from, sweep_to, step)
+        # lazy: curate.selection adds ~0.35 s (pyarrow, fsspec, reports); --help and other commands skip it
         from curate.selection import readable_dir
 
         sel = SelectionConfig.model_validate(
@@ -339,7 +341,10 @@ def diff(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="write diff.json and diff.html into this directory"),
 ) -> None:
     """Compare two selections or runs: kept-uid overlap, per-group retention change, config differences."""
+    # lazy: curate.io adds ~0.23 s (pyarrow, fsspec); --help and other commands skip it
     from curate import io
+
+    # lazy: curate.reports.diff adds ~0.33 s (pyarrow, fsspec via curate.io); --help and other commands skip it
     from curate.reports.diff import diff as run_diff, render_diff_html
 
     try:

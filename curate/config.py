@@ -126,6 +126,13 @@ class AnnotateConfig(Strict):
     # caption MinHash LSH band keys (column caption_lsh) for selection.dedup.caption_jaccard; docs/DEDUP.md
     caption_minhash: bool = False
     caption_minhash_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    caption_ngram: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="word n-gram size (CJK: characters) of the shingles; recorded beside the keys (caption_lsh_ngram), "
+        "and selection verifies candidate pairs with the same size",
+    )
     caption_minhash_threshold: float = Field(
         0.8,
         gt=0,
@@ -194,8 +201,17 @@ class CaptionRule(Strict):
         "each run of letters or digits between them; Hangul is space-separated and counts like any other word; Thai, "
         "Lao, Khmer and Myanmar are not segmented (a run without spaces is one word: use min_chars for them)",
     )
+    max_words: Optional[int] = Field(None, ge=1, description="at most this many words (counted as min_words counts)")
     min_chars: int = Field(0, ge=0, description="at least this many characters")
     max_chars: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds_leave_room(self) -> "CaptionRule":
+        for unit in ("words", "chars"):
+            lo, hi = getattr(self, f"min_{unit}"), getattr(self, f"max_{unit}")
+            if hi is not None and lo > hi:
+                raise ValueError(f"caption: min_{unit} = {lo} > max_{unit} = {hi} would remove every row")
+        return self
 
 
 class ImageRule(Strict):
@@ -209,10 +225,11 @@ class DedupRule(Strict):
     # LAION's rule, which keeps one row per distinct caption of an image URL
     url_key: Literal["url", "url_caption"] = "url"
     image_sha256: bool = True
+    # the same caption up to case, whitespace and punctuation (filters/rules.py normalized_caption)
+    caption_exact: bool = False
     # near-duplicate captions: rows sharing an LSH band key (annotation caption_lsh) whose word
     # n-gram Jaccard is >= this are one cluster; None = off. Needs annotate.caption_minhash.
     caption_jaccard: Optional[float] = Field(None, gt=0, le=1)
-    caption_ngram: int = Field(2, ge=1, le=8, description="word n-gram size (CJK: characters) of the shingles")
     caption_verify: bool = Field(
         True,
         description="check each LSH candidate pair's exact Jaccard before merging; false merges every candidate and "
@@ -248,6 +265,16 @@ class DedupRule(Strict):
         description='for survivor = "priority": an annotation column (numeric, boolean or temporal; input columns via '
         "input.keep_columns) whose highest value wins; null and NaN rank last",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "caption_ngram" in data:
+            raise ValueError(
+                "selection.dedup.caption_ngram moved to annotate.caption_ngram: the shingles are built with the band "
+                "keys at annotation time and recorded beside them, so keys and verification always agree"
+            )
+        return data
 
     @model_validator(mode="after")
     def _survivor_column_with_priority(self) -> "DedupRule":
@@ -375,6 +402,7 @@ class PipelineSpec(Strict):
         # make a pair 0.2 below caption_jaccard a candidate with probability <= 1%.
         d, a = self.selection.dedup, self.annotate
         if d.caption_jaccard is not None and not d.caption_verify:
+            # lazy: caption_minhash pulls numpy, polars and pyarrow (~0.3 s); the spec models must stay light
             from curate.stages.caption_minhash import unverified_bands_problem
 
             problem = unverified_bands_problem(d.caption_jaccard, a.caption_minhash_threshold, a.caption_minhash_perm)

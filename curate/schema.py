@@ -37,13 +37,14 @@ CLIP_MODEL = "clip_model"  # "<architecture>/<pretrained tag or checkpoint name>
 
 # --- selection columns ----------------------------------------------------------------------------
 KEPT = "kept"
-REASON = "reason"  # first failing rule, in RULE_ORDER; null when kept
+REASON = "reason"  # first failing rule, in RULE_ORDER (filters/rules.py); null when kept
 REASONS = "reasons"  # every failing rule, in RULE_ORDER
 DUPLICATE_OF = "duplicate_of"  # uid of the surviving copy, for duplicate removals
 # a duplicate group's id (its survivor's uid), on every removed copy AND on the kept survivor,
 # so that one filter on it lists the whole group; null for rows with no duplicate
 DUPLICATE_CLUSTER = "duplicate_cluster"
 CAPTION_LSH = "caption_lsh"  # list<uint64>: LSH band keys of the caption's MinHash (curate/stages/caption_minhash.py)
+CAPTION_LSH_NGRAM = "caption_lsh_ngram"  # the shingle size those keys were built with (annotate.caption_ngram)
 
 IMAGE_EMBEDDING = "image_embedding"  # list<float16>, L2-normalised; embeddings/<shard>.parquet (score.store_embeddings)
 IMAGE_PHASH = "image_phash"  # uint64 perceptual hash (imagehash pHash); embeddings/<shard>.parquet
@@ -79,57 +80,4 @@ class FetchStatus(str, Enum):
     INTERNAL_ERROR = "internal_error"  # an unexpected exception for this URL (traceback in fetch_error)
 
 
-class Reason(str, Enum):
-    """Why a row was removed. The order of RULE_ORDER is the order rules are checked in."""
-
-    MISSING_URL = "missing_url"
-    FETCH_FAILED = "fetch_failed"
-    OPT_OUT = "opt_out"
-    LANGUAGE = "language"
-    CAPTION_LENGTH = "caption_length"
-    IMAGE_SIZE = "image_size"
-    NOT_SCORED = "not_scored"
-    CLIP_SCORE = "clip_score"
-    DUPLICATE_URL = "duplicate_url"
-    DUPLICATE_IMAGE = "duplicate_image"
-    DUPLICATE_CAPTION = "duplicate_caption"
-    DUPLICATE_IMAGE_NEAR = "duplicate_image_near"
-    DUPLICATE_UID = "duplicate_uid"
-
-
-# A row without a URL first (there is nothing to fetch, deduplicate or deliver), then the text
-# rules (they decide what is worth fetching), then what the fetch tells us, then the model's
-# score, then dedup last: a duplicate's survivor is chosen among copies that pass every other
-# rule, so dedup must see the outcome of all of them. duplicate_uid is the very last step: of what
-# every other rule and dedup left, one row per uid is kept, so uids.npy has one entry per kept row.
-RULE_ORDER: tuple[Reason, ...] = (
-    Reason.MISSING_URL,
-    Reason.LANGUAGE,
-    Reason.CAPTION_LENGTH,
-    Reason.FETCH_FAILED,
-    Reason.OPT_OUT,
-    Reason.IMAGE_SIZE,
-    Reason.NOT_SCORED,
-    Reason.CLIP_SCORE,
-    Reason.DUPLICATE_URL,
-    Reason.DUPLICATE_IMAGE,
-    Reason.DUPLICATE_CAPTION,
-    Reason.DUPLICATE_IMAGE_NEAR,
-    Reason.DUPLICATE_UID,
-)
-
-REASON_HELP: dict[Reason, str] = {
-    Reason.MISSING_URL: "the row has no URL (null, empty or blank): nothing to fetch, deduplicate or deliver",
-    Reason.LANGUAGE: "caption language not in the allow-list, or detected with too little confidence",
-    Reason.CAPTION_LENGTH: "caption too short or too long (words or characters)",
-    Reason.FETCH_FAILED: "image could not be downloaded or decoded (see fetch_status / fetch_error)",
-    Reason.OPT_OUT: "the server opted the image out of AI use (X-Robots-Tag noai / noimageai / our user agent's token)",
-    Reason.IMAGE_SIZE: "image smaller than the minimum side, or aspect ratio too extreme",
-    Reason.NOT_SCORED: "row has no CLIP score because an earlier, stricter run skipped it; rerun to score it",
-    Reason.CLIP_SCORE: "image-text similarity below the threshold",
-    Reason.DUPLICATE_URL: "another row has the same normalised URL; duplicate_of names the survivor",
-    Reason.DUPLICATE_IMAGE: "another row has the same image bytes (sha256); duplicate_of names the survivor",
-    Reason.DUPLICATE_CAPTION: "another row's caption is a near-duplicate (MinHash LSH, word n-gram Jaccard >= dedup.caption_jaccard); duplicate_of names the survivor",
-    Reason.DUPLICATE_IMAGE_NEAR: "another row's image is a near-duplicate (CLIP image embedding cosine >= dedup.image_cosine within a k-means cluster); duplicate_of names the survivor",
-    Reason.DUPLICATE_UID: "another kept row has the same uid (a repeated input row or uid); duplicate_of names the survivor, so kept uids are unique",
-}
+# Removal reasons, their order and help text are declared with the rules: filters/rules.py (RULES).

@@ -1,17 +1,30 @@
-"""Selection rules as polars expressions over annotation columns.
+"""The rule registry: every selection rule declared once, in the order rules are checked.
 
-Each rule is a boolean *failure* expression: true means the row fails that rule. A rule that is
-switched off in the spec fails nothing. Null annotations never fail a rule by accident: a missing
-score is `not_scored`, a failed fetch is `fetch_failed`; each case has its own reason.
+A rule declares its reason (the `reason` column's value), its phase, the annotation columns it
+reads, its failure (a polars expression: true means the row fails; or, for an exact dedup, the
+key whose repeats are duplicates), its help text and its `curate select` flags. Everything else is
+derived from this table: the check order (RULE_ORDER), the report's help table (REASON_HELP), the
+text rules that decide what is fetched (text_rules_pass), the sweep's inputs (RULE_INPUTS), the
+CLI's flags (curate/cli.py) and decide()'s dedup cascade (filters/select.py).
+
+Adding a rule is one entry here plus, when it has settings, a field in curate/config.py.
+
+Null annotations never fail a rule by accident: a missing score is `not_scored`, a failed fetch is
+`fetch_failed`; each case has its own reason. A rule switched off in the spec fails nothing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
 
 import polars as pl
 
 from curate import schema
 from curate.config import CaptionRule, ImageRule, LanguageRule, SelectionConfig
-from curate.schema import FetchStatus, Reason
+from curate.schema import FetchStatus
 
 # every fetch outcome except ok, opt_out and the never-fetched ones is a failure
 FETCH_FAILURES = [
@@ -21,6 +34,82 @@ FETCH_FAILURES = [
 ]
 
 _FALSE = pl.lit(False)
+
+# input: the row itself (no annotation); text: caption and URL annotations, checked before any fetch
+# (they decide what is worth fetching); fetch: what the download told us; score: the model's score;
+# dedup: among the rows every earlier rule kept
+Phase = Literal["input", "text", "fetch", "score", "dedup"]
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """What a failure expression may need beyond the spec: values resolved from the whole pool."""
+
+    clip_threshold: float | None = None  # min_score, or the score a top_fraction resolved to
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One `curate select` option: `decl` as typer takes it, the selection key it sets (dotted, under
+    `selection.`), and how the value is applied (default: set the key)."""
+
+    decl: str  # "--min-words", or "--dedup-url/--no-dedup-url" for a bool
+    key: str  # "caption.min_words"
+    type: type  # int, float, bool, str
+    help: str = ""
+    apply: Callable[[dict, Any], None] | None = None  # custom: (selection dict, value) -> None
+    # a section the flag replaces as a whole: reset to its defaults (once) before any flag is set,
+    # so `--clip-top-fraction` drops the spec's min_score, and giving both thresholds is an error
+    resets: str | None = None
+
+    @property
+    def is_switch(self) -> bool:
+        """A plain on-switch (`--no-clip`): False when not given. `--x/--no-x` bools are None then."""
+        return self.type is bool and "/" not in self.decl
+
+    @property
+    def param(self) -> str:
+        """The Python parameter name typer passes the value as."""
+        return self.decl.split("/")[0].lstrip("-").replace("-", "_")
+
+    def set(self, data: dict, value: Any) -> None:
+        if self.apply is not None:
+            self.apply(data, value)
+            return
+        *parents, leaf = self.key.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One selection rule. A per-row rule has `fails`; an exact dedup has `key` (rows with the same
+    non-null key are duplicates; None when the rule is switched off); a near dedup is a step of
+    filters/select.py (`near = True`)."""
+
+    name: str  # the Reason member's name
+    reason: str  # the value of the `reason` column
+    phase: Phase
+    help: str
+    inputs: tuple[str, ...] = ()
+    fails: Callable[[SelectionConfig, RuleContext], pl.Expr] | None = None
+    key: Callable[[SelectionConfig], pl.Expr | None] | None = None
+    near: bool = False
+    # re-point earlier duplicates whose survivor loses this dedup (duplicate_of names a kept row);
+    # not for the uid step: a uid group's survivor has the uid its copies point at
+    follow: bool = True
+    flags: tuple[Flag, ...] = field(default_factory=tuple)
+
+
+# --- per-row failure expressions -------------------------------------------------------------------
+
+
+def missing_url_fails() -> pl.Expr:
+    """A row with no URL (null, empty or blank): always removed, whatever the spec."""
+    url = pl.col(schema.URL)
+    return (url.is_null() | (url.str.strip_chars() == "")).fill_null(True)
 
 
 def language_fails(rule: LanguageRule) -> pl.Expr:
@@ -36,35 +125,13 @@ def caption_fails(rule: CaptionRule) -> pl.Expr:
     expr = _FALSE
     if rule.min_words:
         expr = expr | (pl.col(schema.CAPTION_WORDS) < rule.min_words)
+    if rule.max_words is not None:
+        expr = expr | (pl.col(schema.CAPTION_WORDS) > rule.max_words)
     if rule.min_chars:
         expr = expr | (pl.col(schema.CAPTION_CHARS) < rule.min_chars)
     if rule.max_chars is not None:
         expr = expr | (pl.col(schema.CAPTION_CHARS) > rule.max_chars)
     return expr
-
-
-def missing_url_fails() -> pl.Expr:
-    """A row with no URL (null, empty or blank): always removed, whatever the spec."""
-    url = pl.col(schema.URL)
-    return (url.is_null() | (url.str.strip_chars() == "")).fill_null(True)
-
-
-def text_rules_pass(sel: SelectionConfig) -> pl.Expr:
-    """The cheap rules that decide whether a row is worth fetching and scoring at all. With no text
-    rule active the language and caption parts are literals; the URL rule reads a column, so the
-    expression always has one value per row (use text_rules_mask for a Series)."""
-    return (missing_url_fails() | language_fails(sel.language) | caption_fails(sel.caption)).not_()
-
-
-def text_rules_mask(frame: pl.DataFrame, sel: SelectionConfig, where: pl.Expr | None = None) -> pl.Series:
-    """text_rules_pass (and `where`, if given) as a Boolean Series of exactly frame.height values:
-    with_columns broadcasts a literal to the frame's height where select() would not."""
-    expr = text_rules_pass(sel) if where is None else where & text_rules_pass(sel)
-    return (
-        frame.with_columns(expr.fill_null(False).alias("_text_rules_pass"))
-        .get_column("_text_rules_pass")
-        .cast(pl.Boolean)
-    )
 
 
 def fetch_fails() -> pl.Expr:
@@ -115,15 +182,244 @@ def clip_fails(threshold: float | None) -> pl.Expr:
     return (pl.col(schema.CLIP_SCORE) < threshold).fill_null(False)
 
 
+# --- exact dedup keys ------------------------------------------------------------------------------
+
+
+def url_key(sel: SelectionConfig) -> pl.Expr | None:
+    """The normalised URL, or (LAION's rule, url_key = "url_caption") the URL and caption together."""
+    if not sel.dedup.url:
+        return None
+    url = pl.col(schema.URL_NORMALIZED)
+    if sel.dedup.url_key == "url":
+        return url
+    both = pl.concat_str([url, pl.col(schema.CAPTION).fill_null("")], separator="\x00")
+    return pl.when(url.is_not_null()).then(both)
+
+
+def normalized_caption(caption: pl.Expr) -> pl.Expr:
+    """A caption for exact dedup: lower case, Unicode punctuation removed, runs of whitespace as one
+    space, trimmed ("A Dog, running!" == "a dog running"). Digits stay ("iPhone 11" is not
+    "iPhone 12"). Null when nothing is left: an empty caption duplicates nothing."""
+    text = caption.str.to_lowercase().str.replace_all(r"\p{P}+", " ").str.replace_all(r"\s+", " ").str.strip_chars()
+    return pl.when(text != "").then(text)
+
+
+def caption_exact_key(sel: SelectionConfig) -> pl.Expr | None:
+    return normalized_caption(pl.col(schema.CAPTION)) if sel.dedup.caption_exact else None
+
+
+# --- CLI flags with their own handling -------------------------------------------------------------
+
+
+def _no_clip(data: dict, value: bool) -> None:
+    """--no-clip (a switch: False when not given) wins over a threshold given with it."""
+    if value:
+        data["clip"] = {"min_score": None, "top_fraction": None}
+
+
+def _languages(data: dict, value: str) -> None:
+    data["language"]["allow"] = [x.strip() for x in value.split(",") if x.strip()]
+
+
+# --- the registry ----------------------------------------------------------------------------------
+
+# A row without a URL first (there is nothing to fetch, deduplicate or deliver), then the text
+# rules (they decide what is worth fetching), then what the fetch tells us, then the model's
+# score, then dedup last: a duplicate's survivor is chosen among copies that pass every other
+# rule, so dedup must see the outcome of all of them. duplicate_uid is the very last step: of what
+# every other rule and dedup left, one row per uid is kept, so uids.npy has one entry per kept row.
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "MISSING_URL",
+        "missing_url",
+        "input",
+        "the row has no URL (null, empty or blank): nothing to fetch, deduplicate or deliver",
+        inputs=(schema.URL,),
+        fails=lambda sel, ctx: missing_url_fails(),
+    ),
+    Rule(
+        "LANGUAGE",
+        "language",
+        "text",
+        "caption language not in the allow-list, or detected with too little confidence",
+        inputs=(schema.LANGUAGE, schema.LANGUAGE_SCORE),
+        fails=lambda sel, ctx: language_fails(sel.language),
+        flags=(
+            Flag("--languages", "language.allow", str, "comma-separated allow-list, e.g. en,de ('' = any)", _languages),
+            Flag("--min-language-confidence", "language.min_confidence", float),
+        ),
+    ),
+    Rule(
+        "CAPTION_LENGTH",
+        "caption_length",
+        "text",
+        "caption too short or too long (words or characters)",
+        inputs=(schema.CAPTION_WORDS, schema.CAPTION_CHARS),
+        fails=lambda sel, ctx: caption_fails(sel.caption),
+        flags=(
+            Flag("--min-words", "caption.min_words", int),
+            Flag("--max-words", "caption.max_words", int, "at most this many words (caption_words)"),
+            Flag("--min-chars", "caption.min_chars", int),
+            Flag("--max-chars", "caption.max_chars", int),
+        ),
+    ),
+    Rule(
+        "FETCH_FAILED",
+        "fetch_failed",
+        "fetch",
+        "image could not be downloaded or decoded (see fetch_status / fetch_error)",
+        inputs=(schema.FETCH_STATUS,),
+        fails=lambda sel, ctx: fetch_fails(),
+    ),
+    Rule(
+        "OPT_OUT",
+        "opt_out",
+        "fetch",
+        "the server opted the image out of AI use (X-Robots-Tag noai / noimageai / our user agent's token)",
+        inputs=(schema.FETCH_STATUS,),
+        fails=lambda sel, ctx: opt_out_fails(),
+    ),
+    Rule(
+        "IMAGE_SIZE",
+        "image_size",
+        "fetch",
+        "image smaller than the minimum side, or aspect ratio too extreme",
+        inputs=(schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT),
+        fails=lambda sel, ctx: image_fails(sel.image),
+        flags=(
+            Flag("--min-side", "image.min_side", int, "minimum image side in pixels"),
+            Flag("--max-aspect", "image.max_aspect", float),
+        ),
+    ),
+    Rule(
+        "NOT_SCORED",
+        "not_scored",
+        "score",
+        "row has no CLIP score because an earlier, stricter run skipped it; rerun to score it",
+        inputs=(schema.CLIP_SCORE, schema.FETCH_STATUS, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.URL),
+        fails=lambda sel, ctx: not_scored(sel, ctx.clip_threshold is not None),
+    ),
+    Rule(
+        "CLIP_SCORE",
+        "clip_score",
+        "score",
+        "image-text similarity below the threshold",
+        inputs=(schema.CLIP_SCORE,),
+        fails=lambda sel, ctx: clip_fails(ctx.clip_threshold),
+        flags=(
+            Flag("--clip-min-score", "clip.min_score", float, "keep rows with clip_score >= this", resets="clip"),
+            Flag(
+                "--clip-top-fraction",
+                "clip.top_fraction",
+                float,
+                "keep the top fraction by clip_score (DataComp --fraction)",
+                resets="clip",
+            ),
+            Flag("--no-clip", "clip", bool, "switch the CLIP rule off", _no_clip, resets="clip"),
+        ),
+    ),
+    Rule(
+        "DUPLICATE_URL",
+        "duplicate_url",
+        "dedup",
+        "another row has the same normalised URL; duplicate_of names the survivor",
+        inputs=(schema.URL_NORMALIZED, schema.CAPTION),
+        key=url_key,
+        flags=(Flag("--dedup-url/--no-dedup-url", "dedup.url", bool),),
+    ),
+    Rule(
+        "DUPLICATE_IMAGE",
+        "duplicate_image",
+        "dedup",
+        "another row has the same image bytes (sha256); duplicate_of names the survivor",
+        inputs=(schema.IMAGE_SHA256,),
+        key=lambda sel: pl.col(schema.IMAGE_SHA256) if sel.dedup.image_sha256 else None,
+        flags=(Flag("--dedup-image/--no-dedup-image", "dedup.image_sha256", bool),),
+    ),
+    Rule(
+        "DUPLICATE_CAPTION_EXACT",
+        "duplicate_caption_exact",
+        "dedup",
+        "another row has the same caption up to case, whitespace and punctuation; duplicate_of names the survivor",
+        inputs=(schema.CAPTION,),
+        key=caption_exact_key,
+        flags=(Flag("--dedup-caption-exact/--no-dedup-caption-exact", "dedup.caption_exact", bool),),
+    ),
+    Rule(
+        "DUPLICATE_CAPTION",
+        "duplicate_caption",
+        "dedup",
+        "another row's caption is a near-duplicate (MinHash LSH, word n-gram Jaccard >= dedup.caption_jaccard); "
+        "duplicate_of names the survivor",
+        inputs=(schema.CAPTION, schema.CAPTION_LSH, schema.CAPTION_LSH_NGRAM),
+        near=True,
+    ),
+    Rule(
+        "DUPLICATE_IMAGE_NEAR",
+        "duplicate_image_near",
+        "dedup",
+        "another row's image is a near-duplicate (CLIP image embedding cosine >= dedup.image_cosine within a "
+        "k-means cluster); duplicate_of names the survivor",
+        near=True,
+    ),
+    Rule(
+        "DUPLICATE_UID",
+        "duplicate_uid",
+        "dedup",
+        "another kept row has the same uid (a repeated input row or uid); duplicate_of names the survivor, so kept "
+        "uids are unique",
+        inputs=(schema.UID,),
+        key=lambda sel: pl.col(schema.UID),
+        follow=False,
+    ),
+)
+
+Reason = Enum("Reason", {r.name: r.reason for r in RULES}, type=str)  # type: ignore[misc]
+Reason.__doc__ = "Why a row was removed; members in the order rules are checked (filters/rules.py RULES)."
+BY_REASON: dict[Reason, Rule] = {Reason(r.reason): r for r in RULES}
+RULE_ORDER: tuple[Reason, ...] = tuple(Reason(r.reason) for r in RULES)
+REASON_HELP: dict[Reason, str] = {Reason(r.reason): r.help for r in RULES}
+ROW_RULES: tuple[Rule, ...] = tuple(r for r in RULES if r.fails is not None)
+DEDUP_RULES: tuple[Rule, ...] = tuple(r for r in RULES if r.phase == "dedup")
+FLAGS: tuple[Flag, ...] = tuple(f for r in RULES for f in r.flags)
+# what a selection reads besides the identity columns: the sweep keeps only these through decide()
+RULE_INPUTS: tuple[str, ...] = tuple(
+    dict.fromkeys([schema.SHARD, schema.ROW, schema.UID, *(c for r in RULES for c in r.inputs)])
+)
+
+
 def rule_failures(sel: SelectionConfig, clip_threshold: float | None) -> dict[Reason, pl.Expr]:
-    """Every pre-dedup rule's failure expression, in RULE_ORDER."""
-    return {
-        Reason.MISSING_URL: missing_url_fails(),
-        Reason.LANGUAGE: language_fails(sel.language),
-        Reason.CAPTION_LENGTH: caption_fails(sel.caption),
-        Reason.FETCH_FAILED: fetch_fails(),
-        Reason.OPT_OUT: opt_out_fails(),
-        Reason.IMAGE_SIZE: image_fails(sel.image),
-        Reason.NOT_SCORED: not_scored(sel, clip_threshold is not None),
-        Reason.CLIP_SCORE: clip_fails(clip_threshold),
-    }
+    """Every per-row rule's failure expression, in RULE_ORDER."""
+    ctx = RuleContext(clip_threshold)
+    return {Reason(r.reason): r.fails(sel, ctx) for r in ROW_RULES}
+
+
+def text_rules_pass(sel: SelectionConfig) -> pl.Expr:
+    """The cheap rules (phases input and text) that decide whether a row is worth fetching and
+    scoring at all. With no text rule active the language and caption parts are literals; the URL
+    rule reads a column, so the expression always has one value per row (use text_rules_mask for a
+    Series)."""
+    ctx = RuleContext()
+    return pl.any_horizontal([r.fails(sel, ctx) for r in ROW_RULES if r.phase in ("input", "text")]).not_()
+
+
+def text_rules_mask(frame: pl.DataFrame, sel: SelectionConfig, where: pl.Expr | None = None) -> pl.Series:
+    """text_rules_pass (and `where`, if given) as a Boolean Series of exactly frame.height values:
+    with_columns broadcasts a literal to the frame's height where select() would not."""
+    expr = text_rules_pass(sel) if where is None else where & text_rules_pass(sel)
+    return (
+        frame.with_columns(expr.fill_null(False).alias("_text_rules_pass"))
+        .get_column("_text_rules_pass")
+        .cast(pl.Boolean)
+    )
+
+
+def apply_flags(data: dict, values: dict[str, Any]) -> dict:
+    """Set the given `curate select` flag values (by parameter name; None, or False for a switch,
+    means not given) on a selection dict (SelectionConfig.model_dump), in registry order."""
+    given = [f for f in FLAGS if values.get(f.param) is not None and not (f.is_switch and values[f.param] is False)]
+    for section in dict.fromkeys(f.resets for f in given if f.resets):
+        data[section] = SelectionConfig.model_fields[section].default.model_dump(mode="json")
+    for flag in given:
+        flag.set(data, values[flag.param])
+    return data

@@ -19,11 +19,12 @@ import polars as pl
 
 from curate import schema
 from curate.config import SelectionConfig
-from curate.schema import RULE_ORDER, Reason
-from curate.filters.rules import rule_failures
+from curate.filters.rules import DEDUP_RULES, RULE_ORDER, Reason, rule_failures
+from curate.stages.caption_minhash import DEFAULT_NGRAM
 from curate.filters.survivors import BEST_SCORE, Survivor, duplicates_frame, losers
 from curate.filters.image_dedup import image_duplicates
 from curate.filters.caption_dedup import caption_duplicates
+from curate.distributed_dedup import ray_caption_pairs, ray_image_edges
 
 _IDX = "_i"  # a row index for the joins inside decide(): cheaper than joining on (shard, row)
 
@@ -114,10 +115,6 @@ def _follow_survivor(frame: pl.LazyFrame, earlier: Reason, later: Reason) -> pl.
     )
 
 
-def _follow_url_survivor(frame: pl.LazyFrame) -> pl.LazyFrame:
-    return _follow_survivor(frame, Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE)
-
-
 def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> pl.LazyFrame:
     """Near-duplicate captions among eligible rows (filters/caption_dedup.py). The global step is
     eager: it collects the eligible rows' band keys, clusters them, and joins the result back."""
@@ -127,18 +124,30 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> 
             .select(*dict.fromkeys([_IDX, schema.CAPTION_LSH, schema.CAPTION, *Survivor.of(sel.dedup).columns]))
             .collect()
         )
+        ngram = _caption_ngram(frame)
         d = sel.dedup
         kw = {}
         if d.engine == "ray":
-            from curate.distributed_dedup import ray_caption_pairs
-
             kw["pair_finder"] = ray_caption_pairs(d.partitions)
-        dups = caption_duplicates(
-            pool, d.caption_jaccard, d.caption_ngram, d.caption_verify, _IDX, survivor=Survivor.of(d), **kw
-        )
+        dups = caption_duplicates(pool, d.caption_jaccard, ngram, d.caption_verify, _IDX, survivor=Survivor.of(d), **kw)
     else:  # annotations from a run without annotate.caption_minhash: nothing to compare
         dups = duplicates_frame(_IDX)
     return _mark(frame, dups, Reason.DUPLICATE_CAPTION)
+
+
+def _caption_ngram(frame: pl.LazyFrame) -> int:
+    """The shingle size the band keys were built with (annotate.caption_ngram, recorded beside
+    them as caption_lsh_ngram), so verification compares what the keys hashed. Annotations from
+    before it was recorded used the default. Shards built with different sizes cannot be compared."""
+    if schema.CAPTION_LSH_NGRAM not in frame.collect_schema().names():
+        return DEFAULT_NGRAM
+    sizes = frame.select(pl.col(schema.CAPTION_LSH_NGRAM).drop_nulls().unique()).collect().to_series().to_list()
+    if len(sizes) > 1:
+        raise ValueError(
+            f"caption_lsh was built with different annotate.caption_ngram values in one run ({sorted(sizes)}): "
+            "caption near-duplicates cannot be verified across them; rerun with one value (curate run --overwrite)"
+        )
+    return int(sizes[0]) if sizes else DEFAULT_NGRAM
 
 
 def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.LazyFrame) -> pl.LazyFrame:
@@ -172,8 +181,6 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
             )
         kw["phash_max_distance"] = d.image_phash_max_distance
     if d.engine == "ray":
-        from curate.distributed_dedup import ray_image_edges
-
         kw["edge_finder"] = ray_image_edges(d.partitions)
     dups = image_duplicates(
         pool,
@@ -188,6 +195,29 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
     return _mark(frame, dups, Reason.DUPLICATE_IMAGE_NEAR)
 
 
+# near-duplicate steps (registry entries with near=True): whether the spec switches one on, and the
+# step that returns its losers as (idx, of_uid, of_idx) among the eligible rows
+_NEAR_STEPS = {
+    Reason.DUPLICATE_CAPTION: (
+        lambda sel: sel.dedup.caption_jaccard is not None,
+        lambda frame, sel, embeddings: _caption_dedup(frame, sel, schema.CAPTION_LSH in frame.collect_schema().names()),
+    ),
+    Reason.DUPLICATE_IMAGE_NEAR: (
+        lambda sel: sel.dedup.image_cosine is not None,
+        lambda frame, sel, embeddings: _image_near_dedup(frame, sel, embeddings),
+    ),
+}
+
+
+def _off(frame: pl.LazyFrame, reason: Reason) -> pl.LazyFrame:
+    """A dedup step the spec leaves off: no row fails it, nobody is its survivor."""
+    return frame.with_columns(
+        pl.lit(False).alias(_fail(reason)),
+        pl.lit(None, pl.String).alias(_of(reason)),
+        pl.lit(None, pl.UInt32).alias(f"{_of(reason)}_idx"),
+    )
+
+
 def decide(
     annotations: pl.LazyFrame,
     sel: SelectionConfig,
@@ -198,104 +228,53 @@ def decide(
     """Add kept / reason / reasons / duplicate_of to every row. explain=False adds `kept` only
     (same decisions, no reason lists): what a threshold sweep needs, at a fraction of the cost.
     embeddings: (shard, row, image_embedding) rows, needed only by dedup.image_cosine
-    (curate.annotations.scan_embeddings reads a run's embeddings/*.parquet)."""
+    (curate.annotations.scan_embeddings reads a run's embeddings/*.parquet).
+
+    The rules and their order come from the registry (filters/rules.py): per-row rules first, as
+    failure flags; then each dedup rule in turn among the rows still eligible."""
     survivor = Survivor.of(sel.dedup)  # dedup.survivor: which copy of a duplicate group is kept
     survivor.check(annotations.collect_schema())  # a priority column the annotations lack: a clear error
     resolved = resolve_clip_threshold(annotations, sel)
     fails = rule_failures(sel, resolved.clip_threshold)
-    dedup_reasons = {
-        Reason.DUPLICATE_URL,
-        Reason.DUPLICATE_IMAGE,
-        Reason.DUPLICATE_CAPTION,
-        Reason.DUPLICATE_IMAGE_NEAR,
-        Reason.DUPLICATE_UID,
-    }
     if sel.dedup.image_cosine is not None and embeddings is None:
         raise ValueError(
             "dedup.image_cosine is set but no image embeddings were given: the run needs "
             "score.store_embeddings = true (embeddings/<shard>.parquet), or set dedup.image_cosine = null"
         )
-    if set(fails) | dedup_reasons != set(RULE_ORDER):  # `kept` below must mean "no rule fails"
-        raise RuntimeError(f"rules {sorted(set(RULE_ORDER) - set(fails) - dedup_reasons)} have no failure expression")
     # NaN is "no score", never a score that passes or fails: normalise before any rule reads it
     frame = annotations.with_row_index(_IDX).with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
     frame = frame.with_columns(*[expr.alias(_fail(reason)) for reason, expr in fails.items()])
     frame = frame.with_columns(pl.any_horizontal([pl.col(_fail(r)) for r in fails]).not_().alias("_eligible"))
 
-    url_key = schema.URL_NORMALIZED
-    if sel.dedup.url and sel.dedup.url_key == "url_caption":  # LAION's rule: the same URL AND caption
-        url_key = "_url_caption"
-        frame = frame.with_columns(
-            pl.when(pl.col(schema.URL_NORMALIZED).is_not_null())
-            .then(
-                pl.concat_str([pl.col(schema.URL_NORMALIZED), pl.col(schema.CAPTION).fill_null("")], separator="\x00")
-            )
-            .alias(url_key)
-        )
-    for reason, key, on in (
-        (Reason.DUPLICATE_URL, url_key, sel.dedup.url),
-        (Reason.DUPLICATE_IMAGE, schema.IMAGE_SHA256, sel.dedup.image_sha256),
-    ):
-        if on:
-            frame = _dedup(frame, key, "_eligible", reason, survivor)
+    active: list[Reason] = []  # dedup steps that ran, whose duplicates may need re-pointing
+    keys: list[str] = []
+    for rule in DEDUP_RULES:
+        reason = Reason(rule.reason)
+        ran = False
+        if rule.key is not None:
+            key = rule.key(sel)
+            if key is not None:
+                keys.append(f"_key_{reason.value}")
+                frame = _dedup(frame.with_columns(key.alias(keys[-1])), keys[-1], "_eligible", reason, survivor)
+                ran = True
+        elif reason in _NEAR_STEPS:
+            on, step = _NEAR_STEPS[reason]
+            if on(sel):
+                frame, ran = step(frame, sel, embeddings), True
         else:
-            frame = frame.with_columns(
-                pl.lit(False).alias(_fail(reason)),
-                pl.lit(None, pl.String).alias(_of(reason)),
-                pl.lit(None, pl.UInt32).alias(f"{_of(reason)}_idx"),
-            )
+            raise RuntimeError(f"rule {reason.value} has no failure expression, dedup key or near-dedup step")
+        if not ran:
+            frame = _off(frame, reason)
+            continue
+        if rule.follow:  # an earlier duplicate whose survivor lost here names the final survivor
+            for earlier in active:
+                frame = _follow_survivor(frame, earlier, reason)
+            active.append(reason)
         frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(reason)).not_()).alias("_eligible"))
-    frame = _follow_url_survivor(frame)
 
-    # near-duplicate captions last: among rows that survive every other rule and exact dedup
-    cap = Reason.DUPLICATE_CAPTION
-    if sel.dedup.caption_jaccard is not None:
-        has_lsh = schema.CAPTION_LSH in annotations.collect_schema().names()
-        frame = _caption_dedup(frame, sel, has_lsh)
-        frame = _follow_survivor(frame, Reason.DUPLICATE_URL, cap)
-        frame = _follow_survivor(frame, Reason.DUPLICATE_IMAGE, cap)
-    else:
-        frame = frame.with_columns(
-            pl.lit(False).alias(_fail(cap)),
-            pl.lit(None, pl.String).alias(_of(cap)),
-            pl.lit(None, pl.UInt32).alias(f"{_of(cap)}_idx"),
-        )
-    frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(cap)).not_()).alias("_eligible"))
-
-    # near-duplicate images after that: among rows that survive everything above
-    near = Reason.DUPLICATE_IMAGE_NEAR
-    if sel.dedup.image_cosine is not None:
-        frame = _image_near_dedup(frame, sel, embeddings)
-        for earlier in (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, cap):
-            frame = _follow_survivor(frame, earlier, near)
-    else:
-        frame = frame.with_columns(
-            pl.lit(False).alias(_fail(near)),
-            pl.lit(None, pl.String).alias(_of(near)),
-            pl.lit(None, pl.UInt32).alias(f"{_of(near)}_idx"),
-        )
-    frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(near)).not_()).alias("_eligible"))
-
-    # the same uid twice (a repeated input row, or an input whose uids repeat), always on and
-    # last: of the rows every other step kept, one per uid survives (the same survivor rule), so
-    # kept uids are unique and uids.npy has exactly one entry per kept row. No re-pointing needed:
-    # duplicate_of is a uid, and a uid group's survivor has the very uid its removed copies have,
-    # so an earlier duplicate whose survivor loses here still names a kept row's uid.
-    frame = _dedup(
-        frame.with_columns(pl.col(schema.UID).alias("_uid_key")),
-        "_uid_key",
-        "_eligible",
-        Reason.DUPLICATE_UID,
-        survivor,
-    )
-    frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(Reason.DUPLICATE_UID)).not_()).alias("_eligible"))
-
-    dedups = (Reason.DUPLICATE_URL, Reason.DUPLICATE_IMAGE, cap, near, Reason.DUPLICATE_UID)
-    drop = [*(_fail(r) for r in RULE_ORDER), "_eligible"]
+    dedups = [Reason(r.reason) for r in DEDUP_RULES]
+    drop = [*(_fail(r) for r in RULE_ORDER), "_eligible", _IDX, *keys]
     drop += [f"{_of(r)}{suffix}" for r in dedups for suffix in ("", "_idx")]
-    drop += [_IDX, "_uid_key"]
-    if url_key != schema.URL_NORMALIZED:
-        drop.append(url_key)
     if not explain:
         return frame.with_columns(pl.col("_eligible").alias(schema.KEPT)).drop(drop), resolved
 

@@ -29,17 +29,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from curate.filters.rules import REASON_HELP, RULE_ORDER
 from curate.schema import (
     CLIP_SCORE,
     FETCH_STATUS,
     KEPT,
     REASON,
-    REASON_HELP,
     REASONS,
-    RULE_ORDER,
     SHARD,
 )
 from curate import io
+from curate.reports.html import render_html
 
 REPORT_VERSION = 1
 UNKNOWN = "(unknown)"  # how a null group value is shown
@@ -618,8 +618,6 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[st
 
     The HTML is written first, so a present report.json means both are complete. Returns the two
     paths as given (out_dir joined with the file name)."""
-    from curate.reports.html import render_html
-
     out = os.fspath(out_dir)
     public = {k: v for k, v in report.items() if not k.startswith("_")}  # e.g. _thumbs: HTML only
     body = json.dumps(public, indent=2, allow_nan=False, ensure_ascii=False).encode("utf-8")

@@ -24,6 +24,7 @@ import polars as pl
 
 from curate import schema
 from curate.config import ClipRule, SelectionConfig
+from curate.filters.rules import RULE_INPUTS
 from curate.filters.select import decide
 
 SCORE = "_score"
@@ -38,26 +39,6 @@ def thresholds(start: float, stop: float, step: float) -> list[float]:
         raise ValueError("--to must be >= --from")
     n = int(math.floor((stop - start) / step + 1e-9)) + 1
     return [round(start + i * step, 10) for i in range(n)]
-
-
-_RULE_INPUTS = (
-    schema.SHARD,
-    schema.ROW,
-    schema.UID,
-    schema.URL,
-    schema.LANGUAGE,
-    schema.LANGUAGE_SCORE,
-    schema.CAPTION_CHARS,
-    schema.CAPTION_WORDS,
-    schema.FETCH_STATUS,
-    schema.ORIGINAL_WIDTH,
-    schema.ORIGINAL_HEIGHT,
-    schema.CLIP_SCORE,
-    schema.URL_NORMALIZED,
-    schema.IMAGE_SHA256,
-    schema.CAPTION,
-    schema.CAPTION_LSH,
-)
 
 
 def not_sweepable(sel: SelectionConfig) -> str | None:
@@ -85,7 +66,7 @@ def representatives(
     embeddings: the run's image embeddings, for selections with dedup.image_cosine."""
     if keep is not None:
         have = annotations.collect_schema().names()
-        annotations = annotations.select([c for c in have if c in _RULE_INPUTS or c in keep])
+        annotations = annotations.select([c for c in have if c in RULE_INPUTS or c in keep])
 
     loose = sel.model_copy(update={"clip": ClipRule.model_construct(min_score=float("-inf"), top_fraction=None)})
     # A NaN score is no score (not_scored), as the schema documents. (decide() as of this writing

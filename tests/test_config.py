@@ -133,6 +133,11 @@ BASE_TOML = 'name = "t"\n[input]\npaths = ["x.parquet"]\n'
             '[score]\nsource = "column"\ncolumn = "similarity"\n',
         ),
         ("[fetch]\nprocesses = 4\n", ["fetch.processes"], None),
+        (  # used at annotation time: it lives there now, recorded beside the band keys
+            "[selection.dedup]\ncaption_ngram = 3\n",
+            ["selection.dedup.caption_ngram", "annotate.caption_ngram"],
+            None,
+        ),
     ],
 )
 def test_settings_that_would_silently_do_nothing_are_refused_naming_the_keys(tmp_path, tables, keys, fix):

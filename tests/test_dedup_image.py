@@ -18,7 +18,7 @@ from curate import annotations, io, schema
 from curate.demo import synthetic as sy
 from curate.config import PipelineSpec, ScoreConfig, SelectionConfig
 from curate.filters.select import decide
-from curate.schema import RULE_ORDER, Reason
+from curate.filters.rules import RULE_ORDER, Reason
 
 THRESHOLD = 0.95
 SIZE = 96

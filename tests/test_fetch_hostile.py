@@ -29,7 +29,8 @@ from curate.demo.image_server import ImageServer, Route
 from curate.fetching import http as guarded_http
 from curate.fetching.policy import AddressPolicy
 from curate.fetching.robots import opt_out
-from curate.schema import FetchStatus, Reason
+from curate.filters.rules import Reason
+from curate.schema import FetchStatus
 from curate.stages.fetch import fetch_shard
 
 PUBLIC = "127.0.0.2"
@@ -405,7 +406,7 @@ def test_opt_outs_are_honoured_on_every_response_before_the_body(public: ImageSe
 
 def test_opt_out_is_its_own_reason_and_every_other_failure_is_fetch_failed() -> None:
     from curate.filters.rules import FETCH_FAILURES, fetch_fails, opt_out_fails
-    from curate.schema import RULE_ORDER
+    from curate.filters.rules import RULE_ORDER
 
     assert RULE_ORDER.index(Reason.OPT_OUT) == RULE_ORDER.index(Reason.FETCH_FAILED) + 1
     for s in FetchStatus:

@@ -492,11 +492,10 @@ def test_the_formula_describes_the_band_keys_and_what_decide_merges_unverified()
             }
         )
         t = t.append_column("caption_lsh", cm.caption_lsh(pl.Series(caps), thr, perm, ngram=1))
-        ann = pl.from_arrow(conform(t)).lazy()
+        # the keys' shingle size is recorded beside them (annotate.caption_ngram), as annotation writes it
+        ann = pl.from_arrow(conform(t)).with_columns(pl.lit(1, pl.Int8).alias("caption_lsh_ngram")).lazy()
         for verify, merged in ((False, int(shared.sum())), (True, 0)):
-            sel = SelectionConfig.model_validate(
-                {"dedup": {"caption_jaccard": 0.7, "caption_ngram": 1, "caption_verify": verify}}
-            )
+            sel = SelectionConfig.model_validate({"dedup": {"caption_jaccard": 0.7, "caption_verify": verify}})
             d = decide(ann, sel)[0].collect()
             assert int((d["reason"] == "duplicate_caption").sum()) == merged
 

@@ -10,7 +10,7 @@ import pytest
 
 from curate.reports.html import render_html
 from curate.reports.summary import UNKNOWN, build_report, wilson_interval, write_report
-from curate.schema import REASON_HELP, RULE_ORDER
+from curate.filters.rules import REASON_HELP, RULE_ORDER
 
 REASONS = [r.value for r in RULE_ORDER]
 HOSTILE = "<script>alert(1)</script>"

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from curate.reports.summary import build_report
-from curate.schema import RULE_ORDER
+from curate.filters.rules import RULE_ORDER
 
 REASONS = [r.value for r in RULE_ORDER]
 BASE = 0.20
@@ -43,6 +43,7 @@ def synthetic(seed: int) -> pl.DataFrame:
         "clip_score": 0.5,
         "duplicate_url": 0.1,
         "duplicate_image": 0.05,
+        "duplicate_caption_exact": 0.03,
         "duplicate_caption": 0.05,
         "duplicate_image_near": 0.05,
         "duplicate_uid": 0.01,

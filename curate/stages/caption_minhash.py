@@ -71,6 +71,7 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
 def lsh_params(threshold: float = DEFAULT_THRESHOLD, num_perm: int = DEFAULT_NUM_PERM) -> tuple[int, int]:
     """(bands, rows) for a Jaccard threshold: datasketch's own optimiser (the one MinHashLSH uses),
     weighted towards recall because every candidate is verified afterwards."""
+    # lazy: datasketch pulls scipy (~0.5 s); `curate select` imports this module (shingle_hashes), never MinHash
     from datasketch.lsh import _optimal_param
 
     return _optimal_param(threshold, num_perm, FP_WEIGHT, FN_WEIGHT)
@@ -125,6 +126,7 @@ def unverified_bands_problem(caption_jaccard: float, threshold: float, num_perm:
 
 @functools.lru_cache(maxsize=8)
 def permutations(num_perm: int = DEFAULT_NUM_PERM, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    # lazy: datasketch pulls scipy (~0.5 s); `curate select` imports this module (shingle_hashes), never MinHash
     from datasketch import MinHash
 
     a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
@@ -178,6 +180,7 @@ def shingle_hashes(captions: pl.Series | list, ngram: int = DEFAULT_NGRAM) -> tu
 
 
 def _fmix32(h: np.ndarray) -> np.ndarray:
+    # lazy: datasketch pulls scipy (~0.5 s); `curate select` imports this module (shingle_hashes), never MinHash
     from datasketch.minhash import _fmix
 
     return _fmix(h, 32)
@@ -238,6 +241,9 @@ def caption_lsh(
 
 
 def annotate_caption_lsh(ann: pl.DataFrame, threshold: float, num_perm: int, ngram: int) -> pl.DataFrame:
-    """Add the caption_lsh column to an annotation frame (the call prepare_shard makes)."""
+    """Add the caption_lsh column to an annotation frame (the call prepare_shard makes), and the
+    shingle size beside it (caption_lsh_ngram): selection verifies candidates with the same size."""
     col = caption_lsh(ann.get_column("caption").fill_null(""), threshold, num_perm, ngram)
-    return ann.with_columns(pl.from_arrow(col).alias(CAPTION_LSH))
+    return ann.with_columns(pl.from_arrow(col).alias(CAPTION_LSH)).with_columns(
+        pl.when(pl.col(CAPTION_LSH).is_not_null()).then(pl.lit(ngram, pl.Int8)).alias(schema.CAPTION_LSH_NGRAM)
+    )
