@@ -49,6 +49,7 @@ def cache_dir() -> Path:
 def register_bundled_configs() -> None:
     """Make the model configs in curate/assets known to open_clip. Idempotent: the directory is
     added only while one of its configs is still missing from open_clip's registry."""
+    # lazy: open_clip adds ~3.4 s over torch; only building a model needs it (not choose_device & co.)
     import open_clip
 
     ours = {p.stem for p in ASSETS_DIR.glob("*.json")}
@@ -247,6 +248,7 @@ def load_clip(
     threads: Optional[int] = None,
 ) -> LoadedClip:
     """Load a CLIP model for inference through open_clip.create_model_and_transforms."""
+    # lazy: open_clip adds ~3.4 s over torch; only building a model needs it (not choose_device & co.)
     import open_clip
 
     if threads is not None:

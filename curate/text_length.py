@@ -34,6 +34,7 @@ def _is_causal(mask: torch.Tensor | None) -> bool:
 
 def supports_trim(model: torch.nn.Module) -> bool:
     """True when trimming padding is exact for this model's text tower (see module docstring)."""
+    # lazy: open_clip adds ~3.4 s over torch; load_clip has imported it by the time a model gets here
     import open_clip
 
     if not isinstance(model, open_clip.CLIP):
@@ -66,6 +67,7 @@ def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
     that is exact for ``model``; otherwise exactly ``model.encode_text(tokens)``."""
     if not supports_trim(model):
         return model.encode_text(tokens)
+    # lazy: open_clip adds ~3.4 s over torch; load_clip has imported it by the time a model gets here
     from open_clip.model import text_global_pool
 
     n = real_length(tokens)

@@ -14,6 +14,9 @@ from curate.config import PipelineSpec, load_spec
 from curate.demo.data import DEMO_ALLOWED_LANGUAGES, SITES, expected_outcome, generate
 from curate.demo.image_server import ImageServer
 from curate.presets import preset_path
+from curate.runner import run
+from curate.selection import readable_dir
+from curate.stages.read import compute_uids
 
 
 def demo_spec(out: Path) -> PipelineSpec:
@@ -58,8 +61,6 @@ def write_inputs(out: Path, rows: int, shards: int, seed: int, servers: dict[str
             part.with_columns(pl.lit(name).alias(schema.SHARD), pl.int_range(pl.len()).cast(pl.Int64).alias(schema.ROW))
         )
     truth = pl.concat(gt).drop("_shard")
-    from curate.stages.read import compute_uids
-
     truth = truth.with_columns(
         pl.Series(schema.UID, compute_uids(truth["URL"].to_list(), truth["TEXT"].to_list())),
         expected_outcome(truth),
@@ -73,8 +74,6 @@ def write_inputs(out: Path, rows: int, shards: int, seed: int, servers: dict[str
 
 def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> dict:
     """Hold a selection against ground truth; the demo prints this and the tests assert on it."""
-    from curate.selection import readable_dir
-
     sel = readable_dir(run_dir, selection)
     kept = (
         pl.read_parquet(io.join(sel, "kept", "*.parquet"))
@@ -140,8 +139,6 @@ def evaluate(run_dir: str, truth: pl.DataFrame, selection: str = "default") -> d
 
 
 def run_demo(out: Path, rows: int = 600, shards: int = 3, seed: int = 0) -> int:
-    from curate.runner import run
-
     out = out.resolve()
     claim_demo_folder(out)
     with contextlib.ExitStack() as stack:

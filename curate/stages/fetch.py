@@ -327,6 +327,7 @@ def _make_resizer(cfg: FetchConfig) -> Any:
     # albumentations (imported by img2dataset's resizer) otherwise asks PyPI for a newer version on
     # import, over the network, and warns about it.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # lazy: img2dataset's resizer (cv2, albumentations) costs ~3.7 s; only a fetch that resizes needs it
     from img2dataset import resizer as i2d_resizer
 
     # Not thread-safe (it swaps the process's stdout/stderr fds around OpenCV calls): one thread only.

@@ -4,14 +4,13 @@ that a Hamming distance is a popcount of an XOR over whole columns."""
 
 from __future__ import annotations
 
+import imagehash
 import numpy as np
 from PIL import Image
 
 
 def phash64(img: Image.Image) -> int:
     """imagehash.phash of the image as an unsigned 64-bit integer (row-major bits, MSB first)."""
-    import imagehash
-
     bits = np.asarray(imagehash.phash(img).hash, dtype=bool).reshape(-1)
     return int(np.packbits(bits).view(">u8")[0])
 
