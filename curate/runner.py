@@ -18,8 +18,8 @@ from curate import accounting, annotations, faults, io, manifest, publish, selec
 from curate import run_dir as run_dir_mod
 from curate.config import PipelineSpec
 from curate.executor import ActorDied, ActorPool, ClusterInfo, Executor, Future, Resources, describe_error
-from curate.executor import gpus_per_scorer
-from curate.shard_jobs import ShardScorer, prepare_shard
+from curate.shard_jobs import PREPARE_STAGES, SCORE, ShardScorer, prepare_shard
+from curate.stages.base import combined
 from curate.stages.read import footer_rows, list_shards, shard_name
 from tqdm import tqdm
 from curate.stages.annotate import LANGUAGE_MODEL_ID
@@ -31,14 +31,15 @@ log = logging.getLogger(__name__)
 SCORE_QUEUE = 2  # scoring calls in flight per actor: one running, one ready to start
 SCORE_RESUBMITS = 2  # times a shard is resubmitted after a dead actor took its call down
 
-PREPARE_RESOURCES = Resources(cpus=1)  # one prepare task (read, annotate, fetch one shard): CPU and network
+# one prepare task runs read, annotate, caption_lsh and fetch for a shard: what those stages declare
+PREPARE_RESOURCES = combined(PREPARE_STAGES)
 
 
 def scorer_resources(spec: PipelineSpec, cluster: ClusterInfo) -> Resources:
-    """Each scoring actor: 1 CPU; 1 GPU when the cluster has any, decided from the cluster, never
-    the driver's own CUDA (tests/test_gpu_placement.py); and the custom resources of
-    ray.scorer_resources, so that scoring runs only on the nodes that advertise them."""
-    return Resources(cpus=1, gpus=gpus_per_scorer(cluster), custom=dict(spec.ray.scorer_resources))
+    """Each scoring actor: what the score stage declares (1 CPU; 1 GPU when the cluster has any,
+    decided from the cluster, never the driver's own CUDA: tests/test_gpu_placement.py), plus the
+    custom resources of ray.scorer_resources, so that scoring runs only on the nodes that have them."""
+    return SCORE.resources(cluster, spec.ray.scorer_resources)
 
 
 @dataclass

