@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from curate.annotations import conform
 from curate.config import SelectionConfig
-from curate.filters.select import decide
+from curate.filters.decide import decide
 from curate.stages import caption_minhash as cm
 
 LAION = str(Path(__file__).resolve().parent.parent / "data" / "laion-sample" / "laion_10000.parquet")

@@ -242,7 +242,7 @@ def report(
     # lazy: curate.selection adds ~0.35 s (pyarrow, fsspec, reports); --help and other commands skip it
     from curate.selection import rebuild_report
 
-    # lazy: curate.reports.sweep adds ~0.21 s (pyarrow via filters.select); --help and other commands skip it
+    # lazy: curate.reports.sweep adds ~0.21 s (pyarrow via filters.decide); --help and other commands skip it
     from curate.reports.sweep import thresholds
 
     thr = None
@@ -294,7 +294,7 @@ def sweep(
     # lazy: curate.annotations and curate.io add ~0.3 s (pyarrow, fsspec); --help and other commands skip them
     from curate import annotations, io
 
-    # lazy: curate.reports.sweep adds ~0.21 s (pyarrow via filters.select); --help and other commands skip it
+    # lazy: curate.reports.sweep adds ~0.21 s (pyarrow via filters.decide); --help and other commands skip it
     from curate.reports.sweep import sweep as run_sweep, thresholds
 
     if rule != "clip":

@@ -24,7 +24,7 @@ import polars as pl
 
 from curate import accounting, annotations, faults, io, manifest, publish, run_lock, schema, store
 from curate.config import PipelineSpec, ReportConfig, SelectionConfig
-from curate.filters.select import decide
+from curate.filters.decide import decide
 from curate.names import check_name
 from curate.reports.audit import build_audit, write_audit
 

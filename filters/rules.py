@@ -5,7 +5,7 @@ reads, its failure (a polars expression: true means the row fails; or, for an ex
 key whose repeats are duplicates), its help text and its `curate select` flags. Everything else is
 derived from this table: the check order (RULE_ORDER), the report's help table (REASON_HELP), the
 text rules that decide what is fetched (text_rules_pass), the sweep's inputs (RULE_INPUTS), the
-CLI's flags (curate/cli.py) and decide()'s dedup cascade (filters/select.py).
+CLI's flags (curate/cli.py) and decide()'s dedup cascade (filters/decide.py).
 
 Adding a rule is one entry here plus, when it has settings, a field in curate/config.py.
 
@@ -87,7 +87,7 @@ class Flag:
 class Rule:
     """One selection rule. A per-row rule has `fails`; an exact dedup has `key` (rows with the same
     non-null key are duplicates; None when the rule is switched off); a near dedup is a step of
-    filters/select.py (`near = True`)."""
+    filters/decide.py (`near = True`)."""
 
     name: str  # the Reason member's name
     reason: str  # the value of the `reason` column

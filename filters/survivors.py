@@ -13,7 +13,7 @@ near-duplicate caption, near-duplicate image; the in-process and the Ray engine 
                         null and NaN rank last), ties broken as best_score.
 
 Whatever the rule, dedup runs among rows that pass every other rule, so the survivor is the best
-(or first) *eligible* copy, and `duplicate_of` always names a kept row (filters/select.py re-points
+(or first) *eligible* copy, and `duplicate_of` always names a kept row (filters/decide.py re-points
 earlier duplicates when their survivor loses a later dedup)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """CLIP-threshold sweep from cached annotations: retention vs. threshold, overall and per group,
-and what flips between two thresholds. Same rule semantics as :func:`curate.filters.select.decide`.
+and what flips between two thresholds. Same rule semantics as :func:`curate.filters.decide.decide`.
 
 Why this is exact, not an approximation. Vary only the CLIP threshold ``t``; every other rule is
 fixed. Dedup runs among rows that pass every other rule and the threshold, and a duplicate group's
@@ -25,7 +25,7 @@ import polars as pl
 from curate import schema
 from curate.config import ClipRule, SelectionConfig
 from curate.filters.rules import RULE_INPUTS
-from curate.filters.select import decide
+from curate.filters.decide import decide
 
 SCORE = "_score"
 IDX = "_above"  # number of sweep thresholds <= the row's score

@@ -228,7 +228,7 @@ def test_kept_uids_are_unique_and_the_uid_file_has_one_entry_per_kept_row(messy_
 def test_duplicate_uid_runs_last_and_every_duplicate_names_a_kept_uid():
     """decide() on annotations: A and B share a URL (B loses duplicate_url to A); C has A's uid and
     a better score, so A loses duplicate_uid to C. B still names a kept uid; D has no URL."""
-    from curate.filters.select import decide
+    from curate.filters.decide import decide
 
     from curate.annotations import conform
 

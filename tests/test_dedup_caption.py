@@ -9,7 +9,7 @@ from scipy.sparse import csr_matrix, triu
 
 from curate.annotations import conform
 from curate.config import SelectionConfig
-from curate.filters.select import decide
+from curate.filters.decide import decide
 from curate.stages import caption_minhash as cm
 
 THRESHOLD = 0.8

@@ -17,7 +17,7 @@ from PIL import Image
 from curate import annotations, io, schema
 from curate.demo import synthetic as sy
 from curate.config import PipelineSpec, ScoreConfig, SelectionConfig
-from curate.filters.select import decide
+from curate.filters.decide import decide
 from curate.filters.rules import RULE_ORDER, Reason
 
 THRESHOLD = 0.95

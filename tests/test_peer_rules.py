@@ -24,7 +24,7 @@ import regex
 from curate import schema
 from curate.annotations import conform
 from curate.config import PipelineSpec, SelectionConfig, SpecError, parse_spec
-from curate.filters.select import decide
+from curate.filters.decide import decide
 from curate.stages import caption_minhash as cm
 from curate.stages.annotate import annotate_text, caption_word_counts
 

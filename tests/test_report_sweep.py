@@ -9,7 +9,7 @@ import pytest
 
 from curate.annotations import conform
 from curate.config import SelectionConfig
-from curate.filters.select import decide
+from curate.filters.decide import decide
 from curate.reports.sweep import flips, representatives, sweep, thresholds
 
 

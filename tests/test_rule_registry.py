@@ -21,7 +21,7 @@ from curate.cli import app
 from curate.config import PipelineSpec, SelectionConfig, SpecError, parse_spec
 from curate.filters import rules
 from curate.filters.rules import FLAGS, REASON_HELP, RULE_ORDER, RULES, Reason
-from curate.filters.select import decide
+from curate.filters.decide import decide
 
 MINIMAL = {"name": "t", "input": {"paths": ["x.parquet"]}}
 

@@ -8,7 +8,7 @@ import pytest
 
 from curate.annotations import conform
 from curate.config import SelectionConfig
-from curate.filters.select import decide
+from curate.filters.decide import decide
 
 
 def ann(rows: list[dict]) -> pl.LazyFrame:
