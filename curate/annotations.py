@@ -41,6 +41,7 @@ ANNOTATION_FIELDS: list[pa.Field] = [
     pa.field(schema.CAPTION_LSH_NGRAM, pa.int8()),  # with the keys: verification shingles the same way
 ]
 ANNOTATION_COLUMNS = [f.name for f in ANNOTATION_FIELDS]
+FIELDS: dict[str, pa.Field] = {f.name: f for f in ANNOTATION_FIELDS}  # the one place a column's type is written
 
 
 def conform(table: pa.Table, keep_columns: list[str] = ()) -> pa.Table:

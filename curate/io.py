@@ -135,9 +135,17 @@ def describe_file(url: str) -> dict:
     modification time on a local disk (whatever the filesystem reports; None when it has none)."""
     fs, path = fs_and_path(url)
     info = fs.info(path)
+    return {"path": url, "bytes": int(info.get("size") or 0), "version": version_tag(info)}
+
+
+def version_tag(info: dict) -> str | None:
+    """The version of a file from an fsspec info/find record: its ETag on a bucket (quotes
+    stripped), else the modification time a local disk reports, else None. One rule for the audit
+    trail's inputs and outputs."""
     etag = info.get("ETag") or info.get("etag")
-    version = str(etag).strip('"') if etag else (str(info["mtime"]) if info.get("mtime") is not None else None)
-    return {"path": url, "bytes": int(info.get("size") or 0), "version": version}
+    if etag:
+        return str(etag).strip('"')
+    return str(info["mtime"]) if info.get("mtime") is not None else None
 
 
 def remove(url: str, recursive: bool = False) -> None:

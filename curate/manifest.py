@@ -212,9 +212,7 @@ def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
             if info.get("type", "file") != "file" or ".tmp-" in p:
                 continue
             url = io.join(top, p[len(tp.rstrip("/")) + 1 :]) if p.startswith(tp.rstrip("/") + "/") else p
-            etag = info.get("ETag") or info.get("etag")
-            version = str(etag).strip('"') if etag else (str(info["mtime"]) if info.get("mtime") is not None else None)
-            found[url] = {"bytes": int(info.get("size") or 0), "version": version}
+            found[url] = {"bytes": int(info.get("size") or 0), "version": io.version_tag(info)}
 
     def one(url: str) -> tuple[str, dict[str, Any]]:
         rel, info = _relative(run_dir, url), found[url]

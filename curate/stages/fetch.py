@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema
+from curate.annotations import FIELDS
 from curate.urls import host_of as _host
 from curate.config import FetchConfig
 from curate.stages.base import Stage
@@ -65,17 +66,9 @@ from multiprocessing.pool import ThreadPool
 
 log = logging.getLogger(__name__)
 
+# the annotation columns the fetch fills in, typed as the annotation table types them (one place)
 STATUS_SCHEMA = pa.schema(
-    [
-        pa.field(ROW, pa.int64()),
-        pa.field(FETCH_STATUS, pa.string()),
-        pa.field(FETCH_ERROR, pa.string()),
-        pa.field(WIDTH, pa.int32()),
-        pa.field(HEIGHT, pa.int32()),
-        pa.field(ORIGINAL_WIDTH, pa.int32()),
-        pa.field(ORIGINAL_HEIGHT, pa.int32()),
-        pa.field(IMAGE_SHA256, pa.string()),
-    ]
+    [FIELDS[c] for c in (ROW, FETCH_STATUS, FETCH_ERROR, WIDTH, HEIGHT, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, IMAGE_SHA256)]
 )
 IMAGES_SCHEMA = pa.schema([pa.field(ROW, pa.int64()), pa.field(IMAGE_BYTES, pa.binary())])
 

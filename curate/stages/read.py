@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import io, schema
+from curate.annotations import FIELDS
 from curate.config import InputConfig
 
 
@@ -182,7 +183,7 @@ def read_shard(path: str, cfg: InputConfig, extra_columns: tuple[str, ...] = ())
     }
     for src, dst in layout.metadata:
         if src in table.column_names:
-            target = pa.int32() if dst in (schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT) else pa.string()
+            target = FIELDS[dst].type  # the annotation table's type for the column
             try:
                 cols[dst] = pc.cast(table.column(src), target, safe=False)
             except pa.ArrowInvalid as e:
