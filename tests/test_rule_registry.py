@@ -169,9 +169,11 @@ def test_exact_caption_dedup_keeps_the_first_of_each_normalised_caption(laion_sa
 
 
 @pytest.fixture(scope="module")
-def scored_run(tmp_path_factory, ray_session):
+def scored_run(tmp_path_factory):
     """A run that scores from an input column (no fetch, no model): 3 shards of real LAION captions
-    with case/punctuation copies and long captions, and the two new rules in the spec."""
+    with case/punctuation copies and long captions, and the two new rules in the spec. On the
+    in-process executor: what is tested here is the rules, not where the shards ran."""
+    from curate.executor import LocalExecutor
     from curate.runner import run
 
     base = tmp_path_factory.mktemp("registry")
@@ -205,7 +207,7 @@ def scored_run(tmp_path_factory, ray_session):
             "selection": {"caption": {"max_words": 30}, "dedup": {"caption_exact": True}},
         }
     )
-    result = run(spec)
+    result = run(spec, executor=LocalExecutor())
     assert result.ok, result.failed
     return base / "run", len(caps)
 
