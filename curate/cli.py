@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +14,9 @@ import typer
 from pydantic import ValidationError
 
 from curate.config import PipelineSpec, SelectionConfig, SpecError, describe, load_spec
+from curate.executor import ClusterInfo
 from curate.filters import rules
+from curate.layout import resolve as resolve_layout
 from curate.presets import preset_path
 
 app = typer.Typer(
@@ -216,11 +219,20 @@ def demo(
 
 @app.command("show-spec")
 def show_spec(spec_path: str = typer.Argument(..., help="pipeline spec: a TOML file or a preset name")) -> None:
-    """Validate a spec and print it fully resolved (every default filled in)."""
+    """Validate a spec and print it fully resolved (every default filled in), then (on stderr) the
+    scoring layout it gets on this machine; a cluster's is resolved at run time and recorded in the
+    run's manifest (m["layout"])."""
     try:
-        typer.echo(load_spec(preset_path(spec_path)).resolved_json())
+        spec = load_spec(preset_path(spec_path))
     except (SpecError, FileNotFoundError) as e:
         _fail(str(e))
+    typer.echo(spec.resolved_json())
+    if spec.score.source == "model" and spec.fetch.enabled:
+        here = ClusterInfo("this machine", float(os.cpu_count() or 1), 0.0, 1)
+        typer.echo(
+            f"layout on this machine ({here.cpus:g} CPUs, GPUs not probed): {resolve_layout(spec.score, here).describe()}",
+            err=True,
+        )
 
 
 @app.command()

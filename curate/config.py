@@ -102,13 +102,22 @@ class ScoreConfig(Strict):
     model: str = "curate-tiny"  # an open_clip architecture name
     pretrained: str = "bundled"  # a pretrained tag, a local/bucket checkpoint path, or "bundled"
     batch_size: int = Field(64, ge=1)
-    actors: int = Field(1, ge=1, description="scoring actors (one model each); 1 per GPU on a GPU cluster")
+    actors: Optional[int] = Field(
+        None,
+        ge=1,
+        description="scoring actors (one model each); null: one per GPU, or one per node on CPUs (curate/layout.py)",
+    )
     precision: Literal["auto", "fp32", "bf16", "bf16-image", "fp16"] = (
         "auto"  # resolved by curate.model.resolve_precision
     )
-    cpu_threads: Optional[int] = Field(None, ge=1, description="torch threads per actor; default: the actor's CPUs")
-    decode_threads: int = Field(
-        1, ge=0, description="threads decoding the next image batch while the model runs; 0 = inline"
+    cpu_threads: Optional[int] = Field(
+        None, ge=1, description="torch threads per actor; null: the node's cores shared by its actors (1 on GPUs)"
+    )
+    decode_threads: Optional[int] = Field(
+        None,
+        ge=0,
+        description="threads decoding the next image batch while the model runs; 0 = inline; null: 1 on CPUs, "
+        "enough to feed a GPU on GPU nodes (curate/layout.py)",
     )
     # write the L2-normalised CLIP image embeddings (float16) of the rows scored to
     # embeddings/<shard>.parquet, for selection.dedup.image_cosine; docs/DEDUP.md

@@ -159,6 +159,10 @@ class Executor(ABC):
     def results(self, futures: list[Future]) -> list[Any]:
         return [self.result(f) for f in futures]
 
+    def available(self) -> dict[str, float]:
+        """Resources free right now (for the message of a run whose work waits: curate/runner.py)."""
+        return {"CPU": self.cluster.cpus, "GPU": self.cluster.gpus}
+
     @abstractmethod
     def actor_pool(
         self, cls: type, args: tuple, size: int, resources: Resources, max_restarts: int = 3

@@ -356,6 +356,9 @@ class RayExecutor(Executor):
     def result(self, future: Future) -> Any:
         return self.results([future])[0]
 
+    def available(self) -> dict[str, float]:
+        return {k: v for k, v in ray.available_resources().items() if "node:" not in k and "memory" not in k}
+
     def results(self, futures: list[Future]) -> list[Any]:
         try:
             return ray.get([f.ref for f in futures])  # type: ignore[attr-defined]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,6 +21,8 @@ from curate import run_dir as run_dir_mod
 from curate.config import PipelineSpec
 from curate.executor import ActorDied, ActorPool, ClusterInfo, Executor, Future, Resources, describe_error
 from curate.shard_jobs import PREPARE_STAGES, SCORE, ShardScorer, prepare_shard
+from curate.layout import ScoreLayout
+from curate.layout import resolve as resolve_layout
 from curate.stages.base import combined
 from curate.stages.read import footer_rows, list_shards, shard_name
 from tqdm import tqdm
@@ -31,15 +35,35 @@ log = logging.getLogger(__name__)
 SCORE_QUEUE = 2  # scoring calls in flight per actor: one running, one ready to start
 SCORE_RESUBMITS = 2  # times a shard is resubmitted after a dead actor took its call down
 
-# one prepare task runs read, annotate, caption_lsh and fetch for a shard: what those stages declare
-PREPARE_RESOURCES = combined(PREPARE_STAGES)
+
+def prepare_resources(layout: ScoreLayout) -> Resources:
+    """One prepare task runs read, annotate, caption_lsh and fetch for a shard: what those stages
+    declare, with the CPUs the layout leaves them (curate/layout.py: never so many that scoring
+    actors could hold every CPU and a prepare task wait forever)."""
+    declared = combined(PREPARE_STAGES)
+    return Resources(cpus=min(declared.cpus, layout.prepare_cpus), gpus=declared.gpus)
 
 
-def scorer_resources(spec: PipelineSpec, cluster: ClusterInfo) -> Resources:
-    """Each scoring actor: what the score stage declares (1 CPU; 1 GPU when the cluster has any,
-    decided from the cluster, never the driver's own CUDA: tests/test_gpu_placement.py), plus the
-    custom resources of ray.scorer_resources, so that scoring runs only on the nodes that have them."""
-    return SCORE.resources(cluster, spec.ray.scorer_resources)
+def scorer_resources(spec: PipelineSpec, cluster: ClusterInfo, layout: ScoreLayout | None = None) -> Resources:
+    """Each scoring actor: what the score stage declares (a GPU when the cluster has any, decided
+    from the cluster, never the driver's own CUDA: tests/test_gpu_placement.py), sized by the
+    layout (CPUs to decode and run the model), plus the custom resources of ray.scorer_resources,
+    so that scoring runs only on the nodes that have them."""
+    layout = layout or resolve_layout(spec.score, cluster)
+    declared = SCORE.resources(cluster, spec.ray.scorer_resources)
+    gpus = layout.actor_gpus if declared.gpus else 0.0
+    return Resources(cpus=layout.actor_cpus, gpus=gpus, custom=declared.custom)
+
+
+def scoring_spec(spec: PipelineSpec, layout: ScoreLayout) -> PipelineSpec:
+    """The spec the scoring actors get: the layout's threads and actor count filled in."""
+    return spec.with_overrides(
+        **{
+            "score.actors": layout.actors,
+            "score.cpu_threads": layout.model_threads,
+            "score.decode_threads": layout.decode_threads,
+        }
+    )
 
 
 @dataclass
@@ -130,22 +154,34 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
         executor = RayExecutor(spec.ray)
     run_dir = spec.output.dir
     m["cluster"] = executor.cluster.as_dict()
+    layout = resolve_layout(spec.score, executor.cluster)
+    scoring = spec.score.source == "model" and spec.fetch.enabled
+    m["layout"] = {**layout.as_dict(), "prepare": prepare_resources(layout).__dict__} if scoring else None
     spec_json = spec.model_dump_json()
     result = RunResult(run_dir)
 
     pool = None
-    if spec.score.source == "model" and spec.fetch.enabled:
+    if scoring:
+        log.info("layout: %s", layout.describe())
         pool = executor.actor_pool(
             ShardScorer,
-            (spec_json,),
-            size=spec.score.actors,
-            resources=scorer_resources(spec, executor.cluster),
+            (scoring_spec(spec, layout).model_dump_json(),),
+            size=layout.actors,
+            resources=scorer_resources(spec, executor.cluster, layout),
             max_restarts=spec.ray.scorer_max_restarts,
         )
     paths = {shard_name(p): p for p in shards}
     try:
         if pool is not None:
-            m["model"] = pool.call_all("describe")[0]  # also fails fast on a bad checkpoint
+            need = scorer_resources(spec, executor.cluster, layout)
+            with StallWatch(
+                STALL_S,
+                lambda: (
+                    f"waiting for {layout.actors} scoring actor(s) to start (each asks {need}); free now: "
+                    f"{executor.available()}; nodes that advertise what they ask may be missing"
+                ),
+            ):
+                m["model"] = pool.call_all("describe")[0]  # also fails fast on a bad checkpoint
             m["cluster"]["scorer_nodes"] = pool.node_ids()
             m["cluster"]["scorer_placement"] = pool.placement()  # node, GPU ids and resources per actor
             manifest.write(run_dir, m)
@@ -156,7 +192,15 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
 
         with _progress(len(shards)) as bar:
             scheduler = ShardScheduler(
-                executor, prepare_shard, pool, spec_json, run_dir, m["shards"], result, bar.update
+                executor,
+                prepare_shard,
+                pool,
+                spec_json,
+                run_dir,
+                m["shards"],
+                result,
+                bar.update,
+                prepare_resources=prepare_resources(layout),
             )
             scheduler.run(shards)
     finally:
@@ -192,6 +236,41 @@ def _progress(total: int):
     return tqdm(total=total, desc="shards", unit="shard", disable=os.environ.get("CURATE_PROGRESS", "1") == "0")
 
 
+STALL_S = float(os.environ.get("CURATE_STALL_S", "60"))  # no progress this long: say so on the console
+
+
+class StallWatch:
+    """Warns (log, stderr) when nothing finished for `limit` seconds, with what is waiting and what
+    the executor has free, so that work the cluster cannot place (resources nobody advertises, a
+    node that went away) is reported instead of waiting in silence. Repeats every `limit` seconds."""
+
+    def __init__(self, limit: float, describe: Callable[[], str]):
+        self.limit, self.describe = limit, describe
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="curate-stall-watch", daemon=True)
+        self.warnings = 0
+
+    def __enter__(self) -> "StallWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.limit / 4)):
+            idle = time.monotonic() - self._last
+            if idle >= self.limit:
+                self.warnings += 1
+                log.warning("no progress for %.0f s: %s", idle, self.describe())
+                self._last = time.monotonic()
+
+
 @dataclass(frozen=True)
 class _Call:
     stage: str  # "prepare" or "score"
@@ -225,10 +304,12 @@ class ShardScheduler:
         records: dict[str, dict],
         result: RunResult,
         on_shard_end: Callable[[int], Any] = lambda n: None,
+        prepare_resources: Resources | None = None,
     ):
         self.executor, self.prepare, self.pool = executor, prepare, pool
         self.spec_json, self.run_dir, self.records, self.result = spec_json, run_dir, records, result
         self.on_shard_end = on_shard_end
+        self.prepare_resources = prepare_resources or combined(PREPARE_STAGES)  # (default: as the stages declare)
         self.pending: dict[Future, _Call] = {}
         self.prepared: dict[str, dict] = {}
         self.waiting: list[str] = []
@@ -237,13 +318,18 @@ class ShardScheduler:
         self.isolated: dict[int, str] = {}
 
     def run(self, paths: list[str]) -> None:
-        for p in paths:
-            fut = self.executor.submit(self.prepare, p, self.spec_json, self.run_dir, resources=PREPARE_RESOURCES)
-            self.pending[fut] = _Call("prepare", shard_name(p))
-        while self.pending:
-            self._finished(self.executor.wait_first(self.pending))
-            if self.pool is not None:
-                self._dispatch()
+        with StallWatch(STALL_S, self.describe_waiting) as watch:
+            for p in paths:
+                fut = self.executor.submit(
+                    self.prepare, p, self.spec_json, self.run_dir, resources=self.prepare_resources
+                )
+                self.pending[fut] = _Call("prepare", shard_name(p))
+            while self.pending:
+                fut = self.executor.wait_first(self.pending)
+                watch.progress()
+                self._finished(fut)
+                if self.pool is not None:
+                    self._dispatch()
         assert not self.waiting and not self.suspects, (self.waiting, self.suspects)  # all went to an actor
 
     def _dispatch(self) -> None:
@@ -271,6 +357,15 @@ class ShardScheduler:
         assert self.pool is not None
         fut = self.pool.call(i, "score_shard", self.run_dir, shard, self.prepared[shard])
         self.pending[fut] = _Call("score", shard)
+
+    def describe_waiting(self) -> str:
+        calls = list(self.pending.values())
+        prep = sum(c.stage == "prepare" for c in calls)
+        return (
+            f"{prep} prepare task(s) (each asks {self.prepare_resources}) and {len(calls) - prep} scoring call(s) "
+            f"in flight, {len(self.waiting)} shard(s) waiting for an actor; free now: {self.executor.available()}. "
+            "If this lasts, the cluster cannot place the work: check ray.scorer_resources and the nodes' resources"
+        )
 
     def _finished(self, fut: Future) -> None:
         call = self.pending.pop(fut)

@@ -53,7 +53,7 @@ class ClipScorer:
             cfg.model, cfg.pretrained, device=device, precision=cfg.precision, threads=cfg.cpu_threads
         )
         self.batch_size = cfg.batch_size
-        self.decode_threads = getattr(cfg, "decode_threads", 1)
+        self.decode_threads = 1 if cfg.decode_threads is None else cfg.decode_threads  # null: the layout's CPU default
         self._pool: Optional[ThreadPoolExecutor] = None
 
     @property

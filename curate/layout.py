@@ -1,0 +1,102 @@
+"""How `curate run` sizes scoring to the node: how many scoring actors, what each reserves from the
+executor, how many threads its model and its image decoding get, and what is left for the prepare
+tasks (read, annotate, fetch) that overlap with scoring.
+
+Resolved once per run from the cluster's resources (`resolve`), recorded in the manifest
+(m["layout"]) and printed by `curate show-spec` for this machine. Explicit settings
+(`score.actors`, `score.cpu_threads`, `score.decode_threads`) always win; what is left unset is
+derived:
+
+CPU-only cluster (per node, nodes assumed alike: Ray reports totals)
+  actors           one per node (`score.actors` otherwise)
+  model threads    the node's cores divided among its actors: torch's intra-op threads are where
+                   CPU scoring spends its time, and Ray would otherwise give an actor with one
+                   reserved CPU a single thread (OMP_NUM_THREADS=1), idling the rest of the node
+  reservation      what the actors reserve is the node's CPUs minus what prepare tasks keep
+                   (PREPARE_SHARE of the node, at least 1 CPU), split among the actors, and never
+                   more than their threads. Reservations can be fractions, so no number of actors
+                   can take every CPU and leave a prepare task waiting forever.
+  decode threads   1: decoding the next batch overlaps the model; more would compete with torch
+
+GPU cluster
+  actors           one per GPU (`score.actors` otherwise; more actors than GPUs share them)
+  GPUs             GPUs / actors each (1 with the default)
+  decode threads   enough CPU decoding to feed the GPU: the node's CPUs per GPU minus what prepare
+                   keeps, capped at DECODE_THREADS_PER_GPU (docs/PERFORMANCE.md: decode rate per
+                   core against the GPU's scoring rate); the actor reserves that many CPUs
+  model threads    1: the GPU does the math
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from curate.config import ScoreConfig
+from curate.executor import ClusterInfo
+
+PREPARE_SHARE = 0.125  # of a node's CPUs kept for prepare tasks (fetch is I/O-bound; resizing is not)
+DECODE_THREADS_PER_GPU = 8  # see docs/PERFORMANCE.md: GPU images/s over one core's decode rate
+
+
+@dataclass(frozen=True)
+class ScoreLayout:
+    actors: int
+    actor_cpus: float  # CPUs each scoring actor reserves from the executor
+    actor_gpus: float  # GPUs each scoring actor reserves
+    model_threads: int  # torch intra-op threads of each actor's model
+    decode_threads: int  # threads decoding the next image batch while the model runs
+    prepare_cpus: float  # CPUs each prepare task reserves
+    cpus_per_node: float
+    nodes: int
+    why: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        dev = f"{self.actor_gpus:g} GPU" if self.actor_gpus else "CPU"
+        return (
+            f"{self.actors} scoring actor(s) on {dev}, each reserving {self.actor_cpus:g} CPU, "
+            f"{self.model_threads} model thread(s), {self.decode_threads} decode thread(s); "
+            f"prepare tasks reserve {self.prepare_cpus:g} CPU each ({self.nodes} node(s) x {self.cpus_per_node:g} CPU)"
+        )
+
+
+def _down(x: float) -> float:
+    """Rounded down to 1/1000 (Ray's resource granularity is 1e-4): sums never exceed the node."""
+    return math.floor(x * 1000) / 1000
+
+
+def resolve(score: ScoreConfig, cluster: ClusterInfo) -> ScoreLayout:
+    nodes = max(1, int(cluster.nodes))
+    per_node = cluster.cpus / nodes if cluster.cpus > 0 else 1.0
+    # what prepare tasks keep on each node: an eighth of it, at least one CPU; a node with fewer
+    # than 2 CPUs is shared half and half (each prepare task then asks that half)
+    prepare_cpus = 1.0 if per_node >= 2 else per_node / 2
+    keep = max(1.0, math.floor(per_node * PREPARE_SHARE)) if per_node >= 2 else prepare_cpus
+    if cluster.gpus > 0:
+        actors = score.actors or max(1, int(cluster.gpus))
+        gpus = min(1.0, cluster.gpus / actors)
+        per_actor = (per_node - keep) / math.ceil(actors / nodes)
+        decode = score.decode_threads
+        if decode is None:
+            decode = max(1, min(DECODE_THREADS_PER_GPU, math.floor(per_actor)))
+        actor_cpus = _down(min(float(max(decode, 1)), per_actor))
+        threads = score.cpu_threads or 1
+        why = (
+            f"{cluster.gpus:g} GPU(s): {'score.actors' if score.actors else 'one actor per GPU'}; "
+            f"{decode} decode thread(s) per actor from {per_actor:g} CPU(s) per actor after prepare keeps {keep:g} per node"
+        )
+        return ScoreLayout(actors, actor_cpus, gpus, threads, decode, prepare_cpus, per_node, nodes, why)
+    actors = score.actors or nodes
+    per_node_actors = math.ceil(actors / nodes)
+    threads = score.cpu_threads or max(1, math.floor(per_node / per_node_actors))
+    actor_cpus = _down(min(float(threads), (per_node - keep) / per_node_actors))
+    decode = 1 if score.decode_threads is None else score.decode_threads
+    why = (
+        f"CPU only: {'score.actors' if score.actors else 'one actor per node'}; "
+        f"{'score.cpu_threads' if score.cpu_threads else f'{per_node:g} cores / {per_node_actors} actor(s) per node'} "
+        f"model threads; actors reserve {actor_cpus:g} CPU each so prepare keeps {per_node - actor_cpus * per_node_actors:g}"
+    )
+    return ScoreLayout(actors, actor_cpus, 0.0, threads, decode, prepare_cpus, per_node, nodes, why)
