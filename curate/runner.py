@@ -147,6 +147,7 @@ def _final_state(run_dir: str, m: dict, state: str, error: str) -> None:
 
 
 def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Executor | None) -> RunResult:
+    t0 = time.monotonic()
     if executor is None:
         # lazy: ray (~0.4 s), only for a run not given an executor (a LocalExecutor run never imports it)
         from curate.ray_adapter import RayExecutor
@@ -202,7 +203,10 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
                 bar.update,
                 prepare_resources=prepare_resources(layout),
             )
+            t_ready = time.monotonic()
             scheduler.run(shards)
+            # start-up (executor, model load) apart from the shards' work: throughput is the second
+            m["timings"] = {"startup_s": round(t_ready - t0, 3), "shards_s": round(time.monotonic() - t_ready, 3)}
     finally:
         if pool is not None:  # also on Ctrl-C or a crash: a driver that lives on (a notebook, a test) frees its GPUs
             m["cluster"]["scorer_replacements"] = pool.replaced

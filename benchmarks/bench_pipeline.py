@@ -1,0 +1,286 @@
+"""Benchmark: the path users run, `curate run` end to end through Ray, against a plain loop, in ONE run.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--images 768] [--shards 1 4] [--rounds 2] [--update-docs]
+
+Same images (synthetic photo-sized JPEGs, 256-512 px, on a loopback HTTP server in this process),
+same LAION captions, same model: ViT-B-32 with random weights (seeded, same FLOPs as a trained one;
+saved to a temporary checkpoint that curate loads through its production path).
+
+- plain loop, in its own process: urllib with 16 threads fetches every image, then PIL decode +
+  open_clip preprocess, fp32 ``encode_image`` / ``encode_text`` in batches of 32, cosine.
+- ``curate run`` with the default spec (only the model, its checkpoint, the input, the output and
+  the loopback allow-list set), as a subprocess: Ray start, model load, fetch, score, selection.
+  Its manifest gives start-up (executor + model load) apart from the shards' time.
+- curate's in-process model-only throughput on the same pairs (``ClipScorer`` towers on
+  pre-decoded batches, same precision and threads): the ceiling the end-to-end path is held to.
+
+Variants are interleaved round by round, best round each (the host is shared: compare ratios).
+Reports: the end-to-end ratio (plain wall / curate wall), the steady-state pairs/s (scored pairs over
+the shards' time, start-up reported beside it), efficiency = steady state / model-only, the CPU
+flags and the precision chosen. Writes benchmarks/results/pipeline.{json,md}; --update-docs replaces
+the table between the BENCH:pipeline markers in docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+LAION = ROOT / "data" / "laion-sample" / "laion_10000.parquet"
+BATCH = 32
+MARK_BEGIN, MARK_END = "<!-- BENCH:pipeline:begin -->", "<!-- BENCH:pipeline:end -->"
+FLAGS_SHOWN = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+PLAIN_LOOP = r"""
+import io, json, sys, time, urllib.request
+from multiprocessing.pool import ThreadPool
+t0 = time.perf_counter()
+import torch, open_clip
+from PIL import Image
+job = json.load(open(sys.argv[1]))
+torch.set_num_threads(job["threads"])
+model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=job["ckpt"])
+model.eval()
+tok = open_clip.get_tokenizer("ViT-B-32")
+t1 = time.perf_counter()
+def get(u):
+    with urllib.request.urlopen(u, timeout=30) as r:
+        return r.read()
+with ThreadPool(16) as pool:
+    blobs = pool.map(get, job["urls"])
+scores = []
+with torch.inference_mode():
+    for s in range(0, len(blobs), 32):
+        x = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[s:s + 32]])
+        fi = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+        ft = torch.nn.functional.normalize(model.encode_text(tok(job["captions"][s:s + 32])), dim=-1)
+        scores.append((fi * ft).sum(-1))
+n = int(torch.cat(scores).numel())
+t2 = time.perf_counter()
+print("RESULT " + json.dumps({"startup_s": t1 - t0, "work_s": t2 - t1, "pairs": n}), flush=True)
+"""
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in FLAGS_SHOWN if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def jpegs(n: int) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        w, h = int(rng.integers(256, 513)), int(rng.integers(256, 513))
+        base = np.linspace(0, 255, w * h * 3).reshape(h, w, 3)
+        arr = np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def run_plain(job: Path) -> dict:
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", PLAIN_LOOP, str(job)], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    res = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    return {**res, "wall_s": wall}
+
+
+def run_curate(spec: Path, out_dir: Path) -> dict:
+    env = {**os.environ, "CURATE_PROGRESS": "0"}
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "curate.cli", "run", str(spec), "--out", str(out_dir)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    wall = time.perf_counter() - t
+    m = json.loads((out_dir / "manifest.json").read_text())
+    return {
+        "wall_s": wall,
+        "startup_s": m["timings"]["startup_s"],
+        "shards_s": m["timings"]["shards_s"],
+        "pairs": m["counts"]["scored"],
+        "layout": m["layout"],
+        "precision": (m.get("model") or {}).get("precision"),
+    }
+
+
+def model_only(ckpt: str, blobs: list[bytes], captions: list[str], threads: int) -> dict:
+    import torch
+    from PIL import Image
+
+    from curate.config import ScoreConfig
+    from curate.stages.score import ClipScorer
+
+    scorer = ClipScorer(
+        ScoreConfig(model="ViT-B-32", pretrained=ckpt, batch_size=BATCH, cpu_threads=threads), device="cpu"
+    )
+    pre = scorer.clip.preprocess
+    batches = [
+        torch.stack([pre(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[s : s + BATCH]])
+        for s in range(0, len(blobs), BATCH)
+    ]
+
+    def once() -> float:
+        t = time.perf_counter()
+        for px in batches:
+            scorer.encode_images(px)
+        scorer.encode_texts(list(dict.fromkeys(captions)))
+        return time.perf_counter() - t
+
+    return {"once": once, "precision": scorer.clip.precision}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=768)
+    ap.add_argument("--shards", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--update-docs", action="store_true")
+    args = ap.parse_args()
+
+    import open_clip
+    import polars as pl
+    import torch
+
+    from curate.demo.image_server import ImageServer
+
+    flags = cpu_flags()
+    print(
+        f"CPU flags: {' '.join(flags) or '(none of ' + ', '.join(FLAGS_SHOWN) + ')'}; {os.cpu_count()} cores",
+        flush=True,
+    )
+    torch.manual_seed(0)
+    captions = pl.read_parquet(LAION, columns=["TEXT"])["TEXT"].drop_nulls().to_list()[: args.images]
+    blobs = jpegs(args.images)
+    t_start = time.time()
+    with tempfile.TemporaryDirectory() as tmp, ImageServer("127.0.0.1") as server:
+        tmp = Path(tmp)
+        model, _, _ = open_clip.create_model_and_transforms("ViT-B-32")
+        ckpt = str(tmp / "vitb32-random.pt")
+        torch.save(model.state_dict(), ckpt)
+        del model
+        urls = []
+        for i, b in enumerate(blobs):
+            server.add(f"/img/{i}.jpg", b)
+            urls.append(server.url(f"/img/{i}.jpg"))
+        job = tmp / "plain.json"
+        job.write_text(json.dumps({"urls": urls, "captions": captions, "ckpt": ckpt, "threads": args.threads}))
+        specs = {}
+        for k in args.shards:
+            d = tmp / f"in-{k}"
+            d.mkdir()
+            for j in range(k):
+                pl.DataFrame({"URL": urls[j::k], "TEXT": captions[j::k]}).write_parquet(d / f"part-{j:05d}.parquet")
+            spec = tmp / f"spec-{k}.toml"
+            spec.write_text(
+                f'name = "bench-pipeline"\n[input]\npaths = ["{d}"]\n'
+                f'[fetch]\nallow_networks = ["127.0.0.0/8"]\n'
+                f'[score]\nmodel = "ViT-B-32"\npretrained = "{ckpt}"\n'
+            )
+            specs[k] = spec
+        mo = model_only(ckpt, blobs, captions, args.threads)
+
+        best: dict = {}
+        for r in range(args.rounds):
+            rows = {"plain": run_plain(job), "model_only": {"wall_s": mo["once"](), "pairs": len(blobs)}}
+            for k, spec in specs.items():
+                rows[f"curate_{k}_shards"] = run_curate(spec, tmp / f"run-{k}-{r}")
+            for name, row in rows.items():
+                print(f"round {r}: {name}: {json.dumps({a: b for a, b in row.items() if a != 'layout'})}", flush=True)
+                if name not in best or row["wall_s"] < best[name]["wall_s"]:
+                    best[name] = row
+    plain = best["plain"]
+    mo_rate = best["model_only"]["pairs"] / best["model_only"]["wall_s"]
+    res: dict = {
+        "conditions": {
+            "images": args.images,
+            "rounds": args.rounds,
+            "threads": args.threads,
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "cpu_flags": flags,
+            "precision": mo["precision"],
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "wall_s": round(time.time() - t_start, 1),
+        },
+        "plain": {**plain, "pairs_per_s_steady": plain["pairs"] / plain["work_s"]},
+        "model_only_pairs_per_s": mo_rate,
+        "curate": {},
+    }
+    for k in args.shards:
+        c = best[f"curate_{k}_shards"]
+        steady = c["pairs"] / c["shards_s"]
+        res["curate"][k] = {
+            **c,
+            "end_to_end_ratio_vs_plain": plain["wall_s"] / c["wall_s"],
+            "pairs_per_s_steady": steady,
+            "efficiency_vs_model_only": steady / mo_rate,
+        }
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "pipeline.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = table(res)
+    (out_dir / "pipeline.md").write_text(md)
+    print(md)
+    if args.update_docs:
+        doc = ROOT / "docs" / "PERFORMANCE.md"
+        text = doc.read_text()
+        if MARK_BEGIN not in text:
+            text += f"\n## The path users run: `curate run` end to end\n\n{MARK_BEGIN}\n{MARK_END}\n"
+        a, b = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
+        doc.write_text(text[:a] + "\n" + md + text[b:])
+
+
+def table(r: dict) -> str:
+    c, p = r["conditions"], r["plain"]
+    lines = [
+        f"ViT-B-32 (random weights), {c['images']} images on a loopback server, LAION captions; {c['cpus']} cores "
+        f"({c['cpu']}), CPU flags: {' '.join(c['cpu_flags']) or 'none of the listed'}; precision chosen: "
+        f"{c['precision']}; best of {c['rounds']} interleaved rounds; torch {c['torch']}, open_clip {c['open_clip']}.",
+        "",
+        "| variant | wall s | start-up s | steady pairs/s | end-to-end vs plain | efficiency vs model-only |",
+        "|---|---|---|---|---|---|",
+        f"| plain loop (urllib x16 + PIL + open_clip fp32) | {p['wall_s']:.1f} | {p['startup_s']:.1f} | "
+        f"{p['pairs_per_s_steady']:.1f} | 1.00x | — |",
+    ]
+    for k, v in r["curate"].items():
+        lay = v["layout"] or {}
+        lines.append(
+            f"| `curate run`, default spec, {k} shard(s) ({lay.get('actors')} actor x {lay.get('model_threads')} "
+            f"threads) | {v['wall_s']:.1f} | {v['startup_s']:.1f} | {v['pairs_per_s_steady']:.1f} | "
+            f"{v['end_to_end_ratio_vs_plain']:.2f}x | {v['efficiency_vs_model_only']:.0%} |"
+        )
+    lines.append(
+        f"| curate model only, in-process (towers on pre-decoded batches) | — | — | {r['model_only_pairs_per_s']:.1f} | — | 100% |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
