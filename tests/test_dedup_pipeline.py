@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from curate.executor import LocalExecutor
 from curate.config import load_spec
 from curate.presets import preset_path
 from curate.runner import run
@@ -27,7 +28,7 @@ def _edit(caption: str, rng: np.random.Generator) -> str:
 
 
 @pytest.fixture(scope="module")
-def caption_run(tmp_path_factory, laion_sample, ray_session):
+def caption_run(tmp_path_factory, laion_sample):
     rng = np.random.default_rng(3)
     src = pl.read_parquet(laion_sample).select("URL", "TEXT").head(3000)
     inp = tmp_path_factory.mktemp("capdedup")
@@ -53,7 +54,7 @@ def caption_run(tmp_path_factory, laion_sample, ray_session):
             "selection.dedup.partitions": 4,
         }
     )
-    result = run(spec)
+    result = run(spec, executor=LocalExecutor())  # dedup is under test, not where shards run
     assert result.ok, result.failed
     return out, long_a, copies
 

@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
+from curate.executor import LocalExecutor
 from curate.cli import app
 from curate.stages.annotate import normalize_url
 from curate.stages.read import compute_uids
@@ -277,7 +278,7 @@ def test_forget_needs_exactly_one_list(laion_forget, tmp_path):
 
 # --- by image sha256, on a run that fetched and scored images (loopback servers, bundled CLIP) ----
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, ray_session):
+def demo_run(tmp_path_factory):
     from curate.demo.data import SITES
     from curate.demo.image_server import ImageServer
     from curate.demo.run_demo import demo_spec, write_inputs
@@ -288,7 +289,7 @@ def demo_run(tmp_path_factory, ray_session):
         servers = {host: stack.enter_context(ImageServer(host)) for host, _ in SITES}
         write_inputs(out, 90, 2, 3, servers)
         spec = demo_spec(out).with_overrides(**{"score.store_embeddings": True, "output.overwrite": False})
-        result = run(spec)
+        result = run(spec, executor=LocalExecutor())  # forget is under test, not where shards run
         assert result.ok, result.failed
         yield {"run": Path(result.run_dir), "spec": spec, "servers": servers}
 
@@ -330,7 +331,7 @@ def test_forget_by_image_sha256(demo_run, tmp_path):
     from curate.runner import run as run_pipeline
 
     looser = demo_run["spec"].with_overrides(**{"selection.language.allow": [], "selection.caption.min_words": 0})
-    res = run_pipeline(looser)
+    res = run_pipeline(looser, executor=LocalExecutor())
     assert res.ok, res.failed
     _assert_gone(run, sha256=set(digests), rows=rows)
     s = json.loads((run / "selections" / "default" / "selection.json").read_text())

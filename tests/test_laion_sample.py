@@ -6,18 +6,19 @@ import json
 import polars as pl
 import pytest
 
+from curate.executor import LocalExecutor
 from curate.config import load_spec
 from curate.presets import preset_path
 from curate.runner import run
 
 
 @pytest.fixture(scope="module")
-def laion_run(tmp_path_factory, laion_sample, ray_session):
+def laion_run(tmp_path_factory, laion_sample):
     out = tmp_path_factory.mktemp("laion") / "run"
     spec = load_spec(preset_path("laion_sample")).with_overrides(
         **{"input.paths": [str(laion_sample)], "output.dir": str(out)}
     )
-    result = run(spec)
+    result = run(spec, executor=LocalExecutor())  # the sample is under test, not where shards run
     assert result.ok, result.failed
     return out, result
 

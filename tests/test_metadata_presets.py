@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from curate.executor import LocalExecutor
 from curate.config import load_spec
 from curate.presets import preset_path
 from curate.runner import run
@@ -43,11 +44,11 @@ def _decisions(out):
     return pl.concat([kept, removed], how="diagonal_relaxed")
 
 
-def test_clip_score_preset_keeps_datacomps_top_fraction_from_metadata(pool, tmp_path, ray_session):
+def test_clip_score_preset_keeps_datacomps_top_fraction_from_metadata(pool, tmp_path):
     spec = load_spec(preset_path("datacomp_clip_score")).with_overrides(
         **{"input.paths": [str(pool)], "output.dir": str(tmp_path / "run")}
     )
-    result = run(spec)
+    result = run(spec, executor=LocalExecutor())
     assert result.ok
     d = _decisions(tmp_path / "run")
     assert d.height == N
@@ -62,11 +63,11 @@ def test_clip_score_preset_keeps_datacomps_top_fraction_from_metadata(pool, tmp_
     assert len(uids) == len(expected)
 
 
-def test_basic_preset_filters_on_metadata_sizes_and_captions(pool, tmp_path, ray_session):
+def test_basic_preset_filters_on_metadata_sizes_and_captions(pool, tmp_path):
     spec = load_spec(preset_path("datacomp_basic")).with_overrides(
         **{"input.paths": [str(pool)], "output.dir": str(tmp_path / "run"), "selection.language.allow": []}
     )
-    assert run(spec).ok
+    assert run(spec, executor=LocalExecutor()).ok
     d = _decisions(tmp_path / "run")
     lo = np.minimum(d["original_width"].to_numpy(), d["original_height"].to_numpy())
     hi = np.maximum(d["original_width"].to_numpy(), d["original_height"].to_numpy())

@@ -172,6 +172,8 @@ KINDS = {
     "url": ({"url": True, "image_sha256": False}, lambda r: r["url_normalized"]),
     "sha256": ({"url": False, "image_sha256": True}, lambda r: r["image_sha256"]),
     "caption": ({"url": False, "image_sha256": False, "caption_jaccard": 0.8}, lambda r: r["_cap_family"]),
+    # a family's variants differ in case, punctuation and spacing only: exactly one normalised caption
+    "caption_exact": ({"url": False, "image_sha256": False, "caption_exact": True}, lambda r: r["_cap_family"]),
     "image": (
         {"url": False, "image_sha256": False, "image_cosine": 0.95, "image_cluster_size": 5000},
         lambda r: r["_img_family"],

@@ -5,6 +5,7 @@ import contextlib
 
 import polars as pl
 
+from curate.executor import LocalExecutor
 from curate.demo import synthetic
 from curate.config import load_spec
 from curate.demo.image_server import ImageServer
@@ -12,7 +13,7 @@ from curate.presets import preset_path
 from curate.runner import run
 
 
-def test_rerun_retries_only_transient_failures(tmp_path, ray_session):
+def test_rerun_retries_only_transient_failures(tmp_path):
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(ImageServer("127.0.0.1"))
         rows = []
@@ -27,7 +28,7 @@ def test_rerun_retries_only_transient_failures(tmp_path, ray_session):
         spec = load_spec(preset_path("demo")).with_overrides(
             **{"input.paths": [str(tmp_path / "in")], "output.dir": str(tmp_path / "run"), "fetch.retries": 0}
         )
-        assert run(spec).ok
+        assert run(spec, executor=LocalExecutor()).ok
         first = pl.read_parquet(tmp_path / "run" / "annotations" / "part-0.parquet").sort("row")
         assert first["fetch_status"].to_list()[:6] == ["http_5xx"] * 4 + ["http_4xx"] * 2
         hits_before = server.hits
@@ -35,7 +36,7 @@ def test_rerun_retries_only_transient_failures(tmp_path, ray_session):
         for i in range(4):  # the 503s recover
             a = synthetic.random_attrs(i)
             server.add(f"/img/{i}.jpg", synthetic.to_jpeg(synthetic.render(a, i, 96, 96)))
-        assert run(spec).ok
+        assert run(spec, executor=LocalExecutor()).ok
         new = server.hits - hits_before
         assert sorted(new) == sorted(f"/img/{i}.jpg" for i in range(4))  # only the transient rows
         assert all(n == 1 for n in new.values())
@@ -47,5 +48,5 @@ def test_rerun_retries_only_transient_failures(tmp_path, ray_session):
         assert second[6:].select("fetch_status", "clip_score").equals(first[6:].select("fetch_status", "clip_score"))
         # a third run has nothing to do
         hits_before = server.hits
-        assert run(spec).ok
+        assert run(spec, executor=LocalExecutor()).ok
         assert server.hits == hits_before
