@@ -45,6 +45,10 @@ class ClusterInfo:
     cpus: float
     gpus: float
     nodes: int
+    # (CPUs, GPUs) of each alive node, where the executor can tell (Ray can): the layout sizes
+    # actors for the nodes that will hold them (a CPU-less head, GPU nodes with few cores), not for
+    # an average node. Empty: nodes assumed alike.
+    node_shapes: tuple[tuple[float, float], ...] = ()
 
     def as_dict(self) -> dict:
         return {"address": self.address, "cpus": self.cpus, "gpus": self.gpus, "nodes": self.nodes}

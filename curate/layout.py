@@ -7,7 +7,11 @@ Resolved once per run from the cluster's resources (`resolve`), recorded in the 
 (`score.actors`, `score.cpu_threads`, `score.decode_threads`) always win; what is left unset is
 derived:
 
-CPU-only cluster (per node, nodes assumed alike: Ray reports totals)
+Per-node figures come from the executor (Ray: each alive node's CPUs and GPUs; a CPU-less head is
+left out); actors are sized for the smallest node that could hold them, since Ray may place an
+actor on any of them.
+
+CPU-only cluster
   actors           one per node (`score.actors` otherwise)
   model threads    the node's cores divided among its actors: torch's intra-op threads are where
                    CPU scoring spends its time, and Ray would otherwise give an actor with one
@@ -21,8 +25,8 @@ CPU-only cluster (per node, nodes assumed alike: Ray reports totals)
 GPU cluster
   actors           one per GPU (`score.actors` otherwise; more actors than GPUs share them)
   GPUs             GPUs / actors each (1 with the default)
-  decode threads   enough CPU decoding to feed the GPU: the node's CPUs per GPU minus what prepare
-                   keeps, capped at DECODE_THREADS_PER_GPU (docs/PERFORMANCE.md: decode rate per
+  decode threads   enough CPU decoding to feed the GPU: the GPU node's CPUs per GPU after what
+                   prepare keeps there (the node with fewest), capped at DECODE_THREADS_PER_GPU (docs/PERFORMANCE.md: decode rate per
                    core against the GPU's scoring rate); the actor reserves that many CPUs
   model threads    1: the GPU does the math
 """
@@ -68,31 +72,52 @@ def _down(x: float) -> float:
     return math.floor(x * 1000) / 1000
 
 
+def _keep(cpus: float) -> float:
+    """CPUs a node keeps for prepare tasks: an eighth of it, at least one; half of a node with
+    fewer than 2 CPUs."""
+    return max(1.0, math.floor(cpus * PREPARE_SHARE)) if cpus >= 2 else cpus / 2
+
+
+def _shapes(cluster: ClusterInfo) -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of each node that can hold work: the executor's per-node figures (a CPU-less
+    head is left out), else the totals spread over nodes assumed alike."""
+    if cluster.node_shapes:
+        shapes = [s for s in cluster.node_shapes if s[0] > 0 or s[1] > 0]
+        if shapes:
+            return shapes
+    n = max(1, int(cluster.nodes))
+    return [(cluster.cpus / n if cluster.cpus > 0 else 1.0, cluster.gpus / n)] * n
+
+
 def resolve(score: ScoreConfig, cluster: ClusterInfo) -> ScoreLayout:
-    nodes = max(1, int(cluster.nodes))
-    per_node = cluster.cpus / nodes if cluster.cpus > 0 else 1.0
-    # what prepare tasks keep on each node: an eighth of it, at least one CPU; a node with fewer
-    # than 2 CPUs is shared half and half (each prepare task then asks that half)
-    prepare_cpus = 1.0 if per_node >= 2 else per_node / 2
-    keep = max(1.0, math.floor(per_node * PREPARE_SHARE)) if per_node >= 2 else prepare_cpus
-    if cluster.gpus > 0:
-        actors = score.actors or max(1, int(cluster.gpus))
-        gpus = min(1.0, cluster.gpus / actors)
-        per_actor = (per_node - keep) / math.ceil(actors / nodes)
+    shapes = _shapes(cluster)
+    with_cpus = [c for c, _ in shapes if c > 0] or [1.0]
+    smallest = min(with_cpus)  # sized for the smallest node, so an actor fits wherever Ray puts it
+    prepare_cpus = 1.0 if smallest >= 2 else smallest / 2
+    gpu_nodes = [(c, g) for c, g in shapes if g > 0]
+    if gpu_nodes:
+        total_gpus = sum(g for _, g in gpu_nodes)
+        actors = score.actors or max(1, int(total_gpus))
+        gpus = min(1.0, total_gpus / actors)
+        # CPUs per GPU on the GPU node that has fewest, after prepare's share of it
+        per_gpu = min((c - _keep(c)) / g for c, g in gpu_nodes) if any(c > 0 for c, _ in gpu_nodes) else 0.0
+        per_actor = max(0.0, per_gpu * gpus)
         decode = score.decode_threads
         if decode is None:
             decode = max(1, min(DECODE_THREADS_PER_GPU, math.floor(per_actor)))
         actor_cpus = _down(min(float(max(decode, 1)), per_actor))
         threads = score.cpu_threads or 1
         why = (
-            f"{cluster.gpus:g} GPU(s): {'score.actors' if score.actors else 'one actor per GPU'}; "
-            f"{decode} decode thread(s) per actor from {per_actor:g} CPU(s) per actor after prepare keeps {keep:g} per node"
+            f"{total_gpus:g} GPU(s) on {len(gpu_nodes)} node(s): {'score.actors' if score.actors else 'one actor per GPU'}; "
+            f"{decode} decode thread(s) per actor from {per_actor:g} CPU(s) per actor after prepare's share"
         )
-        return ScoreLayout(actors, actor_cpus, gpus, threads, decode, prepare_cpus, per_node, nodes, why)
+        return ScoreLayout(actors, actor_cpus, gpus, threads, decode, prepare_cpus, smallest, len(gpu_nodes), why)
+    nodes = len(with_cpus)
+    per_node = smallest
     actors = score.actors or nodes
     per_node_actors = math.ceil(actors / nodes)
     threads = score.cpu_threads or max(1, math.floor(per_node / per_node_actors))
-    actor_cpus = _down(min(float(threads), (per_node - keep) / per_node_actors))
+    actor_cpus = _down(min(float(threads), (per_node - _keep(per_node)) / per_node_actors))
     decode = 1 if score.decode_threads is None else score.decode_threads
     why = (
         f"CPU only: {'score.actors' if score.actors else 'one actor per node'}; "

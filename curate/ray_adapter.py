@@ -75,8 +75,11 @@ def connect(cfg: RayConfig) -> ClusterInfo:
         else:
             _start_local(cfg, env)
     res = ray.cluster_resources()
-    alive = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return ClusterInfo(address, float(res.get("CPU", 0)), float(res.get("GPU", 0)), alive)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    shapes = tuple(
+        (float(n.get("Resources", {}).get("CPU", 0)), float(n.get("Resources", {}).get("GPU", 0))) for n in alive
+    )
+    return ClusterInfo(address, float(res.get("CPU", 0)), float(res.get("GPU", 0)), len(alive), shapes)
 
 
 # Ray's start-up waits that a driver can set (Ray 2.60; each read from the driver's environment,

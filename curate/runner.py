@@ -155,6 +155,8 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
         executor = RayExecutor(spec.ray)
     run_dir = spec.output.dir
     m["cluster"] = executor.cluster.as_dict()
+    if executor.cluster.node_shapes:
+        m["cluster"]["node_shapes"] = [list(n) for n in executor.cluster.node_shapes]  # (CPUs, GPUs) per node
     layout = resolve_layout(spec.score, executor.cluster)
     scoring = spec.score.source == "model" and spec.fetch.enabled
     m["layout"] = {**layout.as_dict(), "prepare": prepare_resources(layout).__dict__} if scoring else None

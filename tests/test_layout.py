@@ -58,6 +58,18 @@ def test_several_cpu_nodes_get_one_actor_each():
     assert (lay.actors, lay.model_threads, lay.cpus_per_node) == (4, 16, 16.0)
 
 
+def test_a_mixed_cluster_sizes_actors_for_the_nodes_that_hold_them():
+    """As cluster/aws.yaml builds it: a head with no CPU, CPU fetch nodes, GPU nodes with few cores.
+    The GPU actors ask only what a GPU node has; the head does not count as a node to score on."""
+    shapes = ((0.0, 0.0), (16.0, 0.0), (16.0, 0.0), (4.0, 1.0), (4.0, 1.0))
+    lay = resolve(AUTO, ClusterInfo(None, cpus=40, gpus=2, nodes=5, node_shapes=shapes))
+    assert (lay.actors, lay.actor_gpus, lay.nodes) == (2, 1.0, 2)
+    assert lay.actor_cpus <= 4 - 1 and lay.decode_threads == 3  # 4 cores, one kept for prepare
+    cpu_only = ((0.0, 0.0), (8.0, 0.0), (16.0, 0.0))
+    lay = resolve(AUTO, ClusterInfo(None, cpus=24, gpus=0, nodes=3, node_shapes=cpu_only))
+    assert lay.actors == 2 and lay.model_threads == 8 and lay.actor_cpus + 1 <= 8  # fits the 8-CPU node
+
+
 def test_explicit_settings_win():
     cfg = ScoreConfig(actors=2, cpu_threads=1, decode_threads=0)
     lay = resolve(cfg, node(16))
