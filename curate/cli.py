@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 
 from curate.config import PipelineSpec, SelectionConfig, SpecError, describe, load_spec
-from curate.executor import ClusterInfo
+from curate.executor import ClusterInfo, LocalExecutor
 from curate.filters import rules
 from curate.layout import resolve as resolve_layout
 from curate.presets import preset_path
@@ -68,8 +68,18 @@ def run(
         None, "--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: local Ray"
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard an existing run in the output directory"),
+    executor: str = typer.Option(
+        "ray",
+        "--executor",
+        help="ray: a local Ray, or the cluster of --address; local: every stage in this process, one shard "
+        "after another, without Ray (small inputs, debugging)",
+    ),
 ) -> None:
     """Run a pipeline spec: read, annotate, fetch, score on Ray, then write the default selection."""
+    if executor not in ("ray", "local"):
+        _fail(f"--executor {executor!r}: use 'ray' or 'local'")
+    if executor == "local" and address:
+        _fail("--executor local runs in this process: it cannot use --address (a Ray cluster)")
     # lazy: curate.runner adds ~0.33 s (pyarrow, fsspec, the run stack); --help and other commands skip it
     from curate.runner import run as run_pipeline
 
@@ -85,7 +95,7 @@ def run(
     except (SpecError, FileNotFoundError) as e:
         _fail(str(e))
     try:
-        result = run_pipeline(spec)
+        result = run_pipeline(spec, executor=LocalExecutor() if executor == "local" else None)
     except KeyboardInterrupt:
         _fail(f"{_INTERRUPTED} (the manifest says 'interrupted')", 130)
     except _USER_ERRORS as e:

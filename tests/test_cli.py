@@ -37,3 +37,10 @@ def test_one_import_namespace(tmp_path):
         "assert all(u.find_spec(n) is None for n in ('filters', 'reports', 'pipelines')), 'generic top-level name importable'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
+
+
+def test_run_with_the_local_executor_refuses_a_cluster_address(tmp_path):
+    res = CliRunner().invoke(app, ["run", "demo", "--executor", "local", "--address", "auto", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--executor local" in res.output and "--address" in res.output
+    res = CliRunner().invoke(app, ["run", "demo", "--executor", "dask", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "'ray' or 'local'" in res.output

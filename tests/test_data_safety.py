@@ -332,13 +332,15 @@ def test_sigkill_in_the_selection_phase_of_curate_run(base_run, tmp_path):
     for i, point in enumerate(["run.before_selection", *KILL_POINTS]):
         new = old + 1 + i % 3
         spec.write_text(base.replace("min_words = 3", f"min_words = {new}"))
-        res = curate(
+        res = curate(  # in-process executor: the kill points are the driver's; no Ray start per kill
             "run",
             str(spec),
             "--input",
             str(base_run["input"]),
             "--out",
             str(run),
+            "--executor",
+            "local",
             CURATE_FAILPOINT=f"{point}:{tmp_path / f'once-{i}'}",
         )
         assert res.returncode == -signal.SIGKILL, (point, res.returncode, res.stderr[-2000:])
