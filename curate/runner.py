@@ -159,7 +159,8 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
         m["cluster"]["node_shapes"] = [list(n) for n in executor.cluster.node_shapes]  # (CPUs, GPUs) per node
     layout = resolve_layout(spec.score, executor.cluster)
     scoring = spec.score.source == "model" and spec.fetch.enabled
-    m["layout"] = {**layout.as_dict(), "prepare": prepare_resources(layout).__dict__} if scoring else None
+    prepare_res, scorer_res = prepare_resources(layout), scorer_resources(spec, executor.cluster, layout)
+    m["layout"] = {**layout.as_dict(), "prepare": prepare_res.__dict__} if scoring else None
     spec_json = spec.model_dump_json()
     result = RunResult(run_dir)
 
@@ -170,17 +171,16 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
             ShardScorer,
             (scoring_spec(spec, layout).model_dump_json(),),
             size=layout.actors,
-            resources=scorer_resources(spec, executor.cluster, layout),
+            resources=scorer_res,
             max_restarts=spec.ray.scorer_max_restarts,
         )
     paths = {shard_name(p): p for p in shards}
     try:
         if pool is not None:
-            need = scorer_resources(spec, executor.cluster, layout)
             with StallWatch(
                 STALL_S,
                 lambda: (
-                    f"waiting for {layout.actors} scoring actor(s) to start (each asks {need}); free now: "
+                    f"waiting for {layout.actors} scoring actor(s) to start (each asks {scorer_res}); free now: "
                     f"{executor.available()}; nodes that advertise what they ask may be missing"
                 ),
             ):
@@ -203,7 +203,7 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
                 m["shards"],
                 result,
                 bar.update,
-                prepare_resources=prepare_resources(layout),
+                prepare_resources=prepare_res,
             )
             t_ready = time.monotonic()
             scheduler.run(shards)
