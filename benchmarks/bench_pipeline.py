@@ -34,10 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_score import jpeg_pairs  # noqa: E402  (the same synthetic photo-sized JPEGs as the score benchmark)
+
 LAION = ROOT / "data" / "laion-sample" / "laion_10000.parquet"
 BATCH = 32
 MARK_BEGIN, MARK_END = "<!-- BENCH:pipeline:begin -->", "<!-- BENCH:pipeline:end -->"
@@ -82,21 +84,6 @@ def cpu_flags() -> list[str]:
     except OSError:
         pass
     return []
-
-
-def jpegs(n: int) -> list[bytes]:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        w, h = int(rng.integers(256, 513)), int(rng.integers(256, 513))
-        base = np.linspace(0, 255, w * h * 3).reshape(h, w, 3)
-        arr = np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG", quality=85)
-        out.append(buf.getvalue())
-    return out
 
 
 def run_plain(job: Path) -> dict:
@@ -179,7 +166,7 @@ def main() -> None:
     )
     torch.manual_seed(0)
     captions = pl.read_parquet(LAION, columns=["TEXT"])["TEXT"].drop_nulls().to_list()[: args.images]
-    blobs = jpegs(args.images)
+    blobs = jpeg_pairs(args.images, captions)
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp, ImageServer("127.0.0.1") as server:
         tmp = Path(tmp)
