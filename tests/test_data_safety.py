@@ -56,6 +56,20 @@ def curate(*args: str, timeout: float = 300, **env: str) -> subprocess.Completed
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
+def _paused_run(base_run, run, seconds: int) -> subprocess.Popen:
+    """`curate run laion_sample` into `run`, holding the directory's lock and pausing `seconds`
+    just before its selection (curate/faults.py CURATE_PAUSE)."""
+    return _start(
+        "run",
+        "laion_sample",
+        "--input",
+        str(base_run["input"]),
+        "--out",
+        str(run),
+        CURATE_PAUSE=f"run.before_selection={seconds}",
+    )
+
+
 def _kill_group(p: subprocess.Popen) -> None:
     """Everything the command started (Ray's processes too), then the command itself."""
     kill_session(p.pid)
@@ -249,15 +263,7 @@ def test_two_selects_one_proceeds_the_other_is_refused(base_run, tmp_path, trial
 def test_run_and_select_one_proceeds_the_other_is_refused(base_run, tmp_path, trial):
     run = _copy_run(base_run, tmp_path / "run")
     if trial % 2 == 0:  # the run holds the directory; a select comes in
-        holder = _start(
-            "run",
-            "laion_sample",
-            "--input",
-            str(base_run["input"]),
-            "--out",
-            str(run),
-            CURATE_PAUSE="run.before_selection=8",
-        )
+        holder = _paused_run(base_run, run, 8)
         other = ("select", str(run), "--name", "default", "--min-words", "9")
         what = "curate run"
     else:  # a select holds it; a run comes in
@@ -386,15 +392,7 @@ def test_select_without_atomic_exchange_recovers_a_parked_selection(base_run, tm
 @pytest.mark.slow
 def test_ctrl_c_says_interrupted_and_the_manifest_says_so(base_run, tmp_path):
     run = _copy_run(base_run, tmp_path / "run")
-    p = _start(
-        "run",
-        "laion_sample",
-        "--input",
-        str(base_run["input"]),
-        "--out",
-        str(run),
-        CURATE_PAUSE="run.before_selection=30",
-    )
+    p = _paused_run(base_run, run, 30)
     try:
         _wait_holder(run, p.pid)
         deadline = time.monotonic() + 120
