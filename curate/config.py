@@ -119,6 +119,13 @@ class ScoreConfig(Strict):
         description="threads decoding the next image batch while the model runs; 0 = inline; null: 1 on CPUs, "
         "enough to feed a GPU on GPU nodes (curate/layout.py)",
     )
+    window_rows: Optional[int] = Field(
+        None,
+        ge=1,
+        description="rows per fetch window: each window is fetched by one task and scored by one call on "
+        "whichever actor is free, so scoring starts while the rest of the shard is fetched; null: "
+        "from the layout (curate/layout.py)",
+    )
     # write the L2-normalised CLIP image embeddings (float16) of the rows scored to
     # embeddings/<shard>.parquet, for selection.dedup.image_cosine; docs/DEDUP.md
     store_embeddings: bool = False

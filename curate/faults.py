@@ -11,12 +11,12 @@ or the retried task that redoes the work, finds the file and goes on. The test t
 Ray redid the work and that the outputs are exactly once.
 
 Names (where they fire):
-  score_first_batch   ShardScorer.score_shard, after the model scored the shard's rows and
-                      before anything of that shard is written
-  score_after_marker  ShardScorer.score_shard, after the completion marker is written and
-                      before the call returns (a retry must find the shard done, not fail)
-  score_poison        ShardScorer.score_shard, EVERY time the shard named instead of a
-                      once-file is scored (`score_poison:part-00003`): a shard that kills its
+  score_first_batch   ShardScorer.score_window, after the model scored the window's rows and
+                      before anything of that window is written
+  score_after_write   ShardScorer.score_window, after the window's scores are written and
+                      before the call returns (a retry must find the window scored, not redo it)
+  score_poison        ShardScorer.score_window, EVERY time a window of the shard named instead of
+                      a once-file is scored (`score_poison:part-00003`): a shard that kills its
                       actor on every try (a poison input)
   ray_start_timeout   ray_adapter.connect(), a local start: the first attempt to arrive runs
                       with Ray's start-up waits at 0 s, so Ray's own start-up times out for
@@ -43,7 +43,7 @@ import signal
 
 ENV = "CURATE_FAILPOINT"
 FAILPOINT_EXIT_CODE = 75
-NAMES = ("score_first_batch", "score_after_marker", "score_poison", "ray_start_timeout")
+NAMES = ("score_first_batch", "score_after_write", "score_poison", "ray_start_timeout")
 # kill points: the process SIGKILLs itself there (once per once-file), as `kill -9` would; used by
 # the publish/selection kill tests (tests/test_data_safety.py). Any name with these prefixes.
 KILL_PREFIXES = ("selection.", "publish.", "run.")

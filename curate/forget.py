@@ -3,10 +3,11 @@ matching rows from every file of the run directory, rewrite every selection from
 annotations, and record the request. It sits above selection, like the other commands.
 
 Where the keys apply:
-    curate forget   annotations/, images/, embeddings/, _work/ of every shard, then every selection
-                    is rewritten from the cleaned annotations (write_selection: no model, no network).
+    curate forget   annotations/, images/, embeddings/ of every shard (what a killed run left in
+                    _work/ is discarded), then every selection is rewritten from the cleaned annotations (write_selection: no model, no network).
     curate run      prepare_shard drops matching rows right after reading an input shard and
-                    after fetching (image sha256), and cleans a finished shard before reusing it.
+                    cleans a finished shard before reusing it; finish_windows drops them after
+                    fetching (image sha256).
     selection       annotations.scan leaves out rows matching a uid or sha256 key (defence in depth:
                     after `curate forget` the annotations hold none).
 
@@ -64,9 +65,10 @@ def _drop_rows(path: str, rows: set[int]) -> int:
 
 
 def clean_shard(run_dir: str, shard: str, keys: Keys) -> dict[str, Any]:
-    """Remove matching rows from one shard's files: _work/, images/ and embeddings/ first, then the
+    """Remove matching rows from one shard's files: images/ and embeddings/ first, then the
     annotation file, then its marker (rows, forgotten, scored, fetch_status rewritten; rows_read
-    kept). Idempotent, and safe to repeat after a crash at any point: the keys are already stored,
+    kept). What a run left of the shard in flight (_work/<shard>/, which may hold images of the
+    rows) is discarded whole: the next run redoes it. Idempotent, and safe to repeat after a crash at any point: the keys are already stored,
     and a marker that disagrees with its annotation file is rewritten. Returns {"rows": removed
     annotation rows, "uids": their uids, per-file counts}."""
     side = _side_paths(run_dir, shard)
@@ -88,7 +90,8 @@ def clean_shard(run_dir: str, shard: str, keys: Keys) -> dict[str, Any]:
         uids |= set(x for x in work.filter(whit).get_column(schema.UID).to_list() if x)
     out: dict[str, Any] = {"shard": shard, "rows": 0, "uids": sorted(uids)}
     for name, p in side.items():
-        out[name] = _drop_rows(p, rows)
+        out[name] = _drop_rows(p, rows) if name != "work" else (int(whit.sum()) if work is not None else 0)
+    store.discard_in_flight(run_dir, shard)
     removed = 0
     if ann is not None:
         removed = _drop_rows(ann_path, rows)
@@ -103,7 +106,7 @@ def clean_shard(run_dir: str, shard: str, keys: Keys) -> dict[str, Any]:
 
 
 def _shards_with_files(run_dir: str) -> list[str]:
-    found: set[str] = set()
+    found: set[str] = set(store.in_flight_shards(run_dir))
     for d in store.SHARD_DIRS:
         top = store.folder(run_dir, d)
         if io.exists(top):

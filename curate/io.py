@@ -115,9 +115,9 @@ def read_json(url: str) -> Any:
         return json.loads(f.read())
 
 
-def write_parquet(url: str, table: pa.Table) -> None:
+def write_parquet(url: str, table: pa.Table, row_group_size: int | None = None) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     atomic_write_bytes(url, buf.getvalue())
 
 
@@ -127,6 +127,19 @@ def read_parquet(url: str, columns: Iterable[str] | None = None) -> pa.Table:
         try:
             return pq.read_table(f, columns=list(columns) if columns is not None else None)
         except (pa.ArrowInvalid, OSError) as e:  # pyarrow names the buffer, not the file
+            raise ValueError(f"{url}: not a readable parquet file ({e})") from None
+
+
+def read_row_group(url: str, index: int) -> pa.Table:
+    """Row group `index` of a parquet file (a window of rows, without reading the others)."""
+    fs, path = fs_and_path(url)
+    with fs.open(path, "rb") as f:
+        try:
+            pf = pq.ParquetFile(f)
+            if not 0 <= index < pf.num_row_groups:
+                raise ValueError(f"{url}: has {pf.num_row_groups} row group(s), no row group {index}")
+            return pf.read_row_group(index)
+        except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(f"{url}: not a readable parquet file ({e})") from None
 
 

@@ -13,14 +13,26 @@ actor on any of them.
 
 CPU-only cluster
   actors           one per node (`score.actors` otherwise)
-  model threads    the node's cores divided among its actors: torch's intra-op threads are where
-                   CPU scoring spends its time, and Ray would otherwise give an actor with one
-                   reserved CPU a single thread (OMP_NUM_THREADS=1), idling the rest of the node
+  model threads    the node's cores divided among its actors, less their decode threads:
+                   torch's intra-op threads are where CPU scoring spends its time, and Ray would
+                   otherwise give an actor with one reserved CPU a single thread
+                   (OMP_NUM_THREADS=1), idling the rest of the node
   reservation      what the actors reserve is the node's CPUs minus what prepare tasks keep
                    (PREPARE_SHARE of the node, at least 1 CPU), split among the actors, and never
                    more than their threads. Reservations can be fractions, so no number of actors
                    can take every CPU and leave a prepare task waiting forever.
-  decode threads   1: decoding the next batch overlaps the model; more would compete with torch
+  decode threads   0 (inline) when an actor has at most SMALL_SHARE cores: its model threads
+                   take every core, and a decode thread beside them only preempts them (measured
+                   on 2 cores: ClipScorer.score 17.9 s inline against 19.0 s with one decode
+                   thread, docs/PERFORMANCE.md); beyond, one per SMALL_SHARE cores, taken from the
+                   model's threads, so that decode (~4 ms per image per core) keeps up with a
+                   model that many cores make fast (not measured here: 2-core hosts)
+
+Windows (both)
+  window rows      rows per fetch window, each fetched by one task and scored by one call on
+                   whichever actor is free (`score.window_rows` otherwise): 256 on CPUs (a few
+                   seconds of scoring, so scoring starts soon after the fetch does), 2048 on GPUs
+                   (about a second of a GPU's scoring, so the driver handles few calls per second)
 
 GPU cluster
   actors           one per GPU (`score.actors` otherwise; more actors than GPUs share them)
@@ -39,6 +51,9 @@ from dataclasses import asdict, dataclass
 from curate.config import ScoreConfig
 from curate.executor import ClusterInfo
 
+WINDOW_ROWS_CPU = 256  # rows per fetch window / scoring call when actors score on CPUs (seconds each)
+WINDOW_ROWS_GPU = 2048  # on GPUs: about a second of an H100's ViT-B-32 scoring per call
+SMALL_SHARE = 4  # cores per CPU actor up to which images are decoded inline (see decode threads below)
 PREPARE_SHARE = 0.125  # of a node's CPUs kept for prepare tasks (fetch is I/O-bound; resizing is not)
 DECODE_THREADS_PER_GPU = 8  # see docs/PERFORMANCE.md: GPU images/s over one core's decode rate
 
@@ -51,6 +66,7 @@ class ScoreLayout:
     model_threads: int  # torch intra-op threads of each actor's model
     decode_threads: int  # threads decoding the next image batch while the model runs
     prepare_cpus: float  # CPUs each prepare task reserves
+    window_rows: int  # rows per fetch window, each scored by one call (score.window_rows, else by device)
     cpus_per_node: float
     nodes: int
     why: str
@@ -63,7 +79,8 @@ class ScoreLayout:
         return (
             f"{self.actors} scoring actor(s) on {dev}, each reserving {self.actor_cpus:g} CPU, "
             f"{self.model_threads} model thread(s), {self.decode_threads} decode thread(s); "
-            f"prepare tasks reserve {self.prepare_cpus:g} CPU each ({self.nodes} node(s) x {self.cpus_per_node:g} CPU)"
+            f"prepare tasks reserve {self.prepare_cpus:g} CPU each ({self.nodes} node(s) x {self.cpus_per_node:g} CPU); "
+            f"shards fetched and scored in windows of {self.window_rows} rows"
         )
 
 
@@ -111,17 +128,24 @@ def resolve(score: ScoreConfig, cluster: ClusterInfo) -> ScoreLayout:
             f"{total_gpus:g} GPU(s) on {len(gpu_nodes)} node(s): {'score.actors' if score.actors else 'one actor per GPU'}; "
             f"{decode} decode thread(s) per actor from {per_actor:g} CPU(s) per actor after prepare's share"
         )
-        return ScoreLayout(actors, actor_cpus, gpus, threads, decode, prepare_cpus, smallest, len(gpu_nodes), why)
+        window = score.window_rows or WINDOW_ROWS_GPU
+        return ScoreLayout(
+            actors, actor_cpus, gpus, threads, decode, prepare_cpus, window, smallest, len(gpu_nodes), why
+        )
     nodes = len(with_cpus)
     per_node = smallest
     actors = score.actors or nodes
     per_node_actors = math.ceil(actors / nodes)
-    threads = score.cpu_threads or max(1, math.floor(per_node / per_node_actors))
-    actor_cpus = _down(min(float(threads), (per_node - _keep(per_node)) / per_node_actors))
-    decode = 1 if score.decode_threads is None else score.decode_threads
+    cores = max(1, math.floor(per_node / per_node_actors))  # each actor's share of its node
+    decode = score.decode_threads
+    if decode is None:  # inline on small shares (measured); 1 per SMALL_SHARE cores beyond, from the model's
+        decode = 0 if cores <= SMALL_SHARE else cores // SMALL_SHARE
+    threads = score.cpu_threads or max(1, cores - decode)
+    actor_cpus = _down(min(float(threads + decode), (per_node - _keep(per_node)) / per_node_actors))
     why = (
         f"CPU only: {'score.actors' if score.actors else 'one actor per node'}; "
         f"{'score.cpu_threads' if score.cpu_threads else f'{per_node:g} cores / {per_node_actors} actor(s) per node'} "
         f"model threads; actors reserve {actor_cpus:g} CPU each so prepare keeps {per_node - actor_cpus * per_node_actors:g}"
     )
-    return ScoreLayout(actors, actor_cpus, 0.0, threads, decode, prepare_cpus, per_node, nodes, why)
+    window = score.window_rows or WINDOW_ROWS_CPU
+    return ScoreLayout(actors, actor_cpus, 0.0, threads, decode, prepare_cpus, window, per_node, nodes, why)

@@ -89,6 +89,9 @@ class ShardMarker:
     prepare_s: float | None = None
     scored_now: int | None = None
     score_s: float | None = None
+    # windows the shard's fetch was cut into (each fetched by one task and scored by one call, on
+    # whichever actor was free); None: no fetch, or an older curate that fetched a shard whole
+    windows: int | None = None
     finished_at: str  # UTC, "%Y-%m-%dT%H:%M:%SZ"
 
     def __post_init__(self) -> None:
@@ -96,7 +99,7 @@ class ShardMarker:
             raise ValueError(f"'shard' should be the shard's name, not {self.shard!r}")
         for name in ("rows", "scored", "rows_read", "forgotten"):
             _count(getattr(self, name), repr(name))
-        for name in ("fetch_attempted", "fetch_ok", "scored_now"):
+        for name in ("fetch_attempted", "fetch_ok", "scored_now", "windows"):
             if getattr(self, name) is not None:
                 _count(getattr(self, name), repr(name))
         for name in ("prepare_s", "score_s"):

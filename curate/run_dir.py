@@ -4,7 +4,8 @@ a folder, and `--overwrite`, which removes only files curate wrote.
 curate writes, and so may remove:
     manifest.json
     annotations/<shard>.parquet, annotations/<shard>.done
-    images/<shard>.parquet, embeddings/<shard>.parquet, _work/<shard>.parquet
+    images/<shard>.parquet, embeddings/<shard>.parquet
+    _work/<shard>/<file>    the files of a shard in flight (store.work_owned)
     selections/<name>/...   the files of a selection (store.selection_owned), its staging and
                             parked copies, its bucket versions (curate/publish.py)
     *.tmp-<hex>             a temporary file of an atomic write that a kill left behind
@@ -89,8 +90,10 @@ def remove_outputs(run_dir: str) -> list[str]:
             continue
         if rel == store.MANIFEST or _TMP.search(parts[-1]):
             doomed.append(p)
-        elif parts[0] in SHARD_DIRS and len(parts) == 2 and _SHARD_FILE.match(parts[1]):
-            doomed.append(p)
+        elif parts[0] in (*SHARD_DIRS, store.WORK) and len(parts) == 2 and _SHARD_FILE.match(parts[1]):
+            doomed.append(p)  # (_work/<shard>.parquet: a shard in flight, as curate before 0.x wrote it)
+        elif parts[0] == store.WORK and len(parts) == 3 and is_name(parts[1]) and store.work_owned(parts[2]):
+            doomed.append(p)  # a shard in flight: _work/<shard>/<a file curate writes there>
         elif (
             parts[0] == store.SELECTIONS
             and len(parts) >= 3

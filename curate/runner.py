@@ -10,6 +10,7 @@ with a completion marker are not redone."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from curate import accounting, annotations, faults, io, manifest, publish, selec
 from curate import run_dir as run_dir_mod
 from curate.config import PipelineSpec
 from curate.executor import ActorDied, ActorPool, ClusterInfo, Executor, Future, Resources, describe_error
-from curate.shard_jobs import PREPARE_STAGES, SCORE, ShardScorer, prepare_shard
+from curate.shard_jobs import PREPARE_STAGES, SCORE, ShardScorer, fetch_window, finish_windows, prepare_shard
 from curate.layout import ScoreLayout
 from curate.layout import resolve as resolve_layout
 from curate.stages.base import combined
@@ -55,13 +56,15 @@ def scorer_resources(spec: PipelineSpec, cluster: ClusterInfo, layout: ScoreLayo
     return Resources(cpus=layout.actor_cpus, gpus=gpus, custom=declared.custom)
 
 
-def scoring_spec(spec: PipelineSpec, layout: ScoreLayout) -> PipelineSpec:
-    """The spec the scoring actors get: the layout's threads and actor count filled in."""
+def resolved_spec(spec: PipelineSpec, layout: ScoreLayout) -> PipelineSpec:
+    """The spec the shards' steps get: the layout's actor count, threads and window size filled in
+    (the manifest keeps the user's spec, and m["layout"] what it resolved to)."""
     return spec.with_overrides(
         **{
             "score.actors": layout.actors,
             "score.cpu_threads": layout.model_threads,
             "score.decode_threads": layout.decode_threads,
+            "score.window_rows": layout.window_rows,
         }
     )
 
@@ -161,7 +164,7 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
     scoring = spec.score.source == "model" and spec.fetch.enabled
     prepare_res, scorer_res = prepare_resources(layout), scorer_resources(spec, executor.cluster, layout)
     m["layout"] = {**layout.as_dict(), "prepare": prepare_res.__dict__} if scoring else None
-    spec_json = spec.model_dump_json()
+    spec_json = resolved_spec(spec, layout).model_dump_json()
     result = RunResult(run_dir)
 
     pool = None
@@ -169,7 +172,7 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
         log.info("layout: %s", layout.describe())
         pool = executor.actor_pool(
             ShardScorer,
-            (scoring_spec(spec, layout).model_dump_json(),),
+            (spec_json,),
             size=layout.actors,
             resources=scorer_res,
             max_restarts=spec.ray.scorer_max_restarts,
@@ -196,7 +199,7 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
         with _progress(len(shards)) as bar:
             scheduler = ShardScheduler(
                 executor,
-                prepare_shard,
+                SHARD_STEPS,
                 pool,
                 spec_json,
                 run_dir,
@@ -204,6 +207,7 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
                 result,
                 bar.update,
                 prepare_resources=prepare_res,
+                scoring=scoring,
             )
             t_ready = time.monotonic()
             scheduler.run(shards)
@@ -278,32 +282,68 @@ class StallWatch:
 
 
 @dataclass(frozen=True)
+class ShardSteps:
+    """The per-shard work the scheduler runs (curate/shard_jobs.py; tests give stand-ins):
+    prepare(path, spec_json, run_dir), fetch(run_dir, shard, window, spec_json) and
+    finish(run_dir, shard, spec_json, windows, counts) as tasks; the pool's actors score
+    (`score_window(run_dir, shard, window)`)."""
+
+    prepare: Callable[..., dict]
+    fetch: Callable[..., dict]
+    finish: Callable[..., dict]
+
+
+SHARD_STEPS = ShardSteps(prepare_shard, fetch_window, finish_windows)
+
+
+@dataclass(frozen=True)
 class _Call:
-    stage: str  # "prepare" or "score"
+    stage: str  # "prepare", "fetch", "score" or "finish"
     shard: str
+    window: int = -1
+
+
+@dataclass
+class _Flight:
+    """A prepared shard whose windows are being fetched and scored."""
+
+    windows: int
+    counts: dict
+    fetched: int = 0
+    scored: int = 0  # windows scored, or that needed no scoring
+    reused: int = 0  # scoring calls that found their window already scored (a retried call)
 
 
 class ShardScheduler:
-    """Every shard through `prepare(path, spec_json, run_dir)` (a task) and, when it answers
-    "needs_scoring", `score_shard(run_dir, shard, counts)` on one actor of `pool`, as calls finish.
+    """Every shard through its steps, as calls finish: `prepare` (a task) reads and annotates it and
+    cuts the rows to fetch into windows; each window is fetched by a `fetch` task and, as soon as it
+    is, scored by `score_window` on whichever actor of `pool` is free; when every window is fetched
+    and scored, a `finish` task writes the shard's files. So scoring starts on a shard's first
+    window while the rest is still being fetched, and one big shard is scored by every actor.
     It talks to the executor interface only (curate/executor.py), so it runs the same on Ray and
-    in-process. Each shard ends in `result.shards_done` or in `result.failed` with its error, and
-    `on_shard_end(1)` (the progress bar); what prepare and scoring report of a shard is merged into
-    `records[shard]` (the manifest's shards).
+    in-process. Each shard ends in `result.shards_done` or in `result.failed` with its error (the
+    first error of any of its steps), and `on_shard_end(1)` (the progress bar); what prepare and
+    finish report of a shard is merged into `records[shard]` (the manifest's shards).
+
+    Work is admitted as the pipeline has room, not all at once: fetch windows go out while fewer
+    than `fetch_slots` are in flight and the scoring backlog is short (fetched windows waiting
+    for an actor hold images on disk), and a shard is prepared when fetching would otherwise run dry.
 
     Named state:
-      pending    future -> the call in flight (stage, shard)
-      prepared   shard -> its prepare counts (a resubmitted scoring call needs them again)
-      waiting    prepared shards not yet sent to an actor, in order
-      deaths     shard -> its scoring calls that a dead actor took down
-      suspects   shards whose call died with an actor: each is retried ALONE on an idle actor
+      unread     input paths not yet prepared, in order
+      flights    shard -> its windows' progress and counts
+      to_fetch   (shard, window) not yet sent to a fetch task, in order
+      pending    future -> the call in flight (stage, shard, window)
+      waiting    fetched windows not yet sent to an actor, in order
+      deaths     (shard, window) -> its scoring calls that a dead actor took down
+      suspects   windows whose call died with an actor: each is retried ALONE on an idle actor
       isolated   actor slot -> the suspect it runs, with nothing else queued there
     """
 
     def __init__(
         self,
         executor: Executor,
-        prepare: Callable[[str, str, str], dict],
+        steps: ShardSteps,
         pool: ActorPool | None,
         spec_json: str,
         run_dir: str,
@@ -311,45 +351,80 @@ class ShardScheduler:
         result: RunResult,
         on_shard_end: Callable[[int], Any] = lambda n: None,
         prepare_resources: Resources | None = None,
+        scoring: bool | None = None,
+        fetch_slots: int | None = None,
     ):
-        self.executor, self.prepare, self.pool = executor, prepare, pool
+        self.executor, self.steps, self.pool = executor, steps, pool
         self.spec_json, self.run_dir, self.records, self.result = spec_json, run_dir, records, result
         self.on_shard_end = on_shard_end
         self.prepare_resources = prepare_resources or combined(PREPARE_STAGES)  # (default: as the stages declare)
+        self.scoring = pool is not None if scoring is None else scoring
+        if self.scoring and pool is None:
+            raise ValueError("scoring needs an actor pool")
+        cpus = executor.cluster.cpus if executor.cluster.cpus > 0 else 1.0
+        # enough fetch tasks to fill the CPUs prepare may use (Ray queues what does not fit)
+        self.fetch_slots = fetch_slots or max(2, math.ceil(cpus / max(self.prepare_resources.cpus, 1e-3)))
+        self.score_backlog = 2 * SCORE_QUEUE * (pool.size if pool is not None else 1)
+        self.unread: list[str] = []
+        self.flights: dict[str, _Flight] = {}
+        self.to_fetch: list[tuple[str, int]] = []
         self.pending: dict[Future, _Call] = {}
-        self.prepared: dict[str, dict] = {}
-        self.waiting: list[str] = []
-        self.deaths: dict[str, int] = {}
-        self.suspects: list[str] = []
-        self.isolated: dict[int, str] = {}
+        self.waiting: list[tuple[str, int]] = []
+        self.deaths: dict[tuple[str, int], int] = {}
+        self.suspects: list[tuple[str, int]] = []
+        self.isolated: dict[int, tuple[str, int]] = {}
 
     def run(self, paths: list[str]) -> None:
+        self.unread = list(paths)
         with StallWatch(STALL_S, self.describe_waiting) as watch:
-            for p in paths:
-                fut = self.executor.submit(
-                    self.prepare, p, self.spec_json, self.run_dir, resources=self.prepare_resources
-                )
-                self.pending[fut] = _Call("prepare", shard_name(p))
+            self._pump()
             while self.pending:
                 fut = self.executor.wait_first(self.pending)
                 watch.progress()
                 self._finished(fut)
-                if self.pool is not None:
-                    self._dispatch()
-        assert not self.waiting and not self.suspects, (self.waiting, self.suspects)  # all went to an actor
+                self._pump()
+        assert not self.waiting and not self.suspects and not self.to_fetch and not self.unread, (
+            self.waiting,
+            self.suspects,
+            self.to_fetch,
+            self.unread,
+        )
+
+    # --- admission ----------------------------------------------------------------------------
+    def _in_flight(self, stage: str) -> int:
+        return sum(c.stage == stage for c in self.pending.values())
+
+    def _pump(self) -> None:
+        if self.pool is not None:
+            self._dispatch()
+        fetching = self._in_flight("fetch")
+        while self.to_fetch and fetching < self.fetch_slots and len(self.waiting) < self.score_backlog:
+            shard, w = self.to_fetch.pop(0)
+            self._submit(_Call("fetch", shard, w), self.steps.fetch, self.run_dir, shard, w, self.spec_json)
+            fetching += 1
+        # a new shard when the windows queued for fetching run short (its prepare reads and
+        # annotates meanwhile); shards that need no fetch keep fetch_slots prepares going
+        preparing = self._in_flight("prepare")
+        while self.unread and len(self.to_fetch) + preparing < self.fetch_slots:
+            path = self.unread.pop(0)
+            self._submit(_Call("prepare", shard_name(path)), self.steps.prepare, path, self.spec_json, self.run_dir)
+            preparing += 1
+
+    def _submit(self, call: _Call, fn: Callable[..., Any], *args: Any) -> None:
+        self.pending[self.executor.submit(fn, *args, resources=self.prepare_resources)] = call
 
     def _dispatch(self) -> None:
-        """Send waiting shards to actors, at most SCORE_QUEUE calls per actor so that work goes to
+        """Send fetched windows to actors, at most SCORE_QUEUE calls per actor so that work goes to
         whichever frees up first and a dying actor takes few calls down with it. A suspect runs
-        alone on an idle actor: if that actor dies, the suspect killed it, and no innocent shard
+        alone on an idle actor: if that actor dies, the suspect killed it, and no innocent window
         queued behind it is taken down again."""
         assert self.pool is not None
         loads = self.pool.loads()
         for i in range(len(loads)):
             if self.suspects and loads[i] == 0 and i not in self.isolated:
-                shard = self.suspects.pop(0)
-                self.isolated[i] = shard
-                self._score(shard, i)
+                item = self.suspects.pop(0)
+                self.isolated[i] = item
+                self._score(item, i)
                 loads[i] += 1
         while self.waiting:
             free = [i for i in range(len(loads)) if i not in self.isolated and loads[i] < SCORE_QUEUE]
@@ -359,62 +434,119 @@ class ShardScheduler:
             self._score(self.waiting.pop(0), i)
             loads[i] += 1
 
-    def _score(self, shard: str, i: int) -> None:
+    def _score(self, item: tuple[str, int], i: int) -> None:
         assert self.pool is not None
-        fut = self.pool.call(i, "score_shard", self.run_dir, shard, self.prepared[shard])
-        self.pending[fut] = _Call("score", shard)
+        shard, w = item
+        self.pending[self.pool.call(i, "score_window", self.run_dir, shard, w)] = _Call("score", shard, w)
 
     def describe_waiting(self) -> str:
         calls = list(self.pending.values())
-        prep = sum(c.stage == "prepare" for c in calls)
+        tasks = sum(c.stage != "score" for c in calls)
         return (
-            f"{prep} prepare task(s) (each asks {self.prepare_resources}) and {len(calls) - prep} scoring call(s) "
-            f"in flight, {len(self.waiting)} shard(s) waiting for an actor; free now: {self.executor.available()}. "
+            f"{tasks} task(s) (each asks {self.prepare_resources}) and {len(calls) - tasks} scoring call(s) "
+            f"in flight, {len(self.waiting)} window(s) waiting for an actor; free now: {self.executor.available()}. "
             "If this lasts, the cluster cannot place the work: check ray.scorer_resources and the nodes' resources"
         )
 
+    # --- outcomes -----------------------------------------------------------------------------
     def _finished(self, fut: Future) -> None:
         call = self.pending.pop(fut)
+        item = (call.shard, call.window)
         if fut.slot is not None and self.pool is not None:
             self.pool.done(fut.slot)
-            if self.isolated.get(fut.slot) == call.shard:
+            if self.isolated.get(fut.slot) == item:
                 del self.isolated[fut.slot]
         try:
             res = self.executor.result(fut)
         except Exception as e:  # noqa: BLE001 - recorded and reported, never swallowed
             if isinstance(e, ActorDied) and call.stage == "score":
-                if self._resubmitted(call.shard, fut, e):
+                self._replace(fut, e)
+                if call.shard in self.result.failed:
+                    return  # nothing of that shard is retried
+                if self._resubmitted(item):
                     return
                 e = RuntimeError(
-                    f"its scoring actor died on all {self.deaths[call.shard]} tries, the last ones with this "
-                    f"shard alone on the actor (a shard that crashes the scorer, or lost nodes): {describe_error(e)}"
+                    f"its scoring actor died on all {self.deaths[item]} tries, the last ones with this "
+                    f"window alone on the actor (a shard that crashes the scorer, or lost nodes): {describe_error(e)}"
                 )
             self._fail(call, e)
             return
-        self.records.setdefault(call.shard, {}).update(
+        if call.shard in self.result.failed:
+            return  # another step of this shard failed: what is left of it is not used
+        getattr(self, f"_{call.stage}_done")(call, res)
+
+    def _prepare_done(self, call: _Call, res: dict) -> None:
+        self._record(call.shard, res)
+        if res["state"] == "fetch":
+            self.flights[call.shard] = _Flight(res["windows"], dict(res["counts"]))
+            self.to_fetch.extend((call.shard, w) for w in range(res["windows"]))
+            return
+        self._end(call.shard)
+
+    def _fetch_done(self, call: _Call, res: dict) -> None:
+        f = self.flights[call.shard]
+        f.fetched += 1
+        f.counts["prepare_s"] = round(f.counts.get("prepare_s", 0) + res["fetch_s"], 3)
+        if self.scoring and res["ok"]:
+            self.waiting.append((call.shard, call.window))
+        else:
+            f.scored += 1
+        self._maybe_finish(call.shard)
+
+    def _score_done(self, call: _Call, res: dict) -> None:
+        f = self.flights[call.shard]
+        f.scored += 1
+        f.reused += bool(res.get("reused"))
+        f.counts["score_s"] = round(f.counts.get("score_s", 0) + res["score_s"], 3)
+        self._maybe_finish(call.shard)
+
+    def _maybe_finish(self, shard: str) -> None:
+        f = self.flights[shard]
+        if f.fetched == f.scored == f.windows:
+            self._submit(
+                _Call("finish", shard), self.steps.finish, self.run_dir, shard, self.spec_json, f.windows, f.counts
+            )
+
+    def _finish_done(self, call: _Call, res: dict) -> None:
+        f = self.flights.pop(call.shard)
+        self._record(call.shard, res)
+        if f.reused:
+            self.records[call.shard]["windows_reused"] = f.reused
+        self._end(call.shard)
+
+    def _record(self, shard: str, res: dict) -> None:
+        self.records.setdefault(shard, {}).update(
             {k: v for k, v in res.items() if k not in ("shard", "state", "counts")}
         )
-        if res["state"] == "needs_scoring":
-            self.prepared[call.shard] = res["counts"]
-            self.waiting.append(call.shard)
-            return
-        self.result.shards_done.append(call.shard)
+
+    def _end(self, shard: str) -> None:
+        self.result.shards_done.append(shard)
         self.on_shard_end(1)
 
-    def _resubmitted(self, shard: str, fut: Future, e: ActorDied) -> bool:
-        """A dead actor took this shard's call down: replace the actor (once, whichever of its
-        calls reports first) and make the shard a suspect, up to SCORE_RESUBMITS times. False
-        when the shard has had its resubmissions."""
+    def _replace(self, fut: Future, e: ActorDied) -> None:
+        """A dead actor took this call down: replace the actor (once, whichever of its calls
+        reports first)."""
         assert self.pool is not None and fut.slot is not None
         if self.pool.replace(fut.slot, fut):
             log.warning("scoring actor %d is dead for good (%s); started a fresh one", fut.slot, describe_error(e))
-        self.deaths[shard] = self.deaths.get(shard, 0) + 1
-        if self.deaths[shard] <= SCORE_RESUBMITS:  # it may only have been queued behind the culprit
-            self.suspects.append(shard)
+
+    def _resubmitted(self, item: tuple[str, int]) -> bool:
+        """Make a window whose call a dead actor took down a suspect, up to SCORE_RESUBMITS times.
+        False when the window has had its resubmissions."""
+        self.deaths[item] = self.deaths.get(item, 0) + 1
+        if self.deaths[item] <= SCORE_RESUBMITS:  # it may only have been queued behind the culprit
+            self.suspects.append(item)
             return True
         return False
 
     def _fail(self, call: _Call, e: Exception) -> None:
+        if call.shard in self.result.failed:
+            return  # its first error is the one reported
         self.result.failed[call.shard] = describe_error(e)
         log.error("shard %s failed in %s: %s", call.shard, call.stage, self.result.failed[call.shard])
+        self.flights.pop(call.shard, None)
+        # its windows not yet fetched or scored are dropped; calls in flight are ignored when they end
+        self.to_fetch = [x for x in self.to_fetch if x[0] != call.shard]
+        self.waiting = [x for x in self.waiting if x[0] != call.shard]
+        self.suspects = [x for x in self.suspects if x[0] != call.shard]
         self.on_shard_end(1)

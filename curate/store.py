@@ -8,7 +8,14 @@ spells a folder name (tests/test_structure.py holds us to that).
       annotations/<shard>.done      the shard's completion marker, written last
       images/<shard>.parquet        fetched images (row, jpg)
       embeddings/<shard>.parquet    CLIP image embeddings + pHash (score.store_embeddings)
-      _work/<shard>.parquet         a shard between fetch and scoring (removed when it is done)
+      _work/<shard>/                a shard in flight (removed when it is done; redone from the
+                                    input or the finished files when a run was killed):
+        annotations.parquet           its annotation rows, fetch and score still to fill in
+        todo.parquet                  the rows to fetch, one row group per window
+        w<k>.fetched.parquet          window k's fetch statuses (written by its fetch task)
+        w<k>.images.parquet           window k's stored images + captions (row, caption, jpg)
+        w<k>.scores.parquet           window k's CLIP scores (written by a scoring actor)
+        w<k>.embeddings.parquet       window k's image embeddings (score.store_embeddings)
       selections/<name>/            one selection, published whole (curate/publish.py)
       forget/keys.parquet, forget/requests.json   deletion requests (curate/forget.py)
 
@@ -16,6 +23,8 @@ Paths are local or bucket URLs alike (curate.io.join).
 """
 
 from __future__ import annotations
+
+import re
 
 from curate import io
 from curate.names import check_name
@@ -30,7 +39,8 @@ FORGET = "forget"
 MANIFEST = "manifest.json"
 LOCK = ".curate.lock"
 
-SHARD_DIRS = (ANNOTATIONS, IMAGES, EMBEDDINGS, WORK)  # one file per shard each
+SHARD_DIRS = (ANNOTATIONS, IMAGES, EMBEDDINGS)  # one file per shard each
+# _work/ holds a folder per shard in flight (work_shard_dir)
 OUTPUT_DIRS = (ANNOTATIONS, IMAGES, EMBEDDINGS, SELECTIONS, FORGET)  # what the manifest checksums
 MARKER_SUFFIX = ".done"
 
@@ -45,7 +55,7 @@ def lock_path(run_dir: str) -> str:
 
 def folder(run_dir: str, name: str) -> str:
     """RUN_DIR/<one of the folders above>."""
-    if name not in (*SHARD_DIRS, SELECTIONS, FORGET):
+    if name not in (*SHARD_DIRS, WORK, SELECTIONS, FORGET):
         raise ValueError(f"{name!r} is not a run directory folder")
     return io.join(run_dir, name)
 
@@ -109,8 +119,61 @@ def work_dir(run_dir: str) -> str:
     return io.join(run_dir, WORK)
 
 
+def work_shard_dir(run_dir: str, shard: str) -> str:
+    """_work/<shard>/: everything of a shard in flight (curate/shard_jobs.py)."""
+    return io.join(run_dir, WORK, shard)
+
+
 def work_path(run_dir: str, shard: str) -> str:
-    return io.join(run_dir, WORK, f"{shard}.parquet")
+    """The annotation rows of a shard in flight."""
+    return io.join(work_shard_dir(run_dir, shard), "annotations.parquet")
+
+
+def work_todo_path(run_dir: str, shard: str) -> str:
+    """The rows of a shard in flight that are to be fetched, one parquet row group per window."""
+    return io.join(work_shard_dir(run_dir, shard), "todo.parquet")
+
+
+WINDOW_FILES = ("fetched", "images", "scores", "embeddings")  # what a window of a shard in flight writes
+
+
+def window_path(run_dir: str, shard: str, window: int, kind: str) -> str:
+    """_work/<shard>/w<window>.<kind>.parquet, kind one of WINDOW_FILES."""
+    if kind not in WINDOW_FILES:
+        raise ValueError(f"{kind!r} is not a window file ({', '.join(WINDOW_FILES)})")
+    return io.join(work_shard_dir(run_dir, shard), f"w{window:05d}.{kind}.parquet")
+
+
+_WORK_FILE = re.compile(r"^(annotations|todo|w\d{5,}\.(" + "|".join(WINDOW_FILES) + r"))\.parquet$")
+
+
+def work_owned(name: str) -> bool:
+    """Whether `name`, a file in _work/<shard>/, is one that curate writes there."""
+    return _WORK_FILE.match(name) is not None
+
+
+def in_flight_shards(run_dir: str) -> list[str]:
+    """Shards with a _work/<shard>/ folder: begun by a run that has not finished them."""
+    top = work_dir(run_dir)
+    fs, path = io.fs_and_path(top)
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if fs.isdir(p))
+
+
+def discard_in_flight(run_dir: str, shard: str) -> None:
+    """Remove what a run wrote of a shard in flight (only files curate writes there; the folder goes
+    when that leaves it empty). Nothing is lost: a run redoes an unfinished shard from its input,
+    or from its finished files when it was extending them."""
+    d = work_shard_dir(run_dir, shard)
+    fs, path = io.fs_and_path(d)
+    if not fs.exists(path):
+        return
+    for p in fs.ls(path, detail=False):
+        if work_owned(p.rstrip("/").rsplit("/", 1)[-1]):
+            fs.rm(p)
+    if io.is_local(d) and fs.exists(path) and not fs.ls(path, detail=False):
+        fs.rmdir(path)
 
 
 def selections_dir(run_dir: str) -> str:

@@ -80,10 +80,11 @@ def test_fetch_mask_without_text_rules_has_one_value_per_row():
 
 
 def test_pure_clip_threshold_spec_prepares_a_shard_with_fetch_on(tmp_path):
-    """prepare_shard itself (the Ray task's body) with fetch on and only a CLIP threshold. The URLs
+    """prepare_shard, fetch_window and finish_windows themselves (the Ray tasks' bodies) with fetch on
+    and only a CLIP threshold. The URLs
     are refused before any connection (loopback / private addresses, a non-http scheme), so nothing
     reaches the network and nothing needs the model; a null URL is never fetched."""
-    from curate.shard_jobs import prepare_shard
+    from curate.shard_jobs import fetch_window, finish_windows, prepare_shard
 
     urls = ["http://127.0.0.1:9/a.jpg", "http://10.255.255.1/b.jpg", "ftp://example.test/c.jpg", None]
     src = tmp_path / "in" / "part-0.parquet"
@@ -100,8 +101,14 @@ def test_pure_clip_threshold_spec_prepares_a_shard_with_fetch_on(tmp_path):
         }
     )
     assert spec.needs_images and spec.score.source == "model"
-    res = prepare_shard(str(src), spec.model_dump_json(), str(tmp_path / "run"))
-    assert res["state"] == "done" and res["rows"] == 4 and res["fetch_attempted"] == 3
+    run_dir, js = str(tmp_path / "run"), spec.model_dump_json()
+    res = prepare_shard(str(src), js, run_dir)
+    assert res["state"] == "fetch" and res["windows"] == 1 and res["rows"] == 4
+    assert res["counts"]["fetch_attempted"] == 3
+    got = fetch_window(run_dir, "part-0", 0, js)
+    assert got["fetched"] == 3 and got["ok"] == 0  # nothing to score: the shard is finished next
+    res = finish_windows(run_dir, "part-0", js, 1, res["counts"])
+    assert res["state"] == "done" and res["rows"] == 4 and res["fetch_ok"] == 0
     ann = pl.read_parquet(tmp_path / "run" / "annotations" / "part-0.parquet").sort("row")
     assert ann["fetch_status"].to_list() == ["blocked_address", "blocked_address", "bad_url", "not_attempted"]
     assert (tmp_path / "run" / "annotations" / "part-0.done").exists()

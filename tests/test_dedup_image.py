@@ -189,8 +189,8 @@ def test_off_by_default_and_errors_without_embeddings(corpus):
         decide(ann.lazy(), _sel())
 
 
-def test_score_shard_writes_embeddings_before_marker(tmp_path, scorer, monkeypatch):
-    from curate import shard_jobs
+def test_score_window_writes_embeddings_before_scores_and_finish_before_marker(tmp_path, scorer, monkeypatch):
+    from curate import shard_jobs, store
 
     run_dir, shard = str(tmp_path), "part-00000"
     rng = np.random.default_rng(3)
@@ -202,27 +202,49 @@ def test_score_shard_writes_embeddings_before_marker(tmp_path, scorer, monkeypat
             schema.ROW: np.arange(5, dtype=np.int64),
             schema.UID: [f"{i:032x}" for i in range(5)],
             schema.CAPTION: ["a red circle"] * 5,
-            schema.FETCH_STATUS: ["ok"] * 5,
+            schema.FETCH_STATUS: [shard_jobs.PENDING] * 5,
         }
     )
+    rows = pa.array(range(5), pa.int64())
+    # a shard in flight with one window, fetched: what prepare_shard and fetch_window leave
     io.write_parquet(shard_jobs.work_path(run_dir, shard), annotations.conform(ann.to_arrow()))
     io.write_parquet(
-        shard_jobs.images_path(run_dir, shard),
-        pa.table({schema.ROW: pa.array(range(5), pa.int64()), schema.IMAGE_BYTES: pa.array(jpgs, pa.binary())}),
+        store.window_path(run_dir, shard, 0, "fetched"),
+        pa.table({schema.ROW: rows, schema.FETCH_STATUS: pa.array(["ok"] * 5)}),
+    )
+    io.write_parquet(
+        store.window_path(run_dir, shard, 0, "images"),
+        pa.table(
+            {schema.ROW: rows, schema.CAPTION: ["a red circle"] * 5, schema.IMAGE_BYTES: pa.array(jpgs, pa.binary())}
+        ),
     )
     spec = PipelineSpec(name="t", input={"paths": ["x.parquet"]}, score={"store_embeddings": True})
     order = []
-    real_write_json = shard_jobs.io.write_json
+    real_write_parquet, real_write_json = shard_jobs.io.write_parquet, shard_jobs.io.write_json
 
-    def spy(path, obj):
-        order.append((path, io.exists(annotations.embeddings_path(run_dir, shard))))
+    def spy_parquet(path, table, **kw):
+        order.append(path.rsplit("/", 1)[-1])
+        return real_write_parquet(path, table, **kw)
+
+    def spy_json(path, obj):
+        order.append((path.rsplit("/", 1)[-1], io.exists(annotations.embeddings_path(run_dir, shard))))
         return real_write_json(path, obj)
 
-    monkeypatch.setattr(shard_jobs.io, "write_json", spy)
+    monkeypatch.setattr(shard_jobs.io, "write_parquet", spy_parquet)
+    monkeypatch.setattr(shard_jobs.io, "write_json", spy_json)
     sj = shard_jobs.ShardScorer.__new__(shard_jobs.ShardScorer)
     sj.spec, sj.scorer = spec, scorer
-    sj.score_shard(run_dir, shard)
-    assert order and order[-1][0].endswith(".done") and order[-1][1]  # embeddings existed when the marker was written
+    assert sj.score_window(run_dir, shard, 0) == {"window": 0, "scored": 4, "score_s": pytest.approx(0, abs=60)}
+    assert order == ["w00000.embeddings.parquet", "w00000.scores.parquet"]  # the scores file says "scored": last
+    again = sj.score_window(run_dir, shard, 0)  # a retried call: found scored, nothing written
+    assert again["reused"] and again["scored"] == 4 and len(order) == 2
+    counts = {"rows": 5, "rows_read": 5, "forgotten": 0, "fetch_attempted": 5, "fetch_ok": 0}
+    res = shard_jobs.finish_windows(run_dir, shard, spec.model_dump_json(), 1, counts)
+    assert res["scored_now"] == 4 and res["fetch_ok"] == 5 and res["windows"] == 1
+    assert order[-1] == ("part-00000.done", True)  # embeddings existed when the marker was written
+    assert not (tmp_path / "_work" / shard).exists()  # the shard's scratch went with it
+    final = pl.read_parquet(annotations.shard_path(run_dir, shard)).sort(schema.ROW)
+    assert final[schema.FETCH_STATUS].to_list() == ["ok", "ok", "decode_failed", "ok", "ok"]
     t = io.read_parquet(annotations.embeddings_path(run_dir, shard))
     assert t.column(schema.ROW).to_pylist() == [0, 1, 3, 4]  # the undecodable row has none
     assert t.schema.field(schema.IMAGE_EMBEDDING).type == pa.list_(pa.float16())

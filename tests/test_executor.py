@@ -33,7 +33,7 @@ from curate.executor import ActorCrash, ActorDied, Executor, LocalExecutor, Reso
 from curate.filters.caption_dedup import local_pairs
 from curate.filters.image_dedup import cluster_edges
 from curate.presets import preset_path
-from curate.runner import SCORE_RESUBMITS, RunResult, ShardScheduler, run
+from curate.runner import SCORE_RESUBMITS, RunResult, ShardScheduler, ShardSteps, run
 from curate.stages.read import shard_name
 from fault_support import REPO, annotations_frame, demo_servers, driver_result, files_state, outcome
 
@@ -136,7 +136,19 @@ def _prepare(path: str, spec_json: str, run_dir: str) -> dict:
     shard = shard_name(path)
     if shard == "part-bad":
         raise ValueError(f"{path} is not a readable parquet file")
-    return {"shard": shard, "state": "needs_scoring", "counts": {"rows": 3}, "rows": 3}
+    return {"shard": shard, "state": "fetch", "windows": WINDOWS, "counts": {"rows": 3 * WINDOWS}, "rows": 3 * WINDOWS}
+
+
+def _fetch(run_dir: str, shard: str, window: int, spec_json: str) -> dict:
+    return {"window": window, "fetched": 3, "ok": 3, "fetch_s": 0.0}
+
+
+def _finish(run_dir: str, shard: str, spec_json: str, windows: int, counts: dict) -> dict:
+    return {"shard": shard, "state": "done", **counts, "windows": windows}
+
+
+WINDOWS = 1
+STEPS = ShardSteps(_prepare, _fetch, _finish)
 
 
 class _Scorer:
@@ -147,11 +159,11 @@ class _Scorer:
     def __init__(self, poison: str, flaky: str = ""):
         self.poison, self.flaky = poison, flaky
 
-    def score_shard(self, run_dir: str, shard: str, counts: dict) -> dict:
+    def score_window(self, run_dir: str, shard: str, window: int) -> dict:
         if shard == self.poison or (shard == self.flaky and shard not in _Scorer.crashed):
             _Scorer.crashed.add(shard)
             raise ActorCrash(f"{shard} kills its scorer")
-        return {"shard": shard, "state": "done", "scored": counts["rows"]}
+        return {"window": window, "scored": 3, "score_s": 1.0}
 
 
 def _schedule(pool, paths: list[str], events: list | None = None) -> tuple[RunResult, dict]:
@@ -170,7 +182,8 @@ def _schedule(pool, paths: list[str], events: list | None = None) -> tuple[RunRe
 
         pool.call, pool.done = spy_call, spy_done
     result, records = RunResult("rd"), {}
-    ShardScheduler(LocalExecutor(), _prepare, pool, "{}", "rd", records, result).run(paths)
+    # every shard admitted at once, so that calls queue behind the poisoned one
+    ShardScheduler(LocalExecutor(), STEPS, pool, "{}", "rd", records, result, fetch_slots=8).run(paths)
     return result, records
 
 
@@ -183,7 +196,8 @@ def test_a_poison_shard_is_retried_alone_then_fails_and_its_actors_are_replaced(
     assert result.failed["part-00002"].startswith(f"RuntimeError: its scoring actor died on all {SCORE_RESUBMITS + 1}")
     assert "part-00002 kills its scorer" in result.failed["part-00002"]
     assert sorted(result.shards_done) == [f"part-{k:05d}" for k in range(6) if k != 2]
-    assert records["part-00000"] == {"rows": 3, "scored": 3}  # prepare's and scoring's reports merged
+    # prepare's and finish's reports merged; finish got the windows' scoring time
+    assert records["part-00000"] == {"rows": 3, "windows": 1, "score_s": 1.0, "prepare_s": 0.0}
     tries = Counter(e[2] for e in events if e[0] == "call")
     assert tries.pop("part-00002") == SCORE_RESUBMITS + 1
     assert sorted(tries.values()) == [1, 1, 1, 1, 2]  # one innocent shard went down with the poisoned actor
@@ -209,6 +223,44 @@ def test_a_stage_error_is_recorded_and_the_others_go_on():
     result, _ = _schedule(pool, ["in/part-00000.parquet", "in/part-bad.parquet", "in/part-00001.parquet"])
     assert result.failed == {"part-bad": "ValueError: in/part-bad.parquet is not a readable parquet file"}
     assert sorted(result.shards_done) == ["part-00000", "part-00001"]
+
+
+def test_one_big_shard_is_scored_while_it_is_fetched_and_by_every_actor():
+    """A shard of 6 windows on 2 actors: scoring starts on window 0 before the last window is
+    fetched, both actors score part of it, and finish runs once, after every window, with the
+    windows' fetch and scoring figures summed into its counts."""
+    log: list[tuple] = []
+
+    def prepare(path, spec_json, run_dir):
+        return {"shard": "big", "state": "fetch", "windows": 6, "counts": {"rows": 60}, "rows": 60}
+
+    def fetch(run_dir, shard, window, spec_json):
+        log.append(("fetch", window))
+        return {"window": window, "fetched": 10, "ok": 0 if window == 4 else 10, "fetch_s": 0.5}
+
+    def finish(run_dir, shard, spec_json, windows, counts):
+        log.append(("finish", windows))
+        return {"shard": shard, "state": "done", **counts}
+
+    class Scorer:
+        def score_window(self, run_dir, shard, window):
+            log.append(("score", window))
+            return {"window": window, "scored": 10, "score_s": 2.0}
+
+    pool = LocalExecutor().actor_pool(Scorer, (), size=2, resources=Resources())
+    slots: list[int] = []
+    call = pool.call
+    pool.call = lambda i, method, *a: (slots.append(i), call(i, method, *a))[1]
+    result, records = RunResult("rd"), {}
+    ShardScheduler(LocalExecutor(), ShardSteps(prepare, fetch, finish), pool, "{}", "rd", records, result).run(
+        ["in/big.parquet"]
+    )
+    assert result.ok and result.shards_done == ["big"]
+    assert log.index(("score", 0)) < log.index(("fetch", 5))  # streaming: no wait for the whole shard
+    assert sorted(w for s, w in log if s == "score") == [0, 1, 2, 3, 5]  # window 4 fetched no image
+    assert set(slots) == {0, 1}  # split across the actors
+    assert log[-1] == ("finish", 6) and sum(s == "finish" for s, _ in log) == 1
+    assert records["big"] == {"rows": 60, "prepare_s": 3.0, "score_s": 10.0, "windows": 6}
 
 
 # --- composition: whole runs on both executors ----------------------------------------------
@@ -365,7 +417,7 @@ class _Interrupting(Executor):
 
 def test_an_interrupted_run_resumes_to_the_same_result(world, reference, executor, spare_runs):
     out = world["base"] / f"interrupted-{type(executor).__name__}"
-    stopped = _Interrupting(executor, at=2)
+    stopped = _Interrupting(executor, at=8)
     with pytest.raises(KeyboardInterrupt):
         run(_spec(world, out), executor=stopped)
     for f in stopped.tasks:  # what was still running ends before the resume (a killed driver's would die)
@@ -374,7 +426,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(world, reference, executo
     assert json.loads((out / "manifest.json").read_text())["state"] == "interrupted"
     finished = sorted(p.stem for p in (out / "annotations").glob("*.done"))
     assert len(finished) < SHARDS
-    if isinstance(executor, LocalExecutor):  # deterministic: shard 0 was scored when its call was made
+    if isinstance(executor, LocalExecutor):  # deterministic: shard 0's finish ran when submitted, at the 7th result
         assert finished == ["part-00000"]
     before = files_state(out, finished)
     res = run(_spec(world, out), executor=executor)

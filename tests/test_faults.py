@@ -2,9 +2,9 @@
 assert_same_outcome): every input row decided exactly once, no duplicate uid, the same kept uid
 set, rows, decisions, scores and annotations.
 
-- a scoring actor that dies (os._exit) in its first shard before writing anything, and one that
-  dies right after writing a shard's completion marker: Ray restarts it and redoes the call; the
-  redo of a finished shard finds it done (curate/faults.py failpoints, forwarded to the session's
+- a scoring actor that dies (os._exit) in its first window before writing anything, and one that
+  dies right after writing a window's scores: Ray restarts it and redoes the call; the redo of a
+  scored window finds it scored (curate/faults.py failpoints, forwarded to the session's
   Ray workers)
 - the worker node that hosts the scoring actor removed without grace from a local three-node
   cluster at 40% of the shards (tests/cluster_node_kill.py, in a subprocess: a Cluster cannot
@@ -66,7 +66,7 @@ def test_scorer_resources_are_typed():
 def test_failpoint_fires_once_and_is_checked(tmp_path, monkeypatch):
     once = tmp_path / "once"
     env = {**os.environ, faults.ENV: f"score_first_batch:{once}"}
-    code = "from curate import faults; faults.fire('score_after_marker'); faults.fire('score_first_batch', 'part-7'); print('went on')"
+    code = "from curate import faults; faults.fire('score_after_write'); faults.fire('score_first_batch', 'part-7'); print('went on')"
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert first.returncode == faults.FAILPOINT_EXIT_CODE and "went on" not in first.stdout
     assert json.loads(once.read_text())["detail"] == "part-7"
@@ -106,8 +106,8 @@ def _dead(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_scoring_actor_crashes_are_redone_exactly_once(world, tmp_path, monkeypatch):
-    first, after = tmp_path / "score_first_batch.once", tmp_path / "score_after_marker.once"
-    monkeypatch.setenv("CURATE_FAILPOINT", f"score_first_batch:{first},score_after_marker:{after}")
+    first, after = tmp_path / "score_first_batch.once", tmp_path / "score_after_write.once"
+    monkeypatch.setenv("CURATE_FAILPOINT", f"score_first_batch:{first},score_after_write:{after}")
     out = tmp_path / "run"
     res = run(_spec(world["base"], out))
     assert res.ok and len(res.shards_done) == SHARDS, res.failed
@@ -115,14 +115,16 @@ def test_scoring_actor_crashes_are_redone_exactly_once(world, tmp_path, monkeypa
     crash1, crash2 = _once(first), _once(after)
     assert _dead(crash1["pid"]) and _dead(crash2["pid"]) and crash1["pid"] != crash2["pid"]
     ann = out / "annotations"
-    # crash 1 hit before anything of its shard was written: the shard was scored again afterwards
+    # crash 1 hit before anything of its window was written: the window was scored again afterwards
     m1 = ann / f"{crash1['detail']}.done"
     assert m1.stat().st_mtime_ns > first.stat().st_mtime_ns
-    # crash 2 hit after its shard's marker: the retried call found the shard done, wrote nothing
-    m2 = ann / f"{crash2['detail']}.done"
-    assert m2.stat().st_mtime_ns <= after.stat().st_mtime_ns
-    assert (ann / f"{crash2['detail']}.parquet").stat().st_mtime_ns <= m2.stat().st_mtime_ns
-    assert not list((out / "_work").glob("*.parquet"))
+    # crash 2 hit after its window's scores were written: the retried call found them and scored
+    # nothing again (the manifest counts such calls per shard), and the shard finished after it
+    shards = json.loads((out / "manifest.json").read_text())["shards"]
+    assert shards[crash2["detail"]].get("windows_reused") == 1, shards[crash2["detail"]]
+    assert sum(s.get("windows_reused", 0) for s in shards.values()) == 1
+    assert (ann / f"{crash2['detail']}.done").stat().st_mtime_ns > after.stat().st_mtime_ns
+    assert not list((out / "_work").rglob("*"))  # nothing of a shard in flight is left
     assert_same_outcome(out, world["ref"], world["truth"])
 
 

@@ -22,7 +22,7 @@ from curate.demo.image_server import ImageServer
 from curate.executor import ClusterInfo, LocalExecutor, Resources
 from curate.layout import resolve
 from curate.presets import preset_path
-from curate.runner import RunResult, ShardScheduler
+from curate.runner import RunResult, ShardScheduler, ShardSteps
 
 AUTO = ScoreConfig()
 
@@ -34,12 +34,13 @@ def node(cpus: float, gpus: float = 0, nodes: int = 1) -> ClusterInfo:
 def test_a_2_cpu_node_gives_one_actor_both_cores_and_keeps_a_cpu_for_fetch():
     lay = resolve(AUTO, node(2))
     assert (lay.actors, lay.model_threads, lay.actor_cpus, lay.actor_gpus) == (1, 2, 1.0, 0.0)
-    assert lay.prepare_cpus == 1.0 and lay.decode_threads == 1
+    assert lay.prepare_cpus == 1.0 and lay.decode_threads == 0  # inline: the model has both cores
+    assert lay.window_rows == 256  # scoring starts after a window of rows is fetched, not a shard
 
 
 def test_a_16_cpu_node_uses_its_cores_for_the_model_and_keeps_an_eighth_for_prepare():
     lay = resolve(AUTO, node(16))
-    assert (lay.actors, lay.model_threads, lay.actor_cpus) == (1, 16, 14.0)
+    assert (lay.actors, lay.model_threads, lay.decode_threads, lay.actor_cpus) == (1, 12, 4, 14.0)
     assert 16 - lay.actor_cpus == 2  # two prepare tasks (fetch, resize) overlap scoring
 
 
@@ -49,13 +50,14 @@ def test_a_node_with_gpus_gets_one_actor_per_gpu_and_decode_threads_to_feed_it()
     assert lay.decode_threads == 7 and lay.actor_cpus == 7  # (16 - 2 kept for prepare) / 2 GPUs
     big = resolve(AUTO, node(96, gpus=8))
     assert big.actors == 8 and big.decode_threads == 8  # capped: more decode than one GPU can take is waste
+    assert lay.window_rows == big.window_rows == 2048  # about a second of a GPU's scoring per call
     small = resolve(AUTO, node(4, gpus=8))  # fewer cores than GPUs: fractions, never a hang
     assert small.actors == 8 and small.actor_cpus * 8 + small.prepare_cpus <= 4
 
 
 def test_several_cpu_nodes_get_one_actor_each():
     lay = resolve(AUTO, node(64, nodes=4))
-    assert (lay.actors, lay.model_threads, lay.cpus_per_node) == (4, 16, 16.0)
+    assert (lay.actors, lay.model_threads + lay.decode_threads, lay.cpus_per_node) == (4, 16, 16.0)
 
 
 def test_a_mixed_cluster_sizes_actors_for_the_nodes_that_hold_them():
@@ -67,7 +69,7 @@ def test_a_mixed_cluster_sizes_actors_for_the_nodes_that_hold_them():
     assert lay.actor_cpus <= 4 - 1 and lay.decode_threads == 3  # 4 cores, one kept for prepare
     cpu_only = ((0.0, 0.0), (8.0, 0.0), (16.0, 0.0))
     lay = resolve(AUTO, ClusterInfo(None, cpus=24, gpus=0, nodes=3, node_shapes=cpu_only))
-    assert lay.actors == 2 and lay.model_threads == 8 and lay.actor_cpus + 1 <= 8  # fits the 8-CPU node
+    assert lay.actors == 2 and lay.model_threads + lay.decode_threads == 8 and lay.actor_cpus + 1 <= 8  # fits 8 CPUs
 
 
 def test_explicit_settings_win():
@@ -140,8 +142,7 @@ def test_work_that_waits_says_so(monkeypatch, caplog):
         return {"shard": path, "state": "done", "rows": 1}
 
     caplog.set_level(logging.WARNING, logger="curate.runner")
-    sched = ShardScheduler(
-        LocalExecutor(), slow_prepare, None, "{}", "rd", {}, RunResult("rd"), prepare_resources=Resources()
-    )
+    steps = ShardSteps(slow_prepare, fetch=None, finish=None)  # type: ignore[arg-type]  # never reached
+    sched = ShardScheduler(LocalExecutor(), steps, None, "{}", "rd", {}, RunResult("rd"), prepare_resources=Resources())
     sched.run(["a"])
     assert any("no progress for" in r.message and "free now" in r.message for r in caplog.records), caplog.text
