@@ -105,13 +105,17 @@ class ScoreConfig(Strict):
     actors: Optional[int] = Field(
         None,
         ge=1,
-        description="scoring actors (one model each); null: one per GPU, or one per node on CPUs (curate/layout.py)",
+        description="scoring actors (one model each); null: one per GPU, or on CPUs one single-threaded actor "
+        "per core, at most 8 per node (curate/layout.py)",
     )
     precision: Literal["auto", "fp32", "bf16", "bf16-image", "fp16"] = (
         "auto"  # resolved by curate.model.resolve_precision
     )
     cpu_threads: Optional[int] = Field(
-        None, ge=1, description="torch threads per actor; null: the node's cores shared by its actors (1 on GPUs)"
+        None,
+        ge=1,
+        description="torch threads per actor; null: the node's cores shared by its actors (1 on GPUs); "
+        "set without score.actors, the CPU actors per node are its cores / cpu_threads",
     )
     decode_threads: Optional[int] = Field(
         None,

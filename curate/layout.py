@@ -12,11 +12,17 @@ left out); actors are sized for the smallest node that could hold them, since Ra
 actor on any of them.
 
 CPU-only cluster
-  actors           one per node (`score.actors` otherwise)
-  model threads    the node's cores divided among its actors, less their decode threads:
-                   torch's intra-op threads are where CPU scoring spends its time, and Ray would
-                   otherwise give an actor with one reserved CPU a single thread
-                   (OMP_NUM_THREADS=1), idling the rest of the node
+  actors           one per core, single-threaded, up to CPU_ACTORS_PER_NODE per node (then each
+                   gets more threads); `score.actors`, or the node's cores / `score.cpu_threads`,
+                   otherwise. Windows of a shard go to whichever actor is free, so even one shard
+                   keeps them all busy. Why not one actor with a thread per core: torch's intra-op
+                   threads wait for each other at every operation, so when a fetch task takes a
+                   core from one of them they all stall. Measured on 2 cores, a 768-row shard
+                   fetched and scored in windows: 2 actors x 1 thread 37.7-41.2 s of shard time,
+                   1 actor x 2 threads 40.4-50.9 s, and 1 x 2 without windows (fetch, then score)
+                   34.5-48.4 s on a noisy host (docs/PERFORMANCE.md has the benchmark).
+                   Memory: each actor holds its model; for big models set `score.actors`.
+  model threads    each actor's share of its node's cores, less its decode threads
   reservation      what the actors reserve is the node's CPUs minus what prepare tasks keep
                    (PREPARE_SHARE of the node, at least 1 CPU), split among the actors, and never
                    more than their threads. Reservations can be fractions, so no number of actors
@@ -30,7 +36,7 @@ CPU-only cluster
 
 Windows (both)
   window rows      rows per fetch window, each fetched by one task and scored by one call on
-                   whichever actor is free (`score.window_rows` otherwise): 256 on CPUs (a few
+                   whichever actor is free (`score.window_rows` otherwise): 128 on CPUs (a few
                    seconds of scoring, so scoring starts soon after the fetch does), 2048 on GPUs
                    (about a second of a GPU's scoring, so the driver handles few calls per second)
 
@@ -51,8 +57,9 @@ from dataclasses import asdict, dataclass
 from curate.config import ScoreConfig
 from curate.executor import ClusterInfo
 
-WINDOW_ROWS_CPU = 256  # rows per fetch window / scoring call when actors score on CPUs (seconds each)
+WINDOW_ROWS_CPU = 128  # rows per fetch window / scoring call when actors score on CPUs (seconds each)
 WINDOW_ROWS_GPU = 2048  # on GPUs: about a second of an H100's ViT-B-32 scoring per call
+CPU_ACTORS_PER_NODE = 8  # single-threaded CPU actors per node at most: then threads per actor grow
 SMALL_SHARE = 4  # cores per CPU actor up to which images are decoded inline (see decode threads below)
 PREPARE_SHARE = 0.125  # of a node's CPUs kept for prepare tasks (fetch is I/O-bound; resizing is not)
 DECODE_THREADS_PER_GPU = 8  # see docs/PERFORMANCE.md: GPU images/s over one core's decode rate
@@ -134,18 +141,23 @@ def resolve(score: ScoreConfig, cluster: ClusterInfo) -> ScoreLayout:
         )
     nodes = len(with_cpus)
     per_node = smallest
-    actors = score.actors or nodes
-    per_node_actors = math.ceil(actors / nodes)
+    if score.actors:
+        per_node_actors = math.ceil(score.actors / nodes)
+    elif score.cpu_threads:
+        per_node_actors = max(1, math.floor(per_node / score.cpu_threads))
+    else:  # one single-threaded actor per core, up to CPU_ACTORS_PER_NODE (then more threads each)
+        per_node_actors = max(1, min(math.floor(per_node), CPU_ACTORS_PER_NODE))
+    actors = score.actors or per_node_actors * nodes
     cores = max(1, math.floor(per_node / per_node_actors))  # each actor's share of its node
     decode = score.decode_threads
     if decode is None:  # inline on small shares (measured); 1 per SMALL_SHARE cores beyond, from the model's
         decode = 0 if cores <= SMALL_SHARE else cores // SMALL_SHARE
     threads = score.cpu_threads or max(1, cores - decode)
     actor_cpus = _down(min(float(threads + decode), (per_node - _keep(per_node)) / per_node_actors))
+    how = "score.actors" if score.actors else "score.cpu_threads" if score.cpu_threads else "one actor per core"
     why = (
-        f"CPU only: {'score.actors' if score.actors else 'one actor per node'}; "
-        f"{'score.cpu_threads' if score.cpu_threads else f'{per_node:g} cores / {per_node_actors} actor(s) per node'} "
-        f"model threads; actors reserve {actor_cpus:g} CPU each so prepare keeps {per_node - actor_cpus * per_node_actors:g}"
+        f"CPU only: {how}, {per_node_actors} actor(s) per {per_node:g}-CPU node with {threads} model thread(s) "
+        f"each; actors reserve {actor_cpus:g} CPU each so prepare keeps {per_node - actor_cpus * per_node_actors:g}"
     )
     window = score.window_rows or WINDOW_ROWS_CPU
     return ScoreLayout(actors, actor_cpus, 0.0, threads, decode, prepare_cpus, window, per_node, nodes, why)

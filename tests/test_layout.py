@@ -33,15 +33,17 @@ def node(cpus: float, gpus: float = 0, nodes: int = 1) -> ClusterInfo:
 
 def test_a_2_cpu_node_gives_one_actor_both_cores_and_keeps_a_cpu_for_fetch():
     lay = resolve(AUTO, node(2))
-    assert (lay.actors, lay.model_threads, lay.actor_cpus, lay.actor_gpus) == (1, 2, 1.0, 0.0)
-    assert lay.prepare_cpus == 1.0 and lay.decode_threads == 0  # inline: the model has both cores
-    assert lay.window_rows == 256  # scoring starts after a window of rows is fetched, not a shard
+    assert (lay.actors, lay.model_threads, lay.actor_cpus, lay.actor_gpus) == (2, 1, 0.5, 0.0)
+    assert lay.prepare_cpus == 1.0 and lay.decode_threads == 0  # inline: each actor has one core
+    assert lay.window_rows == 128  # scoring starts after a window of rows is fetched, not a shard
 
 
 def test_a_16_cpu_node_uses_its_cores_for_the_model_and_keeps_an_eighth_for_prepare():
     lay = resolve(AUTO, node(16))
-    assert (lay.actors, lay.model_threads, lay.decode_threads, lay.actor_cpus) == (1, 12, 4, 14.0)
-    assert 16 - lay.actor_cpus == 2  # two prepare tasks (fetch, resize) overlap scoring
+    assert (lay.actors, lay.model_threads, lay.decode_threads, lay.actor_cpus) == (8, 2, 0, 1.75)
+    assert 16 - 8 * lay.actor_cpus == 2  # two prepare tasks (fetch, resize) overlap scoring
+    big = resolve(AUTO, node(64))  # at most 8 actors a node; more cores make them multi-threaded
+    assert (big.actors, big.model_threads, big.decode_threads) == (8, 6, 2)
 
 
 def test_a_node_with_gpus_gets_one_actor_per_gpu_and_decode_threads_to_feed_it():
@@ -57,7 +59,7 @@ def test_a_node_with_gpus_gets_one_actor_per_gpu_and_decode_threads_to_feed_it()
 
 def test_several_cpu_nodes_get_one_actor_each():
     lay = resolve(AUTO, node(64, nodes=4))
-    assert (lay.actors, lay.model_threads + lay.decode_threads, lay.cpus_per_node) == (4, 16, 16.0)
+    assert (lay.actors, lay.model_threads, lay.cpus_per_node) == (32, 2, 16.0)
 
 
 def test_a_mixed_cluster_sizes_actors_for_the_nodes_that_hold_them():
@@ -69,13 +71,16 @@ def test_a_mixed_cluster_sizes_actors_for_the_nodes_that_hold_them():
     assert lay.actor_cpus <= 4 - 1 and lay.decode_threads == 3  # 4 cores, one kept for prepare
     cpu_only = ((0.0, 0.0), (8.0, 0.0), (16.0, 0.0))
     lay = resolve(AUTO, ClusterInfo(None, cpus=24, gpus=0, nodes=3, node_shapes=cpu_only))
-    assert lay.actors == 2 and lay.model_threads + lay.decode_threads == 8 and lay.actor_cpus + 1 <= 8  # fits 8 CPUs
+    assert lay.actors == 16 and lay.model_threads == 1 and 8 * lay.actor_cpus + 1 <= 8  # fits the 8-CPU node
 
 
 def test_explicit_settings_win():
     cfg = ScoreConfig(actors=2, cpu_threads=1, decode_threads=0)
     lay = resolve(cfg, node(16))
     assert (lay.actors, lay.model_threads, lay.decode_threads) == (2, 1, 0)
+    lay = resolve(ScoreConfig(cpu_threads=4), node(16))  # threads given: the cores go to actors of 4
+    assert (lay.actors, lay.model_threads) == (4, 4)
+    assert resolve(ScoreConfig(window_rows=1000), node(2)).window_rows == 1000
     assert resolve(ScoreConfig(actors=3), node(8, gpus=2)).actor_gpus == pytest.approx(2 / 3)
 
 
