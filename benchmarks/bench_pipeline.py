@@ -11,13 +11,16 @@ saved to a temporary checkpoint that curate loads through its production path).
 - ``curate run`` with the default spec (only the model, its checkpoint, the input, the output and
   the loopback allow-list set), as a subprocess: Ray start, model load, fetch, score, selection.
   Its manifest gives start-up (executor + model load) apart from the shards' time.
-- curate's in-process model-only throughput on the same pairs (``ClipScorer`` towers on
-  pre-decoded batches, same precision and threads): the ceiling the end-to-end path is held to.
+- ``curate run`` set by hand as the issue's baseline (``score.cpu_threads = <cores>``), and the
+  same with one window per shard (fetch, then score: the path before windows), both on 1 shard.
+- curate in-process on the stored JPEGs the actors see: the model alone (towers on pre-decoded
+  batches, same precision and threads: the ceiling) and ``ClipScorer.score`` on the bytes
+  (decode + towers: "the scorer in-process").
 
 Variants are interleaved round by round, best round each (the host is shared: compare ratios).
 Reports: the end-to-end ratio (plain wall / curate wall), the steady-state pairs/s (scored pairs over
-the shards' time, start-up reported beside it), efficiency = steady state / model-only, the CPU
-flags and the precision chosen. Writes benchmarks/results/pipeline.{json,md}; --update-docs replaces
+the shards' time, start-up reported beside it), efficiency = steady state / model-only and /
+scorer in-process, the CPU flags and the precision chosen. Writes benchmarks/results/pipeline.{json,md}; --update-docs replaces
 the table between the BENCH:pipeline markers in docs/PERFORMANCE.md.
 """
 
@@ -209,19 +212,34 @@ def main() -> None:
             urls.append(server.url(f"/img/{i}.jpg"))
         job = tmp / "plain.json"
         job.write_text(json.dumps({"urls": urls, "captions": captions, "ckpt": ckpt, "threads": args.threads}))
-        specs = {}
-        for k in args.shards:
+        inputs = {}
+        for k in sorted(set(args.shards) | {1}):
             d = tmp / f"in-{k}"
             d.mkdir()
             for j in range(k):
                 pl.DataFrame({"URL": urls[j::k], "TEXT": captions[j::k]}).write_parquet(d / f"part-{j:05d}.parquet")
-            spec = tmp / f"spec-{k}.toml"
+            inputs[k] = d
+        # name -> (shards, [score] settings beyond the model, what it is)
+        variants = {f"curate_{k}_shards": (k, "", f"`curate run`, default spec, {k} shard(s)") for k in args.shards}
+        variants["curate_by_hand"] = (
+            1,
+            f"cpu_threads = {args.threads}",
+            f"`score.cpu_threads = {args.threads}` by hand, 1 shard",
+        )
+        variants["curate_no_windows"] = (
+            1,
+            f"cpu_threads = {args.threads}\nwindow_rows = {args.images}",
+            f"`cpu_threads = {args.threads}`, one window per shard (fetch, then score: the old path), 1 shard",
+        )
+        specs = {}
+        for name, (k, extra, _) in variants.items():
+            spec = tmp / f"spec-{name}.toml"
             spec.write_text(
-                f'name = "bench-pipeline"\n[input]\npaths = ["{d}"]\n'
+                f'name = "bench-pipeline"\n[input]\npaths = ["{inputs[k]}"]\n'
                 f'[fetch]\nallow_networks = ["127.0.0.0/8"]\n'
-                f'[score]\nmodel = "ViT-B-32"\npretrained = "{ckpt}"\n'
+                f'[score]\nmodel = "ViT-B-32"\npretrained = "{ckpt}"\n{extra}\n'
             )
-            specs[k] = spec
+            specs[name] = spec
         mo = model_only(ckpt, stored_images(urls, captions), captions, args.threads)
 
         best: dict = {}
@@ -231,8 +249,8 @@ def main() -> None:
                 "model_only": {"wall_s": mo["towers"](), "pairs": len(blobs)},
                 "scorer_in_process": {"wall_s": mo["scorer"](), "pairs": len(blobs)},
             }
-            for k, spec in specs.items():
-                rows[f"curate_{k}_shards"] = run_curate(spec, tmp / f"run-{k}-{r}")
+            for name, spec in specs.items():
+                rows[name] = run_curate(spec, tmp / f"run-{name}-{r}")
             for name, row in rows.items():
                 print(f"round {r}: {name}: {json.dumps({a: b for a, b in row.items() if a != 'layout'})}", flush=True)
                 if name not in best or row["wall_s"] < best[name]["wall_s"]:
@@ -258,11 +276,12 @@ def main() -> None:
         "scorer_in_process_pairs_per_s": sc_rate,
         "curate": {},
     }
-    for k in args.shards:
-        c = best[f"curate_{k}_shards"]
+    for name, (_, _, label) in variants.items():
+        c = best[name]
         steady = c["pairs"] / c["shards_s"]
-        res["curate"][k] = {
+        res["curate"][name] = {
             **c,
+            "label": label,
             "end_to_end_ratio_vs_plain": plain["wall_s"] / c["wall_s"],
             "pairs_per_s_steady": steady,
             "efficiency_vs_model_only": steady / mo_rate,
@@ -296,11 +315,11 @@ def table(r: dict) -> str:
         f"| plain loop (urllib x16 + PIL + open_clip fp32) | {p['wall_s']:.1f} | {p['startup_s']:.1f} | "
         f"{p['work_s']:.1f} | {p['pairs_per_s_steady']:.1f} | 1.00x | — | — |",
     ]
-    for k, v in r["curate"].items():
+    for v in r["curate"].values():
         lay = v["layout"] or {}
         lines.append(
-            f"| `curate run`, default spec, {k} shard(s) ({lay.get('actors')} actor x {lay.get('model_threads')} "
-            f"threads) | {v['wall_s']:.1f} | {v['startup_s']:.1f} | {v['shards_s']:.1f} ({v['prepare_s']:.1f} + "
+            f"| {v['label']} ({lay.get('actors')} actor(s) x {lay.get('model_threads')} thread(s), windows of "
+            f"{lay.get('window_rows')} rows) | {v['wall_s']:.1f} | {v['startup_s']:.1f} | {v['shards_s']:.1f} ({v['prepare_s']:.1f} + "
             f"{v['score_s']:.1f}) | {v['pairs_per_s_steady']:.1f} | "
             f"{v['end_to_end_ratio_vs_plain']:.2f}x | {v['efficiency_vs_model_only']:.0%} | "
             f"{v['efficiency_vs_scorer_in_process']:.0%} |"
