@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import polars as pl
@@ -144,12 +144,15 @@ def finish_windows(run_dir: str, shard: str, spec_json: str, windows: int, count
     (finish_shard). `counts`: prepare's, with the windows' fetch and score figures added."""
     spec = PipelineSpec.model_validate_json(spec_json)
     ann = pl.from_arrow(io.read_parquet(work_path(run_dir, shard)))
-    fetched = _windows(run_dir, shard, windows, "fetched")
+    fetched = _windows(run_dir, shard, range(windows), "fetched")
+    # fetched sizes replace input metadata only where the fetch produced them (nulls do not overwrite)
     ann = ann.update(pl.from_arrow(fetched), on=schema.ROW, how="left", include_nulls=False)
-    images = _windows(run_dir, shard, windows, "images").select([schema.ROW, schema.IMAGE_BYTES])
+    parts = [io.read_parquet(store.window_path(run_dir, shard, w, "images")) for w in range(windows)]
+    with_images = [w for w, t in enumerate(parts) if t.num_rows]  # only these were scored
+    images = pa.concat_tables(parts).select([schema.ROW, schema.IMAGE_BYTES])
     scored_now = None
-    if spec.score.source == "model" and images.num_rows:
-        scores = pl.from_arrow(_windows(run_dir, shard, windows, "scores", only_with_images=True))
+    if spec.score.source == "model" and with_images:
+        scores = pl.from_arrow(_windows(run_dir, shard, with_images, "scores"))
         if scores.height != images.num_rows:
             raise RuntimeError(
                 f"shard {shard}: {images.num_rows} fetched images but {scores.height} scores in "
@@ -162,8 +165,8 @@ def finish_windows(run_dir: str, shard: str, spec_json: str, windows: int, count
     if scored_now is not None:
         counts["scored_now"] = scored_now
     _merge_images(run_dir, shard, images)
-    if spec.score.store_embeddings and spec.score.source == "model" and images.num_rows:
-        emb = _windows(run_dir, shard, windows, "embeddings", only_with_images=True)
+    if spec.score.store_embeddings and spec.score.source == "model" and with_images:
+        emb = _windows(run_dir, shard, with_images, "embeddings")
         kept = pc.is_in(emb.column(schema.ROW), value_set=ann.get_column(schema.ROW).to_arrow())
         _merge_by_row(annotations.embeddings_path(run_dir, shard), emb.filter(kept))
     counts = {**counts, "rows": ann.height}
@@ -171,18 +174,16 @@ def finish_windows(run_dir: str, shard: str, spec_json: str, windows: int, count
     return {"shard": shard, "state": "done", **counts}
 
 
-def _windows(run_dir: str, shard: str, windows: int, kind: str, only_with_images: bool = False) -> pa.Table:
-    """The `kind` files of a shard's windows, concatenated (a window whose fetch stored no image has
-    no scores or embeddings file: skipped when `only_with_images`)."""
+def _windows(run_dir: str, shard: str, which: Iterable[int], kind: str) -> pa.Table:
+    """The `kind` files of the shard's windows `which`, concatenated; a missing one is an error
+    naming it (a window whose fetch stored no image has no scores or embeddings file: the caller
+    leaves it out of `which`)."""
     parts = []
-    for w in range(windows):
+    for w in which:
         p = store.window_path(run_dir, shard, w, kind)
-        if only_with_images and not io.exists(p):
-            if io.read_parquet(store.window_path(run_dir, shard, w, "images"), columns=[schema.ROW]).num_rows:
-                raise RuntimeError(f"shard {shard}: window {w} has fetched images but no {p}")
-            continue
+        if not io.exists(p):
+            raise RuntimeError(f"shard {shard}: window {w} has no {p}")
         parts.append(io.read_parquet(p))
-    assert parts, (shard, kind)  # finish_windows asks for scores and embeddings only when some window has images
     return pa.concat_tables(parts)
 
 
