@@ -1,7 +1,7 @@
 """`curate run`: drive every input shard through prepare (CPU tasks) and scoring (actors) on an
 executor (curate/executor.py: Ray by default, or in-process), then write the spec's default
-selection. Shards flow through as they finish (fetching shard k+1 overlaps scoring shard k;
-`ShardScheduler`); a failed shard is recorded with its error and its row count (from the parquet
+selection. Shards flow through in windows of rows as their steps finish (a window is scored
+while the next ones are fetched; `ShardScheduler`); a failed shard is recorded with its error and its row count (from the parquet
 footer when that is readable, else "unknown") as unaccounted, and the run exits non-zero, but
 never hides or stops the other shards. A worker, node or actor that dies is Ray's to retry
 (curate/ray_adapter.py); a killed driver is resumed by running the same command again: shards
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 import os
 import threading
 import time
@@ -207,7 +208,6 @@ def _run_shards(spec: PipelineSpec, m: dict, shards: list[str], executor: Execut
                 result,
                 bar.update,
                 prepare_resources=prepare_res,
-                scoring=scoring,
             )
             t_ready = time.monotonic()
             scheduler.run(shards)
@@ -351,31 +351,27 @@ class ShardScheduler:
         result: RunResult,
         on_shard_end: Callable[[int], Any] = lambda n: None,
         prepare_resources: Resources | None = None,
-        scoring: bool | None = None,
         fetch_slots: int | None = None,
     ):
         self.executor, self.steps, self.pool = executor, steps, pool
         self.spec_json, self.run_dir, self.records, self.result = spec_json, run_dir, records, result
         self.on_shard_end = on_shard_end
         self.prepare_resources = prepare_resources or combined(PREPARE_STAGES)  # (default: as the stages declare)
-        self.scoring = pool is not None if scoring is None else scoring
-        if self.scoring and pool is None:
-            raise ValueError("scoring needs an actor pool")
         cpus = executor.cluster.cpus if executor.cluster.cpus > 0 else 1.0
         # enough fetch tasks to fill the CPUs prepare may use (Ray queues what does not fit)
         self.fetch_slots = fetch_slots or max(2, math.ceil(cpus / max(self.prepare_resources.cpus, 1e-3)))
         self.score_backlog = 2 * SCORE_QUEUE * (pool.size if pool is not None else 1)
-        self.unread: list[str] = []
+        self.unread: deque[str] = deque()
         self.flights: dict[str, _Flight] = {}
-        self.to_fetch: list[tuple[str, int]] = []
+        self.to_fetch: deque[tuple[str, int]] = deque()
         self.pending: dict[Future, _Call] = {}
-        self.waiting: list[tuple[str, int]] = []
+        self.waiting: deque[tuple[str, int]] = deque()
         self.deaths: dict[tuple[str, int], int] = {}
-        self.suspects: list[tuple[str, int]] = []
+        self.suspects: deque[tuple[str, int]] = deque()
         self.isolated: dict[int, tuple[str, int]] = {}
 
     def run(self, paths: list[str]) -> None:
-        self.unread = list(paths)
+        self.unread = deque(paths)
         with StallWatch(STALL_S, self.describe_waiting) as watch:
             self._pump()
             while self.pending:
@@ -399,14 +395,14 @@ class ShardScheduler:
             self._dispatch()
         fetching = self._in_flight("fetch")
         while self.to_fetch and fetching < self.fetch_slots and len(self.waiting) < self.score_backlog:
-            shard, w = self.to_fetch.pop(0)
+            shard, w = self.to_fetch.popleft()
             self._submit(_Call("fetch", shard, w), self.steps.fetch, self.run_dir, shard, w, self.spec_json)
             fetching += 1
         # a new shard when the windows queued for fetching run short (its prepare reads and
         # annotates meanwhile); shards that need no fetch keep fetch_slots prepares going
         preparing = self._in_flight("prepare")
         while self.unread and len(self.to_fetch) + preparing < self.fetch_slots:
-            path = self.unread.pop(0)
+            path = self.unread.popleft()
             self._submit(_Call("prepare", shard_name(path)), self.steps.prepare, path, self.spec_json, self.run_dir)
             preparing += 1
 
@@ -422,7 +418,7 @@ class ShardScheduler:
         loads = self.pool.loads()
         for i in range(len(loads)):
             if self.suspects and loads[i] == 0 and i not in self.isolated:
-                item = self.suspects.pop(0)
+                item = self.suspects.popleft()
                 self.isolated[i] = item
                 self._score(item, i)
                 loads[i] += 1
@@ -431,7 +427,7 @@ class ShardScheduler:
             if not free:
                 return
             i = min(free, key=loads.__getitem__)
-            self._score(self.waiting.pop(0), i)
+            self._score(self.waiting.popleft(), i)
             loads[i] += 1
 
     def _score(self, item: tuple[str, int], i: int) -> None:
@@ -487,7 +483,7 @@ class ShardScheduler:
         f = self.flights[call.shard]
         f.fetched += 1
         f.counts["prepare_s"] = round(f.counts.get("prepare_s", 0) + res["fetch_s"], 3)
-        if self.scoring and res["ok"]:
+        if self.pool is not None and res["ok"]:  # a pool: the run scores its fetched images
             self.waiting.append((call.shard, call.window))
         else:
             f.scored += 1
@@ -546,7 +542,7 @@ class ShardScheduler:
         log.error("shard %s failed in %s: %s", call.shard, call.stage, self.result.failed[call.shard])
         self.flights.pop(call.shard, None)
         # its windows not yet fetched or scored are dropped; calls in flight are ignored when they end
-        self.to_fetch = [x for x in self.to_fetch if x[0] != call.shard]
-        self.waiting = [x for x in self.waiting if x[0] != call.shard]
-        self.suspects = [x for x in self.suspects if x[0] != call.shard]
+        self.to_fetch = deque(x for x in self.to_fetch if x[0] != call.shard)
+        self.waiting = deque(x for x in self.waiting if x[0] != call.shard)
+        self.suspects = deque(x for x in self.suspects if x[0] != call.shard)
         self.on_shard_end(1)
