@@ -4,7 +4,8 @@ annotations, and record the request. It sits above selection, like the other com
 
 Where the keys apply:
     curate forget   annotations/, images/, embeddings/ of every shard (what a killed run left in
-                    _work/ is discarded), then every selection is rewritten from the cleaned annotations (write_selection: no model, no network).
+                    _work/ is discarded), then every selection is rewritten from the cleaned
+                    annotations (write_selection: no model, no network).
     curate run      prepare_shard drops matching rows right after reading an input shard and
                     cleans a finished shard before reusing it; finish_windows drops them after
                     fetching (image sha256).
@@ -47,7 +48,6 @@ from curate.names import is_name
 
 def _side_paths(run_dir: str, shard: str) -> dict[str, str]:
     return {
-        "work": store.work_path(run_dir, shard),
         "images": store.images_path(run_dir, shard),
         "embeddings": store.embeddings_path(run_dir, shard),
     }
@@ -68,9 +68,10 @@ def clean_shard(run_dir: str, shard: str, keys: Keys) -> dict[str, Any]:
     """Remove matching rows from one shard's files: images/ and embeddings/ first, then the
     annotation file, then its marker (rows, forgotten, scored, fetch_status rewritten; rows_read
     kept). What a run left of the shard in flight (_work/<shard>/, which may hold images of the
-    rows) is discarded whole: the next run redoes it. Idempotent, and safe to repeat after a crash at any point: the keys are already stored,
-    and a marker that disagrees with its annotation file is rewritten. Returns {"rows": removed
-    annotation rows, "uids": their uids, per-file counts}."""
+    rows) is discarded whole: the next run redoes it. Idempotent, and safe to repeat after a crash
+    at any point: the keys are already stored, and a marker that disagrees with its annotation file
+    is rewritten. Returns {"rows": removed annotation rows, "uids": their uids, per-file counts
+    ("work": the in-flight rows that matched)}."""
     side = _side_paths(run_dir, shard)
     ann_path = annotations.shard_path(run_dir, shard)
     rows: set[int] = set()
@@ -82,15 +83,16 @@ def clean_shard(run_dir: str, shard: str, keys: Keys) -> dict[str, Any]:
         hit = match(ann, keys)
         rows |= set(ann.filter(hit).get_column(schema.ROW).to_list())
         uids |= set(x for x in ann.filter(hit).get_column(schema.UID).to_list() if x)
-    work = None
-    if io.exists(side["work"]):
-        work = pl.from_arrow(io.read_parquet(side["work"]))
+    in_flight = 0
+    if io.exists(store.work_path(run_dir, shard)):
+        work = pl.from_arrow(io.read_parquet(store.work_path(run_dir, shard)))
         whit = match(work, keys)
+        in_flight = int(whit.sum())
         rows |= set(work.filter(whit).get_column(schema.ROW).to_list())
         uids |= set(x for x in work.filter(whit).get_column(schema.UID).to_list() if x)
-    out: dict[str, Any] = {"shard": shard, "rows": 0, "uids": sorted(uids)}
+    out: dict[str, Any] = {"shard": shard, "rows": 0, "uids": sorted(uids), "work": in_flight}
     for name, p in side.items():
-        out[name] = _drop_rows(p, rows) if name != "work" else (int(whit.sum()) if work is not None else 0)
+        out[name] = _drop_rows(p, rows)
     store.discard_in_flight(run_dir, shard)
     removed = 0
     if ann is not None:
