@@ -124,8 +124,10 @@ def run_curate(spec: Path, out_dir: Path) -> dict:
 def model_only(ckpt: str, stored: list[bytes], captions: list[str], threads: int) -> dict:
     """curate in-process on the pairs the actors see (the stored JPEGs, as fetched): `towers`, the
     model alone on pre-decoded batches (the ceiling), and `scorer`, ClipScorer.score on the bytes
-    and captions (decode included: what the issue calls the scorer in-process). Same precision
-    and threads as the run's layout gives its actor on this host."""
+    and captions (decode included: what the issue calls the scorer in-process). Same precision as
+    the run; one process with `threads` torch threads (the node's cores), whereas the run's default
+    layout on a small CPU node is one single-threaded actor per core (bench_cpu_paths.py measured
+    2 x 1 thread 12-19% faster than 1 x 2 there, so this reference is not the node's best rate)."""
     import torch
     from PIL import Image
 
