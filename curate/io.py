@@ -115,10 +115,30 @@ def read_json(url: str) -> Any:
         return json.loads(f.read())
 
 
-def write_parquet(url: str, table: pa.Table, row_group_size: int | None = None) -> None:
+def write_parquet(
+    url: str, table: pa.Table, row_group_size: int | None = None, stored_columns: Iterable[str] = ()
+) -> None:
+    """`table` to `url` atomically, zstd-compressed except `stored_columns` (bytes that are already
+    compressed, such as JPEGs: zstd would spend CPU on them for nothing)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
+    pq.write_table(
+        table, buf, compression=_compression(table.schema, set(stored_columns)), row_group_size=row_group_size
+    )
     atomic_write_bytes(url, buf.getvalue())
+
+
+def _compression(schema: pa.Schema, stored: set[str]) -> str | dict[str, str]:
+    """ "zstd", or per parquet column path when some top-level columns are stored as they are
+    (pyarrow leaves a column that a dict does not name uncompressed, so every path is named)."""
+    if not stored & set(schema.names):
+        return "zstd"
+    probe = io.BytesIO()
+    pq.write_table(schema.empty_table(), probe)
+    paths = pq.ParquetFile(pa.BufferReader(probe.getvalue())).schema
+    return {
+        paths.column(i).path: ("none" if paths.column(i).path.split(".")[0] in stored else "zstd")
+        for i in range(len(paths))
+    }
 
 
 def read_parquet(url: str, columns: Iterable[str] | None = None) -> pa.Table:

@@ -132,7 +132,7 @@ def fetch_window(run_dir: str, shard: str, window: int, spec_json: str) -> dict:
         raise RuntimeError(f"shard {shard}: fetch returned {fetched.num_rows} statuses for {rows.num_rows} rows")
     got = fetched.filter(pc.is_valid(fetched.column(schema.IMAGE_BYTES))).select([schema.ROW, schema.IMAGE_BYTES])
     images = got.join(rows.select([schema.ROW, schema.CAPTION]), schema.ROW).sort_by(schema.ROW)
-    io.write_parquet(store.window_path(run_dir, shard, window, "images"), images)
+    io.write_parquet(store.window_path(run_dir, shard, window, "images"), images, stored_columns=[schema.IMAGE_BYTES])
     # last: a window with its statuses written is fetched
     io.write_parquet(store.window_path(run_dir, shard, window, "fetched"), fetched.drop_columns([schema.IMAGE_BYTES]))
     return {"window": window, "fetched": rows.num_rows, "ok": got.num_rows, "fetch_s": round(time.time() - t0, 3)}
@@ -188,10 +188,10 @@ def _windows(run_dir: str, shard: str, which: Iterable[int], kind: str) -> pa.Ta
 
 
 def _merge_images(run_dir: str, shard: str, images: pa.Table) -> None:
-    _merge_by_row(images_path(run_dir, shard), images)
+    _merge_by_row(images_path(run_dir, shard), images, stored_columns=[schema.IMAGE_BYTES])
 
 
-def _merge_by_row(path: str, table: pa.Table) -> None:
+def _merge_by_row(path: str, table: pa.Table, stored_columns: Iterable[str] = ()) -> None:
     """Write a per-shard side file (images/, embeddings/) keyed by row; a rerun that fetches or
     scores more rows of a finished shard merges into the file already there (new rows win)."""
     if io.exists(path):
@@ -201,7 +201,10 @@ def _merge_by_row(path: str, table: pa.Table) -> None:
             if f.name not in old.schema.names:
                 old = old.append_column(f, pa.nulls(old.num_rows, f.type))
         table = pa.concat_tables([old.filter(keep), table.select(old.schema.names).cast(old.schema)])
-    io.write_parquet(path, table.sort_by(schema.ROW))
+    rows = table.column(schema.ROW)
+    if len(rows) > 1 and not pc.all(pc.less(rows.slice(0, len(rows) - 1), rows.slice(1))).as_py():
+        table = table.sort_by(schema.ROW)  # (windows come in row order: then this copy is not needed)
+    io.write_parquet(path, table, stored_columns=stored_columns)
 
 
 def finish_shard(run_dir: str, shard: str, ann: pl.DataFrame, keep_columns: list[str], counts: dict) -> None:

@@ -11,6 +11,7 @@ import itertools
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -245,6 +246,14 @@ def test_score_window_writes_embeddings_before_scores_and_finish_before_marker(t
     assert not (tmp_path / "_work" / shard).exists()  # the shard's scratch went with it
     final = pl.read_parquet(annotations.shard_path(run_dir, shard)).sort(schema.ROW)
     assert final[schema.FETCH_STATUS].to_list() == ["ok", "ok", "decode_failed", "ok", "ok"]
+    # the stored JPEGs as fetched, in row order; zstd only where it gains (not on JPEG bytes)
+    stored = pq.ParquetFile(store.images_path(run_dir, shard))
+    rg = stored.metadata.row_group(0)
+    assert {rg.column(i).path_in_schema: rg.column(i).compression for i in range(rg.num_columns)} == {
+        schema.ROW: "ZSTD",
+        schema.IMAGE_BYTES: "UNCOMPRESSED",
+    }
+    assert stored.read().to_pydict() == {schema.ROW: list(range(5)), schema.IMAGE_BYTES: jpgs}
     t = io.read_parquet(annotations.embeddings_path(run_dir, shard))
     assert t.column(schema.ROW).to_pylist() == [0, 1, 3, 4]  # the undecodable row has none
     assert t.schema.field(schema.IMAGE_EMBEDDING).type == pa.list_(pa.float16())

@@ -263,6 +263,77 @@ def test_one_big_shard_is_scored_while_it_is_fetched_and_by_every_actor():
     assert records["big"] == {"rows": 60, "prepare_s": 3.0, "score_s": 10.0, "windows": 6}
 
 
+def test_shards_are_fetched_while_the_models_load(ray_session, tmp_path):
+    """On Ray, a shard is prepared and its windows fetched while the scoring actors still load
+    their models: the stand-in actors' describe() returns only once a fetch has written its file
+    (it gives up after 60 s, failing the run), and windows reach the actors only after that."""
+    from curate.config import RayConfig
+    from curate.ray_adapter import RayExecutor
+
+    flag = str(tmp_path / "fetched")
+
+    def prepare(path, spec_json, run_dir):
+        return {"shard": "big", "state": "fetch", "windows": 3, "counts": {"rows": 30}, "rows": 30}
+
+    def fetch(run_dir, shard, window, spec_json):
+        Path(flag).write_text("x")
+        return {"window": window, "fetched": 10, "ok": 10, "fetch_s": 0.1}
+
+    def finish(run_dir, shard, spec_json, windows, counts):
+        return {"shard": shard, "state": "done", **counts}
+
+    class Loading:
+        def __init__(self):
+            self.ready = False
+
+        def describe(self):
+            import time
+
+            deadline = time.monotonic() + 60
+            while not Path(flag).exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no window was fetched while the model loaded")
+                time.sleep(0.05)
+            self.ready = True
+            return {"model_id": "stand-in"}
+
+        def score_window(self, run_dir, shard, window):
+            assert self.ready, "a window reached an actor before it had loaded"
+            return {"window": window, "scored": 10, "score_s": 0.1}
+
+    ex = RayExecutor(RayConfig())
+    pool = ex.actor_pool(Loading, (), size=2, resources=Resources(cpus=0.1))
+    ready: list = []
+    result, records = RunResult("rd"), {}
+    try:
+        ShardScheduler(
+            ex, ShardSteps(prepare, fetch, finish), pool, "{}", "rd", records, result, on_actors_ready=ready.append
+        ).run(["in/big.parquet"])
+    finally:
+        pool.close()
+    assert result.ok and result.shards_done == ["big"], result.failed
+    assert ready == [[{"model_id": "stand-in"}] * 2]  # once, with every actor's description
+    assert records["big"]["windows"] == 3 and records["big"]["score_s"] == pytest.approx(0.3)
+
+
+def test_an_actor_that_cannot_load_fails_the_run_at_once():
+    """describe() raising (a bad checkpoint) ends the run with that error, not as a shard failure."""
+
+    class Broken:
+        def describe(self):
+            raise ValueError("checkpoint /x.pt: not a state dict")
+
+        def score_window(self, run_dir, shard, window):  # pragma: no cover - never reached
+            raise AssertionError("scored with a model that did not load")
+
+    pool = LocalExecutor().actor_pool(Broken, (), size=1, resources=Resources())
+    sched = ShardScheduler(
+        LocalExecutor(), STEPS, pool, "{}", "rd", {}, RunResult("rd"), on_actors_ready=lambda d: None
+    )
+    with pytest.raises(ValueError, match="not a state dict"):
+        sched.run(["in/part-00000.parquet"])
+
+
 # --- composition: whole runs on both executors ----------------------------------------------
 
 NO_RAY_DRIVER = r"""
