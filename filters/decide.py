@@ -19,6 +19,7 @@ import polars as pl
 
 from curate import schema
 from curate.config import SelectionConfig
+from curate.exact_rank import top_fraction_index
 from curate.filters.rules import DEDUP_RULES, RULE_ORDER, Reason, rule_failures
 from curate.stages.caption_minhash import DEFAULT_NGRAM
 from curate.filters.survivors import BEST_SCORE, Survivor, duplicates_frame, losers
@@ -59,7 +60,7 @@ def resolve_clip_threshold(annotations: pl.LazyFrame, sel: SelectionConfig) -> R
     n_pool = scores.len()
     if n_pool == 0:
         raise ValueError("clip.top_fraction: no row has a CLIP score; nothing to rank")
-    n = min(int(n_pool * sel.clip.top_fraction), n_pool - 1)
+    n = top_fraction_index(n_pool, sel.clip.top_fraction)
     return ResolvedSelection(float(scores[n]), "top_fraction", n_pool)
 
 
