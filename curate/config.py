@@ -266,11 +266,7 @@ class DedupRule(Strict):
     # the hash says "same picture" (docs/DEDUP.md: 10-12 keeps re-encodes, resizes and small crops
     # while separating look-alikes the embeddings merge). None = embeddings alone (SemDeDup).
     image_phash_max_distance: Optional[int] = Field(None, ge=0, le=64)
-    # where the global near-duplicate steps run: "local" (polars/numpy in this process; no Ray is
-    # imported) or "ray" (caption LSH buckets as a hash shuffle, in-cluster image comparisons as
-    # tasks; curate/distributed_dedup.py). Same results; "ray" is for pools beyond one machine.
-    engine: Literal["local", "ray"] = "local"
-    partitions: int = Field(0, ge=0, description='shuffle partitions for engine = "ray"; 0 = automatic')
+    partitions: int = Field(0, ge=0, description='shuffle partitions for selection.engine = "ray"; 0 = automatic')
     # which copy of a duplicate group is kept, for every dedup (URL, image hash, caption and image
     # near-duplicates, uid; local and Ray engines); filters/survivors.py
     survivor: Literal["best_score", "first", "priority"] = Field(
@@ -314,6 +310,14 @@ class SelectionConfig(Strict):
     """Rules applied to cached annotations; cheap, no model and no network."""
 
     name: str = Field("default", description="the folder selections/<name>/ (curate.names.check_name)")
+    engine: Literal["local", "ray", "auto"] = Field(
+        "local",
+        description='where a selection\'s distributed steps run: "local" (polars/numpy in this process; no Ray is '
+        'imported) or "ray" (tasks on the cluster: the top-fraction threshold ranked shard by shard, caption LSH '
+        "buckets as a hash shuffle, in-cluster image comparisons; the same decisions; the other steps still run in "
+        'the driver). "auto": Ray for pools of more than AUTO_RAY_ROWS rows or inside a Ray job (RAY_ADDRESS set); '
+        "filters/decide.py",
+    )
     clip: ClipRule = ClipRule()
     language: LanguageRule = LanguageRule()
     caption: CaptionRule = CaptionRule()
@@ -324,6 +328,21 @@ class SelectionConfig(Strict):
     @classmethod
     def _name_is_one_path_component(cls, v: str) -> str:
         return check_name(v, "selection name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_moved_up(cls, data: Any) -> Any:
+        """selection.dedup.engine (specs and recorded selections from before selection.engine) is
+        read as selection.engine: "ray" there asks for the Ray engine; "local" was the default."""
+        if isinstance(data, dict) and isinstance(data.get("dedup"), dict) and "engine" in data["dedup"]:
+            dedup = dict(data["dedup"])
+            legacy = dedup.pop("engine")
+            top = data.get("engine")
+            if legacy not in ("local", "ray"):
+                raise ValueError(f"selection.dedup.engine = {legacy!r}: use selection.engine (local, ray or auto)")
+            engine = "ray" if legacy == "ray" and top in (None, "local") else top or legacy
+            data = {**data, "dedup": dedup, "engine": engine}
+        return data
 
 
 class RayConfig(Strict):

@@ -1,4 +1,4 @@
-"""The global dedup steps on Ray (selection.dedup.engine = "ray"): the same results as the
+"""The global dedup steps on Ray (selection.engine = "ray"): the same results as the
 in-process engine, with the all-rows work spread over the cluster. They are written against the
 executor interface (curate/executor.py): a RayExecutor unless one is given (a LocalExecutor runs
 the same shuffle in-process: tests).
@@ -24,23 +24,13 @@ import math
 import numpy as np
 import polars as pl
 
+from curate.default_executor import given_or_ray
 from curate.executor import Executor, Resources
 from curate.filters.caption_dedup import bucket_pairs, exploded_keys
 from curate.filters.image_dedup import cluster_edges
 
 ROWS_PER_BLOCK = 250_000  # representatives per map task
 TASK = Resources(cpus=1)  # each map, reduce or edge task
-
-
-def _executor(given: Executor | None) -> Executor:
-    """The executor given, or Ray: the Ray this process already has, or a new local one (a
-    selection may run outside `curate run`)."""
-    if given is not None:
-        return given
-    # lazy: ray (~0.4 s), only for the Ray engine without an executor given
-    from curate.ray_adapter import RayExecutor
-
-    return RayExecutor()
 
 
 def _partition_keys(reps: pl.DataFrame, partitions: int) -> list[pl.DataFrame]:
@@ -58,7 +48,7 @@ def ray_caption_pairs(partitions: int = 0, rows_per_block: int = ROWS_PER_BLOCK,
     """A caption pair finder (filters.caption_dedup.PairFinder) that shuffles on Ray (or `executor`)."""
 
     def find(reps: pl.DataFrame) -> pl.DataFrame:
-        ex = _executor(executor)
+        ex = given_or_ray(executor)
         blocks = max(1, math.ceil(reps.height / rows_per_block))
         p = partitions or max(2, blocks)
         step = math.ceil(reps.height / blocks) if reps.height else 1
@@ -84,7 +74,7 @@ def ray_image_edges(partitions: int = 0, executor: Executor | None = None):
     tasks (or on `executor`)."""
 
     def find(x: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        ex = _executor(executor)
+        ex = given_or_ray(executor)
         n_clusters = int(labels.max()) + 1 if labels.size else 0
         p = partitions or max(2, min(n_clusters, 64))
         futures = []

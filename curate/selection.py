@@ -24,7 +24,9 @@ import polars as pl
 
 from curate import accounting, annotations, faults, io, manifest, publish, run_lock, schema, store
 from curate.config import PipelineSpec, ReportConfig, SelectionConfig
-from curate.filters.decide import decide
+from curate.distributed_selection import top_fraction_threshold
+from curate.default_executor import given_or_ray
+from curate.filters.decide import decide, on_ray
 from curate.names import check_name
 from curate.reports.audit import build_audit, write_audit
 
@@ -71,7 +73,7 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
     missing = [c for c in report_cfg.group_columns if c not in ann.collect_schema().names()]
     if missing:  # checked before anything is written
         raise ValueError(f"report.group_columns {missing} are not annotation columns; add them to input.keep_columns")
-    decisions_lf, resolved = decide(ann, sel, embeddings=embeddings)
+    decisions_lf, resolved = decide(ann, sel, embeddings=embeddings, resolved=_ranked_on_ray(run_dir, shards, sel, ann))
     decisions = decisions_lf.collect()
     kept_uids = decisions.filter(pl.col(schema.KEPT)).get_column(schema.UID).to_list()
     uid_array = uids_to_datacomp(kept_uids)
@@ -152,6 +154,15 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
     _record_in_manifest(run_dir, sel)
     faults.fire("selection.after_manifest", sel.name)
     return summary
+
+
+def _ranked_on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, ann: pl.LazyFrame):
+    """With the Ray engine, a top fraction's threshold ranked shard by shard on the cluster
+    (curate/distributed_selection.py: no score column gathered here); None otherwise (decide()
+    resolves the rule itself)."""
+    if sel.clip.min_score is not None or sel.clip.top_fraction is None or not on_ray(sel, ann):
+        return None
+    return top_fraction_threshold(run_dir, shards, sel.clip.top_fraction, given_or_ray())
 
 
 def _record_in_manifest(run_dir: str, sel: SelectionConfig) -> None:

@@ -13,6 +13,7 @@ The last dedup is by uid (duplicate_uid, always on): kept uids are unique, one u
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import polars as pl
@@ -40,6 +41,19 @@ class ResolvedSelection:
 
     def as_dict(self) -> dict:
         return {"clip_threshold": self.clip_threshold, "clip_rule": self.clip_rule, "scored_pool": self.scored_pool}
+
+
+AUTO_RAY_ROWS = 20_000_000  # selection.engine = "auto": Ray above this many rows (~10 GiB in process)
+
+
+def on_ray(sel: SelectionConfig, annotations: pl.LazyFrame) -> bool:
+    """Whether selection.engine sends the all-rows steps to Ray: "ray", or "auto" with more than
+    AUTO_RAY_ROWS rows or inside a Ray job (RAY_ADDRESS set, as on a cluster)."""
+    if sel.engine != "auto":
+        return sel.engine == "ray"
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    return annotations.select(pl.len()).collect().item() > AUTO_RAY_ROWS
 
 
 def resolve_clip_threshold(annotations: pl.LazyFrame, sel: SelectionConfig) -> ResolvedSelection:
@@ -128,7 +142,7 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> 
         ngram = _caption_ngram(frame)
         d = sel.dedup
         kw = {}
-        if d.engine == "ray":
+        if sel.engine == "ray":
             kw["pair_finder"] = ray_caption_pairs(d.partitions)
         dups = caption_duplicates(pool, d.caption_jaccard, ngram, d.caption_verify, _IDX, survivor=Survivor.of(d), **kw)
     else:  # annotations from a run without annotate.caption_minhash: nothing to compare
@@ -181,7 +195,7 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
                 "(a run made before perceptual hashes were stored): rerun scoring, or set it to null"
             )
         kw["phash_max_distance"] = d.image_phash_max_distance
-    if d.engine == "ray":
+    if sel.engine == "ray":
         kw["edge_finder"] = ray_image_edges(d.partitions)
     dups = image_duplicates(
         pool,
@@ -225,17 +239,22 @@ def decide(
     *,
     explain: bool = True,
     embeddings: pl.LazyFrame | None = None,
+    resolved: ResolvedSelection | None = None,
 ) -> tuple[pl.LazyFrame, ResolvedSelection]:
     """Add kept / reason / reasons / duplicate_of to every row. explain=False adds `kept` only
     (same decisions, no reason lists): what a threshold sweep needs, at a fraction of the cost.
     embeddings: (shard, row, image_embedding) rows, needed only by dedup.image_cosine
-    (curate.annotations.scan_embeddings reads a run's embeddings/*.parquet).
+    (curate.annotations.scan_embeddings reads a run's embeddings/*.parquet). resolved: the CLIP
+    rule already resolved over these annotations (the Ray engine ranks a top fraction shard by
+    shard: curate/distributed_selection.py); None resolves it here.
 
     The rules and their order come from the registry (filters/rules.py): per-row rules first, as
     failure flags; then each dedup rule in turn among the rows still eligible."""
     survivor = Survivor.of(sel.dedup)  # dedup.survivor: which copy of a duplicate group is kept
     survivor.check(annotations.collect_schema())  # a priority column the annotations lack: a clear error
-    resolved = resolve_clip_threshold(annotations, sel)
+    sel = sel.model_copy(update={"engine": "ray" if on_ray(sel, annotations) else "local"})  # "auto" resolved once
+    if resolved is None:
+        resolved = resolve_clip_threshold(annotations, sel)
     fails = rule_failures(sel, resolved.clip_threshold)
     if sel.dedup.image_cosine is not None and embeddings is None:
         raise ValueError(

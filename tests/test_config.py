@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from curate.config import PipelineSpec, SpecError, load_spec, parse_spec
 from curate.presets import preset_names, preset_path
@@ -158,3 +159,23 @@ def test_settings_that_would_silently_do_nothing_are_refused_naming_the_keys(tmp
         spec.write_text(BASE_TOML + tables + fix)
         res = CliRunner().invoke(app, ["show-spec", str(spec)])
         assert res.exit_code == 0, res.output
+
+
+def test_the_old_dedup_engine_key_is_read_as_the_selection_engine():
+    """Specs and recorded selections from before selection.engine said selection.dedup.engine."""
+    from curate.config import SelectionConfig
+
+    assert SelectionConfig.model_validate({"dedup": {"engine": "ray"}}).engine == "ray"
+    assert SelectionConfig.model_validate({"engine": "ray", "dedup": {"engine": "local"}}).engine == "ray"
+    assert SelectionConfig.model_validate({"engine": "auto", "dedup": {"engine": "ray"}}).engine == "auto"
+    assert SelectionConfig.model_validate({"dedup": {"engine": "local"}}).engine == "local"
+    dumped = SelectionConfig.model_validate({"dedup": {"engine": "ray", "partitions": 3}}).model_dump()
+    assert dumped["engine"] == "ray" and "engine" not in dumped["dedup"] and dumped["dedup"]["partitions"] == 3
+    with pytest.raises(ValidationError, match="use selection.engine"):
+        SelectionConfig.model_validate({"dedup": {"engine": "spark"}})
+    with pytest.raises(ValidationError, match="engine"):
+        SelectionConfig.model_validate({"engine": "spark"})
+    spec = PipelineSpec.model_validate({"name": "t", "input": {"paths": ["x"]}}).with_overrides(
+        **{"selection.dedup.engine": "ray"}
+    )
+    assert spec.selection.engine == "ray"

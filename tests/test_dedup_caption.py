@@ -214,7 +214,7 @@ def test_ray_engine_selects_exactly_like_local(laion_captions, ray_session):
     frame = pl.from_arrow(ann_table(laion_captions)).lazy()
     cols = ["uid", "kept", "reason", "duplicate_of", "duplicate_cluster"]
     local = decide(frame, cap_sel())[0].collect().select(cols).sort("uid")
-    on_ray = decide(frame, cap_sel(dedup={"engine": "ray", "partitions": 3}))[0].collect().select(cols).sort("uid")
+    on_ray = decide(frame, cap_sel(engine="ray", dedup={"partitions": 3}))[0].collect().select(cols).sort("uid")
     assert (local["reason"] == "duplicate_caption").sum() > 500
     assert on_ray.equals(local)
 

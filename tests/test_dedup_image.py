@@ -110,8 +110,10 @@ def _decide(ann: pl.DataFrame, embl: pl.DataFrame, sel: SelectionConfig) -> pl.D
     return d.join(pos, on=schema.UID).sort("_pos").drop("_pos")
 
 
-def _sel(**dedup) -> SelectionConfig:
-    return SelectionConfig.model_validate({"name": "t", "dedup": {"image_cosine": THRESHOLD, **dedup}})
+def _sel(engine: str = "local", **dedup) -> SelectionConfig:
+    return SelectionConfig.model_validate(
+        {"name": "t", "engine": engine, "dedup": {"image_cosine": THRESHOLD, **dedup}}
+    )
 
 
 def _pair_metrics(d: pl.DataFrame, group: np.ndarray) -> tuple[float, float]:

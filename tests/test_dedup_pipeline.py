@@ -1,5 +1,5 @@
 """Dedup end to end through `curate run`: caption MinHash band keys computed per shard by
-prepare tasks on Ray workers, the global step (dedup.engine = "ray") finding copies across shards,
+prepare tasks on Ray workers, the global step (selection.engine = "ray") finding copies across shards,
 and attribution that points at kept rows."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def caption_run(tmp_path_factory, laion_sample):
             "output.dir": str(out),
             "annotate.caption_minhash": True,
             "selection.dedup.caption_jaccard": 0.8,
-            "selection.dedup.engine": "ray",
+            "selection.engine": "ray",
             "selection.dedup.partitions": 4,
         }
     )

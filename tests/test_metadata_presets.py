@@ -2,6 +2,7 @@
 columns (similarity scores, original sizes) with no fetch and no model, on real Ray."""
 
 import hashlib
+import json
 
 import numpy as np
 import polars as pl
@@ -76,3 +77,47 @@ def test_basic_preset_filters_on_metadata_sizes_and_captions(pool, tmp_path):
     should_keep = (lo >= 200) & (hi / lo <= 3.0) & (words > 2) & (chars > 5)
     assert d["kept"].to_numpy().tolist() == should_keep.tolist()
     assert set(d.filter(~pl.col("kept"))["reason"]) <= {"caption_length", "image_size"}
+
+
+def _same_selection(a, b) -> None:
+    """Two selections of one run hold the same decisions, uid file and report numbers."""
+    for sub in ("kept", "removed"):
+        ta = pl.read_parquet(a / sub / "*.parquet").sort("shard", "row")
+        tb = pl.read_parquet(b / sub / "*.parquet").sort("shard", "row")
+        assert ta.equals(tb), sub
+    assert (a / "uids.npy").read_bytes() == (b / "uids.npy").read_bytes()
+    ja, jb = json.loads((a / "selection.json").read_text()), json.loads((b / "selection.json").read_text())
+    assert ja["resolved"] == jb["resolved"] and ja["counts"] == jb["counts"] and ja["shards"] == jb["shards"]
+    ra, rb = json.loads((a / "report.json").read_text()), json.loads((b / "report.json").read_text())
+    assert ra.keys() == rb.keys() and {"totals", "reasons", "groups", "clip_threshold", "sweep"} <= ra.keys()
+    for k in ra.keys() - {"meta", "settings"}:  # meta and settings name the selection and its engine
+        assert ra[k] == rb[k], k
+
+
+@pytest.mark.parametrize("clip", [{"top_fraction": 0.3}, {"min_score": 0.27}])
+def test_the_ray_engine_writes_the_same_selection(pool, tmp_path, clip, ray_session, monkeypatch):
+    """selection.engine = "ray" (the top fraction ranked shard by shard on Ray, the dedup candidate
+    steps as tasks) against "local", on one run: the same kept and removed rows, uids.npy bytes and
+    report numbers, for a top fraction and for an absolute threshold."""
+    from curate import selection
+    from curate.config import SelectionConfig
+    from curate.selection import write_selection
+
+    ranked = []
+    real = selection.top_fraction_threshold
+    monkeypatch.setattr(selection, "top_fraction_threshold", lambda *a: ranked.append(type(a[-1]).__name__) or real(*a))
+
+    out = tmp_path / "run"
+    spec = load_spec(preset_path("datacomp_clip_score")).with_overrides(
+        **{"input.paths": [str(pool)], "output.dir": str(out)}
+    )
+    assert run(spec, executor=LocalExecutor()).ok
+    rules = {"clip": clip, "dedup": {"url": True, "caption_exact": True}}
+    for engine in ("local", "ray"):
+        write_selection(str(out), SelectionConfig.model_validate({**rules, "name": engine, "engine": engine}))
+    sel = out / "selections"
+    _same_selection(sel / "local", sel / "ray")
+    removed = pl.read_parquet(sel / "ray" / "removed" / "*.parquet")
+    assert (removed["reason"] == "duplicate_caption_exact").sum() > 0  # the dedup had work to do
+    assert json.loads((sel / "ray" / "selection.json").read_text())["rules"]["engine"] == "ray"
+    assert ranked == (["RayExecutor"] if "top_fraction" in clip else [])  # ranked on Ray, by shard

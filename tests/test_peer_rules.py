@@ -181,9 +181,9 @@ KINDS = {
 }
 
 
-def _decide(corpus, dedup: dict) -> pl.DataFrame:
+def _decide(corpus, dedup: dict, engine: str = "local") -> pl.DataFrame:
     _, ann, embeddings = corpus
-    sel = SelectionConfig.model_validate({"name": "t", "language": {"allow": ["en"]}, "dedup": dedup})
+    sel = SelectionConfig.model_validate({"name": "t", "engine": engine, "language": {"allow": ["en"]}, "dedup": dedup})
     return decide(ann.lazy(), sel, embeddings=embeddings.lazy())[0].collect()
 
 
@@ -260,9 +260,9 @@ def test_all_dedups_together_point_at_a_better_kept_row(corpus, rule, column):
 @pytest.mark.parametrize("rule,column", [("first", None), ("priority", "pri_f")])
 @pytest.mark.parametrize("kind", ["caption", "image"])
 def test_ray_engine_honours_the_survivor_rule(corpus, ray_session, kind, rule, column):
-    """engine = "ray" moves only the candidate / edge search; the survivor is the same rule."""
+    """selection.engine = "ray" moves only the candidate / edge search; the survivor is the same rule."""
     dedup = {**KINDS[kind][0], "survivor": rule, "survivor_column": column}
-    on_ray = _decide(corpus, {**dedup, "engine": "ray", "partitions": 3})
+    on_ray = _decide(corpus, {**dedup, "partitions": 3}, engine="ray")
     assert got(on_ray) == reference(corpus[0], KINDS[kind][1], _eligible, rule, column)
     assert on_ray.select(OUT).sort("uid").equals(_decide(corpus, dedup).select(OUT).sort("uid"))
 

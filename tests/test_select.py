@@ -185,3 +185,19 @@ def test_url_caption_pair_key_keeps_one_row_per_caption_of_a_url():
     pair = decide(lf, SelectionConfig(dedup={"image_sha256": False, "url_key": "url_caption"}))[0].collect().sort("row")
     assert pair["reason"].to_list() == ["duplicate_url", None, None, None]
     assert pair["duplicate_of"][0] == pair["uid"][1] and "_url_caption" not in pair.columns
+
+
+def test_auto_engine_goes_to_ray_for_big_pools_and_inside_ray_jobs(monkeypatch):
+    from curate.filters import decide as decide_mod
+
+    frame = ann([{}] * 5)
+    auto, local = SelectionConfig(engine="auto"), SelectionConfig()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not decide_mod.on_ray(auto, frame) and not decide_mod.on_ray(local, frame)
+    assert decide_mod.on_ray(SelectionConfig(engine="ray"), frame)
+    monkeypatch.setattr(decide_mod, "AUTO_RAY_ROWS", 4)  # more rows than one machine should hold
+    assert decide_mod.on_ray(auto, frame) and not decide_mod.on_ray(local, frame)
+    monkeypatch.setattr(decide_mod, "AUTO_RAY_ROWS", 5)
+    assert not decide_mod.on_ray(auto, frame)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a job on a cluster
+    assert decide_mod.on_ray(auto, frame) and not decide_mod.on_ray(local, frame)
