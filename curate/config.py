@@ -318,6 +318,13 @@ class SelectionConfig(Strict):
         'the driver). "auto": Ray for pools of more than AUTO_RAY_ROWS rows or inside a Ray job (RAY_ADDRESS set); '
         "filters/decide.py",
     )
+    write: Literal["full", "kept", "decisions"] = Field(
+        "full",
+        description="what the selection writes per shard: full (kept/ and removed/ with every annotation column), "
+        "kept (kept/ in full; removed/ with the decision columns only: shard, row, uid, kept, reason, reasons, "
+        "duplicate_of, duplicate_cluster) or decisions (decisions/ with those columns for every row, no row copies: "
+        "at billions of rows, copying every row is hundreds of GB)",
+    )
     clip: ClipRule = ClipRule()
     language: LanguageRule = LanguageRule()
     caption: CaptionRule = CaptionRule()

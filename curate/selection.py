@@ -5,6 +5,9 @@ re-selecting costs a read of the annotations and nothing else (a test holds us t
 Layout: selections/<name>/
     kept/<shard>.parquet      the retained pairs (every annotation column)
     removed/<shard>.parquet   the removed pairs, with reason, reasons, duplicate_of
+                              (selection.write = "kept": the decision columns only)
+    decisions/<shard>.parquet selection.write = "decisions": DECISION_COLUMNS of every row, instead
+                              of kept/ and removed/
     uids.npy                  sorted kept uids as DataComp's (u8, u8) pairs
     selection.json            the rules applied, the resolved threshold, the counts (written last)
     report.json, report.html
@@ -31,6 +34,17 @@ from curate.names import check_name
 from curate.reports.audit import build_audit, write_audit
 
 _DROP_FROM_OUTPUTS = (schema.URL_NORMALIZED,)
+# what selection.write = "decisions" writes for every row (and "kept" for the removed ones)
+DECISION_COLUMNS = [
+    schema.SHARD,
+    schema.ROW,
+    schema.UID,
+    schema.KEPT,
+    schema.REASON,
+    schema.REASONS,
+    schema.DUPLICATE_OF,
+    schema.DUPLICATE_CLUSTER,
+]
 
 
 def selection_dir(run_dir: str, name: str) -> str:
@@ -124,11 +138,19 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
         per_shard: dict[str, dict[str, int]] = {}
         for (shard,), part in decisions.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
             part = part.drop(_DROP_FROM_OUTPUTS).sort(schema.ROW)
-            kept = part.filter(pl.col(schema.KEPT)).drop(schema.REASON, schema.REASONS, schema.DUPLICATE_OF)
-            removed = part.filter(pl.col(schema.KEPT).not_())
-            io.write_parquet(io.join(out, "kept", f"{shard}.parquet"), kept.to_arrow())
-            io.write_parquet(io.join(out, "removed", f"{shard}.parquet"), removed.to_arrow())
-            per_shard[shard] = {"rows": part.height, "kept": kept.height, "removed": removed.height}
+            n_kept = int(part.get_column(schema.KEPT).sum())
+            if sel.write == "decisions":
+                io.write_parquet(
+                    io.join(out, "decisions", f"{shard}.parquet"), part.select(DECISION_COLUMNS).to_arrow()
+                )
+            else:
+                kept = part.filter(pl.col(schema.KEPT)).drop(schema.REASON, schema.REASONS, schema.DUPLICATE_OF)
+                removed = part.filter(pl.col(schema.KEPT).not_())
+                if sel.write == "kept":
+                    removed = removed.select(DECISION_COLUMNS)
+                io.write_parquet(io.join(out, "kept", f"{shard}.parquet"), kept.to_arrow())
+                io.write_parquet(io.join(out, "removed", f"{shard}.parquet"), removed.to_arrow())
+            per_shard[shard] = {"rows": part.height, "kept": n_kept, "removed": part.height - n_kept}
             faults.fire("selection.shard_written", shard)
         for shard, c in per_shard_counts.items():
             per_shard.setdefault(shard, {"rows": 0, "kept": 0, "removed": 0}).update(c)

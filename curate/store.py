@@ -188,7 +188,7 @@ def selection_dir(run_dir: str, name: str) -> str:
 
 # what a selection folder holds, all written by curate.selection.write_selection
 SELECTION_FILES = frozenset({"selection.json", "report.json", "report.html", "uids.npy"})
-SELECTION_DIRS = frozenset({"kept", "removed", "tables"})  # <shard or table>.parquet each
+SELECTION_DIRS = frozenset({"kept", "removed", "decisions", "tables"})  # <shard or table>.parquet each
 
 
 def selection_owned(rel: str) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 import polars as pl
 
-from curate import io, manifest, schema, store
+from curate import annotations, io, manifest, schema, store
 from curate.reports.html import CSS, _td, esc, fmt_int, fmt_pct
 from curate.names import is_name  # not curate's hidden staging folders
 from curate import publish
@@ -47,18 +47,35 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
-def _rows(sel_dir: str, cols: list[str]) -> pl.LazyFrame:
+def _rows(run_dir: str, sel_dir: str, cols: list[str]) -> pl.LazyFrame:
+    """`cols` and kept of every row of a selection, whatever it wrote (selection.write): columns a
+    part lacks (removed/ and decisions/ hold the decision columns only with "kept" and
+    "decisions") come from the run's annotations by (shard, row); null when those lack them too."""
     parts = []
-    for sub, kept in (("kept", True), ("removed", False)):
+    ann: pl.LazyFrame | None = None
+    for sub, kept in (("kept", True), ("removed", False), ("decisions", None)):
         d = io.join(sel_dir, sub)
-        if io.exists(d) and io.list_files(d):
-            lf = pl.scan_parquet(io.join(d, "*.parquet"))
-            have = set(lf.collect_schema().names())
-            parts.append(
-                lf.select([pl.col(c) if c in have else pl.lit(None, pl.String).alias(c) for c in cols]).with_columns(
-                    pl.lit(kept).alias(schema.KEPT)
-                )
+        if not (io.exists(d) and io.list_files(d)):
+            continue
+        lf = pl.scan_parquet(io.join(d, "*.parquet"))
+        have = set(lf.collect_schema().names())
+        missing = [c for c in cols if c not in have]
+        if missing:
+            if ann is None:
+                ann = annotations.scan(run_dir, include_forgotten=True)
+            names = set(ann.collect_schema().names())
+            lf = lf.join(
+                ann.select(schema.SHARD, schema.ROW, *[c for c in missing if c in names]),
+                on=[schema.SHARD, schema.ROW],
+                how="left",
             )
+            have |= names
+        flag = pl.col(schema.KEPT) if kept is None else pl.lit(kept)
+        parts.append(
+            lf.select(
+                *[pl.col(c) if c in have else pl.lit(None, pl.String).alias(c) for c in cols], flag.alias(schema.KEPT)
+            )
+        )
     return pl.concat(parts, how="vertical_relaxed")
 
 
@@ -66,7 +83,7 @@ def diff(a: str, b: str, *, group_columns: tuple[str, ...] = GROUPS, top: int = 
     run_a, sel_a = resolve_selection(a)
     run_b, sel_b = resolve_selection(b)
     cols = [schema.UID, schema.SHARD, schema.ROW, *group_columns]
-    ra, rb = _rows(sel_a, cols), _rows(sel_b, cols)
+    ra, rb = _rows(run_a, sel_a, cols), _rows(run_b, sel_b, cols)
     ka = ra.filter(pl.col(schema.KEPT)).select(schema.UID).unique()
     kb = rb.filter(pl.col(schema.KEPT)).select(schema.UID).unique()
     both = ka.join(kb, on=schema.UID, how="inner").select(pl.len()).collect().item()

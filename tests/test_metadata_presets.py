@@ -121,3 +121,50 @@ def test_the_ray_engine_writes_the_same_selection(pool, tmp_path, clip, ray_sess
     assert (removed["reason"] == "duplicate_caption_exact").sum() > 0  # the dedup had work to do
     assert json.loads((sel / "ray" / "selection.json").read_text())["rules"]["engine"] == "ray"
     assert ranked == (["RayExecutor"] if "top_fraction" in clip else [])  # ranked on Ray, by shard
+
+
+def test_what_a_selection_writes_is_a_setting(pool, tmp_path):
+    """selection.write: full copies of kept and removed rows, kept rows with removed decisions, or
+    decisions only. The same decisions and uids either way; every row in exactly one file; `curate
+    diff` reads all three (group columns from the annotations where the files lack them)."""
+    from curate.config import SelectionConfig
+    from curate.reports.diff import diff
+    from curate.selection import DECISION_COLUMNS, write_selection
+
+    out = tmp_path / "run"
+    spec = load_spec(preset_path("datacomp_clip_score")).with_overrides(
+        **{"input.paths": [str(pool)], "output.dir": str(out)}
+    )
+    assert run(spec, executor=LocalExecutor()).ok
+    rules = {"clip": {"top_fraction": 0.3}, "dedup": {"url": True, "caption_exact": True}}
+    for mode in ("full", "kept", "decisions"):
+        write_selection(str(out), SelectionConfig.model_validate({**rules, "name": mode, "write": mode}))
+    sel = out / "selections"
+    folders = {m: sorted(p.name for p in (sel / m).iterdir() if p.is_dir()) for m in ("full", "kept", "decisions")}
+    assert folders == {
+        "full": ["kept", "removed", "tables"],
+        "kept": ["kept", "removed", "tables"],
+        "decisions": ["decisions", "tables"],
+    }
+    full_removed = pl.read_parquet(sel / "full" / "removed" / "*.parquet")
+    assert "caption" in full_removed.columns
+    assert pl.read_parquet(sel / "kept" / "removed" / "*.parquet").columns == DECISION_COLUMNS
+    assert pl.read_parquet(sel / "kept" / "kept" / "*.parquet").equals(
+        pl.read_parquet(sel / "full" / "kept" / "*.parquet")
+    )
+    dec = pl.read_parquet(sel / "decisions" / "decisions" / "*.parquet")
+    assert dec.columns == DECISION_COLUMNS and dec.height == N and dec.select("shard", "row").n_unique() == N
+    want = full_removed.select(DECISION_COLUMNS).sort("shard", "row")
+    assert dec.filter(~pl.col("kept")).sort("shard", "row").equals(want)
+    assert (dec["reason"] == "duplicate_caption_exact").sum() > 0
+    uids = {m: (sel / m / "uids.npy").read_bytes() for m in folders}
+    assert uids["full"] == uids["kept"] == uids["decisions"]
+    counts = {m: json.loads((sel / m / "selection.json").read_text())["shards"] for m in folders}
+    assert counts["full"] == counts["kept"] == counts["decisions"]
+    for other in ("kept", "decisions"):
+        d = diff(str(sel / "full"), str(sel / other), group_columns=("domain", "language"))
+        assert d["kept_a"] == d["kept_b"] == d["kept_both"] == dec["kept"].sum()
+        for c in ("domain", "language"):  # group columns read back the same: retention equal per group
+            groups = d["groups"][c]
+            assert groups and all(g["rows_a"] == g["rows_b"] and g["change"] == 0 for g in groups), groups
+            assert "(unknown)" not in {g["value"] for g in groups}
