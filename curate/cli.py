@@ -132,6 +132,10 @@ def select(run_dir: str, name: str, **flags: object) -> None:
         _fail(str(e))
     data = spec.selection.model_dump(mode="json")
     data["name"] = name
+    for key in ("engine", "write"):  # where the selection runs and what it writes, when given
+        value = flags.pop(key)
+        if value is not None:
+            data[key] = value
     rules.apply_flags(data, flags)  # the rule registry's flags (filters/rules.py)
     try:
         sel = SelectionConfig.model_validate(data)
@@ -168,6 +172,20 @@ def _select_signature() -> inspect.Signature:
             P.KEYWORD_ONLY,
             annotation=str,
             default=typer.Option(..., "--name", "-n", help="name of the new selection (selections/<name>/)"),
+        ),
+        P(
+            "engine",
+            P.KEYWORD_ONLY,
+            annotation=Optional[str],
+            default=typer.Option(None, "--engine", help="local, ray or auto (selection.engine; default: the spec's)"),
+        ),
+        P(
+            "write",
+            P.KEYWORD_ONLY,
+            annotation=Optional[str],
+            default=typer.Option(
+                None, "--write", help="full, kept or decisions: what the selection writes (selection.write)"
+            ),
         ),
     ]
     for flag in rules.FLAGS:

@@ -168,3 +168,24 @@ def test_what_a_selection_writes_is_a_setting(pool, tmp_path):
             groups = d["groups"][c]
             assert groups and all(g["rows_a"] == g["rows_b"] and g["change"] == 0 for g in groups), groups
             assert "(unknown)" not in {g["value"] for g in groups}
+
+
+def test_select_takes_the_engine_and_what_to_write_on_the_command_line(pool, tmp_path):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    out = tmp_path / "run"
+    spec = load_spec(preset_path("datacomp_clip_score")).with_overrides(
+        **{"input.paths": [str(pool)], "output.dir": str(out)}
+    )
+    assert run(spec, executor=LocalExecutor()).ok
+    cli = CliRunner()
+    res = cli.invoke(app, ["select", str(out), "--name", "slim", "--write", "decisions", "--engine", "local"])
+    assert res.exit_code == 0, res.output
+    rules = json.loads((out / "selections" / "slim" / "selection.json").read_text())["rules"]
+    assert rules["write"] == "decisions" and rules["engine"] == "local"
+    assert (out / "selections" / "slim" / "decisions").is_dir()
+    bad = cli.invoke(app, ["select", str(out), "--name", "x", "--write", "everything"])
+    assert bad.exit_code != 0 and "write" in bad.output and "full" in bad.output, bad.output
+    assert not (out / "selections" / "x").exists()
