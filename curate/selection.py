@@ -232,9 +232,10 @@ def _rebuild_report(
     sel = SelectionConfig.model_validate(summary["rules"])
     m = manifest.read(run_dir)
     cfg = PipelineSpec.model_validate(m["spec"]).report
-    ann = annotations.scan(run_dir)
-    embeddings = annotations.embeddings_for(run_dir, sel)
-    decisions, resolved = decide(ann, sel, embeddings=embeddings)
+    shards = annotations.completed_shards(run_dir)
+    ann = annotations.scan(run_dir, shards)
+    embeddings = annotations.embeddings_for(run_dir, sel, shards)
+    decisions, resolved = decide(ann, sel, embeddings=embeddings, resolved=_ranked_on_ray(run_dir, shards, sel, ann))
     decisions = decisions.collect().lazy()  # once: every report query reads it (as write_selection does)
     names = set(ann.collect_schema().names())
     extra = [c for c in cfg.group_columns if c in names]
@@ -270,7 +271,7 @@ def _rebuild_report(
         seed=seed,
         embeddings=embeddings,
     )
-    shards = annotations.completed_shards(run_dir)  # forgotten rows count: kept + removed + forgotten == rows read
+    # forgotten rows count: kept + removed + forgotten == rows read
     accounting.reconcile_report(report, run_dir, shards, accounting.excluded_counts(run_dir, shards))
     json_path, html_path = write_audit(report, tables, out)
     return {"report": report, "report_json": json_path, "report_html": html_path}

@@ -121,6 +121,9 @@ def test_the_ray_engine_writes_the_same_selection(pool, tmp_path, clip, ray_sess
     assert (removed["reason"] == "duplicate_caption_exact").sum() > 0  # the dedup had work to do
     assert json.loads((sel / "ray" / "selection.json").read_text())["rules"]["engine"] == "ray"
     assert ranked == (["RayExecutor"] if "top_fraction" in clip else [])  # ranked on Ray, by shard
+    selection.rebuild_report(str(out), "ray")  # `curate report` re-ranks on Ray too, to the same numbers
+    assert ranked == (["RayExecutor"] * 2 if "top_fraction" in clip else [])
+    _same_selection(sel / "local", sel / "ray")
 
 
 def test_what_a_selection_writes_is_a_setting(pool, tmp_path):
