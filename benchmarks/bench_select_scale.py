@@ -1,0 +1,208 @@
+"""Benchmark: re-selection memory and time against pool size, for each selection engine, on a
+local multi-node Ray cluster (`ray start` head + worker nodes on this machine).
+
+    .venv/bin/python benchmarks/bench_select_scale.py [--rows 1000000 3000000] [--workers 2]
+        [--engines local ray] [--dir /tmp/curate-scale] [--update-docs]
+
+For each size: a DataComp-format pool (uid, url, text, original_width, original_height, sha256,
+clip_l14_similarity_score) with ~10% duplicates (5% repeat another row's URL and caption, 3% its
+URL only, 2% its image sha256), run once through `curate run` (no fetch, no model: the scores are
+the pool's column; cached under --dir), then `curate select RUN --clip-top-fraction 0.3` with
+`--engine` each engine, as its own process. Measured per selection: wall time, the driver's peak
+RSS (ru_maxrss of that process, from wait4) and the largest peak RSS of any Ray worker process
+(VmHWM in /proc, read before the cluster stops). The question it answers: does the driver's memory
+stay flat as the pool grows (issue: the decision layer on Ray with a bounded driver)?
+
+Prints the CPU flags; writes benchmarks/results/select_scale.{json,md}; --update-docs replaces the
+table between the BENCH:select_scale markers in docs/SCALE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MARK_BEGIN, MARK_END = "<!-- BENCH:select_scale:begin -->", "<!-- BENCH:select_scale:end -->"
+SHARD_ROWS = 100_000
+
+
+def make_pool(path: Path, rows: int) -> None:
+    """DataComp-format shards of SHARD_ROWS rows with ~10% injected duplicates (once)."""
+    if (path / "_complete").exists():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(rows)
+    words = np.array("a photo of the red dog on grass near house blue car city street man woman child tree".split())
+    for s, start in enumerate(range(0, rows, SHARD_ROWS)):
+        idx = np.arange(start, min(rows, start + SHARD_ROWS))
+        n = len(idx)
+        r = rng.random(n)
+        other = rng.integers(0, rows, n)
+        url_src = np.where(r < 0.08, other, idx)  # 5% URL + caption, 3% URL only
+        cap_src = np.where(r < 0.05, other, idx)
+        sha_src = np.where((r >= 0.08) & (r < 0.10), other, idx)  # 2% the same image elsewhere
+        pl.DataFrame(
+            {
+                "uid": [f"{k:032x}" for k in idx],
+                "url": [f"https://img{k % 20011}.example.com/p/{k}.jpg" for k in url_src],
+                "text": [f"{' '.join(words[(np.arange(k % 7 + 3) * 5 + k) % len(words)])} {k}" for k in cap_src],
+                "original_width": rng.integers(64, 1600, n),
+                "original_height": rng.integers(64, 1600, n),
+                "sha256": [f"{k:064x}" for k in sha_src],
+                "clip_l14_similarity_score": rng.normal(0.25, 0.06, n).astype(np.float32),
+            }
+        ).write_parquet(path / f"{s:08d}.parquet")
+    (path / "_complete").write_text("")
+
+
+def make_run(pool: Path, run: Path, env: dict) -> None:
+    if (run / "manifest.json").exists() and json.loads((run / "manifest.json").read_text()).get("state") == "complete":
+        return
+    spec = run.parent / f"{run.name}.toml"
+    spec.write_text(
+        f'name = "scale"\n[input]\npaths = ["{pool}/"]\nlayout = "datacomp"\n[output]\ndir = "{run}"\n'
+        '[fetch]\nenabled = false\n[score]\nsource = "column"\ncolumn = "clip_l14_similarity_score"\n'
+        "[selection]\nclip = { top_fraction = 0.3 }\n"
+    )
+    subprocess.run([str(BIN / "curate"), "run", str(spec)], check=True, env=env, capture_output=True)
+
+
+def worker_peaks() -> int:
+    """The largest VmHWM (peak RSS, bytes) of any live Ray worker process on this machine."""
+    peak = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"default_worker.py" not in cmd and not cmd.startswith(b"ray::"):
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            continue
+    return peak
+
+
+def select(run: Path, engine: str, env: dict) -> dict:
+    t = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(BIN / "curate"), "select", str(run), "--name", f"scale-{engine}", "--engine", engine,
+         "--clip-top-fraction", "0.3"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"curate select --engine {engine} failed:\n{out}\n{err[-3000:]}")
+    return {"wall_s": wall, "driver_peak_rss": usage.ru_maxrss * 1024, "worker_peak_rss": worker_peaks()}
+
+
+def start_cluster(workers: int, tmp: str) -> tuple[str, dict]:
+    # token authentication off for this throwaway loopback cluster (as the cluster tests run theirs)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "CURATE_PROGRESS": "0"}
+    port = 6390
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+         f"--temp-dir={tmp}"], check=True, env=env, capture_output=True,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    for _ in range(workers):
+        subprocess.run(
+            [str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+    return address, env
+
+
+def stop_cluster(env: dict) -> None:
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+
+
+def cpu_flags() -> list[str]:
+    try:
+        have = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have]
+
+
+def table(res: dict) -> str:
+    c = res["conditions"]
+    lines = [
+        f"DataComp-format pools with ~10% duplicates; `curate select --clip-top-fraction 0.3`; {c['cpus']} cores, "
+        f"CPU flags: {' '.join(c['cpu_flags']) or 'none listed'}; local Ray cluster: a head with 0 CPUs and "
+        f"{c['workers']} worker node(s) of 1 CPU on this machine.",
+        "",
+        "| rows | engine | wall s | µs per row | driver peak RSS | largest worker peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['rows']:,} | {r['engine']} | {r['wall_s']:.1f} | {r['wall_s'] / r['rows'] * 1e6:.1f} | "
+            f"{r['driver_peak_rss'] / 2**30:.2f} GiB | {r['worker_peak_rss'] / 2**30:.2f} GiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 3_000_000])
+    ap.add_argument("--engines", nargs="+", default=["local", "ray"])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dir", default="/tmp/curate-scale")
+    ap.add_argument("--update-docs", action="store_true")
+    args = ap.parse_args()
+    base = Path(args.dir)
+    base.mkdir(parents=True, exist_ok=True)
+    print(f"CPU flags: {' '.join(cpu_flags())}; {os.cpu_count()} cores", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as ray_tmp:
+        address, env = start_cluster(args.workers, ray_tmp)
+        try:
+            for n in args.rows:
+                pool, run = base / f"pool-{n}", base / f"run-{n}"
+                make_pool(pool, n)
+                make_run(pool, run, {**env, "RAY_ADDRESS": address})
+                for engine in args.engines:
+                    env_e = {**env, "RAY_ADDRESS": address} if engine != "local" else env
+                    r = {"rows": n, "engine": engine, **select(run, engine, env_e)}
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+        finally:
+            stop_cluster(env)
+    res = {
+        "conditions": {"cpus": os.cpu_count(), "cpu_flags": cpu_flags(), "workers": args.workers},
+        "rows": results,
+    }
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "select_scale.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = table(res)
+    (out / "select_scale.md").write_text(md)
+    print(md)
+    if args.update_docs:
+        doc = ROOT / "docs" / "SCALE.md"
+        text = doc.read_text()
+        a, b = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
+        doc.write_text(text[:a] + "\n" + md + text[b:])
+
+
+if __name__ == "__main__":
+    main()
