@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from curate import annotations, exact_rank, schema
+from curate import annotations, exact_rank, faults, schema
 from curate.executor import Executor, Resources
 from curate.filters.decide import ResolvedSelection
 
@@ -39,7 +39,9 @@ def score_keys(run_dir: str, shard: str) -> np.ndarray:
 
 def shard_score_counts(run_dir: str, shard: str, prefix: int, done: int, width: int) -> exact_rank.Counts:
     """One pass of the radix select over one shard (a task)."""
-    return exact_rank.pass_counts(score_keys(run_dir, shard), prefix, done, width)
+    counts = exact_rank.pass_counts(score_keys(run_dir, shard), prefix, done, width)
+    faults.fire("rank_counts", shard)  # test hook (curate/faults.py): the worker dies with its answer
+    return counts
 
 
 def _count_pass(executor: Executor, run_dir: str, shards: list[str], in_flight: int) -> exact_rank.CountPass:

@@ -192,3 +192,24 @@ def test_select_takes_the_engine_and_what_to_write_on_the_command_line(pool, tmp
     bad = cli.invoke(app, ["select", str(out), "--name", "x", "--write", "everything"])
     assert bad.exit_code != 0 and "write" in bad.output and "full" in bad.output, bad.output
     assert not (out / "selections" / "x").exists()
+
+
+def test_a_worker_killed_while_ranking_gives_the_same_selection(pool, tmp_path, ray_session, monkeypatch):
+    """A Ray worker dies (os._exit) with its shard's counts for the top-fraction ranking: Ray
+    redoes the task, and the selection is the local engine's, row for row and byte for byte."""
+    from curate.config import SelectionConfig
+    from curate.selection import write_selection
+
+    out = tmp_path / "run"
+    spec = load_spec(preset_path("datacomp_clip_score")).with_overrides(
+        **{"input.paths": [str(pool)], "output.dir": str(out)}
+    )
+    assert run(spec, executor=LocalExecutor()).ok
+    rules = {"clip": {"top_fraction": 0.3}, "dedup": {"url": True, "caption_exact": True}}
+    write_selection(str(out), SelectionConfig.model_validate({**rules, "name": "local"}))
+    once = tmp_path / "rank_counts.once"
+    monkeypatch.setenv("CURATE_FAILPOINT", f"rank_counts:{once}")
+    write_selection(str(out), SelectionConfig.model_validate({**rules, "name": "ray", "engine": "ray"}))
+    died = json.loads(once.read_text())
+    assert died["failpoint"] == "rank_counts" and died["detail"].startswith("0000")  # a shard's task died
+    _same_selection(out / "selections" / "local", out / "selections" / "ray")
