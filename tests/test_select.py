@@ -201,3 +201,19 @@ def test_auto_engine_goes_to_ray_for_big_pools_and_inside_ray_jobs(monkeypatch):
     assert not decide_mod.on_ray(auto, frame)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a job on a cluster
     assert decide_mod.on_ray(auto, frame) and not decide_mod.on_ray(local, frame)
+
+
+def test_uids_npy_is_datacomps_sorted_pairs_of_the_distinct_uids():
+    from curate.selection import uids_to_datacomp
+
+    rng = np.random.default_rng(5)
+    uids = [f"{int(a):016x}{int(b):016x}" for a, b in zip(rng.integers(0, 2**63, 500), rng.integers(0, 2**63, 500))]
+    uids += ["f" * 32, "0" * 32, uids[3], uids[3].upper(), "FFFFFFFFFFFFFFFF0000000000000001"]
+    want = np.array(sorted({(int(u[:16], 16), int(u[16:], 16)) for u in uids}), dtype=np.dtype("u8,u8"))
+    got = uids_to_datacomp(uids)
+    assert got.dtype == np.dtype("u8,u8") and got.tobytes() == want.tobytes()
+    assert uids_to_datacomp(pl.Series(uids)).tobytes() == want.tobytes()
+    assert len(uids_to_datacomp([])) == 0
+    for bad in ("abc", "g" * 32, "0x" + "0" * 30, "0" * 33):
+        with pytest.raises(ValueError, match="not 32 hex digits"):
+            uids_to_datacomp(["0" * 32, bad])
