@@ -43,11 +43,13 @@ class ResolvedSelection:
         return {"clip_threshold": self.clip_threshold, "clip_rule": self.clip_rule, "scored_pool": self.scored_pool}
 
 
-AUTO_RAY_ROWS = 20_000_000  # selection.engine = "auto": Ray above this many rows (~10 GiB in process)
+AUTO_RAY_ROWS = (
+    20_000_000  # selection.engine = "auto": Ray above this (~30 GiB in one process at ~1.5 KB a row, docs/SCALE.md)
+)
 
 
 def on_ray(sel: SelectionConfig, annotations: pl.LazyFrame) -> bool:
-    """Whether selection.engine sends the all-rows steps to Ray: "ray", or "auto" with more than
+    """Whether selection.engine sends the distributed steps to Ray: "ray", or "auto" with more than
     AUTO_RAY_ROWS rows or inside a Ray job (RAY_ADDRESS set, as on a cluster)."""
     if sel.engine != "auto":
         return sel.engine == "ray"

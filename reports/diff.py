@@ -53,6 +53,7 @@ def _rows(run_dir: str, sel_dir: str, cols: list[str]) -> pl.LazyFrame:
     "decisions") come from the run's annotations by (shard, row); null when those lack them too."""
     parts = []
     ann: pl.LazyFrame | None = None
+    looked = False  # for the run's annotations (once)
     for sub, kept in (("kept", True), ("removed", False), ("decisions", None)):
         d = io.join(sel_dir, sub)
         if not (io.exists(d) and io.list_files(d)):
@@ -60,10 +61,13 @@ def _rows(run_dir: str, sel_dir: str, cols: list[str]) -> pl.LazyFrame:
         lf = pl.scan_parquet(io.join(d, "*.parquet"))
         have = set(lf.collect_schema().names())
         missing = [c for c in cols if c not in have]
-        if missing:
-            if ann is None:
-                ann = annotations.scan(run_dir, include_forgotten=True)
-            names = set(ann.collect_schema().names())
+        if missing and not looked:
+            looked = True
+            shards = annotations.completed_shards(run_dir) if io.exists(run_dir) else []
+            # a selection folder away from its run: what its files lack stays null
+            ann = annotations.scan(run_dir, shards, include_forgotten=True) if shards else None
+        if missing and ann is not None:
+            names = set(ann.collect_schema().names()) - {schema.SHARD, schema.ROW}
             lf = lf.join(
                 ann.select(schema.SHARD, schema.ROW, *[c for c in missing if c in names]),
                 on=[schema.SHARD, schema.ROW],

@@ -171,6 +171,15 @@ def test_what_a_selection_writes_is_a_setting(pool, tmp_path):
             groups = d["groups"][c]
             assert groups and all(g["rows_a"] == g["rows_b"] and g["change"] == 0 for g in groups), groups
             assert "(unknown)" not in {g["value"] for g in groups}
+    # a selection folder copied away from its run still diffs: what its files lack is unknown
+    import shutil
+
+    away = tmp_path / "away"
+    for mode in ("full", "decisions"):
+        shutil.copytree(sel / mode, away / mode)
+    d = diff(str(away / "full"), str(away / "decisions"), group_columns=("domain",))
+    assert d["kept_a"] == d["kept_b"] == d["kept_both"] == dec["kept"].sum()
+    assert {g["value"] for g in d["groups"]["domain"]} >= {"(unknown)"}  # b has no domain column away from its run
 
 
 def test_select_takes_the_engine_and_what_to_write_on_the_command_line(pool, tmp_path):
