@@ -119,6 +119,27 @@ def test_full_run_with_fetch_and_model_bucket_to_bucket(tmp_path, ray_session, s
     )
     assert res.exit_code == 0, res.output
 
+    # selection.engine = "ray" from the bucket to the bucket: a top fraction ranked shard by shard
+    # on Ray workers reading the annotation shards there, near-duplicate steps as tasks; the
+    # same selection as the local engine
+    got = {}
+    for engine in ("local", "ray"):
+        res = cli.invoke(
+            app,
+            ["select", "s3://curate-full/run", "--name", f"top_{engine}", "--engine", engine,
+             "--clip-top-fraction", "0.4"],
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        d = _sel("s3://curate-full/run", f"top_{engine}")
+        summary = json.loads(fs.cat(f"{d}/selection.json"))
+        with fs.open(f"{d}/removed/part-00000.parquet", "rb") as f:
+            removed = pl.read_parquet(f).select("uid", "reason", "reasons", "duplicate_of", "duplicate_cluster")
+        got[engine] = (summary["resolved"], summary["counts"], fs.cat(f"{d}/uids.npy"), removed.sort("uid"))
+        assert summary["rules"]["engine"] == engine
+    (res_l, counts_l, uids_l, rem_l), (res_r, counts_r, uids_r, rem_r) = got["local"], got["ray"]
+    assert res_l == res_r and res_l["clip_rule"] == "top_fraction"
+    assert counts_l == counts_r and uids_l == uids_r and rem_l.equals(rem_r)
+
 
 def test_bucket_selections_publish_whole_and_one_writer_holds_the_lease(
     laion_sample, ray_session, s3_endpoint, tmp_path
