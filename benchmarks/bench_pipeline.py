@@ -41,11 +41,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_results import publish  # noqa: E402
 from bench_score import jpeg_pairs  # noqa: E402  (the same synthetic photo-sized JPEGs as the score benchmark)
 
 LAION = ROOT / "data" / "laion-sample" / "laion_10000.parquet"
 BATCH = 32
-MARK_BEGIN, MARK_END = "<!-- BENCH:pipeline:begin -->", "<!-- BENCH:pipeline:end -->"
 FLAGS_SHOWN = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 
 PLAIN_LOOP = r"""
@@ -79,14 +79,11 @@ print("RESULT " + json.dumps({"startup_s": t1 - t0, "work_s": t2 - t1, "pairs": 
 
 
 def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in FLAGS_SHOWN if f in have]
-    except OSError:
-        pass
-    return []
+    """Those of FLAGS_SHOWN this host has (curate.model reads /proc/cpuinfo)."""
+    from curate.model import cpu_flags as host_flags
+
+    have = host_flags()
+    return [f for f in FLAGS_SHOWN if f in have]
 
 
 def run_plain(job: Path) -> dict:
@@ -293,19 +290,13 @@ def main() -> None:
             "efficiency_vs_model_only": steady / mo_rate,
             "efficiency_vs_scorer_in_process": steady / sc_rate,
         }
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "pipeline.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = table(res)
-    (out_dir / "pipeline.md").write_text(md)
-    print(md)
-    if args.update_docs:
-        doc = ROOT / "docs" / "PERFORMANCE.md"
-        text = doc.read_text()
-        if MARK_BEGIN not in text:
-            text += f"\n## The path users run: `curate run` end to end\n\n{MARK_BEGIN}\n{MARK_END}\n"
-        a, b = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
-        doc.write_text(text[:a] + "\n" + md + text[b:])
+    publish(
+        "pipeline",
+        res,
+        table(res),
+        "PERFORMANCE.md" if args.update_docs else None,
+        heading="The path users run: `curate run` end to end",
+    )
 
 
 def table(r: dict) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import sys
@@ -38,10 +37,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_results import publish  # noqa: E402
 
 LAION = Path(__file__).resolve().parent.parent / "data" / "laion-sample" / "laion_10000.parquet"
 BATCH = 32
-MARK_BEGIN, MARK_END = "<!-- BENCH:score:begin -->", "<!-- BENCH:score:end -->"
 
 
 def best_of(fns: dict, rounds: int) -> dict:
@@ -283,17 +283,7 @@ def main() -> None:
     res["conditions"]["loadavg_end"] = os.getloadavg()[0]
     res["conditions"]["wall_s"] = round(time.time() - t_start, 1)
 
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "score.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = table(res)
-    (out_dir / "score.md").write_text(md)
-    print(md)
-    if args.update_docs:
-        doc = ROOT / "docs" / "PERFORMANCE.md"
-        text = doc.read_text()
-        a, b = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
-        doc.write_text(text[:a] + "\n" + md + text[b:])
+    publish("score", res, table(res), "PERFORMANCE.md" if args.update_docs else None)
 
 
 def table(r: dict) -> str:

@@ -32,8 +32,10 @@ import numpy as np
 import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_results import publish  # noqa: E402
+
 BIN = Path(sys.executable).parent
-MARK_BEGIN, MARK_END = "<!-- BENCH:select_scale:begin -->", "<!-- BENCH:select_scale:end -->"
 SHARD_ROWS = 100_000
 
 
@@ -136,10 +138,10 @@ def stop_cluster(env: dict) -> None:
 
 
 def cpu_flags() -> list[str]:
-    try:
-        have = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
-    except (OSError, IndexError):
-        return []
+    """The flags of interest this host has (curate.model reads /proc/cpuinfo)."""
+    from curate.model import cpu_flags as host_flags  # imports torch: a second, once
+
+    have = host_flags()
     return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have]
 
 
@@ -191,17 +193,7 @@ def main() -> None:
         "conditions": {"cpus": os.cpu_count(), "cpu_flags": cpu_flags(), "workers": args.workers},
         "rows": results,
     }
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "select_scale.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = table(res)
-    (out / "select_scale.md").write_text(md)
-    print(md)
-    if args.update_docs:
-        doc = ROOT / "docs" / "SCALE.md"
-        text = doc.read_text()
-        a, b = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
-        doc.write_text(text[:a] + "\n" + md + text[b:])
+    publish("select_scale", res, table(res), "SCALE.md" if args.update_docs else None)
 
 
 if __name__ == "__main__":
