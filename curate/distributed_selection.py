@@ -12,11 +12,10 @@ bit, with the same rows: `curate forget` keys filtered out, null and NaN scores 
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 
 from curate import annotations, exact_rank, faults, schema
 from curate.executor import Executor, Resources
-from curate.filters.decide import ResolvedSelection
+from curate.filters.decide import ResolvedSelection, scored_pool
 
 TASK = Resources(cpus=1)
 MERGE_EVERY = 64  # shard answers held before they are folded into the running sum
@@ -25,16 +24,8 @@ MERGE_EVERY = 64  # shard answers held before they are folded into the running s
 def score_keys(run_dir: str, shard: str) -> np.ndarray:
     """Order keys (exact_rank.order_keys) of one annotation shard's CLIP scores: the rows a
     selection sees (forgotten rows left out), null and NaN scores dropped."""
-    scores = (
-        annotations.scan(run_dir, [shard])
-        .select(pl.col(schema.CLIP_SCORE).cast(pl.Float64))
-        .drop_nulls()
-        .filter(pl.col(schema.CLIP_SCORE).is_nan().not_())
-        .collect()
-        .get_column(schema.CLIP_SCORE)
-        .to_numpy()
-    )
-    return exact_rank.order_keys(scores)
+    scores = scored_pool(annotations.scan(run_dir, [shard])).collect().get_column(schema.CLIP_SCORE)
+    return exact_rank.order_keys(scores.to_numpy())
 
 
 def shard_score_counts(run_dir: str, shard: str, prefix: int, done: int, width: int) -> exact_rank.Counts:

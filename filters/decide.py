@@ -58,6 +58,16 @@ def on_ray(sel: SelectionConfig, annotations: pl.LazyFrame) -> bool:
     return annotations.select(pl.len()).collect().item() > AUTO_RAY_ROWS
 
 
+def scored_pool(annotations: pl.LazyFrame) -> pl.LazyFrame:
+    """The scores a top fraction ranks: clip_score as float64, null and NaN ("no score") left out.
+    One definition for the in-process sort and the per-shard ranking (curate/distributed_selection.py)."""
+    return (
+        annotations.select(pl.col(schema.CLIP_SCORE).cast(pl.Float64))
+        .drop_nulls()
+        .filter(pl.col(schema.CLIP_SCORE).is_nan().not_())
+    )
+
+
 def resolve_clip_threshold(annotations: pl.LazyFrame, sel: SelectionConfig) -> ResolvedSelection:
     if sel.clip.min_score is not None:
         return ResolvedSelection(sel.clip.min_score, "min_score", None)
@@ -65,14 +75,7 @@ def resolve_clip_threshold(annotations: pl.LazyFrame, sel: SelectionConfig) -> R
         return ResolvedSelection(None, "off", None)
     # Exactly DataComp's --fraction: n = int(N * fraction); threshold = the (n+1)-th highest score
     # over the whole scored pool; keep score >= threshold.
-    scores = (
-        annotations.select(pl.col(schema.CLIP_SCORE).cast(pl.Float64))
-        .drop_nulls()
-        .filter(pl.col(schema.CLIP_SCORE).is_nan().not_())
-        .collect()
-        .get_column(schema.CLIP_SCORE)
-        .sort(descending=True)
-    )
+    scores = scored_pool(annotations).collect().get_column(schema.CLIP_SCORE).sort(descending=True)
     n_pool = scores.len()
     if n_pool == 0:
         raise ValueError("clip.top_fraction: no row has a CLIP score; nothing to rank")
