@@ -74,22 +74,11 @@ def clean_shard(run_dir: str, shard: str, keys: Keys) -> dict[str, Any]:
     ("work": the in-flight rows that matched)}."""
     side = _side_paths(run_dir, shard)
     ann_path = annotations.shard_path(run_dir, shard)
-    rows: set[int] = set()
-    uids: set[str] = set()
-    ann = None
-    if io.exists(ann_path):
-        ann_t = io.read_parquet(ann_path)
-        ann = pl.from_arrow(ann_t)
-        hit = match(ann, keys)
-        rows |= set(ann.filter(hit).get_column(schema.ROW).to_list())
-        uids |= set(x for x in ann.filter(hit).get_column(schema.UID).to_list() if x)
-    in_flight = 0
-    if io.exists(store.work_path(run_dir, shard)):
-        work = pl.from_arrow(io.read_parquet(store.work_path(run_dir, shard)))
-        whit = match(work, keys)
-        in_flight = int(whit.sum())
-        rows |= set(work.filter(whit).get_column(schema.ROW).to_list())
-        uids |= set(x for x in work.filter(whit).get_column(schema.UID).to_list() if x)
+    ann = pl.from_arrow(io.read_parquet(ann_path)) if io.exists(ann_path) else None
+    rows, uids = _matched(ann, keys)
+    work = store.work_path(run_dir, shard)
+    work_rows, work_uids = _matched(pl.from_arrow(io.read_parquet(work)) if io.exists(work) else None, keys)
+    rows, uids, in_flight = rows | work_rows, uids | work_uids, len(work_rows)
     out: dict[str, Any] = {"shard": shard, "rows": 0, "uids": sorted(uids), "work": in_flight}
     for name, p in side.items():
         out[name] = _drop_rows(p, rows)
@@ -105,6 +94,14 @@ def clean_shard(run_dir: str, shard: str, keys: Keys) -> dict[str, Any]:
             final = pl.from_arrow(io.read_parquet(ann_path, columns=[schema.FETCH_STATUS, schema.CLIP_SCORE]))
             store.write_marker(run_dir, accounting.recount(mk, final))
     return out
+
+
+def _matched(frame: pl.DataFrame | None, keys: Keys) -> tuple[set[int], set[str]]:
+    """(rows, non-empty uids) of the rows of `frame` a key matches; empty sets for no frame."""
+    if frame is None:
+        return set(), set()
+    hit = frame.filter(match(frame, keys))
+    return set(hit.get_column(schema.ROW).to_list()), {u for u in hit.get_column(schema.UID).to_list() if u}
 
 
 def _shards_with_files(run_dir: str) -> list[str]:
