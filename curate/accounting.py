@@ -27,6 +27,11 @@ def _per_shard(read: Callable[[str, str], _T], run_dir: str, shards: list[str]) 
         return dict(zip(shards, pool.map(lambda s: read(run_dir, s), shards)))
 
 
+def shard_rows(run_dir: str, shards: list[str]) -> dict[str, int]:
+    """{shard: rows in its annotation file}, from the completion markers (no data file is read)."""
+    return {s: mk.rows for s, mk in _per_shard(store.read_marker, run_dir, shards).items()}
+
+
 def annotation_counts(final: pl.DataFrame) -> dict[str, Any]:
     """What a completion marker counts from its shard's annotation file (which must hold
     fetch_status and clip_score): rows, scored, fetch_status."""

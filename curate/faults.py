@@ -20,6 +20,8 @@ Names (where they fire):
                       actor on every try (a poison input)
   rank_counts         distributed_selection.shard_score_counts, a shard's counts for one pass of
                       the top-fraction ranking computed and not yet returned (the task is redone)
+  decide_shuffle      distributed_decide.map_round, a block's rows for one dedup round split into
+                      partitions and not yet returned (the task is redone from its inputs)
   ray_start_timeout   ray_adapter.connect(), a local start: the first attempt to arrive runs
                       with Ray's start-up waits at 0 s, so Ray's own start-up times out for
                       real (`armed()`, not a crash); the retry runs with ray.init_timeout_s
@@ -45,7 +47,7 @@ import signal
 
 ENV = "CURATE_FAILPOINT"
 FAILPOINT_EXIT_CODE = 75
-NAMES = ("score_first_batch", "score_after_write", "score_poison", "ray_start_timeout", "rank_counts")
+NAMES = ("score_first_batch", "score_after_write", "score_poison", "ray_start_timeout", "rank_counts", "decide_shuffle")
 # kill points: the process SIGKILLs itself there (once per once-file), as `kill -9` would; used by
 # the publish/selection kill tests (tests/test_data_safety.py). Any name with these prefixes.
 KILL_PREFIXES = ("selection.", "publish.", "run.")

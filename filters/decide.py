@@ -28,7 +28,7 @@ from curate.filters.image_dedup import image_duplicates
 from curate.filters.caption_dedup import caption_duplicates
 from curate.distributed_dedup import ray_caption_pairs, ray_image_edges
 
-_IDX = "_i"  # a row index for the joins inside decide(): cheaper than joining on (shard, row)
+IDX = _IDX = "_i"  # a row index for the joins inside decide(): cheaper than joining on (shard, row)
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,14 @@ def _fail(reason: Reason) -> str:
     return f"_fails_{reason.value}"
 
 
+fail_column = _fail  # the failure flag of a rule, as both engines name it (curate/distributed_decide.py)
+
+
+def nan_free_scores(annotations: pl.LazyFrame) -> pl.LazyFrame:
+    """NaN is "no score", never a score that passes or fails: normalised before any rule reads it."""
+    return annotations.with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
+
+
 def _of(reason: Reason) -> str:
     return f"_{reason.value}_of"
 
@@ -135,16 +143,18 @@ def _follow_survivor(frame: pl.LazyFrame, earlier: Reason, later: Reason) -> pl.
     )
 
 
-def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> pl.LazyFrame:
+def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool, ngram: int | None = None) -> pl.LazyFrame:
     """Near-duplicate captions among eligible rows (filters/caption_dedup.py). The global step is
-    eager: it collects the eligible rows' band keys, clusters them, and joins the result back."""
+    eager: it collects the eligible rows' band keys, clusters them, and joins the result back.
+    ngram: the shingle size (check_caption_ngram over every row); None reads it from `frame`."""
     if has_lsh:
         pool = (
             frame.filter(pl.col("_eligible") & pl.col(schema.CAPTION_LSH).is_not_null())
             .select(*dict.fromkeys([_IDX, schema.CAPTION_LSH, schema.CAPTION, *Survivor.of(sel.dedup).columns]))
             .collect()
         )
-        ngram = _caption_ngram(frame)
+        if ngram is None:
+            ngram = check_caption_ngram(caption_ngram_sizes(frame))
         d = sel.dedup
         kw = {}
         if sel.engine == "ray":
@@ -155,16 +165,21 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool) -> 
     return _mark(frame, dups, Reason.DUPLICATE_CAPTION)
 
 
-def _caption_ngram(frame: pl.LazyFrame) -> int:
-    """The shingle size the band keys were built with (annotate.caption_ngram, recorded beside
-    them as caption_lsh_ngram), so verification compares what the keys hashed. Annotations from
-    before it was recorded used the default. Shards built with different sizes cannot be compared."""
+def caption_ngram_sizes(frame: pl.LazyFrame) -> list[int]:
+    """The shingle sizes the band keys were built with (annotate.caption_ngram, recorded beside
+    them as caption_lsh_ngram); [] for annotations from before it was recorded."""
     if schema.CAPTION_LSH_NGRAM not in frame.collect_schema().names():
-        return DEFAULT_NGRAM
-    sizes = frame.select(pl.col(schema.CAPTION_LSH_NGRAM).drop_nulls().unique()).collect().to_series().to_list()
+        return []
+    return frame.select(pl.col(schema.CAPTION_LSH_NGRAM).drop_nulls().unique()).collect().to_series().to_list()
+
+
+def check_caption_ngram(sizes) -> int:
+    """The one shingle size verification compares with (the default for annotations that did not
+    record it). Shards built with different sizes cannot be compared: a clear error."""
+    sizes = sorted(set(sizes))
     if len(sizes) > 1:
         raise ValueError(
-            f"caption_lsh was built with different annotate.caption_ngram values in one run ({sorted(sizes)}): "
+            f"caption_lsh was built with different annotate.caption_ngram values in one run ({sizes}): "
             "caption near-duplicates cannot be verified across them; rerun with one value (curate run --overwrite)"
         )
     return int(sizes[0]) if sizes else DEFAULT_NGRAM
@@ -217,14 +232,16 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
 
 # near-duplicate steps (registry entries with near=True): whether the spec switches one on, and the
 # step that returns its losers as (idx, of_uid, of_idx) among the eligible rows
-_NEAR_STEPS = {
+NEAR_STEPS = _NEAR_STEPS = {
     Reason.DUPLICATE_CAPTION: (
         lambda sel: sel.dedup.caption_jaccard is not None,
-        lambda frame, sel, embeddings: _caption_dedup(frame, sel, schema.CAPTION_LSH in frame.collect_schema().names()),
+        lambda frame, sel, embeddings, ngram=None: _caption_dedup(
+            frame, sel, schema.CAPTION_LSH in frame.collect_schema().names(), ngram
+        ),
     ),
     Reason.DUPLICATE_IMAGE_NEAR: (
         lambda sel: sel.dedup.image_cosine is not None,
-        lambda frame, sel, embeddings: _image_near_dedup(frame, sel, embeddings),
+        lambda frame, sel, embeddings, ngram=None: _image_near_dedup(frame, sel, embeddings),
     ),
 }
 
@@ -266,8 +283,7 @@ def decide(
             "dedup.image_cosine is set but no image embeddings were given: the run needs "
             "score.store_embeddings = true (embeddings/<shard>.parquet), or set dedup.image_cosine = null"
         )
-    # NaN is "no score", never a score that passes or fails: normalise before any rule reads it
-    frame = annotations.with_row_index(_IDX).with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
+    frame = nan_free_scores(annotations.with_row_index(_IDX))
     frame = frame.with_columns(*[expr.alias(_fail(reason)) for reason, expr in fails.items()])
     frame = frame.with_columns(pl.any_horizontal([pl.col(_fail(r)) for r in fails]).not_().alias("_eligible"))
 
@@ -298,27 +314,44 @@ def decide(
         frame = frame.with_columns((pl.col("_eligible") & pl.col(_fail(reason)).not_()).alias("_eligible"))
 
     dedups = [Reason(r.reason) for r in DEDUP_RULES]
-    drop = [*(_fail(r) for r in RULE_ORDER), "_eligible", _IDX, *keys]
-    drop += [f"{_of(r)}{suffix}" for r in dedups for suffix in ("", "_idx")]
+    helpers = ["_eligible", _IDX, *keys, *(f"{_of(r)}{suffix}" for r in dedups for suffix in ("", "_idx"))]
     if not explain:
-        return frame.with_columns(pl.col("_eligible").alias(schema.KEPT)).drop(drop), resolved
+        return frame.with_columns(pl.col("_eligible").alias(schema.KEPT)).drop(
+            *map(_fail, RULE_ORDER), *helpers
+        ), resolved
 
-    reasons = pl.concat_list(
-        [pl.when(pl.col(_fail(r))).then(pl.lit(r.value)).otherwise(pl.lit(None, pl.String)) for r in RULE_ORDER]
-    ).list.drop_nulls()
-    frame = frame.with_columns(reasons.alias(schema.REASONS)).with_columns(
-        (pl.col(schema.REASONS).list.len() == 0).alias(schema.KEPT),
-        pl.col(schema.REASONS).list.first().alias(schema.REASON),
-        pl.coalesce(*(_of(r) for r in dedups)).alias(schema.DUPLICATE_OF),
+    frame = frame.with_columns(
+        pl.coalesce(*(_of(r) for r in dedups)).alias("_of"),
         pl.coalesce(*(f"{_of(r)}_idx" for r in dedups)).alias("_of_idx"),
     )
     # the duplicate group's id is its survivor's uid, on the removed copies and on the survivor
     survivors = (
         frame.select(pl.col("_of_idx").alias(_IDX)).drop_nulls().unique().with_columns(pl.lit(True).alias("_survivor"))
     )
-    frame = frame.join(survivors, on=_IDX, how="left").with_columns(
-        pl.coalesce(schema.DUPLICATE_OF, pl.when(pl.col("_survivor")).then(pl.col(schema.UID))).alias(
-            schema.DUPLICATE_CLUSTER
+    frame = frame.join(survivors, on=_IDX, how="left")
+    return explained(frame.drop(*helpers, "_of_idx")), resolved
+
+
+def explained(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """The decision columns from a frame holding every rule's failure flag (fail_column), `_of`
+    (the survivor's uid, for a duplicate) and `_survivor` (some duplicate names this row): reasons
+    (the rules it fails, in RULE_ORDER), kept, reason (the first), duplicate_of and
+    duplicate_cluster (the group's survivor uid, on the copies and on the survivor). One definition
+    for both engines; the helper columns are dropped."""
+    reasons = pl.concat_list(
+        [pl.when(pl.col(_fail(r))).then(pl.lit(r.value)).otherwise(pl.lit(None, pl.String)) for r in RULE_ORDER]
+    ).list.drop_nulls()
+    return (
+        frame.with_columns(reasons.alias(schema.REASONS))
+        .with_columns(
+            (pl.col(schema.REASONS).list.len() == 0).alias(schema.KEPT),
+            pl.col(schema.REASONS).list.first().alias(schema.REASON),
+            pl.col("_of").alias(schema.DUPLICATE_OF),
         )
+        .with_columns(
+            pl.coalesce(schema.DUPLICATE_OF, pl.when(pl.col("_survivor")).then(pl.col(schema.UID))).alias(
+                schema.DUPLICATE_CLUSTER
+            )
+        )
+        .drop(*(_fail(r) for r in RULE_ORDER), "_of", "_survivor")
     )
-    return frame.drop(*drop, "_of_idx", "_survivor"), resolved

@@ -1,0 +1,422 @@
+"""decide() on the cluster (selection.engine = "ray"): the same decisions as filters/decide.py,
+computed by tasks over blocks of annotation shards, with no row passing through the driver for the
+per-row rules and the exact dedups. The driver holds the plan (shard names, block bounds) and
+futures; rows live in the object store (spilled to disk by Ray when it fills).
+
+Steps (each a wave of tasks on the executor: Ray, or in-process for tests):
+  start     per block: read its annotation shards (forgotten rows left out), evaluate every per-row
+            rule (filters/rules.py), keep a small state per row: identity `_g` = shard index << 32 |
+            row, the failure flags, `_eligible`, the survivor columns and the dedup keys.
+  exact dedup, one round per rule in registry order (URL, image sha256, caption text, uid):
+            map: each block applies the previous round's losers to its state and sends its eligible
+            rows' (key, survivor columns, _g) to P partitions by a hash of the key; reduce: each
+            partition ranks the keys that repeat with the shared survivor rule (filters/survivors.py)
+            and sends each loser (_g, survivor uid, survivor _g) back to its block. A key lives in one
+            partition, so each reducer sees whole duplicate groups: the union is the in-process result.
+  near dedup (captions, images; off by default): the eligible rows' band keys or embeddings are
+            gathered and filters/decide.py's own step runs on them (candidate search on Ray as
+            before: curate/distributed_dedup.py). This step still holds its pool in the driver.
+  follow    a duplicate whose survivor lost a later dedup points at that survivor's survivor
+            (decide()'s _follow_survivor): rounds of ask (loser -> its survivor's block) and answer
+            (-> the loser's block), at most one round per dedup step that follows.
+  cluster   each row that some duplicate names is told so (shuffle by the survivor's block): its
+            duplicate_cluster is its own uid.
+  finish    per block: the annotation rows with kept, reason, reasons, duplicate_of and
+            duplicate_cluster (filters/decide.py's explained(), one definition for both engines).
+
+Why Ray core tasks rather than Ray Data's groupby: the step must reproduce the in-process engine
+bit for bit (a total survivor order over four columns, eligibility that changes between rounds, a
+pointer-following phase), the executor interface lets the whole engine run in-process in tests, and
+each shuffle moves only the eligible rows' key and survivor columns. docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from curate import accounting, annotations, faults, schema
+from curate.config import SelectionConfig
+from curate.executor import Executor, Resources
+from curate.filters.decide import (
+    IDX,
+    NEAR_STEPS,
+    explained,
+    fail_column,
+    nan_free_scores,
+    caption_ngram_sizes,
+    check_caption_ngram,
+)
+from curate.filters.rules import BY_REASON, DEDUP_RULES, ROW_RULES, Reason, rule_failures
+from curate.filters.survivors import Survivor, losers
+
+ROWS_PER_BLOCK = 500_000  # annotation rows per block task (bounds a worker's memory)
+TASK = Resources(cpus=1)
+G, DUP, OF, OF_G, SURVIVOR = "_g", "_dup", "_of", "_of_g", "_survivor"
+KEY = "_key"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every task needs to know: the run, its shards (sorted; a shard's index is its
+    position), the blocks (contiguous shard ranges, by their first index) and the rules."""
+
+    run_dir: str
+    shards: tuple[str, ...]
+    starts: tuple[int, ...]  # first shard index of each block
+    sel: SelectionConfig
+    threshold: float | None
+
+    @property
+    def blocks(self) -> int:
+        return len(self.starts)
+
+    def block_shards(self, b: int) -> list[str]:
+        end = self.starts[b + 1] if b + 1 < len(self.starts) else len(self.shards)
+        return list(self.shards[self.starts[b] : end])
+
+    def block_of(self, g: pl.Series) -> np.ndarray:
+        """The block holding each identity in `g`."""
+        shard_idx = (g.to_numpy() >> np.uint64(32)).astype(np.int64)
+        return np.searchsorted(np.asarray(self.starts), shard_idx, side="right") - 1
+
+
+def plan_blocks(run_dir: str, shards: list[str], rows_per_block: int = ROWS_PER_BLOCK) -> tuple[int, ...]:
+    """Contiguous blocks of shards of about rows_per_block rows each (the shards' markers count
+    their rows); a shard bigger than that is a block of its own."""
+    starts, acc = [0], 0
+    for i, n in enumerate(accounting.shard_rows(run_dir, shards).values()):
+        if acc and acc + n > rows_per_block:
+            starts.append(i)
+            acc = 0
+        acc += n
+    return tuple(starts)
+
+
+def _split(frame: pl.DataFrame, plan: Plan, column: str = G) -> list[pl.DataFrame]:
+    """`frame` cut into one part per block, by the block of its `column` identities."""
+    if frame.height == 0:
+        return [frame] * plan.blocks
+    which = pl.Series("_b", plan.block_of(frame.get_column(column)))
+    parts = {k[0]: f.drop("_b") for k, f in frame.with_columns(which).partition_by("_b", as_dict=True).items()}
+    return [parts.get(b, frame.clear()) for b in range(plan.blocks)]
+
+
+# --- start ----------------------------------------------------------------------------------------
+
+
+def _key_steps(sel: SelectionConfig) -> list[tuple[Reason, Any]]:
+    """The dedup steps this selection runs, in registry order: (reason, key expression) for an
+    exact dedup, (reason, None) for a near one."""
+    steps = []
+    for rule in DEDUP_RULES:
+        reason = Reason(rule.reason)
+        if rule.key is not None:
+            key = rule.key(sel)
+            if key is not None:
+                steps.append((reason, key))
+        elif reason in NEAR_STEPS and NEAR_STEPS[reason][0](sel):
+            steps.append((reason, None))
+    return steps
+
+
+def _identity(plan: Plan, b: int) -> pl.Expr:
+    shards = plan.block_shards(b)
+    index = (
+        pl.col(schema.SHARD)
+        .cast(pl.String)
+        .replace_strict(shards, list(range(plan.starts[b], plan.starts[b] + len(shards))), return_dtype=pl.UInt64)
+    )
+    return (index * (1 << 32) + pl.col(schema.ROW).cast(pl.UInt64)).alias(G)
+
+
+def _block_frame(plan: Plan, b: int) -> pl.LazyFrame:
+    """The block's annotation rows as decide() reads them (NaN scores are no score)."""
+    return nan_free_scores(annotations.scan(plan.run_dir, plan.block_shards(b)))
+
+
+def start_block(plan: Plan, b: int) -> tuple[pl.DataFrame, list[int]]:
+    """(state, caption_lsh_ngram values seen): the per-row rules of one block, as failure flags."""
+    sel = plan.sel
+    survivor = Survivor.of(sel.dedup)
+    fails = rule_failures(sel, plan.threshold)
+    lf = _block_frame(plan, b)
+    names = lf.collect_schema().names()
+    near = {r for r, key in _key_steps(sel) if key is None}
+    carry = list(survivor.columns)
+    if Reason.DUPLICATE_CAPTION in near:
+        carry += [c for c in (schema.CAPTION_LSH, schema.CAPTION) if c in names]
+    keys = [key.alias(f"{KEY}{r.value}") for r, key in _key_steps(sel) if key is not None]
+    state = (
+        lf.with_columns(_identity(plan, b), *[expr.alias(fail_column(r)) for r, expr in fails.items()])
+        .with_columns(pl.any_horizontal([pl.col(fail_column(r)) for r in fails]).not_().alias("_eligible"))
+        .select(
+            G,
+            *dict.fromkeys(carry),
+            *keys,
+            *[fail_column(r) for r in fails],
+            "_eligible",
+            pl.lit(None, pl.String).alias(DUP),
+            pl.lit(None, pl.String).alias(OF),
+            pl.lit(None, pl.UInt64).alias(OF_G),
+        )
+        .collect()
+    )
+    ngrams = []
+    if Reason.DUPLICATE_CAPTION in near:
+        ngrams = caption_ngram_sizes(lf)
+    return state, ngrams
+
+
+# --- one dedup round --------------------------------------------------------------------------------
+
+
+def _apply_losers(state: pl.DataFrame, reason: str | None, parts: tuple[pl.DataFrame, ...]) -> pl.DataFrame:
+    """Mark the rows that lost dedup `reason` (parts of (_g, of_uid, of_g)) and drop them from the
+    eligible rows."""
+    if reason is None or not parts:
+        return state
+    lost = pl.concat(parts)
+    if lost.height == 0:
+        return state
+    lost = lost.select(
+        G, pl.col("of_uid").alias("_new_of"), pl.col("of_g").alias("_new_of_g"), pl.lit(True).alias("_l")
+    )
+    return (
+        state.join(lost, on=G, how="left", maintain_order="left")
+        .with_columns(
+            pl.when(pl.col("_l")).then(pl.lit(reason)).otherwise(pl.col(DUP)).alias(DUP),
+            pl.when(pl.col("_l")).then(pl.col("_new_of")).otherwise(pl.col(OF)).alias(OF),
+            pl.when(pl.col("_l")).then(pl.col("_new_of_g")).otherwise(pl.col(OF_G)).alias(OF_G),
+            (pl.col("_eligible") & pl.col("_l").is_null()).alias("_eligible"),
+        )
+        .drop("_new_of", "_new_of_g", "_l")
+    )
+
+
+def map_round(
+    plan: Plan, b: int, state: pl.DataFrame, prev: str | None, key_reason: str, partitions: int, *lost: pl.DataFrame
+) -> list[pl.DataFrame]:
+    """[state after the previous round's losers, then `partitions` parts of (key, survivor columns,
+    _g): this block's eligible rows with a key, split by a hash of the key]."""
+    state = _apply_losers(state, prev, lost)
+    survivor = Survivor.of(plan.sel.dedup)
+    key = f"{KEY}{key_reason}"
+    pool = state.filter(pl.col("_eligible") & pl.col(key).is_not_null()).select(
+        pl.col(key).alias(KEY), *survivor.columns, G
+    )
+    faults.fire("decide_shuffle", f"{b}:{key_reason}")  # test hook: the worker dies mid-shuffle
+    if partitions == 1:
+        return [state, pool]
+    part = pool.with_columns((pl.col(KEY).hash(seed=17) % partitions).alias("_p"))
+    parts = {k[0]: f.drop("_p") for k, f in part.partition_by("_p", as_dict=True).items()}
+    return [state, *(parts.get(j, pool.clear()) for j in range(partitions))]
+
+
+def reduce_round(plan: Plan, *parts: pl.DataFrame) -> list[pl.DataFrame]:
+    """One partition of the keys: the losers of its repeated keys, (_g, of_uid, of_g), one part per
+    block (the losers' blocks)."""
+    pool = pl.concat(parts)
+    repeated = pool.group_by(KEY).agg(pl.len().alias("_n")).filter(pl.col("_n") > 1).select(KEY)
+    lost = losers(pool.join(repeated, on=KEY, how="semi"), KEY, G, Survivor.of(plan.sel.dedup)).select(
+        G, "of_uid", pl.col("of_idx").alias("of_g")
+    )
+    return _split(lost, plan)
+
+
+# --- near dedup (gathered) ----------------------------------------------------------------------------
+
+
+def near_pool(
+    plan: Plan, b: int, state: pl.DataFrame, prev: str | None, reason: str, *lost: pl.DataFrame
+) -> list[pl.DataFrame]:
+    """[state after the previous losers, this block's eligible rows for near-dedup `reason`]."""
+    state = _apply_losers(state, prev, lost)
+    survivor = Survivor.of(plan.sel.dedup)
+    eligible = state.filter(pl.col("_eligible"))
+    if reason == Reason.DUPLICATE_CAPTION.value:
+        cols = [c for c in (schema.CAPTION_LSH, schema.CAPTION) if c in state.columns]
+        return [state, eligible.select(G, *dict.fromkeys([*survivor.columns, *cols]))]
+    emb = annotations.scan_embeddings(plan.run_dir, plan.block_shards(b))
+    pool = eligible.select(G, *survivor.columns)
+    if emb is None:
+        return [state, pool.with_columns(pl.lit(None, pl.List(pl.Float32)).alias(schema.IMAGE_EMBEDDING))]
+    emb = emb.collect().with_columns(pl.col(schema.ROW).cast(pl.Int64))
+    pool = pool.with_columns(pl.col(schema.SHARD).cast(pl.String), pl.col(schema.ROW).cast(pl.Int64)).join(
+        emb, on=[schema.SHARD, schema.ROW], how="inner", maintain_order="left"
+    )
+    return [state, pool]
+
+
+def _near_losers(plan: Plan, reason: Reason, pools: list[pl.DataFrame], ngrams: set[int]) -> pl.DataFrame:
+    """The losers (_g, of_uid, of_g) of one near-dedup step, by filters/decide.py's own step on the
+    gathered eligible rows (in the in-process engine's row order)."""
+    pool = pl.concat(pools, how="diagonal_relaxed").with_row_index(IDX).with_columns(pl.lit(True).alias("_eligible"))
+    sel = plan.sel
+    embeddings, ngram = None, None
+    if reason == Reason.DUPLICATE_CAPTION:
+        ngram = check_caption_ngram(ngrams)
+    else:
+        embeddings = pool.select(
+            schema.SHARD,
+            schema.ROW,
+            schema.IMAGE_EMBEDDING,
+            *([schema.IMAGE_PHASH] if schema.IMAGE_PHASH in pool.columns else []),
+        ).lazy()
+        pool = pool.drop(schema.IMAGE_EMBEDDING, schema.IMAGE_PHASH, strict=False)
+    step = NEAR_STEPS[reason][1]
+    marked = step(pool.lazy(), sel, embeddings, ngram=ngram).collect()
+    of = f"_{reason.value}_of"
+    lost = marked.filter(pl.col(fail_column(reason)))
+    g_of = pool.select(pl.col(IDX).alias(f"{of}_idx"), pl.col(G).alias("of_g"))
+    return lost.join(g_of, on=f"{of}_idx", how="left").select(G, pl.col(of).alias("of_uid"), "of_g")
+
+
+# --- follow and cluster -----------------------------------------------------------------------------
+
+
+def settle(state: pl.DataFrame, prev: str | None, *lost: pl.DataFrame) -> pl.DataFrame:
+    """The state after the last dedup round's losers."""
+    return _apply_losers(state, prev, lost)
+
+
+def ask(plan: Plan, state: pl.DataFrame, follows: tuple[str, ...]) -> list[pl.DataFrame]:
+    """Per block, the questions (asker _g, target _g) of this block's duplicates whose rule
+    follows, sent to their survivors' blocks."""
+    q = state.filter(pl.col(DUP).is_in(follows)).select(pl.col(G).alias("_asker"), pl.col(OF_G).alias(G))
+    return _split(q, plan)
+
+
+def answer(plan: Plan, state: pl.DataFrame, follows: tuple[str, ...], *questions: pl.DataFrame) -> list:
+    """Per block, the answers (asker _g, new of_uid, new of_g) to questions about this block's rows
+    that lost a dedup step that follows."""
+    q = pl.concat(questions)
+    moved = state.filter(pl.col(DUP).is_in(follows)).select(G, pl.col(OF).alias("of_uid"), pl.col(OF_G).alias("of_g"))
+    a = q.join(moved, on=G, how="inner").select(pl.col("_asker").alias(G), "of_uid", "of_g")
+    return _split(a, plan)
+
+
+def apply_answers(state: pl.DataFrame, *answers: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    a = pl.concat(answers)
+    if a.height == 0:
+        return state, 0
+    a = a.select(G, pl.col("of_uid").alias("_new_of"), pl.col("of_g").alias("_new_of_g"))
+    state = (
+        state.join(a, on=G, how="left", maintain_order="left")
+        .with_columns(pl.coalesce("_new_of", OF).alias(OF), pl.coalesce("_new_of_g", OF_G).alias(OF_G))
+        .drop("_new_of", "_new_of_g")
+    )
+    return state, a.height
+
+
+def targets(plan: Plan, state: pl.DataFrame) -> list[pl.DataFrame]:
+    """Per block, the identities this block's duplicates name (their survivors)."""
+    return _split(state.filter(pl.col(OF_G).is_not_null()).select(pl.col(OF_G).alias(G)).unique(), plan)
+
+
+def mark_survivors(state: pl.DataFrame, *named: pl.DataFrame) -> pl.DataFrame:
+    named_g = pl.concat(named).unique().with_columns(pl.lit(True).alias(SURVIVOR))
+    return state.join(named_g, on=G, how="left", maintain_order="left").with_columns(pl.col(SURVIVOR).fill_null(False))
+
+
+# --- finish -------------------------------------------------------------------------------------------
+
+
+def block_decisions(plan: Plan, b: int, state: pl.DataFrame) -> pl.DataFrame:
+    """The block's annotation rows with decide()'s decision columns, in the annotations' order."""
+    flags = [fail_column(Reason(r.reason)) for r in ROW_RULES]
+    dedup = [(pl.col(DUP) == r.reason).fill_null(False).alias(fail_column(Reason(r.reason))) for r in DEDUP_RULES]
+    decided = state.select(G, *flags, *dedup, OF, SURVIVOR)
+    frame = _block_frame(plan, b).with_columns(_identity(plan, b)).collect()
+    frame = frame.join(decided, on=G, how="left", maintain_order="left").drop(G)
+    return explained(frame.lazy()).collect()
+
+
+# --- the driver -----------------------------------------------------------------------------------------
+
+
+def decide_blocks(
+    run_dir: str,
+    shards: list[str],
+    sel: SelectionConfig,
+    threshold: float | None,
+    executor: Executor,
+    rows_per_block: int = ROWS_PER_BLOCK,
+) -> tuple[Plan, list[Any]]:
+    """(plan, one future per block of its final state): run every wave up to the finish. The
+    caller turns each state into what it needs (block_decisions, written files, counts)."""
+    plan = Plan(run_dir, tuple(shards), plan_blocks(run_dir, shards, rows_per_block), sel, threshold)
+    B = plan.blocks
+    P = sel.dedup.partitions or B
+    started = [executor.submit(start_block, plan, b, resources=TASK, num_returns=2) for b in range(B)]
+    states = [s[0] for s in started]
+    ngrams: set[int] | None = None
+    prev: str | None = None
+    lost: list[list[Any]] = [[] for _ in range(B)]  # the previous round's losers, per block
+    for reason, key in _key_steps(sel):
+        if key is not None:
+            outs = [
+                executor.submit(
+                    map_round, plan, b, states[b], prev, reason.value, P, *lost[b], resources=TASK, num_returns=1 + P
+                )
+                for b in range(B)
+            ]
+            states = [o[0] for o in outs]
+            reduced = [
+                executor.submit(reduce_round, plan, *[o[1 + j] for o in outs], resources=TASK, num_returns=B)
+                for j in range(P)
+            ]
+            lost = [[r[b] for r in reduced] for b in range(B)]
+        else:
+            if ngrams is None:
+                ngrams = set().union(*executor.results([s[1] for s in started]))
+            outs = [
+                executor.submit(
+                    near_pool, plan, b, states[b], prev, reason.value, *lost[b], resources=TASK, num_returns=2
+                )
+                for b in range(B)
+            ]
+            states = [o[0] for o in outs]
+            near = _near_losers(plan, reason, executor.results([o[1] for o in outs]), ngrams)
+            lost = [[part] for part in _split(near, plan)]
+        prev = reason.value
+    states = [
+        executor.submit(settle, states[b], prev, *lost[b], resources=TASK) if lost[b] else states[b] for b in range(B)
+    ]
+    # a duplicate whose survivor lost a later step that follows: one hop per round, at most one
+    # hop fewer than there are such steps (each hop goes to a later step)
+    follows = tuple(r.value for r, _ in _key_steps(sel) if BY_REASON[r].follow)
+    for _ in range(len(follows) - 1):
+        asked = [executor.submit(ask, plan, states[b], follows, resources=TASK, num_returns=B) for b in range(B)]
+        answered = [
+            executor.submit(answer, plan, states[b], follows, *[a[b] for a in asked], resources=TASK, num_returns=B)
+            for b in range(B)
+        ]
+        applied = [
+            executor.submit(apply_answers, states[b], *[a[b] for a in answered], resources=TASK, num_returns=2)
+            for b in range(B)
+        ]
+        states = [a[0] for a in applied]
+        if sum(executor.results([a[1] for a in applied])) == 0:
+            break
+    named = [executor.submit(targets, plan, states[b], resources=TASK, num_returns=B) for b in range(B)]
+    states = [executor.submit(mark_survivors, states[b], *[n[b] for n in named], resources=TASK) for b in range(B)]
+    return plan, states
+
+
+def decide_on_ray(
+    run_dir: str,
+    shards: list[str],
+    sel: SelectionConfig,
+    threshold: float | None,
+    executor: Executor,
+    rows_per_block: int = ROWS_PER_BLOCK,
+) -> pl.DataFrame:
+    """Every block's decisions gathered into one frame: for tests and small runs (the writers of
+    curate/selection.py consume blocks where they are)."""
+    plan, states = decide_blocks(run_dir, shards, sel, threshold, executor, rows_per_block)
+    futures = [executor.submit(block_decisions, plan, b, states[b], resources=TASK) for b in range(plan.blocks)]
+    return pl.concat(executor.results(futures))
