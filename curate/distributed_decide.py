@@ -335,6 +335,14 @@ def block_decisions(plan: Plan, b: int, state: pl.DataFrame) -> pl.DataFrame:
     return explained(frame.lazy()).collect()
 
 
+def block_kept(plan: Plan, b: int, state: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """`columns` of the block's kept rows (explain=False: the rows still eligible), in the
+    annotations' order."""
+    kept = state.filter(pl.col("_eligible")).select(G)
+    frame = _block_frame(plan, b).with_columns(_identity(plan, b)).collect()
+    return frame.join(kept, on=G, how="semi", maintain_order="left").select(columns)
+
+
 # --- the driver -----------------------------------------------------------------------------------------
 
 
@@ -345,9 +353,12 @@ def decide_blocks(
     threshold: float | None,
     executor: Executor,
     rows_per_block: int = ROWS_PER_BLOCK,
+    explain: bool = True,
 ) -> tuple[Plan, list[Any]]:
     """(plan, one future per block of its final state): run every wave up to the finish. The
-    caller turns each state into what it needs (block_decisions, written files, counts)."""
+    caller turns each state into what it needs (block_decisions, written files, counts).
+    explain=False: only which rows are kept (`_eligible`), as decide(explain=False): no following,
+    no clusters."""
     plan = Plan(run_dir, tuple(shards), plan_blocks(run_dir, shards, rows_per_block), sel, threshold)
     B = plan.blocks
     P = sel.dedup.partitions or B
@@ -386,6 +397,8 @@ def decide_blocks(
     states = [
         executor.submit(settle, states[b], prev, *lost[b], resources=TASK) if lost[b] else states[b] for b in range(B)
     ]
+    if not explain:
+        return plan, states
     # a duplicate whose survivor lost a later step that follows: one hop per round, at most one
     # hop fewer than there are such steps (each hop goes to a later step)
     follows = tuple(r.value for r, _ in _key_steps(sel) if BY_REASON[r].follow)

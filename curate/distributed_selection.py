@@ -12,10 +12,13 @@ bit, with the same rows: `curate forget` keys filtered out, null and NaN scores 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 
-from curate import annotations, exact_rank, faults, schema
+from curate import annotations, distributed_decide, exact_rank, faults, schema, selection_files
+from curate.config import ClipRule, SelectionConfig
 from curate.executor import Executor, Resources
 from curate.filters.decide import ResolvedSelection, scored_pool
+from curate.reports.sweep import SCORE
 
 TASK = Resources(cpus=1)
 MERGE_EVERY = 64  # shard answers held before they are folded into the running sum
@@ -67,3 +70,63 @@ def top_fraction_threshold(
         raise ValueError("clip.top_fraction: no row has a CLIP score; nothing to rank")
     k = exact_rank.top_fraction_index(n_pool, fraction)
     return ResolvedSelection(exact_rank.kth_largest(count, k, first), "top_fraction", n_pool)
+
+
+# --- a whole selection on the cluster: per-block files, counts, uid ranges ------------------------
+
+
+def finish_block(
+    plan: distributed_decide.Plan,
+    b: int,
+    state: pl.DataFrame,
+    out: str | None,
+    write: str,
+    report_columns: list[str],
+    ranges: int,
+) -> list:
+    """One block's share of a selection: its shards' kept/removed/decisions files written into
+    `out` (None: nothing written, as for `curate report`), then [counts, the columns the report
+    reads, and the kept uids' (high, low) halves cut into `ranges` slices of the uid space]."""
+    decided = distributed_decide.block_decisions(plan, b, state)
+    shards: dict[str, dict[str, int]] = {}
+    if out is not None:
+        for (shard,), part in decided.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
+            shards[shard] = selection_files.write_shard(out, shard, part, write)
+    kept = decided.filter(pl.col(schema.KEPT))
+    hi, lo = selection_files.uid_halves(kept.get_column(schema.UID))
+    which = selection_files.uid_range(hi, ranges)
+    counts = {
+        "rows": decided.height,
+        "kept": kept.height,
+        "not_scored": int((decided.get_column(schema.REASON) == "not_scored").sum()),
+        "shards": shards,
+    }
+    narrow = decided.select([c for c in report_columns if c in decided.columns])
+    return [counts, narrow, *((hi[which == r], lo[which == r]) for r in range(ranges))]
+
+
+def uid_slice(*parts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """One slice of the uid space from every block, sorted as uids.npy holds it (a repeat: error)."""
+    hi = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint64)
+    lo = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint64)
+    return selection_files.sorted_pairs(hi, lo, unique=False)
+
+
+def representatives_on(
+    executor: Executor, run_dir: str, shards: list[str], sel: SelectionConfig, columns: list[str]
+) -> pl.DataFrame:
+    """The sweep's representatives (curate.reports.sweep.representatives: the rows decide() keeps
+    with the CLIP threshold at -inf, with a score) computed on the cluster, `columns` of them."""
+    loose = sel.model_copy(update={"clip": ClipRule.model_construct(min_score=float("-inf"), top_fraction=None)})
+    plan, states = distributed_decide.decide_blocks(run_dir, shards, loose, float("-inf"), executor, explain=False)
+    need = list(dict.fromkeys([*(c for c in columns if c != SCORE), schema.CLIP_SCORE]))
+    futures = [
+        executor.submit(distributed_decide.block_kept, plan, b, states[b], need, resources=TASK)
+        for b in range(plan.blocks)
+    ]
+    kept = pl.concat(executor.results(futures))
+    return (
+        kept.with_columns(pl.col(schema.CLIP_SCORE).cast(pl.Float64).alias(SCORE))
+        .filter(pl.col(SCORE).is_not_null())
+        .select(columns)
+    )

@@ -81,6 +81,13 @@ def list_files(url: str, suffix: str = ".parquet") -> list[str]:
 
 
 def atomic_write_bytes(url: str, data: bytes) -> None:
+    atomic_write_chunks(url, [data])
+
+
+def atomic_write_chunks(url: str, chunks: Iterable[bytes]) -> None:
+    """Write the chunks as one file that appears whole or not at all: a local temp file renamed
+    over the target, or one bucket object (an upload is published when it completes). A failure
+    while the chunks are produced leaves the old file, and no temp file."""
     fs, path = fs_and_path(url)
     parent = posixpath.dirname(path) if "://" in url else os.path.dirname(path)
     if parent:
@@ -89,7 +96,8 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                for c in chunks:
+                    f.write(c)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -97,8 +105,17 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
             if os.path.exists(tmp):  # a failed write leaves no temp file behind
                 os.unlink(tmp)
     else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        f = fs.open(path, "wb")
+        try:
+            for c in chunks:
+                f.write(c)
+        except BaseException:
+            # closing would publish what was written so far: abort the upload instead
+            discard = getattr(f, "discard", None)
+            if discard is not None:
+                discard()
+            raise
+        f.close()
 
 
 def atomic_write_text(url: str, text: str) -> None:

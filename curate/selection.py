@@ -25,26 +25,16 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from curate import accounting, annotations, faults, io, manifest, publish, run_lock, schema, store
+from curate import accounting, annotations, faults, io, manifest, publish, run_lock, schema, selection_files, store
 from curate.config import PipelineSpec, ReportConfig, SelectionConfig
-from curate.distributed_selection import top_fraction_threshold
+from curate.distributed_decide import TASK, decide_blocks
+from curate.distributed_selection import finish_block, representatives_on, top_fraction_threshold, uid_slice
 from curate.default_executor import given_or_ray
-from curate.filters.decide import decide, on_ray
+from curate.filters.decide import decide, on_ray, resolve_clip_threshold
+from curate.reports.summary import DEFAULT_GROUP_COLUMNS
 from curate.names import check_name
+from curate.selection_files import DECISION_COLUMNS  # noqa: F401 - what selection.write = "decisions" holds
 from curate.reports.audit import build_audit, write_audit
-
-_DROP_FROM_OUTPUTS = (schema.URL_NORMALIZED,)
-# what selection.write = "decisions" writes for every row (and "kept" for the removed ones)
-DECISION_COLUMNS = [
-    schema.SHARD,
-    schema.ROW,
-    schema.UID,
-    schema.KEPT,
-    schema.REASON,
-    schema.REASONS,
-    schema.DUPLICATE_OF,
-    schema.DUPLICATE_CLUSTER,
-]
 
 
 def selection_dir(run_dir: str, name: str) -> str:
@@ -56,19 +46,7 @@ def uids_to_datacomp(uids: Sequence[str] | pl.Series) -> np.ndarray:
     array of (high u64, low u64) pairs. Vectorised (polars parses, numpy sorts): ~0.6 s for 1 M
     uids where a Python set of int pairs took 4.5 s. A uid that is not 32 hex digits is an error
     naming it."""
-    s = uids if isinstance(uids, pl.Series) else pl.Series("uid", list(uids), dtype=pl.String)
-    bad = s.filter(~s.str.contains(r"^[0-9a-fA-F]{32}$").fill_null(False))
-    if bad.len():
-        raise ValueError(f"uid {bad[0]!r} is not 32 hex digits: uids.npy (DataComp's format) cannot hold it")
-    hi = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64).to_numpy()
-    lo = s.str.slice(16, 16).str.to_integer(base=16, dtype=pl.UInt64).to_numpy()
-    order = np.lexsort((lo, hi))
-    hi, lo = hi[order], lo[order]
-    first = np.ones(len(hi), dtype=bool)
-    first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
-    out = np.empty(int(first.sum()), dtype=np.dtype("u8,u8"))
-    out["f0"], out["f1"] = hi[first], lo[first]
-    return out
+    return selection_files.sorted_pairs(*selection_files.uid_halves(uids))
 
 
 # what a selection folder holds, all written by write_selection; anything else there is not ours
@@ -101,25 +79,10 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
     missing = [c for c in report_cfg.group_columns if c not in ann.collect_schema().names()]
     if missing:  # checked before anything is written
         raise ValueError(f"report.group_columns {missing} are not annotation columns; add them to input.keep_columns")
-    decisions_lf, resolved = decide(ann, sel, embeddings=embeddings, resolved=_ranked_on_ray(run_dir, shards, sel, ann))
-    decisions = decisions_lf.collect()
-    kept_uids = decisions.filter(pl.col(schema.KEPT)).get_column(schema.UID)
-    uid_array = uids_to_datacomp(kept_uids)
-    if len(uid_array) != len(kept_uids):  # decide() removes repeated uids (duplicate_uid): never expected
-        raise RuntimeError(
-            f"{run_dir}: {len(kept_uids) - len(uid_array)} kept row(s) repeat a uid; uids.npy would "
-            "not match the kept rows (nothing was written)"
-        )
-    buf = _io.BytesIO()
-    np.save(buf, uid_array)  # before anything is written: a bad uid fails here
-
-    counts = {
-        "rows": decisions.height,
-        "kept": int(decisions.get_column(schema.KEPT).sum()),
-        "removed": int((~decisions.get_column(schema.KEPT)).sum()),
-        "kept_unique_uids": kept_uids.n_unique(),
-        "not_scored": int((decisions.get_column(schema.REASON) == "not_scored").sum()),
-    }
+    ray = on_ray(sel, ann)
+    resolved = _ranked_on_ray(run_dir, shards, sel, ann) if ray else None
+    if resolved is None:
+        resolved = resolve_clip_threshold(ann, sel)
     meta = {
         "selection": sel.name,
         "run_dir": run_dir,
@@ -132,44 +95,36 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
         "unaccounted_rows": m.get("unaccounted_rows", {}),  # failed shards' rows (footer count or "unknown")
         "created_at": manifest.now(),
     }
-    report, tables = build_audit(
-        decisions.lazy(),
-        ann,
-        sel,
-        resolved.clip_threshold,
-        report_cfg=report_cfg,
-        extra_group_columns=report_cfg.group_columns,
-        meta=meta,
-        run_dir=run_dir,
-        embeddings=embeddings,
-    )
-    # forgotten rows (curate forget) are counted: kept + removed + forgotten == rows read, per shard
-    per_shard_counts = accounting.reconcile_report(report, run_dir, shards, accounting.excluded_counts(run_dir, shards))
-    counts["forgotten"] = sum(c["forgotten"] for c in per_shard_counts.values())
-    counts["rows_read"] = sum(c["rows_read"] for c in per_shard_counts.values())
+
+    def audit(decisions: pl.LazyFrame, representatives_of=None):
+        return build_audit(
+            decisions,
+            ann,
+            sel,
+            resolved.clip_threshold,
+            report_cfg=report_cfg,
+            extra_group_columns=report_cfg.group_columns,
+            meta=meta,
+            run_dir=run_dir,
+            embeddings=embeddings,
+            representatives_of=representatives_of,
+        )
+
+    if ray:
+        write = _on_ray(run_dir, shards, sel, resolved, report_cfg, audit)
+    else:
+        write = _in_process(run_dir, sel, ann, embeddings, resolved, audit)
 
     def build(out: str, readable_at: str) -> dict:
-        per_shard: dict[str, dict[str, int]] = {}
-        for (shard,), part in decisions.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
-            part = part.drop(_DROP_FROM_OUTPUTS).sort(schema.ROW)
-            n_kept = int(part.get_column(schema.KEPT).sum())
-            if sel.write == "decisions":
-                io.write_parquet(
-                    io.join(out, "decisions", f"{shard}.parquet"), part.select(DECISION_COLUMNS).to_arrow()
-                )
-            else:
-                kept = part.filter(pl.col(schema.KEPT)).drop(schema.REASON, schema.REASONS, schema.DUPLICATE_OF)
-                removed = part.filter(pl.col(schema.KEPT).not_())
-                if sel.write == "kept":
-                    removed = removed.select(DECISION_COLUMNS)
-                io.write_parquet(io.join(out, "kept", f"{shard}.parquet"), kept.to_arrow())
-                io.write_parquet(io.join(out, "removed", f"{shard}.parquet"), removed.to_arrow())
-            per_shard[shard] = {"rows": part.height, "kept": n_kept, "removed": part.height - n_kept}
-            faults.fire("selection.shard_written", shard)
+        counts, per_shard, report, tables = write(out)
+        # forgotten rows (curate forget) are counted: kept + removed + forgotten == rows read, per shard
+        per_shard_counts = accounting.reconcile_report(
+            report, run_dir, shards, accounting.excluded_counts(run_dir, shards)
+        )
+        counts["forgotten"] = sum(c["forgotten"] for c in per_shard_counts.values())
+        counts["rows_read"] = sum(c["rows_read"] for c in per_shard_counts.values())
         for shard, c in per_shard_counts.items():
             per_shard.setdefault(shard, {"rows": 0, "kept": 0, "removed": 0}).update(c)
-        io.atomic_write_bytes(io.join(out, "uids.npy"), buf.getvalue())
-        faults.fire("selection.uids_written", sel.name)
         write_audit(report, tables, out)
         faults.fire("selection.report_written", sel.name)
         summary = {
@@ -199,6 +154,108 @@ def _ranked_on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, ann: p
     if sel.clip.min_score is not None or sel.clip.top_fraction is None or not on_ray(sel, ann):
         return None
     return top_fraction_threshold(run_dir, shards, sel.clip.top_fraction, given_or_ray())
+
+
+def _in_process(run_dir: str, sel: SelectionConfig, ann, embeddings, resolved, audit):
+    """The local engine: decide() on the whole frame here, the report and the uid file checked
+    before anything is written; returns the writer of the selection's files."""
+    decisions = decide(ann, sel, embeddings=embeddings, resolved=resolved)[0].collect()
+    kept_uids = decisions.filter(pl.col(schema.KEPT)).get_column(schema.UID)
+    uid_array = uids_to_datacomp(kept_uids)
+    if len(uid_array) != len(kept_uids):  # decide() removes repeated uids (duplicate_uid): never expected
+        raise RuntimeError(
+            f"{run_dir}: {len(kept_uids) - len(uid_array)} kept row(s) repeat a uid; uids.npy would "
+            "not match the kept rows (nothing was written)"
+        )
+    buf = _io.BytesIO()
+    np.save(buf, uid_array)  # before anything is written: a bad uid fails here
+    counts = {
+        "rows": decisions.height,
+        "kept": int(decisions.get_column(schema.KEPT).sum()),
+        "removed": int((~decisions.get_column(schema.KEPT)).sum()),
+        "kept_unique_uids": kept_uids.n_unique(),
+        "not_scored": int((decisions.get_column(schema.REASON) == "not_scored").sum()),
+    }
+    report, tables = audit(decisions.lazy())
+
+    def write(out: str):
+        per_shard: dict[str, dict[str, int]] = {}
+        for (shard,), part in decisions.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
+            per_shard[shard] = selection_files.write_shard(out, shard, part, sel.write)
+            faults.fire("selection.shard_written", shard)
+        io.atomic_write_bytes(io.join(out, "uids.npy"), buf.getvalue())
+        faults.fire("selection.uids_written", sel.name)
+        return counts, per_shard, report, tables
+
+    return write
+
+
+def _report_columns(report_cfg: ReportConfig) -> list[str]:
+    """What the report reads of the decided rows (the Ray engine gathers only these)."""
+    return list(
+        dict.fromkeys(
+            [
+                schema.SHARD,
+                schema.ROW,
+                schema.UID,
+                schema.KEPT,
+                schema.REASON,
+                schema.REASONS,
+                schema.CLIP_SCORE,
+                schema.FETCH_STATUS,
+                *DEFAULT_GROUP_COLUMNS,
+                *report_cfg.group_columns,
+            ]
+        )
+    )
+
+
+def _decided_on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, report_cfg, out: str | None):
+    """The Ray engine (curate/distributed_decide.py, curate/distributed_selection.py): blocks of
+    shards decided and (out given) written by tasks; returns (the executor, per-block summaries,
+    the report's columns of every row, the uid slices' futures)."""
+    ex = given_or_ray()
+    plan, states = decide_blocks(run_dir, shards, sel, resolved.clip_threshold, ex)
+    ranges = plan.blocks
+    cols = _report_columns(report_cfg)
+    fin = [
+        ex.submit(
+            finish_block, plan, b, states[b], out, sel.write, cols, ranges, resources=TASK, num_returns=2 + ranges
+        )
+        for b in range(plan.blocks)
+    ]
+    slices = [ex.submit(uid_slice, *[f[2 + r] for f in fin], resources=TASK) for r in range(ranges)]
+    summaries = ex.results([f[0] for f in fin])
+    narrow = pl.concat(ex.results([f[1] for f in fin]))
+    return ex, summaries, narrow, slices
+
+
+def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, report_cfg, audit):
+    """The Ray engine's writer: decisions, files and uid slices by tasks; uids.npy streamed slice
+    by slice; the report from the gathered report columns."""
+
+    def write(out: str):
+        ex, summaries, narrow, slices = _decided_on_ray(run_dir, shards, sel, resolved, report_cfg, out)
+        per_shard: dict[str, dict[str, int]] = {}
+        for s in summaries:
+            per_shard.update(s["shards"])
+        for shard in per_shard:
+            faults.fire("selection.shard_written", shard)
+        n_kept = sum(s["kept"] for s in summaries)
+        selection_files.write_uids(io.join(out, "uids.npy"), n_kept, (ex.result(f) for f in slices))
+        faults.fire("selection.uids_written", sel.name)
+        rows = sum(s["rows"] for s in summaries)
+        counts = {
+            "rows": rows,
+            "kept": n_kept,
+            "removed": rows - n_kept,
+            "kept_unique_uids": n_kept,  # uid_slice refuses a repeated kept uid
+            "not_scored": sum(s["not_scored"] for s in summaries),
+        }
+        report, tables = audit(narrow.lazy(), lambda cols: representatives_on(ex, run_dir, shards, sel, cols))
+        return counts, per_shard, report, tables
+
+    return write
 
 
 def _record_in_manifest(run_dir: str, sel: SelectionConfig) -> None:
@@ -249,8 +306,17 @@ def _rebuild_report(
     shards = annotations.completed_shards(run_dir)
     ann = annotations.scan(run_dir, shards)
     embeddings = annotations.embeddings_for(run_dir, sel, shards)
-    decisions, resolved = decide(ann, sel, embeddings=embeddings, resolved=_ranked_on_ray(run_dir, shards, sel, ann))
-    decisions = decisions.collect().lazy()  # once: every report query reads it (as write_selection does)
+    representatives_of = None
+    if on_ray(sel, ann):
+        resolved = _ranked_on_ray(run_dir, shards, sel, ann) or resolve_clip_threshold(ann, sel)
+        ex, _, narrow, _ = _decided_on_ray(run_dir, shards, sel, resolved, cfg, None)
+        decisions = narrow.lazy()
+
+        def representatives_of(cols):
+            return representatives_on(ex, run_dir, shards, sel, cols)
+    else:
+        decisions, resolved = decide(ann, sel, embeddings=embeddings)
+        decisions = decisions.collect().lazy()  # once: every report query reads it (as write_selection does)
     names = set(ann.collect_schema().names())
     extra = [c for c in cfg.group_columns if c in names]
     meta = {
@@ -284,6 +350,7 @@ def _rebuild_report(
         gallery_column=gallery_column,
         seed=seed,
         embeddings=embeddings,
+        representatives_of=representatives_of,
     )
     # forgotten rows count: kept + removed + forgotten == rows read
     accounting.reconcile_report(report, run_dir, shards, accounting.excluded_counts(run_dir, shards))

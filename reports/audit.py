@@ -9,7 +9,7 @@ import base64
 import io as _io
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import polars as pl
@@ -167,9 +167,12 @@ def build_audit(
     gallery_column: str | None = None,
     seed: int = 0,
     embeddings: pl.LazyFrame | None = None,
+    representatives_of: Callable[[list[str]], pl.DataFrame] | None = None,
 ) -> tuple[dict[str, Any], dict[str, pl.DataFrame]]:
     """The report dict (with ``sweep``, ``flips``, ``gallery`` and ``_thumbs``) and its tables.
-    embeddings: the run's image embeddings, when the selection uses dedup.image_cosine."""
+    embeddings: the run's image embeddings, when the selection uses dedup.image_cosine.
+    representatives_of(columns): the sweep's representatives with those columns (the Ray engine
+    computes them on the cluster); None: decide() here (curate.reports.sweep.representatives)."""
     cfg = report_cfg or ReportConfig()
     report, tables = build_report(
         decisions,
@@ -190,7 +193,12 @@ def build_audit(
         report["sweep"], report["sweep_note"] = None, why
         return report, tables
     keep = [SCORE, schema.UID, schema.SHARD, schema.ROW, *group_cols]
-    reps = representatives(annotations, sel, keep=keep, embeddings=embeddings).select(keep).collect(engine="streaming")
+    if representatives_of is not None:
+        reps = representatives_of(keep)
+    else:
+        reps = (
+            representatives(annotations, sel, keep=keep, embeddings=embeddings).select(keep).collect(engine="streaming")
+        )
     thr = list(sweep_thresholds) if sweep_thresholds else _nice_range(reps, clip_threshold)
     sw = sweep(annotations, sel, thr, group_columns=group_cols, include=sweep_include, reps=reps.lazy())
     tables.update(sw.pop("tables"))

@@ -329,6 +329,35 @@ def test_sigkill_at_every_step_of_curate_select(base_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigkill_while_the_ray_engine_selects(base_run, tmp_path):
+    """selection.engine = "ray": blocks decided and shard files written by Ray tasks, uids.npy
+    streamed by the driver. A SIGKILL of the driver in the middle leaves the previous selection of
+    that name whole; a rerun completes it, and it is the local engine's selection."""
+    run = _copy_run(base_run, tmp_path / "run")
+    sel = run / "selections" / "default"
+    old = check_complete(sel)["rules"]["caption"]["min_words"]
+    for i, point in enumerate(["selection.shard_written", "selection.uids_written", "publish.before_swap"]):
+        res = curate(
+            "select", str(run), "--name", "default", "--engine", "ray", "--min-words", str(old + 1),
+            CURATE_FAILPOINT=f"{point}:{tmp_path / f'once-{i}'}",
+        )  # fmt: skip
+        assert res.returncode == -signal.SIGKILL, (point, res.returncode, res.stderr[-2000:])
+        assert check_complete(sel)["rules"]["caption"]["min_words"] == old, point  # the old one, whole
+    res = curate("select", str(run), "--name", "default", "--engine", "ray", "--min-words", str(old + 1))
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = check_complete(sel)
+    assert got["rules"]["caption"]["min_words"] == old + 1 and got["rules"]["engine"] == "ray"
+    res = curate("select", str(run), "--name", "local", "--engine", "local", "--min-words", str(old + 1))
+    assert res.returncode == 0, res.stderr[-2000:]
+    local = run / "selections" / "local"
+    for sub in ("kept", "removed"):
+        a = pl.read_parquet(sel / sub / "*.parquet").sort("shard", "row")
+        assert a.equals(pl.read_parquet(local / sub / "*.parquet").sort("shard", "row")), sub
+    assert (sel / "uids.npy").read_bytes() == (local / "uids.npy").read_bytes()
+    assert not [p.name for p in (run / "selections").iterdir() if p.name.startswith(".")]  # staging tidied
+
+
+@pytest.mark.slow
 def test_sigkill_in_the_selection_phase_of_curate_run(base_run, tmp_path):
     run = _copy_run(base_run, tmp_path / "run")
     sel = run / "selections" / "default"
