@@ -37,6 +37,7 @@ from bench_results import publish  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SHARD_ROWS = 100_000
+OBJECT_STORE = 2 * 2**30  # bytes of object store per worker node
 
 
 def make_pool(path: Path, rows: int) -> None:
@@ -125,7 +126,8 @@ def start_cluster(workers: int, tmp: str) -> tuple[str, dict]:
     address = f"127.0.0.1:{port}"
     for _ in range(workers):
         subprocess.run(
-            [str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1"],
+            # a bounded object store per node: what does not fit spills to disk, as on a real node
+            [str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", f"--object-store-memory={OBJECT_STORE}"],
             check=True,
             env=env,
             capture_output=True,

@@ -352,13 +352,14 @@ def decide_blocks(
     sel: SelectionConfig,
     threshold: float | None,
     executor: Executor,
-    rows_per_block: int = ROWS_PER_BLOCK,
+    rows_per_block: int | None = None,
     explain: bool = True,
 ) -> tuple[Plan, list[Any]]:
     """(plan, one future per block of its final state): run every wave up to the finish. The
     caller turns each state into what it needs (block_decisions, written files, counts).
     explain=False: only which rows are kept (`_eligible`), as decide(explain=False): no following,
     no clusters."""
+    rows_per_block = rows_per_block or ROWS_PER_BLOCK
     plan = Plan(run_dir, tuple(shards), plan_blocks(run_dir, shards, rows_per_block), sel, threshold)
     B = plan.blocks
     P = sel.dedup.partitions or B
@@ -426,7 +427,7 @@ def decide_on_ray(
     sel: SelectionConfig,
     threshold: float | None,
     executor: Executor,
-    rows_per_block: int = ROWS_PER_BLOCK,
+    rows_per_block: int | None = None,
 ) -> pl.DataFrame:
     """Every block's decisions gathered into one frame: for tests and small runs (the writers of
     curate/selection.py consume blocks where they are)."""

@@ -18,6 +18,7 @@ from curate import annotations, distributed_decide, exact_rank, faults, schema, 
 from curate.config import ClipRule, SelectionConfig
 from curate.executor import Executor, Resources
 from curate.filters.decide import ResolvedSelection, scored_pool
+from curate.reports.sources import BlockSource
 from curate.reports.sweep import SCORE
 
 TASK = Resources(cpus=1)
@@ -112,21 +113,28 @@ def uid_slice(*parts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return selection_files.sorted_pairs(hi, lo, unique=False)
 
 
-def representatives_on(
-    executor: Executor, run_dir: str, shards: list[str], sel: SelectionConfig, columns: list[str]
+def block_representatives(
+    plan: distributed_decide.Plan, b: int, state: pl.DataFrame, columns: list[str]
 ) -> pl.DataFrame:
-    """The sweep's representatives (curate.reports.sweep.representatives: the rows decide() keeps
-    with the CLIP threshold at -inf, with a score) computed on the cluster, `columns` of them."""
-    loose = sel.model_copy(update={"clip": ClipRule.model_construct(min_score=float("-inf"), top_fraction=None)})
-    plan, states = distributed_decide.decide_blocks(run_dir, shards, loose, float("-inf"), executor, explain=False)
+    """One block's representatives (kept at threshold -inf, with a score): `columns` of them."""
     need = list(dict.fromkeys([*(c for c in columns if c != SCORE), schema.CLIP_SCORE]))
-    futures = [
-        executor.submit(distributed_decide.block_kept, plan, b, states[b], need, resources=TASK)
-        for b in range(plan.blocks)
-    ]
-    kept = pl.concat(executor.results(futures))
+    kept = distributed_decide.block_kept(plan, b, state, need)
     return (
         kept.with_columns(pl.col(schema.CLIP_SCORE).cast(pl.Float64).alias(SCORE))
         .filter(pl.col(SCORE).is_not_null())
         .select(columns)
     )
+
+
+def representatives_on(
+    executor: Executor, run_dir: str, shards: list[str], sel: SelectionConfig, columns: list[str]
+) -> BlockSource:
+    """The sweep's representatives (curate.reports.sweep.representatives: the rows decide() keeps
+    with the CLIP threshold at -inf, with a score), decided on the cluster and left there, a frame
+    per block (the report asks its questions where they lie: curate/reports/sources.py)."""
+    loose = sel.model_copy(update={"clip": ClipRule.model_construct(min_score=float("-inf"), top_fraction=None)})
+    plan, states = distributed_decide.decide_blocks(run_dir, shards, loose, float("-inf"), executor, explain=False)
+    blocks = [
+        executor.submit(block_representatives, plan, b, states[b], columns, resources=TASK) for b in range(plan.blocks)
+    ]
+    return BlockSource(executor, blocks)

@@ -68,7 +68,7 @@ def merge(parts: Iterable[Counts]) -> Counts:
     return b, np.bincount(inv, weights=counts, minlength=len(b)).astype(np.int64)
 
 
-def _pick(counts: Counts, k: int) -> tuple[int, int]:
+def pick(counts: Counts, k: int) -> tuple[int, int]:
     """(bin, rank within it) of the k-th largest (0-based) among the counted values."""
     bins, c = counts
     above = 0
@@ -97,7 +97,7 @@ def kth_largest(count_pass: CountPass, k: int, first: Counts | None = None) -> f
     prefix, done = 0, 0
     for i, width in enumerate(PASS_BITS):
         counts = first if (i == 0 and first is not None) else merge(count_pass(prefix, done, width))
-        b, k = _pick(counts, k)
+        b, k = pick(counts, k)
         prefix, done = (prefix << width) | b, done + width
     return key_value(prefix)
 

@@ -35,6 +35,7 @@ from curate.reports.summary import DEFAULT_GROUP_COLUMNS
 from curate.names import check_name
 from curate.selection_files import DECISION_COLUMNS  # noqa: F401 - what selection.write = "decisions" holds
 from curate.reports.audit import build_audit, write_audit
+from curate.reports.sources import BlockSource
 
 
 def selection_dir(run_dir: str, name: str) -> str:
@@ -213,7 +214,8 @@ def _report_columns(report_cfg: ReportConfig) -> list[str]:
 def _decided_on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, report_cfg, out: str | None):
     """The Ray engine (curate/distributed_decide.py, curate/distributed_selection.py): blocks of
     shards decided and (out given) written by tasks; returns (the executor, per-block summaries,
-    the report's columns of every row, the uid slices' futures)."""
+    the report's columns of every row left on the cluster as a BlockSource, the uid slices'
+    futures)."""
     ex = given_or_ray()
     plan, states = decide_blocks(run_dir, shards, sel, resolved.clip_threshold, ex)
     ranges = plan.blocks
@@ -226,13 +228,12 @@ def _decided_on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resol
     ]
     slices = [ex.submit(uid_slice, *[f[2 + r] for f in fin], resources=TASK) for r in range(ranges)]
     summaries = ex.results([f[0] for f in fin])
-    narrow = pl.concat(ex.results([f[1] for f in fin]))
-    return ex, summaries, narrow, slices
+    return ex, summaries, BlockSource(ex, [f[1] for f in fin]), slices
 
 
 def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, report_cfg, audit):
     """The Ray engine's writer: decisions, files and uid slices by tasks; uids.npy streamed slice
-    by slice; the report from the gathered report columns."""
+    by slice; the report's questions asked of the blocks where they lie."""
 
     def write(out: str):
         ex, summaries, narrow, slices = _decided_on_ray(run_dir, shards, sel, resolved, report_cfg, out)
@@ -252,7 +253,7 @@ def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, rep
             "kept_unique_uids": n_kept,  # uid_slice refuses a repeated kept uid
             "not_scored": sum(s["not_scored"] for s in summaries),
         }
-        report, tables = audit(narrow.lazy(), lambda cols: representatives_on(ex, run_dir, shards, sel, cols))
+        report, tables = audit(narrow, lambda cols: representatives_on(ex, run_dir, shards, sel, cols))
         return counts, per_shard, report, tables
 
     return write
@@ -309,8 +310,7 @@ def _rebuild_report(
     representatives_of = None
     if on_ray(sel, ann):
         resolved = _ranked_on_ray(run_dir, shards, sel, ann) or resolve_clip_threshold(ann, sel)
-        ex, _, narrow, _ = _decided_on_ray(run_dir, shards, sel, resolved, cfg, None)
-        decisions = narrow.lazy()
+        ex, _, decisions, _ = _decided_on_ray(run_dir, shards, sel, resolved, cfg, None)
 
         def representatives_of(cols):
             return representatives_on(ex, run_dir, shards, sel, cols)

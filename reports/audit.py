@@ -17,6 +17,7 @@ import polars as pl
 from curate import io, schema, store
 from curate.config import ReportConfig, SelectionConfig
 from curate.reports.summary import build_report, write_report
+from curate.reports.sources import FrameSource, Head, Source, as_source
 from curate.reports.sweep import SCORE, flips, not_sweepable, representatives, sweep, thresholds
 import pyarrow.compute as pc
 from PIL import Image
@@ -28,13 +29,13 @@ GALLERY_WINDOW = 30  # sample from the this-many rows nearest the threshold on e
 THUMB_PX = 112
 
 
-def _nice_range(reps: pl.DataFrame, t0: float | None) -> list[float]:
+def _nice_range(reps: Source, t0: float | None) -> list[float]:
     """Default sweep: 26 thresholds over the 2nd..98th percentile of the representatives' scores
     (rounded to a step of 0.01, 0.005, ...), always including the selection's own threshold."""
-    s = reps[SCORE]
-    if s.len() == 0:
+    st = reps.scores(SCORE, {"lo": 0.02, "hi": 0.98}, interpolation="nearest").row(0, named=True)
+    if st["scored"] == 0:
         return [t0] if t0 is not None else []
-    lo, hi = float(s.quantile(0.02)), float(s.quantile(0.98))
+    lo, hi = float(st["lo"]), float(st["hi"])
     if t0 is not None:
         lo, hi = min(lo, t0), max(hi, t0)
     span = max(hi - lo, 1e-6)
@@ -84,7 +85,7 @@ def _thumbnails(run_dir: str, keys: list[tuple[str, int]]) -> dict[tuple[str, in
 
 def boundary_gallery(
     run_dir: str | None,
-    reps: pl.DataFrame,
+    reps: pl.DataFrame | Source,
     annotations: pl.LazyFrame,
     threshold: float,
     column: str,
@@ -99,17 +100,28 @@ def boundary_gallery(
     whose fate the threshold decides. Returns the JSON part and the thumbnails ({uid: data URI})."""
     picked: list[dict[str, Any]] = []
     groups = []
-    for v in values:
-        sub = reps.filter(pl.col(column).is_null() if v is None else pl.col(column) == v)
-        sides = {}
-        for side, part in (
-            ("above", sub.filter(pl.col(SCORE) >= threshold).sort([SCORE, schema.UID]).head(window)),
+    near = (schema.UID, schema.SHARD, schema.ROW, SCORE)
+    queries = {}
+    for i, v in enumerate(values):
+        grp = pl.col(column).is_null() if v is None else pl.col(column) == v
+        above, below = grp & (pl.col(SCORE) >= threshold), grp & (pl.col(SCORE) < threshold)
+        queries[f"above:{i}"] = (
+            (lambda lf, w=above: lf.filter(w).sort([SCORE, schema.UID]).head(window).select(near)),
+            Head((SCORE, schema.UID), (False, False), window),
+        )
+        queries[f"below:{i}"] = (
             (
-                "below",
-                sub.filter(pl.col(SCORE) < threshold).sort([SCORE, schema.UID], descending=[True, False]).head(window),
+                lambda lf, w=below: (
+                    lf.filter(w).sort([SCORE, schema.UID], descending=[True, False]).head(window).select(near)
+                )
             ),
-        ):
-            rows = part.select(schema.UID, schema.SHARD, schema.ROW, SCORE).to_dicts()
+            Head((SCORE, schema.UID), (True, False), window),
+        )
+    found = as_source(reps).collect(queries) if queries else {}
+    for i, v in enumerate(values):
+        sides = {}
+        for side in ("above", "below"):
+            rows = found[f"{side}:{i}"].to_dicts()
             rng = random.Random(f"{seed}|{column}|{v}|{side}")
             chosen = sorted(rng.sample(rows, min(per_side, len(rows))), key=lambda r: r[SCORE])
             sides[side] = chosen
@@ -122,7 +134,8 @@ def boundary_gallery(
             schema={schema.SHARD: pl.String, schema.ROW: pl.Int64},
         )
         info = (
-            annotations.join(keys.lazy(), on=[schema.SHARD, schema.ROW], how="semi")
+            annotations.filter(pl.col(schema.SHARD).is_in(keys.get_column(schema.SHARD).unique().to_list()))
+            .join(keys.lazy(), on=[schema.SHARD, schema.ROW], how="semi")
             .select(schema.SHARD, schema.ROW, schema.CAPTION, schema.URL)
             .collect()
         )
@@ -152,7 +165,7 @@ def boundary_gallery(
 
 
 def build_audit(
-    decisions: pl.LazyFrame,
+    decisions: pl.LazyFrame | Source,
     annotations: pl.LazyFrame,
     sel: SelectionConfig,
     clip_threshold: float | None,
@@ -167,13 +180,14 @@ def build_audit(
     gallery_column: str | None = None,
     seed: int = 0,
     embeddings: pl.LazyFrame | None = None,
-    representatives_of: Callable[[list[str]], pl.DataFrame] | None = None,
+    representatives_of: Callable[[list[str]], Source] | None = None,
 ) -> tuple[dict[str, Any], dict[str, pl.DataFrame]]:
     """The report dict (with ``sweep``, ``flips``, ``gallery`` and ``_thumbs``) and its tables.
     embeddings: the run's image embeddings, when the selection uses dedup.image_cosine.
     representatives_of(columns): the sweep's representatives with those columns (the Ray engine
     computes them on the cluster); None: decide() here (curate.reports.sweep.representatives)."""
     cfg = report_cfg or ReportConfig()
+    decisions = as_source(decisions)
     report, tables = build_report(
         decisions,
         extra_group_columns=extra_group_columns,
@@ -196,11 +210,12 @@ def build_audit(
     if representatives_of is not None:
         reps = representatives_of(keep)
     else:
-        reps = (
+        reps = FrameSource(
             representatives(annotations, sel, keep=keep, embeddings=embeddings).select(keep).collect(engine="streaming")
         )
     thr = list(sweep_thresholds) if sweep_thresholds else _nice_range(reps, clip_threshold)
-    sw = sweep(annotations, sel, thr, group_columns=group_cols, include=sweep_include, reps=reps.lazy())
+    # the group sizes are over every row: the decided rows (one per annotation row)
+    sw = sweep(decisions, sel, thr, group_columns=group_cols, include=sweep_include, reps=reps)
     tables.update(sw.pop("tables"))
     sw["selection_threshold"] = clip_threshold
     report["sweep"] = sw
@@ -213,7 +228,7 @@ def build_audit(
         compare = (a, b)
     sizes = {c: tables[f"groups_{c}"].select(pl.col("value").alias(c), "rows_in") for c in group_cols}
     fl = flips(
-        reps.lazy(),
+        reps,
         compare[0],
         compare[1],
         group_columns=group_cols,

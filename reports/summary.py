@@ -40,6 +40,7 @@ from curate.schema import (
 )
 from curate import io
 from curate.reports.html import render_html
+from curate.reports.sources import Source, SumBy, as_source, score_expr
 
 REPORT_VERSION = 1
 UNKNOWN = "(unknown)"  # how a null group value is shown
@@ -150,16 +151,21 @@ def _count_exprs(with_reasons: bool = False) -> list[pl.Expr]:
     return exprs
 
 
-def _check_columns(lf: pl.LazyFrame, group_cols: Sequence[str]) -> set[str]:
-    names = set(lf.collect_schema().names())
+def _check_columns(src: Source, group_cols: Sequence[str]) -> set[str]:
+    names = set(src.schema().names())
     missing = [c for c in (SHARD, KEPT, REASON, *group_cols) if c not in names]
     if missing:
         raise ValueError(f"decisions frame lacks column(s) {missing}; it has {sorted(names)}")
     return names
 
 
+def _count(keys: Sequence[str], exprs: list[pl.Expr]):
+    """A grouped count query and how block answers merge (counts add up)."""
+    return (lambda lf: lf.group_by(list(keys)).agg(exprs)), SumBy(tuple(keys))
+
+
 def report_tables(
-    decisions: pl.LazyFrame | pl.DataFrame,
+    decisions: pl.LazyFrame | pl.DataFrame | Source,
     *,
     group_columns: Sequence[str] = DEFAULT_GROUP_COLUMNS,
     extra_group_columns: Sequence[str] = (),
@@ -171,38 +177,28 @@ def report_tables(
     (one row, a column per rule), ``shards``, ``group:<column>`` for each grouping column,
     ``fetch_status`` (status, n), ``clip_stats`` (one row) and ``clip_hist`` (bin, lo, hi, n).
     Optional input columns (reasons, clip_score, fetch_status) that are absent give no table.
+    `decisions` may be a frame or a source of frames (curate/reports/sources.py: the Ray engine's
+    blocks); every table is a merge of counts, so both give the same tables.
     """
-    lf = decisions.lazy()
+    src = as_source(decisions)
     group_cols = list(dict.fromkeys([*group_columns, *extra_group_columns]))
-    names = _check_columns(lf, group_cols)
+    names = _check_columns(src, group_cols)
 
-    queries: dict[str, pl.LazyFrame] = {}
-    queries["kept_reason"] = lf.group_by([KEPT, REASON]).agg(pl.len().cast(pl.Int64).alias("n"))
+    n = pl.len().cast(pl.Int64).alias("n")
+    queries: dict[str, tuple] = {}
+    queries["kept_reason"] = _count([KEPT, REASON], [n])
     if REASONS in names:
-        queries["failed_any"] = lf.select(
-            [pl.col(REASONS).list.contains(r).cast(pl.Int64).sum().alias(r) for r in _REASONS]
-        )
-    queries["shards"] = lf.group_by(SHARD).agg(_count_exprs())
+        failed = [pl.col(REASONS).list.contains(r).cast(pl.Int64).sum().alias(r) for r in _REASONS]
+        queries["failed_any"] = (lambda lf: lf.select(failed)), SumBy()
+    queries["shards"] = _count([SHARD], _count_exprs())
     for c in group_cols:
-        queries[f"group:{c}"] = lf.group_by(c).agg(_count_exprs(REASONS in names))
+        queries[f"group:{c}"] = _count([c], _count_exprs(REASONS in names))
     if FETCH_STATUS in names:
-        queries["fetch_status"] = lf.group_by(FETCH_STATUS).agg(pl.len().cast(pl.Int64).alias("n"))
-    score = pl.col(CLIP_SCORE).cast(pl.Float64).fill_nan(None)
+        queries["fetch_status"] = _count([FETCH_STATUS], [n])
+    tables = src.collect(queries)
+
     if CLIP_SCORE in names:
-        queries["clip_stats"] = lf.select(
-            pl.len().cast(pl.Int64).alias("rows"),
-            score.count().cast(pl.Int64).alias("scored"),
-            score.min().alias("min"),
-            score.max().alias("max"),
-            score.mean().alias("mean"),
-            *[score.quantile(q, interpolation="linear").alias(k) for k, q in QUANTILES.items()],
-        )
-
-    keys = list(queries)
-    frames = pl.collect_all([queries[k] for k in keys], engine="streaming")
-    tables = dict(zip(keys, frames))
-
-    if "clip_stats" in tables:
+        tables["clip_stats"] = src.scores(CLIP_SCORE, QUANTILES)
         st = tables["clip_stats"].row(0, named=True)
         lo, hi = _finite(st["min"]), _finite(st["max"])
         if lo is None or hi is None:
@@ -212,14 +208,15 @@ def report_tables(
         else:
             nb = hist_bins if hi > lo else 1
             width = (hi - lo) / nb if hi > lo else 1.0
-            idx = ((score - lo) / width).floor().cast(pl.Int64).clip(0, nb - 1)
-            counts = (
-                lf.select(idx.alias("bin"))
-                .drop_nulls()
-                .group_by("bin")
-                .agg(pl.len().cast(pl.Int64).alias("n"))
-                .collect(engine="streaming")
-            )
+            idx = ((score_expr(CLIP_SCORE) - lo) / width).floor().cast(pl.Int64).clip(0, nb - 1)
+            counts = src.collect(
+                {
+                    "hist": (
+                        lambda lf: lf.select(idx.alias("bin")).drop_nulls().group_by("bin").agg(n),
+                        SumBy(("bin",)),
+                    )
+                }
+            )["hist"]
             full = pl.DataFrame(
                 {
                     "bin": list(range(nb)),
@@ -394,7 +391,7 @@ def _order_group(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_report(
-    decisions: pl.LazyFrame | pl.DataFrame,
+    decisions: pl.LazyFrame | pl.DataFrame | Source,
     *,
     group_columns: Sequence[str] = DEFAULT_GROUP_COLUMNS,
     extra_group_columns: Sequence[str] = (),
@@ -411,7 +408,8 @@ def build_report(
     if top_groups < 1:
         raise ValueError("top_groups must be >= 1")
     group_cols = list(dict.fromkeys([*group_columns, *extra_group_columns]))
-    tables = report_tables(decisions, group_columns=group_cols)
+    src = as_source(decisions)
+    tables = report_tables(src, group_columns=group_cols)
     problems: list[str] = []
 
     # ---- totals and first reasons, from the (kept, reason) table ---------------------------------
@@ -509,9 +507,9 @@ def build_report(
         groups[c] = sec
         full_tables[f"groups_{c}"] = full
         problems.extend(probs)
-    names = set(decisions.lazy().collect_schema().names())
+    names = set(src.schema().names())
     if CLIP_SCORE in names and group_cols:
-        dists = _clip_by_group(decisions.lazy(), groups)
+        dists = _clip_by_group(src, groups)
         for c, d in dists.items():
             full_tables[f"clip_by_{c}"] = d
             byval = {(None if r[c] is None else r[c]): r for r in d.iter_rows(named=True)}
@@ -585,28 +583,13 @@ def build_report(
     return rep, full_tables
 
 
-def _clip_by_group(lf: pl.LazyFrame, groups: dict[str, dict[str, Any]]) -> dict[str, pl.DataFrame]:
-    """CLIP score distribution (count, mean, quantiles) of the shown groups of every grouping,
-    one streaming pass per grouping restricted to those groups."""
-    score = pl.col(CLIP_SCORE).cast(pl.Float64).fill_nan(None)
-    queries = {}
+def _clip_by_group(src: Source, groups: dict[str, dict[str, Any]]) -> dict[str, pl.DataFrame]:
+    """CLIP score distribution (count, mean, quantiles) of the shown groups of every grouping."""
+    out = {}
     for c, sec in groups.items():
-        vals = [g["value"] for g in sec["rows"] if not g["other_groups"] and not g["unknown"]]
-        has_null = any(g["unknown"] for g in sec["rows"] if not g["other_groups"])
-        keep = pl.col(c).is_in(pl.Series(vals).cast(lf.collect_schema()[c], strict=False)) if vals else pl.lit(False)
-        if has_null:
-            keep = keep | pl.col(c).is_null()
-        queries[c] = (
-            lf.filter(keep)
-            .group_by(c)
-            .agg(
-                score.count().cast(pl.Int64).alias("scored"),
-                score.mean().alias("mean"),
-                *[score.quantile(q, interpolation="linear").alias(k) for k, q in QUANTILES.items()],
-            )
-        )
-    keys = list(queries)
-    return dict(zip(keys, pl.collect_all([queries[k] for k in keys], engine="streaming")))
+        values = [None if g["unknown"] else g["value"] for g in sec["rows"] if not g["other_groups"]]
+        out[c] = src.scores(CLIP_SCORE, QUANTILES, by=c, values=values)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from curate import schema
 from curate.config import ClipRule, SelectionConfig
 from curate.filters.rules import RULE_INPUTS
 from curate.filters.decide import decide
+from curate.reports.sources import BlockSource, FrameSource, Head, Source, SumBy, as_source
 
 SCORE = "_score"
 IDX = "_above"  # number of sweep thresholds <= the row's score
@@ -98,26 +99,29 @@ def _curve(counts: dict[int, int], n_thr: int) -> list[int]:
 
 
 def sweep(
-    annotations: pl.LazyFrame,
+    annotations: pl.LazyFrame | Source,
     sel: SelectionConfig,
     thr: Sequence[float],
     *,
     group_columns: Sequence[str] = (),
     top_groups: int = 6,
     include: dict[str, Sequence[str]] | None = None,
-    reps: pl.LazyFrame | None = None,
+    reps: pl.LazyFrame | Source | None = None,
     embeddings: pl.LazyFrame | None = None,
 ) -> dict[str, Any]:
     """Retention vs threshold overall and, per grouping column, for its ``top_groups`` largest
     groups plus any named in ``include[column]``. Returns a JSON-able dict; ``tables`` holds the
-    long-form polars tables (threshold, group, rows_in, kept, retention)."""
+    long-form polars tables (threshold, group, rows_in, kept, retention). `annotations` (every
+    row, for the group sizes) and `reps` may be frames or sources of frames
+    (curate/reports/sources.py: the Ray engine's blocks)."""
     thr = sorted(float(t) for t in thr)
     if not thr:
         raise ValueError("no thresholds to sweep")
     include = include or {}
-    lf = annotations
-    dtype = lf.collect_schema().get(schema.CLIP_SCORE)
+    rows = as_source(annotations)
+    dtype = rows.schema().get(schema.CLIP_SCORE)
     if reps is None:  # (build_audit passes reps, and only when the run has scores)
+        lf = annotations
         if (why := not_sweepable(sel)) is not None:
             raise ValueError(why)
         if (
@@ -129,19 +133,21 @@ def sweep(
                 "fetched): there is no CLIP threshold to sweep"
             )
         reps = representatives(lf, sel, keep=list(group_columns), embeddings=embeddings)
-    reps = reps.with_columns(_above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64).alias(IDX))
-    # decide() runs once: materialise the few columns the counts need (a threshold index and the
-    # group keys), so the per-group queries below do not each re-run the dedup plan.
-    reps = reps.select(IDX, *group_columns).collect(engine="streaming").lazy()
-    queries: dict[str, pl.LazyFrame] = {
-        "rows": lf.select(pl.len().cast(pl.Int64).alias("n")),
-        "overall": reps.group_by(IDX).agg(pl.len().cast(pl.Int64).alias("n")),
-    }
+    if not isinstance(reps, (FrameSource, BlockSource)):
+        # decide() runs once: materialise the few columns the counts need, so the per-group
+        # queries below do not each re-run the dedup plan
+        reps = FrameSource(reps.lazy().select(SCORE, *group_columns).collect(engine="streaming"))
+    above = _above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64).alias(IDX)
+    n = pl.len().cast(pl.Int64).alias("n")
+    counts = {"overall": ((lambda lf: lf.select(above).group_by(IDX).agg(n)), SumBy((IDX,)))}
+    sizes = {"rows": ((lambda lf: lf.select(n)), SumBy())}
     for c in group_columns:
-        queries[f"size:{c}"] = lf.group_by(c).agg(pl.len().cast(pl.Int64).alias("rows_in"))
-        queries[f"hist:{c}"] = reps.group_by(c, IDX).agg(pl.len().cast(pl.Int64).alias("n"))
-    keys = list(queries)
-    res = dict(zip(keys, pl.collect_all([queries[k] for k in keys], engine="streaming")))
+        sizes[f"size:{c}"] = (
+            (lambda lf, c=c: lf.group_by(c).agg(pl.len().cast(pl.Int64).alias("rows_in"))),
+            SumBy((c,)),
+        )
+        counts[f"hist:{c}"] = ((lambda lf, c=c: lf.select(c, above).group_by(c, IDX).agg(n)), SumBy((c, IDX)))
+    res = {**rows.collect(sizes), **reps.collect(counts)}
     rows_in = int(res["rows"]["n"][0])
     overall_kept = _curve(dict(res["overall"].iter_rows()), len(thr))
     out: dict[str, Any] = {
@@ -202,7 +208,7 @@ def sweep(
 
 
 def flips(
-    reps: pl.LazyFrame,
+    reps: pl.LazyFrame | Source,
     a: float,
     b: float,
     *,
@@ -218,19 +224,27 @@ def flips(
     lo, hi = (a, b) if a <= b else (b, a)
     if score_dtype == pl.Float32:  # compare as decide() does (see _above)
         lo, hi = (float(pl.Series([x], dtype=pl.Float32)[0]) for x in (lo, hi))
-    band = reps.filter((pl.col(SCORE) >= lo) & (pl.col(SCORE) < hi))
-    queries = {"n": band.select(pl.len().cast(pl.Int64).alias("n"))}
-    have = set(reps.collect_schema().names())
+    src = as_source(reps)
+    band = (pl.col(SCORE) >= lo) & (pl.col(SCORE) < hi)
+    have = set(src.schema().names())
     cols = [
         c
         for c in dict.fromkeys((schema.UID, schema.SHARD, schema.ROW, schema.CAPTION, SCORE, *group_columns))
         if c in have
     ]
-    queries["sample"] = band.sort(SCORE, schema.UID).select(cols).head(sample)
+    queries = {
+        "n": ((lambda lf: lf.filter(band).select(pl.len().cast(pl.Int64).alias("n"))), SumBy()),
+        "sample": (
+            (lambda lf: lf.filter(band).sort(SCORE, schema.UID).select(cols).head(sample)),
+            Head((SCORE, schema.UID), (False, False), sample),
+        ),
+    }
     for c in group_columns:
-        queries[f"g:{c}"] = band.group_by(c).agg(pl.len().cast(pl.Int64).alias("flips"))
-    keys = list(queries)
-    res = dict(zip(keys, pl.collect_all([queries[k] for k in keys], engine="streaming")))
+        queries[f"g:{c}"] = (
+            (lambda lf, c=c: lf.filter(band).group_by(c).agg(pl.len().cast(pl.Int64).alias("flips"))),
+            SumBy((c,)),
+        )
+    res = src.collect(queries)
     out: dict[str, Any] = {
         "a": a,
         "b": b,
