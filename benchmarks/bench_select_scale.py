@@ -127,7 +127,13 @@ def start_cluster(workers: int, tmp: str) -> tuple[str, dict]:
     for _ in range(workers):
         subprocess.run(
             # a bounded object store per node: what does not fit spills to disk, as on a real node
-            [str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", f"--object-store-memory={OBJECT_STORE}"],
+            [
+                str(BIN / "ray"),
+                "start",
+                f"--address={address}",
+                "--num-cpus=1",
+                f"--object-store-memory={OBJECT_STORE}",
+            ],
             check=True,
             env=env,
             capture_output=True,
