@@ -112,7 +112,13 @@ def select(run: Path, engine: str, env: dict) -> dict:
     err = proc.stderr.read().decode() if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"curate select --engine {engine} failed:\n{out}\n{err[-3000:]}")
-    return {"wall_s": wall, "driver_peak_rss": usage.ru_maxrss * 1024, "worker_peak_rss": worker_peaks()}
+    summary = json.loads((run / "selections" / f"scale-{engine}" / "selection.json").read_text())
+    return {
+        "wall_s": wall,
+        "driver_peak_rss": usage.ru_maxrss * 1024,
+        "worker_peak_rss": worker_peaks(),
+        "timings": summary.get("timings", {}),  # seconds per step, as the selection recorded them
+    }
 
 
 def start_cluster(workers: int, tmp: str) -> tuple[str, dict]:
@@ -160,13 +166,14 @@ def table(res: dict) -> str:
         f"CPU flags: {' '.join(c['cpu_flags']) or 'none listed'}; local Ray cluster: a head with 0 CPUs and "
         f"{c['workers']} worker node(s) of 1 CPU on this machine.",
         "",
-        "| rows | engine | wall s | µs per row | driver peak RSS | largest worker peak RSS |",
-        "|---|---|---|---|---|---|",
+        "| rows | engine | wall s | µs per row | driver peak RSS | largest worker peak RSS | steps (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
+        steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in r.get("timings", {}).items())
         lines.append(
             f"| {r['rows']:,} | {r['engine']} | {r['wall_s']:.1f} | {r['wall_s'] / r['rows'] * 1e6:.1f} | "
-            f"{r['driver_peak_rss'] / 2**30:.2f} GiB | {r['worker_peak_rss'] / 2**30:.2f} GiB |"
+            f"{r['driver_peak_rss'] / 2**30:.2f} GiB | {r['worker_peak_rss'] / 2**30:.2f} GiB | {steps} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -30,7 +30,7 @@ from curate.config import PipelineSpec, ReportConfig, SelectionConfig
 from curate.distributed_decide import TASK, decide_blocks
 from curate.distributed_selection import finish_block, representatives_on, top_fraction_threshold, uid_slice
 from curate.default_executor import given_or_ray
-from curate.filters.decide import decide, on_ray, resolve_clip_threshold
+from curate.filters.decide import decide, decide_inputs, nan_free_scores, on_ray, resolve_clip_threshold
 from curate.reports.summary import DEFAULT_GROUP_COLUMNS
 from curate.names import check_name
 from curate.selection_files import DECISION_COLUMNS  # noqa: F401 - what selection.write = "decisions" holds
@@ -81,9 +81,11 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
     if missing:  # checked before anything is written
         raise ValueError(f"report.group_columns {missing} are not annotation columns; add them to input.keep_columns")
     ray = on_ray(sel, ann)
+    t = time.perf_counter()
     resolved = _ranked_on_ray(run_dir, shards, sel, ann) if ray else None
     if resolved is None:
         resolved = resolve_clip_threshold(ann, sel)
+    rank_s = time.perf_counter() - t  # the CLIP threshold: a top fraction's ranking
     meta = {
         "selection": sel.name,
         "run_dir": run_dir,
@@ -114,10 +116,10 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
     if ray:
         write = _on_ray(run_dir, shards, sel, resolved, report_cfg, audit)
     else:
-        write = _in_process(run_dir, sel, ann, embeddings, resolved, audit)
+        write = _in_process(run_dir, sel, ann, embeddings, resolved, report_cfg, audit)
 
     def build(out: str, readable_at: str) -> dict:
-        counts, per_shard, report, tables = write(out)
+        counts, per_shard, report, tables, timings = write(out)
         # forgotten rows (curate forget) are counted: kept + removed + forgotten == rows read, per shard
         per_shard_counts = accounting.reconcile_report(
             report, run_dir, shards, accounting.excluded_counts(run_dir, shards)
@@ -136,6 +138,7 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
             "report_html": io.join(readable_at, "report.html"),
             "report_json": io.join(readable_at, "report.json"),
             "seconds": round(time.time() - t0, 3),
+            "timings": {"rank_s": round(rank_s, 3), **{k: round(v, 3) for k, v in timings.items()}},
         }
         io.write_json(io.join(out, "selection.json"), summary)  # last: a selection folder is complete
         faults.fire("selection.json_written", sel.name)
@@ -157,10 +160,15 @@ def _ranked_on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, ann: p
     return top_fraction_threshold(run_dir, shards, sel.clip.top_fraction, given_or_ray())
 
 
-def _in_process(run_dir: str, sel: SelectionConfig, ann, embeddings, resolved, audit):
+def _in_process(run_dir: str, sel: SelectionConfig, ann, embeddings, resolved, report_cfg, audit):
     """The local engine: decide() on the whole frame here, the report and the uid file checked
     before anything is written; returns the writer of the selection's files."""
-    decisions = decide(ann, sel, embeddings=embeddings, resolved=resolved)[0].collect()
+    # the files get every annotation column back shard by shard (write below)
+    t = time.perf_counter()
+    decided = [schema.REASONS, schema.KEPT, schema.REASON, schema.DUPLICATE_OF, schema.DUPLICATE_CLUSTER]
+    decisions = decide(_decided_columns(ann, sel, report_cfg), sel, embeddings=embeddings, resolved=resolved)[0]
+    keep = dict.fromkeys([*_report_columns(report_cfg), *decided])  # what the report and the files read of it
+    decisions = decisions.select([c for c in keep if c in decisions.collect_schema().names()]).collect()
     kept_uids = decisions.filter(pl.col(schema.KEPT)).get_column(schema.UID)
     uid_array = uids_to_datacomp(kept_uids)
     if len(uid_array) != len(kept_uids):  # decide() removes repeated uids (duplicate_uid): never expected
@@ -177,18 +185,33 @@ def _in_process(run_dir: str, sel: SelectionConfig, ann, embeddings, resolved, a
         "kept_unique_uids": kept_uids.n_unique(),
         "not_scored": int((decisions.get_column(schema.REASON) == "not_scored").sum()),
     }
+    timings = {"decide_s": time.perf_counter() - t}
+    t = time.perf_counter()
     report, tables = audit(decisions.lazy())
+    timings["report_s"] = time.perf_counter() - t
 
     def write(out: str):
+        t = time.perf_counter()
         per_shard: dict[str, dict[str, int]] = {}
         for (shard,), part in decisions.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
+            rows = nan_free_scores(annotations.scan(run_dir, [shard])).collect()
+            part = rows.join(part.select(schema.ROW, *decided), on=schema.ROW, how="left", maintain_order="left")
             per_shard[shard] = selection_files.write_shard(out, shard, part, sel.write)
             faults.fire("selection.shard_written", shard)
         io.atomic_write_bytes(io.join(out, "uids.npy"), buf.getvalue())
         faults.fire("selection.uids_written", sel.name)
-        return counts, per_shard, report, tables
+        timings["write_s"] = time.perf_counter() - t
+        return counts, per_shard, report, tables, timings
 
     return write
+
+
+def _decided_columns(ann: pl.LazyFrame, sel: SelectionConfig, report_cfg: ReportConfig) -> pl.LazyFrame:
+    """The annotation columns the rules, the survivor rule and the report read: what the local
+    engine holds in memory (a fraction of the rows' bytes: no caption band keys unless caption
+    near-dedup is on, no fetch errors, model names or input hashes)."""
+    wanted = {*decide_inputs(sel), *_report_columns(report_cfg)}
+    return ann.select([c for c in ann.collect_schema().names() if c in wanted])
 
 
 def _report_columns(report_cfg: ReportConfig) -> list[str]:
@@ -236,15 +259,19 @@ def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, rep
     by slice; the report's questions asked of the blocks where they lie."""
 
     def write(out: str):
+        t = time.perf_counter()
         ex, summaries, narrow, slices = _decided_on_ray(run_dir, shards, sel, resolved, report_cfg, out)
+        timings = {"decide_and_write_s": time.perf_counter() - t}
         per_shard: dict[str, dict[str, int]] = {}
         for s in summaries:
             per_shard.update(s["shards"])
         for shard in per_shard:
             faults.fire("selection.shard_written", shard)
         n_kept = sum(s["kept"] for s in summaries)
+        t = time.perf_counter()
         selection_files.write_uids(io.join(out, "uids.npy"), n_kept, (ex.result(f) for f in slices))
         faults.fire("selection.uids_written", sel.name)
+        timings["uids_s"] = time.perf_counter() - t
         rows = sum(s["rows"] for s in summaries)
         counts = {
             "rows": rows,
@@ -253,8 +280,10 @@ def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, rep
             "kept_unique_uids": n_kept,  # uid_slice refuses a repeated kept uid
             "not_scored": sum(s["not_scored"] for s in summaries),
         }
+        t = time.perf_counter()
         report, tables = audit(narrow, lambda cols: representatives_on(ex, run_dir, shards, sel, cols))
-        return counts, per_shard, report, tables
+        timings["report_s"] = time.perf_counter() - t
+        return counts, per_shard, report, tables, timings
 
     return write
 
@@ -315,7 +344,7 @@ def _rebuild_report(
         def representatives_of(cols):
             return representatives_on(ex, run_dir, shards, sel, cols)
     else:
-        decisions, resolved = decide(ann, sel, embeddings=embeddings)
+        decisions, resolved = decide(_decided_columns(ann, sel, cfg), sel, embeddings=embeddings)
         decisions = decisions.collect().lazy()  # once: every report query reads it (as write_selection does)
     names = set(ann.collect_schema().names())
     extra = [c for c in cfg.group_columns if c in names]

@@ -21,7 +21,7 @@ import polars as pl
 from curate import schema
 from curate.config import SelectionConfig
 from curate.exact_rank import top_fraction_index
-from curate.filters.rules import DEDUP_RULES, RULE_ORDER, Reason, rule_failures
+from curate.filters.rules import DEDUP_RULES, RULE_INPUTS, RULE_ORDER, Reason, rule_failures
 from curate.stages.caption_minhash import DEFAULT_NGRAM
 from curate.filters.survivors import BEST_SCORE, Survivor, duplicates_frame, losers
 from curate.filters.image_dedup import image_duplicates
@@ -56,6 +56,16 @@ def on_ray(sel: SelectionConfig, annotations: pl.LazyFrame) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         return True
     return annotations.select(pl.len()).collect().item() > AUTO_RAY_ROWS
+
+
+def decide_inputs(sel: SelectionConfig) -> set[str]:
+    """The annotation columns decide() reads for this selection: every rule's inputs (the registry)
+    and the survivor rule's columns, without the caption band keys unless caption near-dedup is on
+    (they are the widest column). What a caller may project the annotations to before decide()."""
+    cols = {*RULE_INPUTS, *Survivor.of(sel.dedup).columns}
+    if sel.dedup.caption_jaccard is None:
+        cols -= {schema.CAPTION_LSH, schema.CAPTION_LSH_NGRAM}
+    return cols
 
 
 def scored_pool(annotations: pl.LazyFrame) -> pl.LazyFrame:

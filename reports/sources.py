@@ -105,7 +105,9 @@ class FrameSource:
         """Overall (by None): one row of rows, scored, min, max, mean and the quantiles. Per
         group: a row per value of `values` present (by, scored, mean, quantiles)."""
         s = score_expr(column)
-        qs = [s.quantile(q, interpolation=interpolation).alias(k) for k, q in quantiles.items()]
+        # nulls dropped first: with nulls present polars offsets the rank by the null count, and the
+        # interpolation weight then differs in the last bits from the same values without them
+        qs = [s.drop_nulls().quantile(q, interpolation=interpolation).alias(k) for k, q in quantiles.items()]
         if by is None:
             return self.frame.select(
                 pl.len().cast(pl.Int64).alias("rows"),

@@ -24,8 +24,7 @@ import polars as pl
 
 from curate import schema
 from curate.config import ClipRule, SelectionConfig
-from curate.filters.rules import RULE_INPUTS
-from curate.filters.decide import decide
+from curate.filters.decide import decide, decide_inputs
 from curate.reports.sources import BlockSource, FrameSource, Head, Source, SumBy, as_source
 
 SCORE = "_score"
@@ -67,7 +66,8 @@ def representatives(
     embeddings: the run's image embeddings, for selections with dedup.image_cosine."""
     if keep is not None:
         have = annotations.collect_schema().names()
-        annotations = annotations.select([c for c in have if c in RULE_INPUTS or c in keep])
+        wanted = decide_inputs(sel)
+        annotations = annotations.select([c for c in have if c in wanted or c in keep])
 
     loose = sel.model_copy(update={"clip": ClipRule.model_construct(min_score=float("-inf"), top_fraction=None)})
     # A NaN score is no score (not_scored), as the schema documents. (decide() as of this writing

@@ -231,3 +231,20 @@ def test_looser_rule_reports_not_scored_then_a_rerun_fetches_only_those_rows(dem
     after = _selection(run_dir)
     assert after.filter(pl.col("reason") == "not_scored").height == 0
     assert after.height == ROWS
+
+
+def test_the_ray_engine_selects_the_demo_run_the_same(demo):
+    """selection.engine = "ray" on the demo run (fetched images, CLIP scores, caption and image
+    near-duplicates from stored band keys and embeddings) against the local engine."""
+    from engine_support import same_selection
+
+    from curate.selection import write_selection
+
+    run_dir = str(demo["result"].run_dir)
+    for engine in ("local", "ray"):
+        sel = demo["spec"].selection.model_copy(update={"name": f"engine-{engine}", "engine": engine})
+        write_selection(run_dir, sel, demo["spec"].report)
+    sels = Path(run_dir) / "selections"
+    same_selection(sels / "engine-local", sels / "engine-ray")
+    reasons = set(pl.read_parquet(sels / "engine-ray" / "removed" / "*.parquet")["reason"])
+    assert {"duplicate_caption", "duplicate_image_near"} & reasons  # the near steps ran on both

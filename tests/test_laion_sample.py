@@ -78,3 +78,20 @@ def test_unknown_report_group_column_fails_before_writing(laion_run):
     with pytest.raises(ValueError, match=r"\['source'\] are not annotation columns"):
         write_selection(str(out), SelectionConfig(name="bad_groups"), ReportConfig(group_columns=["source"]))
     assert not (out / "selections" / "bad_groups").exists()
+
+
+def test_the_ray_engine_selects_the_sample_the_same(laion_run, ray_session):
+    """selection.engine = "ray" on the 10,000 real LAION rows: the local engine's selection."""
+    from engine_support import same_selection
+
+    from curate.config import SelectionConfig
+    from curate.selection import write_selection
+
+    out, _ = laion_run
+    spec = load_spec(preset_path("laion_sample"))
+    for engine in ("local", "ray"):
+        sel = spec.selection.model_copy(update={"name": f"engine-{engine}", "engine": engine})
+        write_selection(str(out), SelectionConfig.model_validate(sel.model_dump()), spec.report)
+    same_selection(out / "selections" / "engine-local", out / "selections" / "engine-ray")
+    removed = pl.read_parquet(out / "selections" / "engine-ray" / "removed" / "*.parquet")
+    assert (removed["reason"] == "duplicate_url").sum() > 0

@@ -8,6 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from engine_support import same_selection
+
 from curate.executor import LocalExecutor
 from curate.config import load_spec
 from curate.presets import preset_path
@@ -79,23 +81,8 @@ def test_basic_preset_filters_on_metadata_sizes_and_captions(pool, tmp_path):
     assert set(d.filter(~pl.col("kept"))["reason"]) <= {"caption_length", "image_size"}
 
 
-def _same_selection(a, b) -> None:
-    """Two selections of one run hold the same decisions, uid file and report numbers."""
-    for sub in ("kept", "removed"):
-        ta = pl.read_parquet(a / sub / "*.parquet").sort("shard", "row")
-        tb = pl.read_parquet(b / sub / "*.parquet").sort("shard", "row")
-        assert ta.equals(tb), sub
-    assert (a / "uids.npy").read_bytes() == (b / "uids.npy").read_bytes()
-    ja, jb = json.loads((a / "selection.json").read_text()), json.loads((b / "selection.json").read_text())
-    assert ja["resolved"] == jb["resolved"] and ja["counts"] == jb["counts"] and ja["shards"] == jb["shards"]
-    ra, rb = json.loads((a / "report.json").read_text()), json.loads((b / "report.json").read_text())
-    assert ra.keys() == rb.keys() and {"totals", "reasons", "groups", "clip_threshold", "sweep"} <= ra.keys()
-    for k in ra.keys() - {"meta", "settings"}:  # meta and settings name the selection and its engine
-        assert ra[k] == rb[k], k
-
-
 @pytest.mark.parametrize("clip", [{"top_fraction": 0.3}, {"min_score": 0.27}])
-def test_the_ray_engine_writes_the_same_selection(pool, tmp_path, clip, ray_session, monkeypatch):
+def test_the_ray_engine_writes_thesame_selection(pool, tmp_path, clip, ray_session, monkeypatch):
     """selection.engine = "ray" (the top fraction ranked shard by shard on Ray, the dedup candidate
     steps as tasks) against "local", on one run: the same kept and removed rows, uids.npy bytes and
     report numbers, for a top fraction and for an absolute threshold."""
@@ -116,14 +103,14 @@ def test_the_ray_engine_writes_the_same_selection(pool, tmp_path, clip, ray_sess
     for engine in ("local", "ray"):
         write_selection(str(out), SelectionConfig.model_validate({**rules, "name": engine, "engine": engine}))
     sel = out / "selections"
-    _same_selection(sel / "local", sel / "ray")
+    same_selection(sel / "local", sel / "ray")
     removed = pl.read_parquet(sel / "ray" / "removed" / "*.parquet")
     assert (removed["reason"] == "duplicate_caption_exact").sum() > 0  # the dedup had work to do
     assert json.loads((sel / "ray" / "selection.json").read_text())["rules"]["engine"] == "ray"
     assert ranked == (["RayExecutor"] if "top_fraction" in clip else [])  # ranked on Ray, by shard
     selection.rebuild_report(str(out), "ray")  # `curate report` re-ranks on Ray too, to the same numbers
     assert ranked == (["RayExecutor"] * 2 if "top_fraction" in clip else [])
-    _same_selection(sel / "local", sel / "ray")
+    same_selection(sel / "local", sel / "ray")
 
 
 def test_what_a_selection_writes_is_a_setting(pool, tmp_path):
@@ -203,7 +190,7 @@ def test_select_takes_the_engine_and_what_to_write_on_the_command_line(pool, tmp
     assert not (out / "selections" / "x").exists()
 
 
-def test_a_worker_killed_while_ranking_gives_the_same_selection(pool, tmp_path, ray_session, monkeypatch):
+def test_a_worker_killed_while_ranking_gives_thesame_selection(pool, tmp_path, ray_session, monkeypatch):
     """A Ray worker dies (os._exit) with its shard's counts for the top-fraction ranking: Ray
     redoes the task, and the selection is the local engine's, row for row and byte for byte."""
     from curate.config import SelectionConfig
@@ -221,4 +208,4 @@ def test_a_worker_killed_while_ranking_gives_the_same_selection(pool, tmp_path, 
     write_selection(str(out), SelectionConfig.model_validate({**rules, "name": "ray", "engine": "ray"}))
     died = json.loads(once.read_text())
     assert died["failpoint"] == "rank_counts" and died["detail"].startswith("0000")  # a shard's task died
-    _same_selection(out / "selections" / "local", out / "selections" / "ray")
+    same_selection(out / "selections" / "local", out / "selections" / "ray")
