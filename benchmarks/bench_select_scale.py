@@ -10,7 +10,8 @@ URL only, 2% its image sha256), run once through `curate run` (no fetch, no mode
 the pool's column; cached under --dir), then `curate select RUN --clip-top-fraction 0.3` with
 `--engine` each engine, as its own process. Measured per selection: wall time, the driver's peak
 RSS (ru_maxrss of that process, from wait4) and the largest peak RSS of any Ray worker process
-(VmHWM in /proc, read before the cluster stops). The question it answers: does the driver's memory
+(RssAnon sampled every 0.2 s while the selection runs: a worker's own heap; the object store it
+maps is shared and bounded per node by OBJECT_STORE). The question it answers: does the driver's memory
 stay flat as the pool grows (issue: the decision layer on Ray with a bounded driver)?
 
 Prints the CPU flags; writes benchmarks/results/select_scale.{json,md}; --update-docs replaces the
@@ -25,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,25 +83,48 @@ def make_run(pool: Path, run: Path, env: dict) -> None:
     subprocess.run([str(BIN / "curate"), "run", str(spec)], check=True, env=env, capture_output=True)
 
 
-def worker_peaks() -> int:
-    """The largest VmHWM (peak RSS, bytes) of any live Ray worker process on this machine."""
-    peak = 0
+def _workers() -> list[str]:
+    pids = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"default_worker.py" not in cmd and not cmd.startswith(b"ray::"):
-                continue
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
         except OSError:
             continue
-    return peak
+        if b"default_worker.py" in cmd or cmd.startswith(b"ray::"):
+            pids.append(pid)
+    return pids
+
+
+def _status(pid: str, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class WorkerMemory(threading.Thread):
+    """Samples every Ray worker's private memory (RssAnon: its own heap, not the object store's
+    shared pages it maps, which VmHWM also counts) while a selection runs; `peak` is the largest."""
+
+    def __init__(self, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.every, self.peak, self.done = every, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for pid in _workers():
+                self.peak = max(self.peak, _status(pid, "RssAnon"))
+            self.done.wait(self.every)
 
 
 def select(run: Path, engine: str, env: dict) -> dict:
+    watch = WorkerMemory()
+    watch.start()
     t = time.perf_counter()
     proc = subprocess.Popen(
         [str(BIN / "curate"), "select", str(run), "--name", f"scale-{engine}", "--engine", engine,
@@ -108,6 +133,8 @@ def select(run: Path, engine: str, env: dict) -> dict:
     )  # fmt: skip
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
+    watch.done.set()
+    watch.join()
     out = proc.stdout.read().decode() if proc.stdout else ""
     err = proc.stderr.read().decode() if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
@@ -116,7 +143,7 @@ def select(run: Path, engine: str, env: dict) -> dict:
     return {
         "wall_s": wall,
         "driver_peak_rss": usage.ru_maxrss * 1024,
-        "worker_peak_rss": worker_peaks(),
+        "worker_peak_private": watch.peak,
         "timings": summary.get("timings", {}),  # seconds per step, as the selection recorded them
     }
 
@@ -166,14 +193,14 @@ def table(res: dict) -> str:
         f"CPU flags: {' '.join(c['cpu_flags']) or 'none listed'}; local Ray cluster: a head with 0 CPUs and "
         f"{c['workers']} worker node(s) of 1 CPU on this machine.",
         "",
-        "| rows | engine | wall s | µs per row | driver peak RSS | largest worker peak RSS | steps (s) |",
+        "| rows | engine | wall s | µs per row | driver peak RSS | largest worker peak (private) | steps (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in r.get("timings", {}).items())
         lines.append(
             f"| {r['rows']:,} | {r['engine']} | {r['wall_s']:.1f} | {r['wall_s'] / r['rows'] * 1e6:.1f} | "
-            f"{r['driver_peak_rss'] / 2**30:.2f} GiB | {r['worker_peak_rss'] / 2**30:.2f} GiB | {steps} |"
+            f"{r['driver_peak_rss'] / 2**30:.2f} GiB | {r['worker_peak_private'] / 2**30:.2f} GiB | {steps} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 
 from curate import io, schema, store
+from curate.annotations import scan as scan_annotations
 from curate.config import ReportConfig, SelectionConfig
 from curate.reports.summary import build_report, write_report
 from curate.reports.sources import FrameSource, Head, Source, as_source
@@ -129,15 +130,19 @@ def boundary_gallery(
         groups.append({"value": "(unknown)" if v is None else str(v), **sides})
     thumbs: dict[str, str] = {}
     if picked:
-        keys = pl.DataFrame(
-            {schema.SHARD: [p[schema.SHARD] for p in picked], schema.ROW: [p[schema.ROW] for p in picked]},
-            schema={schema.SHARD: pl.String, schema.ROW: pl.Int64},
-        )
-        info = (
-            annotations.filter(pl.col(schema.SHARD).is_in(keys.get_column(schema.SHARD).unique().to_list()))
-            .join(keys.lazy(), on=[schema.SHARD, schema.ROW], how="semi")
-            .select(schema.SHARD, schema.ROW, schema.CAPTION, schema.URL)
-            .collect()
+        by_shard: dict[str, list[int]] = {}
+        for p in picked:
+            by_shard.setdefault(p[schema.SHARD], []).append(int(p[schema.ROW]))
+        # shard by shard, the row filter pushed into the scan: only the picked rows are read into
+        # memory (a join against the whole scan held every row's caption and URL)
+        info = pl.concat(
+            [
+                (scan_annotations(run_dir, [shard]) if run_dir else annotations.filter(pl.col(schema.SHARD) == shard))
+                .filter(pl.col(schema.ROW).is_in(rows))
+                .select(schema.SHARD, schema.ROW, schema.CAPTION, schema.URL)
+                .collect(engine="streaming")
+                for shard, rows in sorted(by_shard.items())
+            ]
         )
         text = {(r[schema.SHARD], r[schema.ROW]): r for r in info.iter_rows(named=True)}
         images = _thumbnails(run_dir, [(p[schema.SHARD], p[schema.ROW]) for p in picked]) if run_dir else {}

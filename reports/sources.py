@@ -31,6 +31,7 @@ from curate.executor import Executor, Resources
 
 Query = Callable[[pl.LazyFrame], pl.LazyFrame]
 TASK = Resources(cpus=1)
+FOLD_EVERY = 16  # block answers held before they are folded into the running result
 
 
 @dataclass(frozen=True)
@@ -193,14 +194,28 @@ class BlockSource:
     def schema(self) -> pl.Schema:
         return self._schema
 
-    def _each(self, fn, *args) -> list[Any]:
+    def _fold(self, fn, args: tuple, merges: list[Callable[[list[Any]], Any]]) -> list[Any]:
+        """fn(block, *args) on every block, each returning one answer per merge; the answers are
+        folded into the running result as they arrive (at most FOLD_EVERY held), so the driver
+        holds one merged answer, not one per block."""
         ex = self.executor
-        return ex.results([ex.submit(fn, b, *args, resources=TASK) for b in self.blocks])
+        pending = [ex.submit(fn, b, *args, resources=TASK) for b in self.blocks]
+        acc: list[Any] | None = None
+        held: list[list[Any]] = []
+        while pending:
+            fut = ex.wait_first(pending)
+            pending.remove(fut)
+            held.append(ex.result(fut))
+            if len(held) >= FOLD_EVERY or not pending:
+                parts = held if acc is None else [acc, *held]
+                acc = [m([p[i] for p in parts]) for i, m in enumerate(merges)]
+                held = []
+        return acc or []
 
     def collect(self, queries: dict[str, tuple[Query, Merge]]) -> dict[str, pl.DataFrame]:
         keys = list(queries)
-        answers = self._each(_answer, [queries[k][0] for k in keys])
-        return {k: queries[k][1].merge([a[i] for a in answers]) for i, k in enumerate(keys)}
+        merged = self._fold(_answer, ([queries[k][0] for k in keys],), [queries[k][1].merge for k in keys])
+        return dict(zip(keys, merged))
 
     def order_stats(self, column: str, filters: list[pl.Expr | None], ranks_of) -> tuple[list[int], list[list[float]]]:
         """(scored rows per filter, the order statistics asked for): ranks_of(n per filter) gives,
@@ -208,8 +223,7 @@ class BlockSource:
         per pass (len(exact_rank.PASS_BITS) passes)."""
         width0 = exact_rank.PASS_BITS[0]
         first_asks = [(f, 0, 0) for f in range(len(filters))]
-        answers = self._each(_count_keys, column, filters, first_asks, width0)
-        first = [exact_rank.merge(a[i] for a in answers) for i in range(len(filters))]
+        first = self._fold(_count_keys, (column, filters, first_asks, width0), [exact_rank.merge] * len(filters))
         n = [int(c[1].sum()) for c in first]
         wanted = ranks_of(n)
         # one selection per (filter, rank): k counts from the top, as exact_rank picks
@@ -220,8 +234,7 @@ class BlockSource:
         for width in exact_rank.PASS_BITS[1:]:
             asks = sorted({(s[0], s[2], s[3]) for s in sels})
             index = {a: i for i, a in enumerate(asks)}
-            answers = self._each(_count_keys, column, filters, asks, width)
-            merged = [exact_rank.merge(a[i] for a in answers) for i in range(len(asks))]
+            merged = self._fold(_count_keys, (column, filters, asks, width), [exact_rank.merge] * len(asks))
             for s in sels:
                 b, s[1] = exact_rank.pick(merged[index[(s[0], s[2], s[3])]], s[1])
                 s[2], s[3] = (s[2] << width) | b, s[3] + width

@@ -1,6 +1,7 @@
 """The report's questions answered by one frame (the local engine) and by blocks of it (the Ray
 engine, here on the in-process executor): the same counts, the same first rows, the same
-quantiles bit for bit (nulls, NaN, ties, empty groups), means to float summation order."""
+quantiles bit for bit (nulls, NaN, ties, empty groups), means to float summation order; also with
+more blocks than the driver holds before it folds them (sources.FOLD_EVERY)."""
 
 import numpy as np
 import polars as pl
@@ -33,7 +34,7 @@ def _blocks(df: pl.DataFrame, size: int) -> BlockSource:
     return BlockSource(ex, [ex.submit(lambda d: d, df.slice(i, size)) for i in range(0, max(df.height, 1), size)])
 
 
-@pytest.mark.parametrize("seed,n,size", [(0, 7, 3), (1, 500, 64), (2, 3000, 700), (3, 1, 1)])
+@pytest.mark.parametrize("seed,n,size", [(0, 7, 3), (1, 500, 64), (2, 3000, 700), (3, 1, 1), (4, 2000, 50)])
 def test_blocks_answer_as_one_frame(seed, n, size):
     df = _frame(seed, n)
     one, many = FrameSource(df), _blocks(df, size)
