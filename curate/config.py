@@ -312,11 +312,18 @@ class SelectionConfig(Strict):
     name: str = Field("default", description="the folder selections/<name>/ (curate.names.check_name)")
     engine: Literal["local", "ray", "auto"] = Field(
         "local",
-        description='where a selection\'s distributed steps run: "local" (polars/numpy in this process; no Ray is '
-        'imported) or "ray" (tasks on the cluster: the top-fraction threshold ranked shard by shard, caption LSH '
-        "buckets as a hash shuffle, in-cluster image comparisons; the same decisions; the other steps still run in "
-        'the driver). "auto": Ray for pools of more than AUTO_RAY_ROWS rows or inside a Ray job (RAY_ADDRESS set); '
-        "filters/decide.py",
+        description='where a selection runs: "local" (polars/numpy in this process; no Ray is imported) or "ray" '
+        "(tasks over blocks of annotation shards: per-row rules, exact dedups as hash shuffles, the top-fraction "
+        "threshold and the report's quantiles by exact radix select, files and uids written by tasks; the same "
+        'decisions, files and report; near-duplicate pools still gathered in the driver). "auto": Ray for pools '
+        "of more than AUTO_RAY_ROWS rows or inside a Ray job (RAY_ADDRESS set); docs/SCALE.md",
+    )
+    block_rows: int = Field(
+        500_000,
+        ge=1,
+        description='selection.engine = "ray": annotation rows per block task (whole shards; a bigger shard is a '
+        "block of its own). A worker holds about 2.5 KB per block row; a shuffle round makes blocks^2 objects, so "
+        "at billions of rows raise it (docs/SCALE.md)",
     )
     write: Literal["full", "kept", "decisions"] = Field(
         "full",

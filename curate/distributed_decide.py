@@ -53,7 +53,6 @@ from curate.filters.decide import (
 from curate.filters.rules import BY_REASON, DEDUP_RULES, ROW_RULES, Reason, rule_failures
 from curate.filters.survivors import Survivor, losers
 
-ROWS_PER_BLOCK = 500_000  # annotation rows per block task (bounds a worker's memory)
 TASK = Resources(cpus=1)
 G, DUP, OF, OF_G, SURVIVOR = "_g", "_dup", "_of", "_of_g", "_survivor"
 KEY = "_key"
@@ -84,7 +83,7 @@ class Plan:
         return np.searchsorted(np.asarray(self.starts), shard_idx, side="right") - 1
 
 
-def plan_blocks(run_dir: str, shards: list[str], rows_per_block: int = ROWS_PER_BLOCK) -> tuple[int, ...]:
+def plan_blocks(run_dir: str, shards: list[str], rows_per_block: int) -> tuple[int, ...]:
     """Contiguous blocks of shards of about rows_per_block rows each (the shards' markers count
     their rows); a shard bigger than that is a block of its own."""
     starts, acc = [0], 0
@@ -356,10 +355,11 @@ def decide_blocks(
     explain: bool = True,
 ) -> tuple[Plan, list[Any]]:
     """(plan, one future per block of its final state): run every wave up to the finish. The
-    caller turns each state into what it needs (block_decisions, written files, counts).
+    caller turns each state into what it needs (block_decisions, written files, counts). Blocks
+    of about selection.block_rows rows unless rows_per_block is given.
     explain=False: only which rows are kept (`_eligible`), as decide(explain=False): no following,
     no clusters."""
-    rows_per_block = rows_per_block or ROWS_PER_BLOCK
+    rows_per_block = rows_per_block or sel.block_rows
     plan = Plan(run_dir, tuple(shards), plan_blocks(run_dir, shards, rows_per_block), sel, threshold)
     B = plan.blocks
     P = sel.dedup.partitions or B

@@ -145,13 +145,13 @@ def test_a_whole_selection_on_ray_over_many_blocks(run_dir, name, ray_session, t
 
     run = Path(tmp_path) / "run"
     shutil.copytree(run_dir, run)
-    monkeypatch.setattr(dd, "ROWS_PER_BLOCK", 400)
     once = tmp_path / "shuffle.once"
     if name == "url-caption":
         monkeypatch.setenv("CURATE_FAILPOINT", f"decide_shuffle:{once}")
     rules = RULES[name]
     for engine in ("local", "ray"):
-        write_selection(str(run), SelectionConfig.model_validate({**rules, "name": engine, "engine": engine}))
+        spec = {**rules, "name": engine, "engine": engine, "block_rows": 400}  # 4 blocks of one shard
+        write_selection(str(run), SelectionConfig.model_validate(spec))
     a, b = run / "selections" / "local", run / "selections" / "ray"
     same_selection(a, b)
     ra = report_numbers(a)
