@@ -50,6 +50,8 @@ def make(path: str, rows: int, shards: int = 10) -> None:
                 "domain": pl.Series(dom).cast(pl.String) + ".com",
                 "tld": "com",
                 "url_normalized": pl.Series(rng.integers(0, int(rows * 0.97), n)).cast(pl.String),
+                # every row has a URL (the missing-URL rule reads it; the key is url_normalized)
+                "url": "https://example.com/",
                 "fetch_status": np.where(first == 2, "download_failed", "ok"),
                 "original_width": np.int32(256),
                 "original_height": np.int32(256),
