@@ -14,6 +14,9 @@ RSS (ru_maxrss of that process, from wait4) and the largest peak RSS of any Ray 
 maps is shared and bounded per node by OBJECT_STORE). The question it answers: does the driver's memory
 stay flat as the pool grows (issue: the decision layer on Ray with a bounded driver)?
 
+With both engines, their selections of each pool are compared (tests/engine_support.py: files,
+uids.npy bytes, counts, report numbers): a difference stops the benchmark.
+
 Prints the CPU flags; writes benchmarks/results/select_scale.{json,md}; --update-docs replaces the
 table between the BENCH:select_scale markers in docs/SCALE.md.
 """
@@ -36,6 +39,9 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_results import publish  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+from engine_support import same_selection  # noqa: E402  (files, uids.npy bytes, counts, report numbers)
 
 BIN = Path(sys.executable).parent
 SHARD_ROWS = 100_000
@@ -196,6 +202,13 @@ def table(res: dict) -> str:
         "| rows | engine | wall s | µs per row | driver peak RSS | largest worker peak (private) | steps (s) |",
         "|---|---|---|---|---|---|---|",
     ]
+    same = sorted({r["rows"] for r in res["rows"] if r.get("identical_to_local")})
+    if same:
+        lines[0] += (
+            " Both engines wrote identical selections (files, uids.npy bytes, counts, report numbers) at "
+            + ", ".join(f"{n:,}" for n in same)
+            + " rows."
+        )
     for r in res["rows"]:
         steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in r.get("timings", {}).items())
         lines.append(
@@ -229,6 +242,10 @@ def main() -> None:
                     r = {"rows": n, "engine": engine, **select(run, engine, env_e)}
                     print(json.dumps(r), flush=True)
                     results.append(r)
+                if {"local", "ray"} <= set(args.engines):  # the engines' selections, compared
+                    same_selection(run / "selections" / "scale-local", run / "selections" / "scale-ray")
+                    results[-1]["identical_to_local"] = True
+                    print(f"{n:,} rows: the engines' selections are identical", flush=True)
         finally:
             stop_cluster(env)
     res = {

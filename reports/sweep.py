@@ -267,7 +267,8 @@ def flips(
             g = g.with_columns(
                 pl.lit(None, pl.Int64).alias("rows_in"), pl.lit(None, pl.Float64).alias("retention_change")
             )
-        g = g.sort(["retention_change", "flips"], descending=True, nulls_last=True)
+        # the value last: groups that tie on both come in one order, whatever order the counts came in
+        g = g.sort(["retention_change", "flips", c], descending=[True, True, False], nulls_last=True)
         tables[f"flips_{c}"] = g
         out["groups"][c] = [
             {

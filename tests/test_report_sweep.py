@@ -98,3 +98,25 @@ def test_thresholds_inclusive_and_exact():
     assert thresholds(0.15, 0.40, 0.01)[15] == 0.3
     with pytest.raises(ValueError):
         thresholds(0.4, 0.1, 0.01)
+
+
+def test_flips_groups_that_tie_come_in_one_order():
+    """Groups with the same retention change and flips are listed by value, whatever order the
+    rows (or the Ray engine's block answers) came in: both engines write the same report."""
+    from curate.reports.sweep import SCORE
+
+    reps = pl.DataFrame(
+        {
+            SCORE: [0.25] * 6,
+            "uid": [f"{i:032x}" for i in range(6)],
+            "shard": "s",
+            "row": list(range(6)),
+            "language": ["uz", "my", "de", "uz", "my", "de"],
+        }
+    )
+    sizes = {"language": pl.DataFrame({"language": ["uz", "my", "de"], "rows_in": [10, 10, 10]})}
+    orders = set()
+    for frame in (reps, reps.reverse(), reps.sample(fraction=1.0, shuffle=True, seed=1)):
+        got = flips(frame.lazy(), 0.2, 0.3, group_columns=["language"], sizes=sizes, score_dtype=pl.Float64)
+        orders.add(tuple(g["value"] for g in got["groups"]["language"]))
+    assert orders == {("de", "my", "uz")}
