@@ -331,37 +331,22 @@ def sweep(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="write the long table here (.parquet or .csv)"),
 ) -> None:
     """Retention vs CLIP threshold from cached scores (other rules fixed, exact; no model)."""
-    # lazy: curate.annotations and curate.io add ~0.3 s (pyarrow, fsspec); --help and other commands skip them
-    from curate import annotations, io
-
     # lazy: curate.reports.sweep adds ~0.21 s (pyarrow via filters.decide); --help and other commands skip it
-    from curate.reports.sweep import sweep as run_sweep, thresholds
+    from curate.reports.sweep import thresholds
 
     if rule != "clip":
         _fail("only --rule clip can be swept")
     try:
         thr = thresholds(sweep_from, sweep_to, step)
         # lazy: curate.selection adds ~0.35 s (pyarrow, fsspec, reports); --help and other commands skip it
-        from curate.selection import readable_dir
+        from curate.selection import sweep_selection
 
-        sel = SelectionConfig.model_validate(
-            io.read_json(io.join(readable_dir(run_dir, selection), "selection.json"))["rules"]
-        )
-        ann = annotations.scan(run_dir)
         inc: dict[str, list[str]] = {}
         for item in include or []:
             k, _, v = item.partition("=")
             inc.setdefault(k, []).append(v)
         groups = list(dict.fromkeys([*(group or []), *inc]))
-        res = run_sweep(
-            ann,
-            sel,
-            thr,
-            group_columns=groups,
-            top_groups=top,
-            include=inc,
-            embeddings=annotations.embeddings_for(run_dir, sel),
-        )
+        res = sweep_selection(run_dir, selection, thr, group_columns=groups, top_groups=top, include=inc)
     except _USER_ERRORS as e:
         _fail(str(e))
     table = res["tables"]["sweep"]

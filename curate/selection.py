@@ -36,6 +36,7 @@ from curate.names import check_name
 from curate.selection_files import DECISION_COLUMNS  # noqa: F401 - what selection.write = "decisions" holds
 from curate.reports.audit import build_audit, write_audit
 from curate.reports.sources import BlockSource
+from curate.reports.sweep import SCORE, check_sweepable, sweep
 
 
 def selection_dir(run_dir: str, name: str) -> str:
@@ -286,6 +287,32 @@ def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, rep
         return counts, per_shard, report, tables, timings
 
     return write
+
+
+def sweep_selection(
+    run_dir: str,
+    name: str,
+    thr: Sequence[float],
+    *,
+    group_columns: Sequence[str] = (),
+    top_groups: int = 6,
+    include: dict[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """`curate sweep`: retention against the CLIP threshold with selection `name`'s other rules
+    fixed (curate.reports.sweep), on the engine its rules name: with Ray the representatives are
+    decided on the cluster and counted where they lie; the group sizes stream from the annotations."""
+    sel = SelectionConfig.model_validate(io.read_json(io.join(readable_dir(run_dir, name), "selection.json"))["rules"])
+    shards = annotations.completed_shards(run_dir)
+    ann = annotations.scan(run_dir, shards)
+    embeddings = annotations.embeddings_for(run_dir, sel, shards)
+    reps = None
+    if on_ray(sel, ann):
+        check_sweepable(ann, sel)
+        reps = representatives_on(given_or_ray(), run_dir, shards, sel, [SCORE, *group_columns])
+    return sweep(
+        ann, sel, thr, group_columns=group_columns, top_groups=top_groups, include=include, reps=reps,
+        embeddings=embeddings,
+    )  # fmt: skip
 
 
 def _record_in_manifest(run_dir: str, sel: SelectionConfig) -> None:

@@ -55,6 +55,21 @@ def not_sweepable(sel: SelectionConfig) -> str | None:
     return None
 
 
+def check_sweepable(annotations: pl.LazyFrame, sel: SelectionConfig) -> None:
+    """A ValueError saying why selection `sel` of these annotations has no exact sweep: a survivor
+    rule other than best_score (not_sweepable), or no row with a CLIP score."""
+    if (why := not_sweepable(sel)) is not None:
+        raise ValueError(why)
+    if (
+        schema.CLIP_SCORE not in annotations.collect_schema().names()
+        or annotations.select(pl.col(schema.CLIP_SCORE).fill_nan(None).drop_nulls().len()).collect().item() == 0
+    ):
+        raise ValueError(
+            "no row of this run has a CLIP score (a run with score.source = none, or nothing "
+            "fetched): there is no CLIP threshold to sweep"
+        )
+
+
 def representatives(
     annotations: pl.LazyFrame,
     sel: SelectionConfig,
@@ -121,18 +136,8 @@ def sweep(
     rows = as_source(annotations)
     dtype = rows.schema().get(schema.CLIP_SCORE)
     if reps is None:  # (build_audit passes reps, and only when the run has scores)
-        lf = annotations
-        if (why := not_sweepable(sel)) is not None:
-            raise ValueError(why)
-        if (
-            dtype is None
-            or lf.select(pl.col(schema.CLIP_SCORE).fill_nan(None).drop_nulls().len()).collect().item() == 0
-        ):
-            raise ValueError(
-                "no row of this run has a CLIP score (a run with score.source = none, or nothing "
-                "fetched): there is no CLIP threshold to sweep"
-            )
-        reps = representatives(lf, sel, keep=list(group_columns), embeddings=embeddings)
+        check_sweepable(annotations, sel)
+        reps = representatives(annotations, sel, keep=list(group_columns), embeddings=embeddings)
     if not isinstance(reps, (FrameSource, BlockSource)):
         # decide() runs once: materialise the few columns the counts need, so the per-group
         # queries below do not each re-run the dedup plan

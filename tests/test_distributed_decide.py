@@ -161,3 +161,34 @@ def test_a_whole_selection_on_ray_over_many_blocks(run_dir, name, ray_session, t
         assert json.loads(once.read_text())["failpoint"] == "decide_shuffle"  # a worker died mid-shuffle
     rebuild_report(str(run), "ray")  # `curate report` re-asks the blocks: the same numbers
     same_report(ra, report_numbers(b))
+
+
+def test_curate_sweep_follows_the_selections_engine(run_dir, ray_session, tmp_path, monkeypatch):
+    """`curate sweep` of a Ray selection decides its representatives on the cluster and prints
+    the same retention table as for the same rules on the local engine."""
+    import shutil
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from curate import selection
+    from curate.cli import app
+    from curate.selection import write_selection
+
+    run = Path(tmp_path) / "run"
+    shutil.copytree(run_dir, run)
+    rules = RULES["url-caption"]
+    for engine in ("local", "ray"):
+        spec = {**rules, "name": engine, "engine": engine, "block_rows": 800}
+        write_selection(str(run), SelectionConfig.model_validate(spec))
+    on_cluster = []
+    real = selection.representatives_on
+    monkeypatch.setattr(selection, "representatives_on", lambda *a: on_cluster.append(a[-1]) or real(*a))
+    out = {}
+    for name in ("local", "ray"):
+        args = ["sweep", str(run), "--from", "0.1", "--to", "0.4", "--step", "0.05", "-g", "language", "-s", name]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        out[name] = res.output
+    assert on_cluster == [["_score", "language"]]  # only the Ray selection's sweep ran on the cluster
+    assert out["local"] == out["ray"] and "threshold" in out["ray"]
