@@ -3,14 +3,10 @@ and removed rows, the sorted uid file and the report. Imports neither torch, ope
 re-selecting costs a read of the annotations and nothing else (a test holds us to that).
 
 Layout: selections/<name>/
-    kept/<shard>.parquet      the retained pairs (every annotation column)
-    removed/<shard>.parquet   the removed pairs, with reason, reasons, duplicate_of
-                              (selection.write = "kept": the decision columns only)
-    decisions/<shard>.parquet selection.write = "decisions": DECISION_COLUMNS of every row, instead
-                              of kept/ and removed/
-    uids.npy                  sorted kept uids as DataComp's (u8, u8) pairs
+    kept/, removed/ or decisions/, uids.npy   per input shard, as selection.write says
+                              (curate/selection_files.py: the one writer of these files)
     selection.json            the rules applied, the resolved threshold, the counts (written last)
-    report.json, report.html
+    report.json, report.html, tables/
 On a bucket the files sit one level down, in the version CURRENT.json names (curate/publish.py);
 readers find them with readable_dir().
 """
