@@ -321,7 +321,10 @@ def _group_section(
     # first) so that a significant small group is never hidden in the rollup
     idx = pl.int_range(pl.len()).alias("_i")
     df = df.with_columns(idx)
-    flagged_extra = df.slice(top_groups).filter(pl.col("significant")).sort("q_value").head(top_groups)["_i"].to_list()
+    # stable: groups that tie on q come in the table's order (size, then value), so the same groups are shown
+    # whatever order the counts came in
+    flagged = df.slice(top_groups).filter(pl.col("significant")).sort("q_value", maintain_order=True)
+    flagged_extra = flagged.head(top_groups)["_i"].to_list()
     shown_idx = sorted(set(range(min(top_groups, distinct))) | set(flagged_extra))
     shown_df = df.filter(pl.col("_i").is_in(shown_idx))
     rest = df.filter(~pl.col("_i").is_in(shown_idx))

@@ -385,3 +385,23 @@ def test_empty_selection():
     assert rep["reconciles"] is True
     json.dumps(rep, allow_nan=False)
     assert "—" in render_html(rep)
+
+
+def test_flagged_groups_that_tie_are_shown_the_same_whatever_the_row_order():
+    """More flagged small groups than top_groups allows, all with the same q-value: the ones shown
+    are the same (by value) however the rows arrive, as both selection engines must agree."""
+    rows = []
+    for i in range(12):  # 12 small groups, each removing all 40 of its rows: flagged, identical q
+        rows += [{"domain": f"d{i:02d}.com", "kept": False, "reason": "language"}] * 40
+    rows += [{"domain": "big.com", "kept": True, "reason": None}] * 4000
+    df = pl.DataFrame(rows).with_columns(
+        pl.lit("s0").alias("shard"), pl.lit("tld").alias("tld"), pl.lit("en").alias("language")
+    )
+    shown = set()
+    for seed in range(4):
+        frame = df.sample(fraction=1.0, shuffle=True, seed=seed)
+        rep = build_report(frame, top_groups=2)
+        shown.add(tuple(g["value"] for g in rep["groups"]["domain"]["rows"]))
+    assert len(shown) == 1, shown
+    values = next(iter(shown))
+    assert values[0] == "big.com" and values[1] == "d00.com" and values[2:4] == ("d01.com", "d02.com")
