@@ -44,6 +44,7 @@ from curate.executor import Executor, Resources
 from curate.filters.decide import (
     IDX,
     NEAR_STEPS,
+    dedup_steps,
     explained,
     fail_column,
     nan_free_scores,
@@ -107,21 +108,6 @@ def _split(frame: pl.DataFrame, plan: Plan, column: str = G) -> list[pl.DataFram
 # --- start ----------------------------------------------------------------------------------------
 
 
-def _key_steps(sel: SelectionConfig) -> list[tuple[Reason, Any]]:
-    """The dedup steps this selection runs, in registry order: (reason, key expression) for an
-    exact dedup, (reason, None) for a near one."""
-    steps = []
-    for rule in DEDUP_RULES:
-        reason = Reason(rule.reason)
-        if rule.key is not None:
-            key = rule.key(sel)
-            if key is not None:
-                steps.append((reason, key))
-        elif reason in NEAR_STEPS and NEAR_STEPS[reason][0](sel):
-            steps.append((reason, None))
-    return steps
-
-
 def _identity(plan: Plan, b: int) -> pl.Expr:
     shards = plan.block_shards(b)
     index = (
@@ -144,11 +130,12 @@ def start_block(plan: Plan, b: int) -> tuple[pl.DataFrame, list[int]]:
     fails = rule_failures(sel, plan.threshold)
     lf = _block_frame(plan, b)
     names = lf.collect_schema().names()
-    near = {r for r, key in _key_steps(sel) if key is None}
+    steps = dedup_steps(sel)
+    near = {r for r, key in steps if key is None}
     carry = list(survivor.columns)
     if Reason.DUPLICATE_CAPTION in near:
         carry += [c for c in (schema.CAPTION_LSH, schema.CAPTION) if c in names]
-    keys = [key.alias(f"{KEY}{r.value}") for r, key in _key_steps(sel) if key is not None]
+    keys = [key.alias(f"{KEY}{r.value}") for r, key in steps if key is not None]
     state = (
         lf.with_columns(_identity(plan, b), *[expr.alias(fail_column(r)) for r, expr in fails.items()])
         .with_columns(pl.any_horizontal([pl.col(fail_column(r)) for r in fails]).not_().alias("_eligible"))
@@ -368,7 +355,8 @@ def decide_blocks(
     ngrams: set[int] | None = None
     prev: str | None = None
     lost: list[list[Any]] = [[] for _ in range(B)]  # the previous round's losers, per block
-    for reason, key in _key_steps(sel):
+    steps = dedup_steps(sel)
+    for reason, key in steps:
         if key is not None:
             outs = [
                 executor.submit(
@@ -402,7 +390,7 @@ def decide_blocks(
         return plan, states
     # a duplicate whose survivor lost a later step that follows: one hop per round, at most one
     # hop fewer than there are such steps (each hop goes to a later step)
-    follows = tuple(r.value for r, _ in _key_steps(sel) if BY_REASON[r].follow)
+    follows = tuple(r.value for r, _ in steps if BY_REASON[r].follow)
     for _ in range(len(follows) - 1):
         asked = [executor.submit(ask, plan, states[b], follows, resources=TASK, num_returns=B) for b in range(B)]
         answered = [

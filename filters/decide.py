@@ -256,6 +256,25 @@ NEAR_STEPS = _NEAR_STEPS = {
 }
 
 
+def dedup_steps(sel: SelectionConfig) -> list[tuple[Reason, pl.Expr | None]]:
+    """The dedup steps this selection runs, in registry order: (reason, key expression) for an
+    exact dedup, (reason, None) for a near-duplicate step (NEAR_STEPS). One answer for both
+    engines (curate/distributed_decide.py); a rule the spec switches off is not listed."""
+    steps: list[tuple[Reason, pl.Expr | None]] = []
+    for rule in DEDUP_RULES:
+        reason = Reason(rule.reason)
+        if rule.key is not None:
+            key = rule.key(sel)
+            if key is not None:
+                steps.append((reason, key))
+        elif reason in _NEAR_STEPS:
+            if _NEAR_STEPS[reason][0](sel):
+                steps.append((reason, None))
+        else:
+            raise RuntimeError(f"rule {reason.value} has no failure expression, dedup key or near-dedup step")
+    return steps
+
+
 def _off(frame: pl.LazyFrame, reason: Reason) -> pl.LazyFrame:
     """A dedup step the spec leaves off: no row fails it, nobody is its survivor."""
     return frame.with_columns(
@@ -299,24 +318,18 @@ def decide(
 
     active: list[Reason] = []  # dedup steps that ran, whose duplicates may need re-pointing
     keys: list[str] = []
+    running = dict(dedup_steps(sel))
     for rule in DEDUP_RULES:
         reason = Reason(rule.reason)
-        ran = False
-        if rule.key is not None:
-            key = rule.key(sel)
-            if key is not None:
-                keys.append(f"_key_{reason.value}")
-                frame = _dedup(frame.with_columns(key.alias(keys[-1])), keys[-1], "_eligible", reason, survivor)
-                ran = True
-        elif reason in _NEAR_STEPS:
-            on, step = _NEAR_STEPS[reason]
-            if on(sel):
-                frame, ran = step(frame, sel, embeddings), True
-        else:
-            raise RuntimeError(f"rule {reason.value} has no failure expression, dedup key or near-dedup step")
-        if not ran:
+        if reason not in running:
             frame = _off(frame, reason)
             continue
+        key = running[reason]
+        if key is not None:
+            keys.append(f"_key_{reason.value}")
+            frame = _dedup(frame.with_columns(key.alias(keys[-1])), keys[-1], "_eligible", reason, survivor)
+        else:
+            frame = _NEAR_STEPS[reason][1](frame, sel, embeddings)
         if rule.follow:  # an earlier duplicate whose survivor lost here names the final survivor
             for earlier in active:
                 frame = _follow_survivor(frame, earlier, reason)
