@@ -52,7 +52,7 @@ from curate.filters.decide import (
     check_caption_ngram,
 )
 from curate.filters.rules import BY_REASON, DEDUP_RULES, ROW_RULES, Reason, rule_failures
-from curate.filters.survivors import Survivor, losers
+from curate.filters.survivors import Survivor, repeated_losers
 
 TASK = Resources(cpus=1)
 G, DUP, OF, OF_G, SURVIVOR = "_g", "_dup", "_of", "_of_g", "_survivor"
@@ -205,9 +205,7 @@ def map_round(
 def reduce_round(plan: Plan, *parts: pl.DataFrame) -> list[pl.DataFrame]:
     """One partition of the keys: the losers of its repeated keys, (_g, of_uid, of_g), one part per
     block (the losers' blocks)."""
-    pool = pl.concat(parts)
-    repeated = pool.group_by(KEY).agg(pl.len().alias("_n")).filter(pl.col("_n") > 1).select(KEY)
-    lost = losers(pool.join(repeated, on=KEY, how="semi"), KEY, G, Survivor.of(plan.sel.dedup)).select(
+    lost = repeated_losers(pl.concat(parts), KEY, G, Survivor.of(plan.sel.dedup)).select(
         G, "of_uid", pl.col("of_idx").alias("of_g")
     )
     return _split(lost, plan)

@@ -23,7 +23,7 @@ from curate.config import SelectionConfig
 from curate.exact_rank import top_fraction_index
 from curate.filters.rules import DEDUP_RULES, RULE_INPUTS, RULE_ORDER, Reason, rule_failures
 from curate.stages.caption_minhash import DEFAULT_NGRAM
-from curate.filters.survivors import BEST_SCORE, Survivor, duplicates_frame, losers
+from curate.filters.survivors import BEST_SCORE, Survivor, duplicates_frame, repeated_losers
 from curate.filters.image_dedup import image_duplicates
 from curate.filters.caption_dedup import caption_duplicates
 from curate.distributed_dedup import ray_caption_pairs, ray_image_edges
@@ -114,10 +114,7 @@ def _dedup(
 ) -> pl.LazyFrame:
     """Mark rows that duplicate an eligible survivor on `key` (see curate.filters.survivors)."""
     pool = frame.filter(pl.col(eligible) & pl.col(key).is_not_null())
-    # Only keys that occur more than once need ranking: a hash count first, so the sort below
-    # touches the (usually few) duplicated rows rather than the whole pool.
-    repeated = pool.group_by(key).agg(pl.len().alias("_n")).filter(pl.col("_n") > 1).select(key)
-    return _mark(frame, losers(pool.join(repeated, on=key, how="semi"), key, _IDX, survivor), reason)
+    return _mark(frame, repeated_losers(pool, key, _IDX, survivor), reason)
 
 
 def _mark(frame: pl.LazyFrame, dups: pl.LazyFrame | pl.DataFrame, reason: Reason) -> pl.LazyFrame:

@@ -99,6 +99,14 @@ def losers(frame: Frame, group: str, idx: str, survivor: Survivor = BEST_SCORE) 
     )
 
 
+def repeated_losers(pool: Frame, group: str, idx: str, survivor: Survivor = BEST_SCORE) -> Frame:
+    """losers() among the rows whose `group` value repeats: a hash count first, so the sort ranks
+    the (usually few) duplicated rows rather than the whole pool. One step for the in-process
+    dedup (filters/decide.py) and each partition of the Ray shuffle (curate/distributed_decide.py)."""
+    repeated = pool.group_by(group).agg(pl.len().alias("_n")).filter(pl.col("_n") > 1).select(group)
+    return losers(pool.join(repeated, on=group, how="semi"), group, idx, survivor)
+
+
 def components(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     """Connected-component label of each of n nodes, given undirected edges a[k] -- b[k]."""
     # lazy: scipy.sparse.csgraph adds ~0.2-0.28 s to `curate select`; only near-dedup (off by default) needs it
