@@ -15,11 +15,11 @@ import numpy as np
 import polars as pl
 
 from curate import annotations, distributed_decide, exact_rank, faults, schema, selection_files
-from curate.config import ClipRule, SelectionConfig
+from curate.config import SelectionConfig
 from curate.executor import Executor, Resources
 from curate.filters.decide import ResolvedSelection, scored_pool
 from curate.reports.sources import BlockSource
-from curate.reports.sweep import SCORE
+from curate.reports.sweep import SCORE, at_any_threshold, scored
 
 TASK = Resources(cpus=1)
 MERGE_EVERY = 64  # shard answers held before they are folded into the running sum
@@ -118,12 +118,7 @@ def block_representatives(
 ) -> pl.DataFrame:
     """One block's representatives (kept at threshold -inf, with a score): `columns` of them."""
     need = list(dict.fromkeys([*(c for c in columns if c != SCORE), schema.CLIP_SCORE]))
-    kept = distributed_decide.block_kept(plan, b, state, need)
-    return (
-        kept.with_columns(pl.col(schema.CLIP_SCORE).cast(pl.Float64).alias(SCORE))
-        .filter(pl.col(SCORE).is_not_null())
-        .select(columns)
-    )
+    return scored(distributed_decide.block_kept(plan, b, state, need)).select(columns)
 
 
 def representatives_on(
@@ -132,7 +127,7 @@ def representatives_on(
     """The sweep's representatives (curate.reports.sweep.representatives: the rows decide() keeps
     with the CLIP threshold at -inf, with a score), decided on the cluster and left there, a frame
     per block (the report asks its questions where they lie: curate/reports/sources.py)."""
-    loose = sel.model_copy(update={"clip": ClipRule.model_construct(min_score=float("-inf"), top_fraction=None)})
+    loose = at_any_threshold(sel)
     plan, states = distributed_decide.decide_blocks(run_dir, shards, loose, float("-inf"), executor, explain=False)
     blocks = [
         executor.submit(block_representatives, plan, b, states[b], columns, resources=TASK) for b in range(plan.blocks)

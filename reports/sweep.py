@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
@@ -28,6 +28,7 @@ from curate.filters.decide import decide, decide_inputs
 from curate.reports.sources import BlockSource, FrameSource, Head, Source, SumBy, as_source
 
 SCORE = "_score"
+Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 IDX = "_above"  # number of sweep thresholds <= the row's score
 
 
@@ -84,15 +85,21 @@ def representatives(
         wanted = decide_inputs(sel)
         annotations = annotations.select([c for c in have if c in wanted or c in keep])
 
-    loose = sel.model_copy(update={"clip": ClipRule.model_construct(min_score=float("-inf"), top_fraction=None)})
-    # A NaN score is no score (not_scored), as the schema documents. (decide() as of this writing
-    # tests its rules on the raw column, where NaN is neither null nor < t; see docs/REPORTS.md.)
-    annotations = annotations.with_columns(pl.col(schema.CLIP_SCORE).fill_nan(None))
-    decisions, _ = decide(annotations, loose, explain=False, embeddings=embeddings)
-    return (
-        decisions.filter(pl.col(schema.KEPT))
-        .with_columns(pl.col(schema.CLIP_SCORE).cast(pl.Float64).alias(SCORE))
-        .filter(pl.col(SCORE).is_not_null())
+    decisions, _ = decide(annotations, at_any_threshold(sel), explain=False, embeddings=embeddings)
+    return scored(decisions.filter(pl.col(schema.KEPT)))
+
+
+def at_any_threshold(sel: SelectionConfig) -> SelectionConfig:
+    """`sel` with its CLIP rule at threshold -inf: the rules whose kept rows are the representatives
+    (both engines decide with it: this module, curate/distributed_selection.py)."""
+    return sel.model_copy(update={"clip": ClipRule.model_construct(min_score=float("-inf"), top_fraction=None)})
+
+
+def scored(kept: Frame) -> Frame:
+    """Kept rows as representatives: their score as float64 in SCORE, rows without one left out
+    (decide() has already turned NaN into no score)."""
+    return kept.with_columns(pl.col(schema.CLIP_SCORE).cast(pl.Float64).alias(SCORE)).filter(
+        pl.col(SCORE).is_not_null()
     )
 
 
