@@ -314,8 +314,7 @@ def block_decisions(plan: Plan, b: int, state: pl.DataFrame) -> pl.DataFrame:
     flags = [fail_column(Reason(r.reason)) for r in ROW_RULES]
     dedup = [(pl.col(DUP) == r.reason).fill_null(False).alias(fail_column(Reason(r.reason))) for r in DEDUP_RULES]
     decided = state.select(G, *flags, *dedup, OF, SURVIVOR)
-    frame = _block_frame(plan, b).with_columns(_identity(plan, b)).collect()
-    frame = frame.join(decided, on=G, how="left", maintain_order="left").drop(G)
+    frame = _block_rows(plan, b).join(decided, on=G, how="left", maintain_order="left").drop(G)
     return explained(frame.lazy()).collect()
 
 
@@ -323,8 +322,17 @@ def block_kept(plan: Plan, b: int, state: pl.DataFrame, columns: list[str]) -> p
     """`columns` of the block's kept rows (explain=False: the rows still eligible), in the
     annotations' order."""
     kept = state.filter(pl.col("_eligible")).select(G)
-    frame = _block_frame(plan, b).with_columns(_identity(plan, b)).collect()
-    return frame.join(kept, on=G, how="semi", maintain_order="left").select(columns)
+    rows = _block_rows(plan, b, columns)
+    return rows.join(kept, on=G, how="semi", maintain_order="left").select(columns)
+
+
+def _block_rows(plan: Plan, b: int, columns: list[str] | None = None) -> pl.DataFrame:
+    """The block's annotation rows (only `columns`, when given) with their identity, to join a
+    state's columns back to."""
+    lf = _block_frame(plan, b)
+    if columns is not None:
+        lf = lf.select(list(dict.fromkeys([schema.SHARD, schema.ROW, *columns])))
+    return lf.with_columns(_identity(plan, b)).collect()
 
 
 # --- the driver -----------------------------------------------------------------------------------------

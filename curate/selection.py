@@ -26,7 +26,7 @@ from curate.config import PipelineSpec, ReportConfig, SelectionConfig
 from curate.distributed_decide import TASK, decide_blocks
 from curate.distributed_selection import finish_block, representatives_on, top_fraction_threshold, uid_slice
 from curate.default_executor import given_or_ray
-from curate.filters.decide import decide, decide_inputs, nan_free_scores, on_ray, resolve_clip_threshold
+from curate.filters.decide import DECIDED, decide, decide_inputs, nan_free_scores, on_ray, resolve_clip_threshold
 from curate.reports.summary import DEFAULT_GROUP_COLUMNS
 from curate.names import check_name
 from curate.selection_files import DECISION_COLUMNS  # noqa: F401 - what selection.write = "decisions" holds
@@ -162,24 +162,20 @@ def _in_process(run_dir: str, sel: SelectionConfig, ann, embeddings, resolved, r
     before anything is written; returns the writer of the selection's files."""
     # the files get every annotation column back shard by shard (write below)
     t = time.perf_counter()
-    decided = [schema.REASONS, schema.KEPT, schema.REASON, schema.DUPLICATE_OF, schema.DUPLICATE_CLUSTER]
     decisions = decide(_decided_columns(ann, sel, report_cfg), sel, embeddings=embeddings, resolved=resolved)[0]
-    keep = dict.fromkeys([*_report_columns(report_cfg), *decided])  # what the report and the files read of it
+    keep = dict.fromkeys([*_report_columns(report_cfg), *DECIDED])  # what the report and the files read of it
     decisions = decisions.select([c for c in keep if c in decisions.collect_schema().names()]).collect()
     kept_uids = decisions.filter(pl.col(schema.KEPT)).get_column(schema.UID)
-    uid_array = uids_to_datacomp(kept_uids)
-    if len(uid_array) != len(kept_uids):  # decide() removes repeated uids (duplicate_uid): never expected
-        raise RuntimeError(
-            f"{run_dir}: {len(kept_uids) - len(uid_array)} kept row(s) repeat a uid; uids.npy would "
-            "not match the kept rows (nothing was written)"
-        )
+    # before anything is written: a uid that is not 32 hex digits, or a repeated kept uid (decide()
+    # removes those: duplicate_uid), fails here, with the check the Ray engine's slices use
+    uid_array = selection_files.sorted_pairs(*selection_files.uid_halves(kept_uids), unique=False)
     buf = _io.BytesIO()
-    np.save(buf, uid_array)  # before anything is written: a bad uid fails here
+    np.save(buf, uid_array)
     counts = {
         "rows": decisions.height,
         "kept": int(decisions.get_column(schema.KEPT).sum()),
         "removed": int((~decisions.get_column(schema.KEPT)).sum()),
-        "kept_unique_uids": kept_uids.n_unique(),
+        "kept_unique_uids": len(uid_array),
         "not_scored": int((decisions.get_column(schema.REASON) == "not_scored").sum()),
     }
     timings = {"decide_s": time.perf_counter() - t}
@@ -192,7 +188,7 @@ def _in_process(run_dir: str, sel: SelectionConfig, ann, embeddings, resolved, r
         per_shard: dict[str, dict[str, int]] = {}
         for (shard,), part in decisions.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
             rows = nan_free_scores(annotations.scan(run_dir, [shard])).collect()
-            part = rows.join(part.select(schema.ROW, *decided), on=schema.ROW, how="left", maintain_order="left")
+            part = rows.join(part.select(schema.ROW, *DECIDED), on=schema.ROW, how="left", maintain_order="left")
             per_shard[shard] = selection_files.write_shard(out, shard, part, sel.write)
             faults.fire("selection.shard_written", shard)
         io.atomic_write_bytes(io.join(out, "uids.npy"), buf.getvalue())

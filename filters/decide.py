@@ -352,6 +352,10 @@ def decide(
     return explained(frame.drop(*helpers, "_of_idx")), resolved
 
 
+# the columns decide() adds to the annotation columns, in their order (what explained() makes)
+DECIDED = (schema.REASONS, schema.KEPT, schema.REASON, schema.DUPLICATE_OF, schema.DUPLICATE_CLUSTER)
+
+
 def explained(frame: pl.LazyFrame) -> pl.LazyFrame:
     """The decision columns from a frame holding every rule's failure flag (fail_column), `_of`
     (the survivor's uid, for a duplicate) and `_survivor` (some duplicate names this row): reasons
