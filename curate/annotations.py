@@ -103,11 +103,16 @@ def embeddings_for(run_dir: str, sel, shards: list[str] | None = None) -> pl.Laz
         return None
     emb = scan_embeddings(run_dir, shards)
     if emb is None:
-        raise ValueError(
-            f"{run_dir}: dedup.image_cosine needs image embeddings, but the run has no "
-            "embeddings/<shard>.parquet; rerun with score.store_embeddings = true"
-        )
+        raise no_embeddings(run_dir)
     return emb
+
+
+def no_embeddings(run_dir: str) -> ValueError:
+    """The error of a selection with dedup.image_cosine on a run that stored no embeddings."""
+    return ValueError(
+        f"{run_dir}: dedup.image_cosine needs image embeddings, but the run has no "
+        "embeddings/<shard>.parquet; rerun with score.store_embeddings = true"
+    )
 
 
 def scan_embeddings(run_dir: str, shards: list[str] | None = None) -> pl.LazyFrame | None:

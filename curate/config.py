@@ -261,6 +261,12 @@ class DedupRule(Strict):
     image_cluster_size: int = Field(1000, ge=2, description="k-means k = ceil(eligible rows with an embedding / this)")
     image_kmeans_iters: int = Field(20, ge=1, le=1000)
     image_kmeans_seed: int = 0
+    image_kmeans_sample: int = Field(
+        1_000_000,
+        ge=2,
+        description="k-means is fitted on about this many rows (a stable hash of shard and row draws them), then every "
+        "row is assigned to its nearest centroid; a pool this size or smaller is fitted on every row",
+    )
     # an image near-duplicate edge also needs the perceptual hashes (imagehash pHash, stored with
     # the embeddings) within this Hamming distance of 64 bits: embeddings say "same content",
     # the hash says "same picture" (docs/DEDUP.md: 10-12 keeps re-encodes, resizes and small crops

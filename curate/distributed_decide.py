@@ -13,9 +13,9 @@ Steps (each a wave of tasks on the executor: Ray, or in-process for tests):
             partition ranks the keys that repeat with the shared survivor rule (filters/survivors.py)
             and sends each loser (_g, survivor uid, survivor _g) back to its block. A key lives in one
             partition, so each reducer sees whole duplicate groups: the union is the in-process result.
-  near dedup (captions, images; off by default): the eligible rows' band keys or embeddings are
-            gathered and filters/decide.py's own step runs on them (candidate search on Ray as
-            before: curate/distributed_dedup.py). This step still holds its pool in the driver.
+  near dedup (captions, images; off by default): candidate pairs, verification, k-means and the
+            in-cluster comparisons as tasks, components by Large-Star / Small-Star rounds, then the
+            component label is the key of one more exact round (curate/distributed_near.py).
   follow    a duplicate whose survivor lost a later dedup points at that survivor's survivor
             (decide()'s _follow_survivor): rounds of ask (loser -> its survivor's block) and answer
             (-> the loser's block), at most one round per dedup step that follows.
@@ -42,8 +42,6 @@ from curate import accounting, annotations, faults, schema
 from curate.config import SelectionConfig
 from curate.executor import Executor, Resources
 from curate.filters.decide import (
-    IDX,
-    NEAR_STEPS,
     dedup_steps,
     explained,
     fail_column,
@@ -211,54 +209,6 @@ def reduce_round(plan: Plan, *parts: pl.DataFrame) -> list[pl.DataFrame]:
     return _split(lost, plan)
 
 
-# --- near dedup (gathered) ----------------------------------------------------------------------------
-
-
-def near_pool(
-    plan: Plan, b: int, state: pl.DataFrame, prev: str | None, reason: str, *lost: pl.DataFrame
-) -> list[pl.DataFrame]:
-    """[state after the previous losers, this block's eligible rows for near-dedup `reason`]."""
-    state = _apply_losers(state, prev, lost)
-    survivor = Survivor.of(plan.sel.dedup)
-    eligible = state.filter(pl.col("_eligible"))
-    if reason == Reason.DUPLICATE_CAPTION.value:
-        cols = [c for c in (schema.CAPTION_LSH, schema.CAPTION) if c in state.columns]
-        return [state, eligible.select(G, *dict.fromkeys([*survivor.columns, *cols]))]
-    emb = annotations.scan_embeddings(plan.run_dir, plan.block_shards(b))
-    pool = eligible.select(G, *survivor.columns)
-    if emb is None:
-        return [state, pool.with_columns(pl.lit(None, pl.List(pl.Float32)).alias(schema.IMAGE_EMBEDDING))]
-    emb = emb.collect().with_columns(pl.col(schema.ROW).cast(pl.Int64))
-    pool = pool.with_columns(pl.col(schema.SHARD).cast(pl.String), pl.col(schema.ROW).cast(pl.Int64)).join(
-        emb, on=[schema.SHARD, schema.ROW], how="inner", maintain_order="left"
-    )
-    return [state, pool]
-
-
-def _near_losers(plan: Plan, reason: Reason, pools: list[pl.DataFrame], ngrams: set[int]) -> pl.DataFrame:
-    """The losers (_g, of_uid, of_g) of one near-dedup step, by filters/decide.py's own step on the
-    gathered eligible rows (in the in-process engine's row order)."""
-    pool = pl.concat(pools, how="diagonal_relaxed").with_row_index(IDX).with_columns(pl.lit(True).alias("_eligible"))
-    sel = plan.sel
-    embeddings, ngram = None, None
-    if reason == Reason.DUPLICATE_CAPTION:
-        ngram = check_caption_ngram(ngrams)
-    else:
-        embeddings = pool.select(
-            schema.SHARD,
-            schema.ROW,
-            schema.IMAGE_EMBEDDING,
-            *([schema.IMAGE_PHASH] if schema.IMAGE_PHASH in pool.columns else []),
-        ).lazy()
-        pool = pool.drop(schema.IMAGE_EMBEDDING, schema.IMAGE_PHASH, strict=False)
-    step = NEAR_STEPS[reason][1]
-    marked = step(pool.lazy(), sel, embeddings, ngram=ngram).collect()
-    of = f"_{reason.value}_of"
-    lost = marked.filter(pl.col(fail_column(reason)))
-    g_of = pool.select(pl.col(IDX).alias(f"{of}_idx"), pl.col(G).alias("of_g"))
-    return lost.join(g_of, on=f"{of}_idx", how="left").select(G, pl.col(of).alias("of_uid"), "of_g")
-
-
 # --- follow and cluster -----------------------------------------------------------------------------
 
 
@@ -358,7 +308,6 @@ def decide_blocks(
     P = sel.dedup.partitions or B
     started = [executor.submit(start_block, plan, b, resources=TASK, num_returns=2) for b in range(B)]
     states = [s[0] for s in started]
-    ngrams: set[int] | None = None
     prev: str | None = None
     lost: list[list[Any]] = [[] for _ in range(B)]  # the previous round's losers, per block
     steps = dedup_steps(sel)
@@ -377,17 +326,12 @@ def decide_blocks(
             ]
             lost = [[r[b] for r in reduced] for b in range(B)]
         else:
-            if ngrams is None:
-                ngrams = set().union(*executor.results([s[1] for s in started]))
-            outs = [
-                executor.submit(
-                    near_pool, plan, b, states[b], prev, reason.value, *lost[b], resources=TASK, num_returns=2
-                )
-                for b in range(B)
-            ]
-            states = [o[0] for o in outs]
-            near = _near_losers(plan, reason, executor.results([o[1] for o in outs]), ngrams)
-            lost = [[part] for part in _split(near, plan)]
+            from curate.distributed_near import near_round  # it builds on this module's rounds
+
+            ngram = None
+            if reason == Reason.DUPLICATE_CAPTION:
+                ngram = check_caption_ngram(set().union(*executor.results([s[1] for s in started])))
+            states, lost = near_round(executor, plan, reason, states, prev, lost, ngram)
         prev = reason.value
     states = [
         executor.submit(settle, states[b], prev, *lost[b], resources=TASK) if lost[b] else states[b] for b in range(B)

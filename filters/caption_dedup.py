@@ -17,13 +17,13 @@ a near-duplicate of a better copy, the survivor's uid and row index.
      smallest uid, then the smallest (shard, row) -- the same rule as exact dedup) and every other
      member is a `duplicate_caption` pointing at it.
 
-Everything here is polars joins/group-bys and numpy on the candidate rows only; docs/DEDUP.md
-describes how steps 1-2 (the only ones touching every row) become a Ray shuffle at 1B rows.
+Everything here is polars joins/group-bys and numpy on the candidate rows only. The Ray engine
+(curate/distributed_near.py) runs each step as tasks on the same functions: representatives and
+bucket_pairs per hash partition, exact_jaccard in the blocks holding the two captions, components by
+Large-Star / Small-Star rounds (curate/distributed_components.py).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -33,8 +33,6 @@ from curate.filters.survivors import BEST_SCORE, Survivor, as_duplicates, compon
 from curate.stages.caption_minhash import shingle_hashes
 
 BUCKET_CAP = 64
-
-PairFinder = Callable[[pl.DataFrame], pl.DataFrame]
 
 
 def representatives(pool: pl.DataFrame, idx: str = "_i") -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -76,14 +74,12 @@ def local_pairs(reps: pl.DataFrame) -> pl.DataFrame:
     return bucket_pairs(exploded_keys(reps))
 
 
-def candidate_pairs(
-    pool: pl.DataFrame, idx: str = "_i", pair_finder: PairFinder = local_pairs
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(rep_of: idx -> rep, pairs: (a, b) of representatives sharing a band key, a < b).
-    pair_finder maps representatives (_rep, caption_lsh) to pairs: local_pairs here, or the
-    hash-partitioned Ray shuffle of curate.distributed_dedup (same pairs, any number of nodes)."""
+def candidate_pairs(pool: pl.DataFrame, idx: str = "_i") -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rep_of: idx -> rep, pairs: (a, b) of representatives sharing a band key, a < b). The Ray
+    engine (curate/distributed_near.py) runs the same two steps as shuffles: representatives per
+    partition of the key lists, bucket_pairs per partition of the keys."""
     rep_of, reps = representatives(pool, idx)
-    pairs = pair_finder(reps).sort("a", "b")
+    pairs = local_pairs(reps).sort("a", "b")
     return rep_of, pairs
 
 
@@ -118,7 +114,6 @@ def caption_duplicates(
     ngram: int,
     verify: bool = True,
     idx: str = "_i",
-    pair_finder: PairFinder = local_pairs,
     survivor: Survivor = BEST_SCORE,
 ) -> pl.DataFrame:
     """pool: eligible rows with idx, caption_lsh (non-null), caption and survivor.columns
@@ -127,7 +122,7 @@ def caption_duplicates(
     empty = duplicates_frame(idx)
     if pool.height < 2:
         return empty
-    rep_of, pairs = candidate_pairs(pool, idx, pair_finder)
+    rep_of, pairs = candidate_pairs(pool, idx)
     if verify:
         pairs = exact_jaccard(pairs, pool.select(idx, schema.CAPTION), ngram, idx)
         pairs = pairs.filter(pl.col("jaccard") >= threshold - 1e-12).select("a", "b")

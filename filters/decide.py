@@ -24,9 +24,8 @@ from curate.exact_rank import top_fraction_index
 from curate.filters.rules import DEDUP_RULES, RULE_INPUTS, RULE_ORDER, Reason, rule_failures
 from curate.stages.caption_minhash import DEFAULT_NGRAM
 from curate.filters.survivors import BEST_SCORE, Survivor, duplicates_frame, repeated_losers
-from curate.filters.image_dedup import image_duplicates
+from curate.filters.image_dedup import check_hashes, image_duplicates
 from curate.filters.caption_dedup import caption_duplicates
-from curate.distributed_dedup import ray_caption_pairs, ray_image_edges
 
 IDX = _IDX = "_i"  # a row index for the joins inside decide(): cheaper than joining on (shard, row)
 
@@ -163,10 +162,7 @@ def _caption_dedup(frame: pl.LazyFrame, sel: SelectionConfig, has_lsh: bool, ngr
         if ngram is None:
             ngram = check_caption_ngram(caption_ngram_sizes(frame))
         d = sel.dedup
-        kw = {}
-        if sel.engine == "ray":
-            kw["pair_finder"] = ray_caption_pairs(d.partitions)
-        dups = caption_duplicates(pool, d.caption_jaccard, ngram, d.caption_verify, _IDX, survivor=Survivor.of(d), **kw)
+        dups = caption_duplicates(pool, d.caption_jaccard, ngram, d.caption_verify, _IDX, survivor=Survivor.of(d))
     else:  # annotations from a run without annotate.caption_minhash: nothing to compare
         dups = duplicates_frame(_IDX)
     return _mark(frame, dups, Reason.DUPLICATE_CAPTION)
@@ -212,24 +208,17 @@ def _image_near_dedup(frame: pl.LazyFrame, sel: SelectionConfig, embeddings: pl.
     d = sel.dedup
     kw = {}
     if d.image_phash_max_distance is not None:
-        if (
-            schema.IMAGE_PHASH not in pool.columns
-            or pool.height
-            and pool.get_column(schema.IMAGE_PHASH).null_count() == pool.height
-        ):
-            raise ValueError(
-                "dedup.image_phash_max_distance is set but the stored embeddings have no image_phash "
-                "(a run made before perceptual hashes were stored): rerun scoring, or set it to null"
-            )
+        rows = pool.height
+        hashed = rows - pool.get_column(schema.IMAGE_PHASH).null_count() if schema.IMAGE_PHASH in pool.columns else 0
+        check_hashes(d.image_phash_max_distance, rows, hashed)
         kw["phash_max_distance"] = d.image_phash_max_distance
-    if sel.engine == "ray":
-        kw["edge_finder"] = ray_image_edges(d.partitions)
     dups = image_duplicates(
         pool,
         d.image_cosine,
         d.image_cluster_size,
         d.image_kmeans_iters,
         d.image_kmeans_seed,
+        d.image_kmeans_sample,
         _IDX,
         survivor=Survivor.of(d),
         **kw,

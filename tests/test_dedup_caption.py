@@ -194,45 +194,6 @@ def test_old_annotations_without_signatures_still_select():
     assert d["kept"].all()
 
 
-# --- the Ray engine (curate/distributed_dedup.py): a hash shuffle on band keys, same results ---
-
-
-def test_ray_shuffle_finds_exactly_the_local_candidate_pairs(laion_captions, ray_session):
-    from curate.distributed_dedup import ray_caption_pairs
-    from curate.filters.caption_dedup import local_pairs, representatives
-
-    pool = pl.from_arrow(ann_table(laion_captions)).with_row_index("_i")
-    _, reps = representatives(pool)
-    local = local_pairs(reps).sort("a", "b")
-    assert local.height > 500
-    # 13 map tasks (blocks of 1,000 representatives) x 5 partitions
-    shuffled = ray_caption_pairs(partitions=5, rows_per_block=1000)(reps).sort("a", "b")
-    assert shuffled.equals(local)
-
-
-def test_ray_engine_selects_exactly_like_local(laion_captions, ray_session):
-    frame = pl.from_arrow(ann_table(laion_captions)).lazy()
-    cols = ["uid", "kept", "reason", "duplicate_of", "duplicate_cluster"]
-    local = decide(frame, cap_sel())[0].collect().select(cols).sort("uid")
-    on_ray = decide(frame, cap_sel(engine="ray", dedup={"partitions": 3}))[0].collect().select(cols).sort("uid")
-    assert (local["reason"] == "duplicate_caption").sum() > 500
-    assert on_ray.equals(local)
-
-
-def test_a_pair_split_across_two_shards_and_two_map_tasks_is_found(tmp_path, ray_session):
-    from curate.distributed_dedup import ray_caption_pairs
-    from curate.filters.caption_dedup import caption_duplicates
-
-    caps_a = ["a cozy cabin in the snowy mountains at dusk", "red sports car on a race track"]
-    caps_b = ["vintage typewriter on a wooden desk", "a cozy cabin in the snowy mountains at dusk!!"]
-    for shard, caps, scores in (("part-00003", caps_a, [0.3, 0.3]), ("part-09000", caps_b, [0.3, 0.35])):
-        pa.parquet.write_table(ann_table(caps, shard, scores), tmp_path / f"{shard}.parquet")
-    pool = pl.read_parquet([tmp_path / "part-00003.parquet", tmp_path / "part-09000.parquet"]).with_row_index("_i")
-    # one representative per map task: the two copies (idx 0 and 3) are in different Ray tasks
-    dups = caption_duplicates(pool, THRESHOLD, 2, pair_finder=ray_caption_pairs(partitions=2, rows_per_block=1))
-    assert dups.select("_i", "of_idx").rows() == [(0, 3)]
-
-
 def test_duplicate_cluster_names_the_group_on_every_member():
     caps = [
         "a bowl of ramen with egg",

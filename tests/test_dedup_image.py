@@ -158,15 +158,6 @@ def test_near_duplicates_found_distinct_kept(corpus, cluster_size):
     ).any()
 
 
-def test_ray_engine_selects_exactly_like_local(corpus, ray_session):
-    ann, embl, _, _ = corpus
-    cols = [schema.UID, schema.KEPT, schema.REASON, schema.DUPLICATE_OF, schema.DUPLICATE_CLUSTER]
-    local = _decide(ann, embl, _sel(image_cluster_size=16)).select(cols)
-    on_ray = _decide(ann, embl, _sel(image_cluster_size=16, engine="ray", partitions=3)).select(cols)
-    assert (local[schema.REASON] == "duplicate_image_near").sum() > 100
-    assert on_ray.equals(local)
-
-
 def test_survivor_is_best_scored_copy(corpus):
     ann, embl, group, kind = corpus
     d = _decide(ann, embl, _sel())

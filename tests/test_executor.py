@@ -20,7 +20,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
@@ -28,10 +27,7 @@ from typer.testing import CliRunner
 from curate.cli import app
 from curate.config import PipelineSpec, load_spec
 from curate.demo.run_demo import write_inputs
-from curate.distributed_dedup import ray_caption_pairs, ray_image_edges
 from curate.executor import ActorCrash, ActorDied, Executor, LocalExecutor, Resources
-from curate.filters.caption_dedup import local_pairs
-from curate.filters.image_dedup import cluster_edges
 from curate.presets import preset_path
 from curate.runner import SCORE_RESUBMITS, RunResult, ShardScheduler, ShardSteps, run
 from curate.stages.read import shard_name
@@ -105,28 +101,6 @@ def test_local_actor_restarts_then_dies_until_replaced():
     assert ex.result(pool.call(0, "work", "x")) == "a:x"
     assert pool.placement()[0] == {"node_id": "local", "gpu_ids": [], "resources": {"CPU": 1.0}}
     assert pool.call_all("work", "all") == ["a:all", "a:all"]
-
-
-def test_the_dedup_shuffle_gives_the_same_pairs_on_the_local_executor():
-    """curate/distributed_dedup.py through the executor interface: the candidate pairs of the
-    in-process group-by, with one partition (a one-value map task is a list too) or several; and
-    the image edges of the in-process comparison."""
-    rng = np.random.default_rng(0)
-    keys = [rng.integers(0, 60, 3).tolist() for _ in range(200)]
-    reps = pl.DataFrame(
-        {"_rep": range(200), "caption_lsh": keys}, schema={"_rep": pl.Int64, "caption_lsh": pl.List(pl.UInt64)}
-    )
-    want = local_pairs(reps).unique().sort("a", "b")
-    assert want.height > 50
-    for partitions in (1, 3):
-        finder = ray_caption_pairs(partitions, rows_per_block=64, executor=LocalExecutor())
-        assert finder(reps).sort("a", "b").equals(want)
-    x = rng.normal(size=(120, 8)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    labels = rng.integers(0, 7, 120)
-    a, b = ray_image_edges(3, executor=LocalExecutor())(x, labels, 0.5)
-    wa, wb = cluster_edges(x, labels, 0.5)
-    assert len(wa) > 0 and sorted(zip(a.tolist(), b.tolist())) == sorted(zip(wa.tolist(), wb.tolist()))
 
 
 # --- ShardScheduler with stand-in stages -----------------------------------------------------

@@ -95,3 +95,43 @@ def test_the_ray_engine_selects_the_sample_the_same(laion_run, ray_session):
     same_selection(out / "selections" / "engine-local", out / "selections" / "engine-ray")
     removed = pl.read_parquet(out / "selections" / "engine-ray" / "removed" / "*.parquet")
     assert (removed["reason"] == "duplicate_url").sum() > 0
+
+
+def test_caption_near_duplicates_of_the_sample_on_both_engines(laion_sample, tmp_path, ray_session):
+    """Caption near-dedup of the 10,000 real LAION captions on the Ray engine over several blocks:
+    the band-key shuffle, verification between blocks and the distributed components give the
+    local engine's selection, with real buckets (many captions sharing a band)."""
+    from engine_support import same_selection
+
+    from curate.config import SelectionConfig
+    from curate.selection import write_selection
+
+    rows = pl.read_parquet(laion_sample)
+    # + 2,000 near copies at new URLs: upper-cased, last word dropped, or a word replaced
+    long = rows.filter(pl.col("TEXT").str.split(" ").list.len() >= 8).head(2_000)
+    edits = [
+        pl.col("TEXT").str.to_uppercase(),
+        pl.col("TEXT").str.replace(r"\s+\S+$", ""),
+        pl.col("TEXT").str.replace(r"^\S+", "photo"),
+    ]
+    copies = long.with_row_index("_k").with_columns(
+        pl.when(pl.col("_k") % 3 == 0).then(edits[0]).when(pl.col("_k") % 3 == 1).then(edits[1]).otherwise(edits[2]),
+        (pl.col("URL") + "?copy=" + pl.col("_k").cast(pl.String)).alias("URL"),
+    ).drop("_k")
+    rows = pl.concat([rows, copies]).sample(fraction=1.0, shuffle=True, seed=5)
+    (tmp_path / "in").mkdir()
+    for i in range(4):  # four shards, so the blocks below cut the pool
+        rows.slice(i * 3_000, 3_000).write_parquet(tmp_path / "in" / f"part-{i}.parquet")
+    out = tmp_path / "run"
+    spec = load_spec(preset_path("laion_sample")).with_overrides(
+        **{"input.paths": [str(tmp_path / "in")], "output.dir": str(out), "annotate.caption_minhash": True}
+    )
+    assert run(spec, executor=LocalExecutor()).ok
+    base = spec.selection.model_dump()
+    for engine in ("local", "ray"):
+        sel = {**base, "name": f"near-{engine}", "engine": engine, "block_rows": 3_000}
+        sel["dedup"] = {**base["dedup"], "caption_jaccard": 0.5, "partitions": 3}
+        write_selection(str(out), SelectionConfig.model_validate(sel), spec.report)
+    same_selection(out / "selections" / "near-local", out / "selections" / "near-ray")
+    removed = pl.read_parquet(out / "selections" / "near-ray" / "removed" / "*.parquet")
+    assert (removed["reason"] == "duplicate_caption").sum() > 1_000
