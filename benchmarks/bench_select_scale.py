@@ -5,9 +5,12 @@ local multi-node Ray cluster (`ray start` head + worker nodes on this machine).
         [--engines local ray] [--dir /tmp/curate-scale] [--update-docs]
 
 For each size: a DataComp-format pool (uid, url, text, original_width, original_height, sha256,
-clip_l14_similarity_score) with ~10% duplicates (5% repeat another row's URL and caption, 3% its
-URL only, 2% its image sha256), run once through `curate run` (no fetch, no model: the scores are
-the pool's column; cached under --dir), then `curate select RUN --clip-top-fraction 0.3` with
+clip_l14_similarity_score) with ~10% duplicates (4% repeat another row's URL and caption, 2% its
+URL only, 2% its image sha256, 2% are near copies of its caption: upper-cased, or a word added),
+run once through `curate run` with caption band keys (annotate.caption_minhash; no fetch, no
+model: the scores are the pool's column; cached under --dir), then `curate select RUN
+--clip-top-fraction 0.3` with the run's dedup rules (URL, image sha256, uid, and caption near
+duplicates at Jaccard 0.8) and
 `--engine` each engine, as its own process. Measured per selection: wall time, the driver's peak
 RSS (ru_maxrss of that process, from wait4) and the largest peak RSS of any Ray worker process
 (RssAnon sampled every 0.2 s while the selection runs: a worker's own heap; the object store it
@@ -48,26 +51,50 @@ SHARD_ROWS = 100_000
 OBJECT_STORE = 2 * 2**30  # bytes of object store per worker node
 
 
+VOCAB = np.array([f"w{i:04d}" for i in range(4096)])
+MULT = np.array([2654435761, 40503, 2246822519, 3266489917, 668265263, 374761393, 1597334677, 3812015801, 2869860233,
+                 1103515245], dtype=np.uint64)  # fmt: skip
+
+
+def captions(k: np.ndarray) -> pl.Series:
+    """A caption of 10 words for each row number: deterministic, so a copy can be made of any row
+    of the pool; two rows share a word at a position with probability 1/4096 (distinct captions)."""
+    h = (k.astype(np.uint64)[:, None] * MULT[None, :] + np.uint64(0x9E3779B9)) % np.uint64(2**31)
+    words = VOCAB[((h >> np.uint64(7)) % np.uint64(len(VOCAB))).astype(np.int64)]
+    return pl.DataFrame(words, orient="row").select(pl.concat_str(pl.all(), separator=" ")).to_series()
+
+
 def make_pool(path: Path, rows: int) -> None:
     """DataComp-format shards of SHARD_ROWS rows with ~10% injected duplicates (once)."""
     if (path / "_complete").exists():
         return
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(rows)
-    words = np.array("a photo of the red dog on grass near house blue car city street man woman child tree".split())
     for s, start in enumerate(range(0, rows, SHARD_ROWS)):
         idx = np.arange(start, min(rows, start + SHARD_ROWS))
         n = len(idx)
         r = rng.random(n)
         other = rng.integers(0, rows, n)
-        url_src = np.where(r < 0.08, other, idx)  # 5% URL + caption, 3% URL only
-        cap_src = np.where(r < 0.05, other, idx)
-        sha_src = np.where((r >= 0.08) & (r < 0.10), other, idx)  # 2% the same image elsewhere
+        url_src = np.where(r < 0.06, other, idx)  # 4% URL + caption, 2% URL only
+        sha_src = np.where((r >= 0.06) & (r < 0.08), other, idx)  # 2% the same image elsewhere
+        near = (r >= 0.08) & (r < 0.10)  # 2% a near copy of another row's caption, elsewhere
+        text = captions(np.where((r < 0.04) | near, other, idx))
+        text = (
+            pl.DataFrame({"t": text, "r": r})
+            .select(
+                pl.when(pl.col("r").is_between(0.08, 0.09, closed="left"))
+                .then(pl.col("t").str.to_uppercase())  # the same shingles: one representative
+                .when(pl.col("r").is_between(0.09, 0.10, closed="left"))
+                .then(pl.col("t") + " photo")  # Jaccard 9/10 on word pairs: a verified pair
+                .otherwise(pl.col("t"))
+            )
+            .to_series()
+        )
         pl.DataFrame(
             {
                 "uid": [f"{k:032x}" for k in idx],
                 "url": [f"https://img{k % 20011}.example.com/p/{k}.jpg" for k in url_src],
-                "text": [f"{' '.join(words[(np.arange(k % 7 + 3) * 5 + k) % len(words)])} {k}" for k in cap_src],
+                "text": text,
                 "original_width": rng.integers(64, 1600, n),
                 "original_height": rng.integers(64, 1600, n),
                 "sha256": [f"{k:064x}" for k in sha_src],
@@ -84,9 +111,16 @@ def make_run(pool: Path, run: Path, env: dict) -> None:
     spec.write_text(
         f'name = "scale"\n[input]\npaths = ["{pool}/"]\nlayout = "datacomp"\n[output]\ndir = "{run}"\n'
         '[fetch]\nenabled = false\n[score]\nsource = "column"\ncolumn = "clip_l14_similarity_score"\n'
-        "[selection]\nclip = { top_fraction = 0.3 }\n"
+        "[annotate]\ncaption_minhash = true\n"
+        "[selection]\nclip = { top_fraction = 0.3 }\ndedup = { caption_jaccard = 0.8 }\n"
     )
     subprocess.run([str(BIN / "curate"), "run", str(spec)], check=True, env=env, capture_output=True)
+    # no fetch here, so no image_sha256 (the hash of the bytes served): give each row the one a
+    # fetch would record, the pool's own sha256, so that the image dedup has its 2% to find
+    for p in sorted((run / "annotations").glob("*.parquet")):
+        tmp = p.with_suffix(".tmp")
+        pl.read_parquet(p).with_columns(pl.col("sha256").alias("image_sha256")).write_parquet(tmp)
+        tmp.replace(p)
 
 
 def _workers() -> list[str]:
@@ -145,8 +179,11 @@ def select(run: Path, engine: str, env: dict) -> dict:
     err = proc.stderr.read().decode() if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"curate select --engine {engine} failed:\n{out}\n{err[-3000:]}")
-    summary = json.loads((run / "selections" / f"scale-{engine}" / "selection.json").read_text())
+    out_dir = run / "selections" / f"scale-{engine}"
+    summary = json.loads((out_dir / "selection.json").read_text())
+    reasons = pl.scan_parquet(out_dir / "removed" / "*.parquet").group_by("reason").len().collect()
     return {
+        "removed_by_reason": dict(sorted(zip(reasons["reason"], reasons["len"]))),
         "wall_s": wall,
         "driver_peak_rss": usage.ru_maxrss * 1024,
         "worker_peak_private": watch.peak,
@@ -195,7 +232,8 @@ def cpu_flags() -> list[str]:
 def table(res: dict) -> str:
     c = res["conditions"]
     lines = [
-        f"DataComp-format pools with ~10% duplicates; `curate select --clip-top-fraction 0.3`; {c['cpus']} cores, "
+        "DataComp-format pools with ~10% duplicates (2% near-duplicate captions); `curate select --clip-top-fraction "
+        f"0.3` with URL, image sha256, uid and caption near-duplicate dedup; {c['cpus']} cores, "
         f"CPU flags: {' '.join(c['cpu_flags']) or 'none listed'}; local Ray cluster: a head with 0 CPUs and "
         f"{c['workers']} worker node(s) of 1 CPU on this machine.",
         "",

@@ -114,10 +114,18 @@ def test_caption_near_duplicates_of_the_sample_on_both_engines(laion_sample, tmp
         pl.col("TEXT").str.replace(r"\s+\S+$", ""),
         pl.col("TEXT").str.replace(r"^\S+", "photo"),
     ]
-    copies = long.with_row_index("_k").with_columns(
-        pl.when(pl.col("_k") % 3 == 0).then(edits[0]).when(pl.col("_k") % 3 == 1).then(edits[1]).otherwise(edits[2]),
-        (pl.col("URL") + "?copy=" + pl.col("_k").cast(pl.String)).alias("URL"),
-    ).drop("_k")
+    copies = (
+        long.with_row_index("_k")
+        .with_columns(
+            pl.when(pl.col("_k") % 3 == 0)
+            .then(edits[0])
+            .when(pl.col("_k") % 3 == 1)
+            .then(edits[1])
+            .otherwise(edits[2]),
+            (pl.col("URL") + "?copy=" + pl.col("_k").cast(pl.String)).alias("URL"),
+        )
+        .drop("_k")
+    )
     rows = pl.concat([rows, copies]).sample(fraction=1.0, shuffle=True, seed=5)
     (tmp_path / "in").mkdir()
     for i in range(4):  # four shards, so the blocks below cut the pool
