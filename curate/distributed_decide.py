@@ -32,15 +32,29 @@ each shuffle moves only the eligible rows' key and survivor columns. docs/ARCHIT
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import polars as pl
 
-from curate import accounting, annotations, faults, schema
+from curate import annotations, schema
+from curate.block_shuffle import (
+    DUP,
+    G,
+    KEY,
+    OF,
+    OF_G,
+    SURVIVOR,
+    TASK,
+    Plan,
+    apply_losers,
+    by_block,
+    map_round,
+    plan_blocks,
+    reduce_round,
+)
 from curate.config import SelectionConfig
-from curate.executor import Executor, Resources
+from curate.distributed_near import near_round
+from curate.executor import Executor
 from curate.filters.decide import (
     dedup_steps,
     explained,
@@ -50,57 +64,7 @@ from curate.filters.decide import (
     check_caption_ngram,
 )
 from curate.filters.rules import BY_REASON, DEDUP_RULES, ROW_RULES, Reason, rule_failures
-from curate.filters.survivors import Survivor, repeated_losers
-
-TASK = Resources(cpus=1)
-G, DUP, OF, OF_G, SURVIVOR = "_g", "_dup", "_of", "_of_g", "_survivor"
-KEY = "_key"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What every task needs to know: the run, its shards (sorted; a shard's index is its
-    position), the blocks (contiguous shard ranges, by their first index) and the rules."""
-
-    run_dir: str
-    shards: tuple[str, ...]
-    starts: tuple[int, ...]  # first shard index of each block
-    sel: SelectionConfig
-    threshold: float | None
-
-    @property
-    def blocks(self) -> int:
-        return len(self.starts)
-
-    def block_shards(self, b: int) -> list[str]:
-        end = self.starts[b + 1] if b + 1 < len(self.starts) else len(self.shards)
-        return list(self.shards[self.starts[b] : end])
-
-    def block_of(self, g: pl.Series) -> np.ndarray:
-        """The block holding each identity in `g`."""
-        shard_idx = (g.to_numpy() >> np.uint64(32)).astype(np.int64)
-        return np.searchsorted(np.asarray(self.starts), shard_idx, side="right") - 1
-
-
-def plan_blocks(run_dir: str, shards: list[str], rows_per_block: int) -> tuple[int, ...]:
-    """Contiguous blocks of shards of about rows_per_block rows each (the shards' markers count
-    their rows); a shard bigger than that is a block of its own."""
-    starts, acc = [0], 0
-    for i, n in enumerate(accounting.shard_rows(run_dir, shards).values()):
-        if acc and acc + n > rows_per_block:
-            starts.append(i)
-            acc = 0
-        acc += n
-    return tuple(starts)
-
-
-def _split(frame: pl.DataFrame, plan: Plan, column: str = G) -> list[pl.DataFrame]:
-    """`frame` cut into one part per block, by the block of its `column` identities."""
-    if frame.height == 0:
-        return [frame] * plan.blocks
-    which = pl.Series("_b", plan.block_of(frame.get_column(column)))
-    parts = {k[0]: f.drop("_b") for k, f in frame.with_columns(which).partition_by("_b", as_dict=True).items()}
-    return [parts.get(b, frame.clear()) for b in range(plan.blocks)]
+from curate.filters.survivors import Survivor
 
 
 # --- start ----------------------------------------------------------------------------------------
@@ -155,73 +119,19 @@ def start_block(plan: Plan, b: int) -> tuple[pl.DataFrame, list[int]]:
     return state, ngrams
 
 
-# --- one dedup round --------------------------------------------------------------------------------
-
-
-def _apply_losers(state: pl.DataFrame, reason: str | None, parts: tuple[pl.DataFrame, ...]) -> pl.DataFrame:
-    """Mark the rows that lost dedup `reason` (parts of (_g, of_uid, of_g)) and drop them from the
-    eligible rows."""
-    if reason is None or not parts:
-        return state
-    lost = pl.concat(parts)
-    if lost.height == 0:
-        return state
-    lost = lost.select(
-        G, pl.col("of_uid").alias("_new_of"), pl.col("of_g").alias("_new_of_g"), pl.lit(True).alias("_l")
-    )
-    return (
-        state.join(lost, on=G, how="left", maintain_order="left")
-        .with_columns(
-            pl.when(pl.col("_l")).then(pl.lit(reason)).otherwise(pl.col(DUP)).alias(DUP),
-            pl.when(pl.col("_l")).then(pl.col("_new_of")).otherwise(pl.col(OF)).alias(OF),
-            pl.when(pl.col("_l")).then(pl.col("_new_of_g")).otherwise(pl.col(OF_G)).alias(OF_G),
-            (pl.col("_eligible") & pl.col("_l").is_null()).alias("_eligible"),
-        )
-        .drop("_new_of", "_new_of_g", "_l")
-    )
-
-
-def map_round(
-    plan: Plan, b: int, state: pl.DataFrame, prev: str | None, key_reason: str, partitions: int, *lost: pl.DataFrame
-) -> list[pl.DataFrame]:
-    """[state after the previous round's losers, then `partitions` parts of (key, survivor columns,
-    _g): this block's eligible rows with a key, split by a hash of the key]."""
-    state = _apply_losers(state, prev, lost)
-    survivor = Survivor.of(plan.sel.dedup)
-    key = f"{KEY}{key_reason}"
-    pool = state.filter(pl.col("_eligible") & pl.col(key).is_not_null()).select(
-        pl.col(key).alias(KEY), *survivor.columns, G
-    )
-    faults.fire("decide_shuffle", f"{b}:{key_reason}")  # test hook: the worker dies mid-shuffle
-    if partitions == 1:
-        return [state, pool]
-    part = pool.with_columns((pl.col(KEY).hash(seed=17) % partitions).alias("_p"))
-    parts = {k[0]: f.drop("_p") for k, f in part.partition_by("_p", as_dict=True).items()}
-    return [state, *(parts.get(j, pool.clear()) for j in range(partitions))]
-
-
-def reduce_round(plan: Plan, *parts: pl.DataFrame) -> list[pl.DataFrame]:
-    """One partition of the keys: the losers of its repeated keys, (_g, of_uid, of_g), one part per
-    block (the losers' blocks)."""
-    lost = repeated_losers(pl.concat(parts), KEY, G, Survivor.of(plan.sel.dedup)).select(
-        G, "of_uid", pl.col("of_idx").alias("of_g")
-    )
-    return _split(lost, plan)
-
-
 # --- follow and cluster -----------------------------------------------------------------------------
 
 
 def settle(state: pl.DataFrame, prev: str | None, *lost: pl.DataFrame) -> pl.DataFrame:
     """The state after the last dedup round's losers."""
-    return _apply_losers(state, prev, lost)
+    return apply_losers(state, prev, lost)
 
 
 def ask(plan: Plan, state: pl.DataFrame, follows: tuple[str, ...]) -> list[pl.DataFrame]:
     """Per block, the questions (asker _g, target _g) of this block's duplicates whose rule
     follows, sent to their survivors' blocks."""
     q = state.filter(pl.col(DUP).is_in(follows)).select(pl.col(G).alias("_asker"), pl.col(OF_G).alias(G))
-    return _split(q, plan)
+    return by_block(q, plan)
 
 
 def answer(plan: Plan, state: pl.DataFrame, follows: tuple[str, ...], *questions: pl.DataFrame) -> list:
@@ -230,7 +140,7 @@ def answer(plan: Plan, state: pl.DataFrame, follows: tuple[str, ...], *questions
     q = pl.concat(questions)
     moved = state.filter(pl.col(DUP).is_in(follows)).select(G, pl.col(OF).alias("of_uid"), pl.col(OF_G).alias("of_g"))
     a = q.join(moved, on=G, how="inner").select(pl.col("_asker").alias(G), "of_uid", "of_g")
-    return _split(a, plan)
+    return by_block(a, plan)
 
 
 def apply_answers(state: pl.DataFrame, *answers: pl.DataFrame) -> tuple[pl.DataFrame, int]:
@@ -248,7 +158,7 @@ def apply_answers(state: pl.DataFrame, *answers: pl.DataFrame) -> tuple[pl.DataF
 
 def targets(plan: Plan, state: pl.DataFrame) -> list[pl.DataFrame]:
     """Per block, the identities this block's duplicates name (their survivors)."""
-    return _split(state.filter(pl.col(OF_G).is_not_null()).select(pl.col(OF_G).alias(G)).unique(), plan)
+    return by_block(state.filter(pl.col(OF_G).is_not_null()).select(pl.col(OF_G).alias(G)).unique(), plan)
 
 
 def mark_survivors(state: pl.DataFrame, *named: pl.DataFrame) -> pl.DataFrame:
@@ -326,8 +236,6 @@ def decide_blocks(
             ]
             lost = [[r[b] for r in reduced] for b in range(B)]
         else:
-            from curate.distributed_near import near_round  # it builds on this module's rounds
-
             ngram = None
             if reason == Reason.DUPLICATE_CAPTION:
                 ngram = check_caption_ngram(set().union(*executor.results([s[1] for s in started])))

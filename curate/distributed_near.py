@@ -39,7 +39,7 @@ import polars as pl
 
 from curate import annotations, schema
 from curate.distributed_components import component_labels
-from curate.distributed_decide import G, KEY, TASK, Plan, _apply_losers, _split, map_round, reduce_round
+from curate.block_shuffle import G, KEY, TASK, Plan, apply_losers, by_block, map_round, reduce_round
 from curate.executor import Executor
 from curate.filters.caption_dedup import bucket_pairs, exact_jaccard, exploded_keys, representatives
 from curate.filters.image_dedup import (
@@ -75,7 +75,7 @@ def _by_hash(frame: pl.DataFrame, expr: pl.Expr, partitions: int) -> list[pl.Dat
 def caption_map(plan: Plan, b: int, state: pl.DataFrame, prev: str | None, partitions: int, *lost) -> list:
     """[state after the previous losers, P parts of (_g, caption_lsh): the block's eligible rows
     with band keys, by a hash of their first key]."""
-    state = _apply_losers(state, prev, lost)
+    state = apply_losers(state, prev, lost)
     if schema.CAPTION_LSH not in state.columns:  # annotations made without annotate.caption_minhash
         pool = pl.DataFrame(schema={G: pl.UInt64, schema.CAPTION_LSH: pl.List(pl.UInt64)})
     else:
@@ -98,14 +98,14 @@ def caption_pairs(plan: Plan, split: bool, *keys: pl.DataFrame) -> list[pl.DataF
     """The candidate pairs (a, b) of one key partition: [all of them], or (split) one part per
     block of `a` for verification."""
     pairs = bucket_pairs(pl.concat(keys)).select(pl.col("a").cast(pl.UInt64), pl.col("b").cast(pl.UInt64))
-    return _split(pairs, plan, "a") if split else [pairs]
+    return by_block(pairs, plan, "a") if split else [pairs]
 
 
 def verify_first(plan: Plan, state: pl.DataFrame, *pairs: pl.DataFrame) -> list[pl.DataFrame]:
     """The pairs whose first row is in this block, with its caption, one part per block of `b`."""
     p = pl.concat(pairs).unique()
     caps = state.select(pl.col(G).alias("a"), pl.col(schema.CAPTION).alias("_cap_a"))
-    return _split(p.join(caps, on="a", how="left"), plan, "b")
+    return by_block(p.join(caps, on="a", how="left"), plan, "b")
 
 
 def verify_second(state: pl.DataFrame, ngram: int, threshold: float, *pairs: pl.DataFrame) -> pl.DataFrame:
@@ -159,7 +159,7 @@ def caption_edges(ex: Executor, plan: Plan, states: list, prev: str | None, lost
 def image_map(plan: Plan, b: int, state: pl.DataFrame, prev: str | None, *lost) -> list:
     """[state after the previous losers, the block's pool (rows, unit embeddings), its size
     (rows, rows with a perceptual hash, whether the block has embeddings at all)]."""
-    state = _apply_losers(state, prev, lost)
+    state = apply_losers(state, prev, lost)
     survivor = Survivor.of(plan.sel.dedup)
     emb = annotations.scan_embeddings(plan.run_dir, plan.block_shards(b))
     rows = (
@@ -256,7 +256,7 @@ def image_edges(ex: Executor, plan: Plan, states: list, prev: str | None, lost: 
 
 
 def labels_by_block(plan: Plan, labels: pl.DataFrame) -> list[pl.DataFrame]:
-    return _split(labels, plan, "node")
+    return by_block(labels, plan, "node")
 
 
 def label_map(plan: Plan, b: int, state: pl.DataFrame, reason: str, partitions: int, *labels: pl.DataFrame) -> list:

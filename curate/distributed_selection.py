@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from curate import annotations, distributed_decide, exact_rank, faults, schema, selection_files
+from curate.block_shuffle import Plan
 from curate.config import SelectionConfig
 from curate.executor import Executor, Resources
 from curate.filters.decide import ResolvedSelection, scored_pool
@@ -77,7 +78,7 @@ def top_fraction_threshold(
 
 
 def finish_block(
-    plan: distributed_decide.Plan,
+    plan: Plan,
     b: int,
     state: pl.DataFrame,
     out: str | None,
@@ -113,9 +114,7 @@ def uid_slice(*parts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return selection_files.sorted_pairs(hi, lo, unique=False)
 
 
-def block_representatives(
-    plan: distributed_decide.Plan, b: int, state: pl.DataFrame, columns: list[str]
-) -> pl.DataFrame:
+def block_representatives(plan: Plan, b: int, state: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
     """One block's representatives (kept at threshold -inf, with a score): `columns` of them."""
     need = list(dict.fromkeys([*(c for c in columns if c != SCORE), schema.CLIP_SCORE]))
     return scored(distributed_decide.block_kept(plan, b, state, need)).select(columns)

@@ -20,7 +20,7 @@ Names (where they fire):
                       actor on every try (a poison input)
   rank_counts         distributed_selection.shard_score_counts, a shard's counts for one pass of
                       the top-fraction ranking computed and not yet returned (the task is redone)
-  decide_shuffle      distributed_decide.map_round, a block's rows for one dedup round split into
+  decide_shuffle      block_shuffle.map_round, a block's rows for one dedup round split into
                       partitions and not yet returned (the task is redone from its inputs)
   ray_start_timeout   ray_adapter.connect(), a local start: the first attempt to arrive runs
                       with Ray's start-up waits at 0 s, so Ray's own start-up times out for
