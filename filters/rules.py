@@ -353,6 +353,15 @@ RULES: tuple[Rule, ...] = (
         "duplicate_of names the survivor",
         inputs=(schema.CAPTION, schema.CAPTION_LSH, schema.CAPTION_LSH_NGRAM),
         near=True,
+        flags=(
+            Flag(
+                "--caption-jaccard",
+                "dedup.caption_jaccard",
+                float,
+                "near-duplicate captions: word n-gram Jaccard at or above this (0 = off; needs the run's band keys)",
+                apply=lambda data, v: data["dedup"].__setitem__("caption_jaccard", v or None),
+            ),
+        ),
     ),
     Rule(
         "DUPLICATE_IMAGE_NEAR",
@@ -361,6 +370,15 @@ RULES: tuple[Rule, ...] = (
         "another row's image is a near-duplicate (CLIP image embedding cosine >= dedup.image_cosine within a "
         "k-means cluster); duplicate_of names the survivor",
         near=True,
+        flags=(
+            Flag(
+                "--image-cosine",
+                "dedup.image_cosine",
+                float,
+                "near-duplicate images: CLIP embedding cosine at or above this (0 = off; needs stored embeddings)",
+                apply=lambda data, v: data["dedup"].__setitem__("image_cosine", v or None),
+            ),
+        ),
     ),
     Rule(
         "DUPLICATE_UID",

@@ -265,3 +265,16 @@ def test_the_sweep_counts_the_new_rules_exactly(scored_run):
     for t, kept in table.select("threshold", "kept").iter_rows():
         at = sel.model_copy(update={"clip": sel.clip.model_copy(update={"min_score": t})})
         assert kept == decide(ann, at)[0].collect()["kept"].sum(), t
+
+
+def test_near_dedup_thresholds_from_the_command_line():
+    """--caption-jaccard / --image-cosine set the near-dedup thresholds; 0 switches a step off."""
+    from curate.config import SelectionConfig
+    from curate.filters.rules import apply_flags
+
+    base = SelectionConfig.model_validate({"dedup": {"caption_jaccard": 0.8, "image_cosine": 0.95}}).model_dump()
+    on = SelectionConfig.model_validate(apply_flags(base, {"caption_jaccard": 0.6, "image_cosine": None}))
+    assert (on.dedup.caption_jaccard, on.dedup.image_cosine) == (0.6, 0.95)
+    base = SelectionConfig.model_validate({"dedup": {"caption_jaccard": 0.8, "image_cosine": 0.95}}).model_dump()
+    off = SelectionConfig.model_validate(apply_flags(base, {"caption_jaccard": 0.0, "image_cosine": 0.0}))
+    assert (off.dedup.caption_jaccard, off.dedup.image_cosine) == (None, None)
