@@ -5,15 +5,16 @@
    one run, ratio printed.
 2. 1M captions deduplicated end to end: band keys for every caption (as the prepare step makes
    them, in shards of 100k) + decide() with dedup.caption_jaccard (the global step), wall time.
+   The Ray engine's caption and image steps are measured against pool size by
+   bench_select_scale.py (docs/SCALE.md).
 
 The 1M captions: LAION sample captions, each used ~90 times with 1-4 random word edits from the
 sample's own vocabulary (so most rows are distinct but share vocabulary and templates), plus 10%
 injected near-duplicates (0-10% word edits) of random rows.
 
-  .venv/bin/python benchmarks/bench_dedup.py [--rows 1000000] [--compare 20000] [--ray] [--images 200000]
+  .venv/bin/python benchmarks/bench_dedup.py [--rows 1000000] [--compare 20000] [--images 200000]
 
-3. --ray: the same global step with dedup.engine = "ray" (hash shuffle on band keys), same decisions.
-4. --images N: image near-dedup (k-means + in-cluster cosine) on N synthetic embeddings.
+3. --images N: image near-dedup (k-means + in-cluster cosine) on N synthetic embeddings.
 """
 
 from __future__ import annotations
@@ -81,9 +82,6 @@ def main() -> None:
     ap.add_argument("--compare", type=int, default=20_000)
     ap.add_argument("--shard-rows", type=int, default=100_000)
     ap.add_argument(
-        "--ray", action="store_true", help='also time the global step with dedup.engine = "ray" (local Ray)'
-    )
-    ap.add_argument(
         "--images", type=int, default=0, help="also time image near-dedup on this many synthetic embeddings"
     )
     args = ap.parse_args()
@@ -135,19 +133,6 @@ def main() -> None:
         f"end to end, {len(caps):,} captions: band keys {t_sig:.1f} s ({len(caps) / t_sig:,.0f} rows/s, b={b} r={r}), "
         f"global step (decide) {t_global:.1f} s, total {t_sig + t_global:.1f} s; removed as duplicate_caption {removed:,}"
     )
-    if args.ray:
-        import ray
-
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray_sel = sel.model_copy(update={"dedup": sel.dedup.model_copy(update={"engine": "ray"})})
-        t = time.perf_counter()
-        d_ray = decide(frame, ray_sel)[0].select("kept", "reason").collect()
-        t_ray = time.perf_counter() - t
-        same = d_ray.sort(pl.all()).equals(d.sort(pl.all()))
-        print(
-            f"global step on Ray (local, 2 CPUs, shuffle on band keys): {t_ray:.1f} s vs in-process {t_global:.1f} s "
-            f"(ratio {t_ray / t_global:.2f}); same decisions: {same}"
-        )
     if args.images:
         bench_images(args.images)
 

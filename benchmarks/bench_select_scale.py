@@ -2,15 +2,16 @@
 local multi-node Ray cluster (`ray start` head + worker nodes on this machine).
 
     .venv/bin/python benchmarks/bench_select_scale.py [--rows 1000000 3000000] [--workers 2]
-        [--engines local ray] [--dir /tmp/curate-scale] [--update-docs]
+        [--engines local ray] [--dir /tmp/curate-scale] [--caption-jaccard 0.8] [--name select_scale]
+        [--update-docs]
 
 For each size: a DataComp-format pool (uid, url, text, original_width, original_height, sha256,
 clip_l14_similarity_score) with ~10% duplicates (4% repeat another row's URL and caption, 2% its
 URL only, 2% its image sha256, 2% are near copies of its caption: upper-cased, or a word added),
 run once through `curate run` with caption band keys (annotate.caption_minhash; no fetch, no
 model: the scores are the pool's column; cached under --dir), then `curate select RUN
---clip-top-fraction 0.3` with the run's dedup rules (URL, image sha256, uid, and caption near
-duplicates at Jaccard 0.8) and
+--clip-top-fraction 0.3 --caption-jaccard J` (URL, image sha256 and uid dedup, and caption near
+duplicates at Jaccard J, default 0.8; 0 = off) and
 `--engine` each engine, as its own process. Measured per selection: wall time, the driver's peak
 RSS (ru_maxrss of that process, from wait4) and the largest peak RSS of any Ray worker process
 (RssAnon sampled every 0.2 s while the selection runs: a worker's own heap; the object store it
@@ -52,15 +53,22 @@ OBJECT_STORE = 2 * 2**30  # bytes of object store per worker node
 
 
 VOCAB = np.array([f"w{i:04d}" for i in range(4096)])
-MULT = np.array([2654435761, 40503, 2246822519, 3266489917, 668265263, 374761393, 1597334677, 3812015801, 2869860233,
-                 1103515245], dtype=np.uint64)  # fmt: skip
+WORDS = 10
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64: a well-spread 64-bit hash of each value (uint64 arithmetic wraps)."""
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def captions(k: np.ndarray) -> pl.Series:
     """A caption of 10 words for each row number: deterministic, so a copy can be made of any row
     of the pool; two rows share a word at a position with probability 1/4096 (distinct captions)."""
-    h = (k.astype(np.uint64)[:, None] * MULT[None, :] + np.uint64(0x9E3779B9)) % np.uint64(2**31)
-    words = VOCAB[((h >> np.uint64(7)) % np.uint64(len(VOCAB))).astype(np.int64)]
+    keys = k.astype(np.uint64)[:, None] * np.uint64(WORDS) + np.arange(WORDS, dtype=np.uint64)[None, :]
+    words = VOCAB[(_mix(keys) % np.uint64(len(VOCAB))).astype(np.int64)]
     return pl.DataFrame(words, orient="row").select(pl.concat_str(pl.all(), separator=" ")).to_series()
 
 
@@ -112,7 +120,7 @@ def make_run(pool: Path, run: Path, env: dict) -> None:
         f'name = "scale"\n[input]\npaths = ["{pool}/"]\nlayout = "datacomp"\n[output]\ndir = "{run}"\n'
         '[fetch]\nenabled = false\n[score]\nsource = "column"\ncolumn = "clip_l14_similarity_score"\n'
         "[annotate]\ncaption_minhash = true\n"
-        "[selection]\nclip = { top_fraction = 0.3 }\ndedup = { caption_jaccard = 0.8 }\n"
+        "[selection]\nclip = { top_fraction = 0.3 }\n"
     )
     subprocess.run([str(BIN / "curate"), "run", str(spec)], check=True, env=env, capture_output=True)
     # no fetch here, so no image_sha256 (the hash of the bytes served): give each row the one a
@@ -162,13 +170,13 @@ class WorkerMemory(threading.Thread):
             self.done.wait(self.every)
 
 
-def select(run: Path, engine: str, env: dict) -> dict:
+def select(run: Path, engine: str, env: dict, caption_jaccard: float) -> dict:
     watch = WorkerMemory()
     watch.start()
     t = time.perf_counter()
     proc = subprocess.Popen(
         [str(BIN / "curate"), "select", str(run), "--name", f"scale-{engine}", "--engine", engine,
-         "--clip-top-fraction", "0.3"],
+         "--clip-top-fraction", "0.3", "--caption-jaccard", str(caption_jaccard)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     _, status, usage = os.wait4(proc.pid, 0)
@@ -233,7 +241,8 @@ def table(res: dict) -> str:
     c = res["conditions"]
     lines = [
         "DataComp-format pools with ~10% duplicates (2% near-duplicate captions); `curate select --clip-top-fraction "
-        f"0.3` with URL, image sha256, uid and caption near-duplicate dedup; {c['cpus']} cores, "
+        f"0.3 --caption-jaccard {c['caption_jaccard']:g}` (URL, image sha256 and uid dedup; caption near-duplicates "
+        f"{'at that Jaccard' if c['caption_jaccard'] else 'off'}); {c['cpus']} cores, "
         f"CPU flags: {' '.join(c['cpu_flags']) or 'none listed'}; local Ray cluster: a head with 0 CPUs and "
         f"{c['workers']} worker node(s) of 1 CPU on this machine.",
         "",
@@ -262,6 +271,10 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["local", "ray"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--dir", default="/tmp/curate-scale")
+    ap.add_argument(
+        "--caption-jaccard", type=float, default=0.8, help="caption near-dedup threshold of the selections (0 = off)"
+    )
+    ap.add_argument("--name", default="select_scale", help="results/<name>.{json,md} and the docs' BENCH markers")
     ap.add_argument("--update-docs", action="store_true")
     args = ap.parse_args()
     base = Path(args.dir)
@@ -277,7 +290,7 @@ def main() -> None:
                 make_run(pool, run, {**env, "RAY_ADDRESS": address})
                 for engine in args.engines:
                     env_e = {**env, "RAY_ADDRESS": address} if engine != "local" else env
-                    r = {"rows": n, "engine": engine, **select(run, engine, env_e)}
+                    r = {"rows": n, "engine": engine, **select(run, engine, env_e, args.caption_jaccard)}
                     print(json.dumps(r), flush=True)
                     results.append(r)
                 if {"local", "ray"} <= set(args.engines):  # the engines' selections, compared
@@ -287,10 +300,15 @@ def main() -> None:
         finally:
             stop_cluster(env)
     res = {
-        "conditions": {"cpus": os.cpu_count(), "cpu_flags": cpu_flags(), "workers": args.workers},
+        "conditions": {
+            "cpus": os.cpu_count(),
+            "cpu_flags": cpu_flags(),
+            "workers": args.workers,
+            "caption_jaccard": args.caption_jaccard,
+        },
         "rows": results,
     }
-    publish("select_scale", res, table(res), "SCALE.md" if args.update_docs else None)
+    publish(args.name, res, table(res), "SCALE.md" if args.update_docs else None)
 
 
 if __name__ == "__main__":
