@@ -13,7 +13,9 @@ model: the scores are the pool's column; cached under --dir), then `curate selec
 --clip-top-fraction 0.3 --caption-jaccard J` (URL, image sha256 and uid dedup, and caption near
 duplicates at Jaccard J, default 0.8; 0 = off) and
 `--engine` each engine, as its own process. Measured per selection: wall time, the driver's peak
-RSS (ru_maxrss of that process, from wait4) and the largest peak RSS of any Ray worker process
+RSS (VmHWM, which the driver writes at exit through benchmarks/probe/sitecustomize.py; not wait4's
+ru_maxrss, which starts from the benchmark process's own high-water mark) and the largest peak RSS
+of any Ray worker process
 (RssAnon sampled every 0.2 s while the selection runs: a worker's own heap; the object store it
 maps is shared and bounded per node by OBJECT_STORE). The question it answers: does the driver's memory
 stay flat as the pool grows (issue: the decision layer on Ray with a bounded driver)?
@@ -157,20 +159,30 @@ def _status(pid: str, field: str) -> int:
 
 class WorkerMemory(threading.Thread):
     """Samples every Ray worker's private memory (RssAnon: its own heap, not the object store's
-    shared pages it maps, which VmHWM also counts) while a selection runs; `peak` is the largest."""
+    shared pages it maps, which VmHWM also counts) while a selection runs; `peak` is the largest.
+    With `driver` (a pid), also that process's private and file-backed resident memory."""
 
     def __init__(self, every: float = 0.2):
         super().__init__(daemon=True)
         self.every, self.peak, self.done = every, 0, threading.Event()
+        self.driver: str | None = None
+        self.driver_anon = self.driver_file = 0
 
     def run(self) -> None:
         while not self.done.is_set():
             for pid in _workers():
                 self.peak = max(self.peak, _status(pid, "RssAnon"))
+            if self.driver:
+                self.driver_anon = max(self.driver_anon, _status(self.driver, "RssAnon"))
+                self.driver_file = max(self.driver_file, _status(self.driver, "RssFile"))
             self.done.wait(self.every)
 
 
 def select(run: Path, engine: str, env: dict, caption_jaccard: float) -> dict:
+    peak_file = run.parent / f"peak-{engine}.kb"
+    peak_file.unlink(missing_ok=True)
+    # the driver writes its own peak (VmHWM) at exit: benchmarks/probe/sitecustomize.py says why
+    env = {**env, "PYTHONPATH": str(ROOT / "benchmarks" / "probe"), "CURATE_BENCH_PEAK": str(peak_file)}
     watch = WorkerMemory()
     watch.start()
     t = time.perf_counter()
@@ -179,6 +191,7 @@ def select(run: Path, engine: str, env: dict, caption_jaccard: float) -> dict:
          "--clip-top-fraction", "0.3", "--caption-jaccard", str(caption_jaccard)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+    watch.driver = str(proc.pid)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
     watch.done.set()
@@ -193,7 +206,10 @@ def select(run: Path, engine: str, env: dict, caption_jaccard: float) -> dict:
     return {
         "removed_by_reason": dict(sorted(zip(reasons["reason"], reasons["len"]))),
         "wall_s": wall,
-        "driver_peak_rss": usage.ru_maxrss * 1024,
+        "driver_peak_rss": int(peak_file.read_text()) * 1024,  # VmHWM of the driver's own memory map
+        "driver_maxrss_wait4": usage.ru_maxrss * 1024,  # counts the benchmark's own memory: see probe/
+        "driver_peak_private": watch.driver_anon,  # RssAnon, sampled: its own heap
+        "driver_peak_file": watch.driver_file,  # RssFile, sampled: file pages it maps (page cache)
         "worker_peak_private": watch.peak,
         "timings": summary.get("timings", {}),  # seconds per step, as the selection recorded them
     }
@@ -256,6 +272,8 @@ def table(res: dict) -> str:
             + ", ".join(f"{n:,}" for n in same)
             + " rows."
         )
+    if c.get("local_max_rows"):
+        lines[0] += f" The local engine was run on pools up to {c['local_max_rows']:,} rows only."
     for r in res["rows"]:
         steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in r.get("timings", {}).items())
         lines.append(
@@ -274,6 +292,9 @@ def main() -> None:
     ap.add_argument(
         "--caption-jaccard", type=float, default=0.8, help="caption near-dedup threshold of the selections (0 = off)"
     )
+    ap.add_argument(
+        "--local-max-rows", type=int, default=0, help="run the local engine only on pools up to this size (0 = all)"
+    )
     ap.add_argument("--name", default="select_scale", help="results/<name>.{json,md} and the docs' BENCH markers")
     ap.add_argument("--update-docs", action="store_true")
     args = ap.parse_args()
@@ -288,12 +309,15 @@ def main() -> None:
                 pool, run = base / f"pool-{n}", base / f"run-{n}"
                 make_pool(pool, n)
                 make_run(pool, run, {**env, "RAY_ADDRESS": address})
-                for engine in args.engines:
+                engines = [
+                    e for e in args.engines if e != "local" or not args.local_max_rows or n <= args.local_max_rows
+                ]
+                for engine in engines:
                     env_e = {**env, "RAY_ADDRESS": address} if engine != "local" else env
                     r = {"rows": n, "engine": engine, **select(run, engine, env_e, args.caption_jaccard)}
                     print(json.dumps(r), flush=True)
                     results.append(r)
-                if {"local", "ray"} <= set(args.engines):  # the engines' selections, compared
+                if {"local", "ray"} <= set(engines):  # the engines' selections, compared
                     same_selection(run / "selections" / "scale-local", run / "selections" / "scale-ray")
                     results[-1]["identical_to_local"] = True
                     print(f"{n:,} rows: the engines' selections are identical", flush=True)
@@ -305,6 +329,7 @@ def main() -> None:
             "cpu_flags": cpu_flags(),
             "workers": args.workers,
             "caption_jaccard": args.caption_jaccard,
+            "local_max_rows": args.local_max_rows,
         },
         "rows": results,
     }
