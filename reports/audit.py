@@ -1,7 +1,7 @@
 """The full audit report of one selection: the counts report (:mod:`curate.reports.summary`), the
 threshold sweep and A/B flips (:mod:`curate.reports.sweep`), the boundary gallery, and every table
-as parquet under ``selections/<name>/tables/``. Written by ``curate select``/``run`` and
-re-rendered by ``curate report``."""
+as parquet under ``selections/<name>/tables/`` (a grouping's full table in parts: read it with
+:func:`read_table`). Written by ``curate select``/``run`` and re-rendered by ``curate report``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import polars as pl
 from curate import io, schema, store
 from curate.annotations import scan as scan_annotations
 from curate.config import ReportConfig, SelectionConfig
+from curate.reports.groups import GroupTable, read_table  # noqa: F401 - read_table: the tables' reader
 from curate.reports.summary import build_report, write_report
 from curate.reports.sources import FrameSource, Head, Source, as_source
 from curate.reports.sweep import SCORE, flips, not_sweepable, representatives, sweep, thresholds
@@ -186,7 +187,7 @@ def build_audit(
     seed: int = 0,
     embeddings: pl.LazyFrame | None = None,
     representatives_of: Callable[[list[str]], Source] | None = None,
-) -> tuple[dict[str, Any], dict[str, pl.DataFrame]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The report dict (with ``sweep``, ``flips``, ``gallery`` and ``_thumbs``) and its tables.
     embeddings: the run's image embeddings, when the selection uses dedup.image_cosine.
     representatives_of(columns): the sweep's representatives with those columns (the Ray engine
@@ -220,7 +221,10 @@ def build_audit(
         )
     thr = list(sweep_thresholds) if sweep_thresholds else _nice_range(reps, clip_threshold)
     # the group sizes are over every row: the decided rows (one per annotation row)
-    sw = sweep(decisions, sel, thr, group_columns=group_cols, include=sweep_include, reps=reps)
+    group_tables = {c: tables[f"groups_{c}"] for c in group_cols}  # sizes asked of the parts: bounded here
+    sw = sweep(
+        decisions, sel, thr, group_columns=group_cols, include=sweep_include, reps=reps, group_tables=group_tables
+    )
     tables.update(sw.pop("tables"))
     sw["selection_threshold"] = clip_threshold
     report["sweep"] = sw
@@ -231,13 +235,12 @@ def build_audit(
         above = [x for x in t if x > a + 1e-12]
         b = above[min(1, len(above) - 1)] if above else a
         compare = (a, b)
-    sizes = {c: tables[f"groups_{c}"].select(pl.col("value").alias(c), "rows_in") for c in group_cols}
     fl = flips(
         reps,
         compare[0],
         compare[1],
         group_columns=group_cols,
-        sizes=sizes,
+        sizes=group_tables,
         score_dtype=annotations.collect_schema()[schema.CLIP_SCORE],
     )
     tables.update(fl.pop("tables"))
@@ -275,16 +278,22 @@ def build_audit(
     return report, tables
 
 
-def write_tables(tables: dict[str, pl.DataFrame], out_dir: str) -> list[str]:
+def write_tables(tables: dict[str, pl.DataFrame | GroupTable], out_dir: str) -> list[str]:
+    """Every table as parquet under out_dir/tables/, each file atomically: a frame as <name>.parquet,
+    a grouping's full table (GroupTable) as parts written by the tasks that hold them
+    (<name>.<generation>.part-<i>-of-<n>.parquet, curate/reports/groups.py; read_table reads either)."""
     paths = []
     for name, df in tables.items():
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        if isinstance(df, GroupTable):
+            paths += df.write(io.join(out_dir, "tables"), safe)
+            continue
         p = io.join(out_dir, "tables", f"{safe}.parquet")
         io.write_parquet(p, df.to_arrow())
         paths.append(p)
     return paths
 
 
-def write_audit(report: dict[str, Any], tables: dict[str, pl.DataFrame], out_dir: str) -> tuple[str, str]:
+def write_audit(report: dict[str, Any], tables: dict[str, Any], out_dir: str) -> tuple[str, str]:
     write_tables(tables, out_dir)
     return write_report(report, out_dir)

@@ -298,7 +298,12 @@ def _group(name: str, sec: dict[str, Any], overall: float | None) -> str:
     rows = sec.get("rows") or []
     distinct = sec.get("distinct", len(rows))
     shown = sec.get("shown", len(rows))
-    more = f", largest {esc(fmt_int(shown))} shown, the rest rolled up" if distinct > shown else ""
+    more = (
+        f"; {esc(fmt_int(shown))} shown: the largest, and flagged ones beyond them; the other "
+        f"{esc(fmt_int(distinct - shown))} summed in the last row"
+        if distinct > shown
+        else ""
+    )
     out = [f'<h3>By {esc(name)} <span class="note">({esc(fmt_int(distinct))} distinct{more})</span></h3>']
     if not sec.get("reconciles", True):
         out.append(f'<p class="bad" style="padding:.3rem .6rem">Grouping by {esc(name)} does not reconcile.</p>')
@@ -443,10 +448,19 @@ def _disparities(rep: dict[str, Any]) -> str:
         return ""
     tested = sum(sec.get("tested_groups", 0) for sec in groups.values())
     small = sum(sec.get("too_small_groups", 0) for sec in groups.values())
+    total = sum(sec.get("flagged_groups", 0) for sec in groups.values())
+    listed = min(len(flagged), 40)
+    # a grouping shows its largest groups and up to as many flagged ones (most significant first);
+    # every group, flagged or not, is in its full table (tables/groups_<column>)
+    hidden = (
+        f" ({esc(fmt_int(listed))} listed here; every group is in tables/groups_&lt;column&gt;)"
+        if total > listed
+        else ""
+    )
     out = [
         "<h2>Disparities: groups removed at a significantly different rate</h2>",
-        f'<p class="note">{esc(fmt_int(len(flagged)))} flagged of {esc(fmt_int(tested))} groups tested; '
-        f"{esc(fmt_int(small))} groups too small to judge (listed in the tables below, never dropped).</p>",
+        f'<p class="note">{esc(fmt_int(total))} flagged of {esc(fmt_int(tested))} groups tested{hidden}; '
+        f"{esc(fmt_int(small))} groups too small to judge (in the tables below or their last row, never dropped).</p>",
     ]
     if not flagged:
         out.append("<p>No group's removal rate differs significantly from the rest of the rows.</p>")

@@ -7,13 +7,18 @@ both engines answer with the same code:
   collect   named queries (a function LazyFrame -> LazyFrame) with how their block answers merge:
             SumBy(keys) (counts: concatenated and summed per key, exact) or Head(by, descending, n)
             (the first n rows in an order: each block's first n, then the first n of those, exact)
+  partitioned  grouped counts kept out of this process: every value's counts summed in one of P
+            parts (a hash of the value picks the part), each part a future of the executor it
+            returns, for tasks to work on (curate/reports/groups.py: the per-group tables, which
+            can have millions of rows). A frame is one part, on an in-process executor.
   scores    count, min, max, mean and quantiles of a score column, overall or per group value.
             Blocks: counts, min and max merge exactly; quantiles are exact order statistics (a
             radix select over the blocks, curate/exact_rank.py) with polars' own interpolation; the
             mean is the merged sum over the merged count, equal to polars' up to the order of the
             float additions.
 
-The driver holds the answers only: O(groups + thresholds + samples), never O(rows).
+The driver holds the answers only: O(shown groups + thresholds + samples), never O(rows); a
+grouping's full table stays in its parts.
 """
 
 from __future__ import annotations
@@ -27,11 +32,17 @@ import numpy as np
 import polars as pl
 
 from curate import exact_rank
-from curate.executor import Executor, Resources
+from curate.executor import Executor, Future, LocalExecutor, Resources
 
 Query = Callable[[pl.LazyFrame], pl.LazyFrame]
 TASK = Resources(cpus=1)
 FOLD_EVERY = 16  # block answers held before they are folded into the running result
+HASH_SEED = 0x5EED  # which part a value's counts go to (polars' hash: stable within one polars version)
+ROWS_PER_PART = 1_000_000  # block answer rows a part's reducer sums (about: measured per grouping)
+PARTS_MAX = 256  # parts per grouping, at most (blocks x parts objects per grouping)
+# block answer rows per object of the shuffle, on average, at least (~100 KiB): Ray keeps a task's
+# smaller returns in the driver's memory (inlined) until the task that reads them has run
+OBJECT_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,49 @@ def score_expr(column: str) -> pl.Expr:
     return pl.col(column).cast(pl.Float64).fill_nan(None)
 
 
+def _hash_key(key: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """The hash that picks a value's part: of the value itself (a categorical as its string: its
+    codes can differ from block to block)."""
+    if isinstance(dtype, (pl.Categorical, pl.Enum)):
+        key = key.cast(pl.String)
+    return key.hash(HASH_SEED)
+
+
+def part_index(values: pl.Series, parts: int) -> np.ndarray:
+    """The part (0 .. parts-1) each value's counts are in: the same hash as the split of the counts."""
+    return (pl.select(_hash_key(pl.lit(values), values.dtype) % parts).to_series().to_numpy()).astype(np.int64)
+
+
+def split_by_hash(frame: pl.DataFrame, key: str, parts: int) -> list[pl.DataFrame]:
+    """`frame`'s rows in `parts` frames by the hash of `key` (every frame with frame's schema)."""
+    if parts == 1:
+        return [frame]
+    tagged = frame.with_columns((_hash_key(pl.col(key), frame.schema[key]) % parts).alias("_part"))
+    by = tagged.partition_by("_part", as_dict=True, include_key=False)
+    return [by.get((j,), frame.clear()) for j in range(parts)]
+
+
+def parts_for(rows: int, blocks: int) -> int:
+    """How many parts a grouping's counts go to: about ROWS_PER_PART block answer rows (`rows`:
+    the sum over blocks of each block's distinct values, an upper bound of the grouping's) per
+    part, but no more than leave OBJECT_ROWS rows per block and part, nor PARTS_MAX."""
+    return max(1, min(PARTS_MAX, math.ceil(rows / ROWS_PER_PART), rows // (max(blocks, 1) * OBJECT_ROWS)))
+
+
+@dataclass
+class Parts:
+    """A grouped count table in parts: futures of `executor`, each a frame of the `key` column and
+    the counts; a value of the key is in exactly one part (part_index says which)."""
+
+    executor: Executor
+    futures: list[Future]
+    key: str
+
+
+def _same(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame
+
+
 def _group_filter(column: str, value: Any) -> pl.Expr:
     return pl.col(column).is_null() if value is None else pl.col(column) == value
 
@@ -94,6 +148,14 @@ class FrameSource:
         keys = list(queries)
         frames = pl.collect_all([queries[k][0](self.frame) for k in keys], engine="streaming")
         return dict(zip(keys, frames))
+
+    def partitioned(self, queries: dict[str, tuple[Query, str]], parts: int | None = None) -> dict[str, Parts]:
+        """Grouped count queries (query, its key column), each answer one part on an in-process
+        executor: the frame is here already (`parts` is for BlockSource; one part here)."""
+        names = list(queries)
+        frames = pl.collect_all([queries[k][0](self.frame) for k in names], engine="streaming")
+        ex = LocalExecutor(cpus=1)
+        return {k: Parts(ex, [ex.submit(_same, f, resources=TASK)], queries[k][1]) for k, f in zip(names, frames)}
 
     def scores(
         self,
@@ -141,6 +203,27 @@ def _answer(frame: pl.DataFrame, queries: list[Query]) -> list[pl.DataFrame]:
     """One block's answers to a batch of queries (a task)."""
     lf = frame.lazy()
     return pl.collect_all([q(lf) for q in queries])
+
+
+def _distinct(frame: pl.DataFrame, keys: list[str]) -> list[list[int]]:
+    """One block's number of distinct values per key column (a task: one answer, what sizes the parts)."""
+    return [list(frame.select(pl.col(k).n_unique() for k in keys).row(0)) if frame.height else [0] * len(keys)]
+
+
+def _split_answers(frame: pl.DataFrame, queries: list[Query], keys: list[str], parts: list[int]) -> list[pl.DataFrame]:
+    """One block's answers to grouped count queries, each split by the hash of its key into its
+    number of parts (a task: the map side of the shuffle; one return per query and part)."""
+    lf = frame.lazy()
+    out: list[pl.DataFrame] = []
+    for answer, key, p in zip(pl.collect_all([q(lf) for q in queries]), keys, parts):
+        out += split_by_hash(answer, key, p)
+    return out
+
+
+def _sum_part(key: str, *frames: pl.DataFrame) -> pl.DataFrame:
+    """One part of a grouped count table: its share of every block's counts, summed per value (a
+    task: the reduce side; a value's counts are all here)."""
+    return SumBy((key,)).merge(list(frames))
 
 
 def _count_keys(
@@ -216,6 +299,32 @@ class BlockSource:
         keys = list(queries)
         merged = self._fold(_answer, ([queries[k][0] for k in keys],), [queries[k][1].merge for k in keys])
         return dict(zip(keys, merged))
+
+    def partitioned(self, queries: dict[str, tuple[Query, str]], parts: int | None = None) -> dict[str, Parts]:
+        """Grouped count queries (query, its key column) answered by every block, each answer split
+        by the hash of its key into parts and part j of every block summed in one task: the counts
+        of one value are complete in one part, and none of it comes here. Parts per query: `parts`,
+        else parts_for(the sum over blocks of each block's distinct keys, blocks), measured in one
+        light wave."""
+        names = list(queries)
+        keys = [queries[k][1] for k in names]
+        if not names:
+            return {}
+        if parts is None:
+            distinct = self._fold(_distinct, (keys,), [lambda xs: [sum(c) for c in zip(*xs)]])[0]
+            counts = [parts_for(int(d), len(self.blocks)) for d in distinct]
+        else:
+            counts = [parts] * len(names)
+        ex = self.executor
+        qs = [queries[k][0] for k in names]
+        maps = [
+            ex.submit(_split_answers, b, qs, keys, counts, resources=TASK, num_returns=sum(counts)) for b in self.blocks
+        ]
+        out, at = {}, 0
+        for name, key, p in zip(names, keys, counts):
+            futures = [ex.submit(_sum_part, key, *[m[at + j] for m in maps], resources=TASK) for j in range(p)]
+            out[name], at = Parts(ex, futures, key), at + p
+        return out
 
     def order_stats(self, column: str, filters: list[pl.Expr | None], ranks_of) -> tuple[list[int], list[list[float]]]:
         """(scored rows per filter, the order statistics asked for): ranks_of(n per filter) gives,

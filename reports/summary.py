@@ -26,7 +26,6 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from curate.filters.rules import REASON_HELP, RULE_ORDER
@@ -39,12 +38,20 @@ from curate.schema import (
     SHARD,
 )
 from curate import io
+from curate.reports.groups import (  # noqa: F401 - the statistics are imported from here too
+    Z95,
+    Grouping,
+    Setup,
+    benjamini_hochberg,
+    groupings,
+    two_proportion_p,
+    wilson_bounds,
+)
 from curate.reports.html import render_html
 from curate.reports.sources import Source, SumBy, as_source, score_expr
 
 REPORT_VERSION = 1
 UNKNOWN = "(unknown)"  # how a null group value is shown
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 HIST_BINS = 20
 QUANTILES = {"p05": 0.05, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p95": 0.95}
 DEFAULT_GROUP_COLUMNS = ("domain", "tld", "language")
@@ -56,52 +63,12 @@ _REASONS = [r.value for r in RULE_ORDER]
 # small numeric helpers
 
 
-def wilson_bounds(successes, n, z: float = Z95):
-    """Wilson score interval (lo, hi) for binomial proportions successes/n: numpy arrays or
-    scalars (NaN where n == 0). The one implementation; wilson_interval is its scalar form."""
-    x, n = np.asarray(successes, dtype=np.float64), np.asarray(n, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = x / n
-        z2 = z * z
-        denom = 1.0 + z2 / n
-        centre = (p + z2 / (2 * n)) / denom
-        half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return np.maximum(0.0, centre - half), np.minimum(1.0, centre + half)
-
-
 def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float] | None:
     """Wilson score interval for a binomial proportion; None when n == 0."""
     if n <= 0:
         return None
     lo, hi = wilson_bounds(successes, n, z)
     return [float(lo), float(hi)]
-
-
-def two_proportion_p(x1, n1, x2, n2):
-    """Two-sided p-values of the pooled two-proportion z-test, x1/n1 vs x2/n2 (numpy arrays or
-    scalars). NaN where a side is empty; 1.0 where the pooled rate is 0 or 1 (nothing differs)."""
-    x1, n1, x2, n2 = (np.asarray(a, dtype=np.float64) for a in (x1, n1, x2, n2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pooled = (x1 + x2) / (n1 + n2)
-        se = np.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-        z = np.abs(x1 / n1 - x2 / n2) / se
-    erfc = np.frompyfunc(math.erfc, 1, 1)
-    p = np.where(np.isfinite(z), erfc(np.nan_to_num(z) / math.sqrt(2)).astype(np.float64), 1.0)
-    return np.where((n1 > 0) & (n2 > 0), p, np.nan)
-
-
-def benjamini_hochberg(p):
-    """Benjamini-Hochberg adjusted p-values (q-values); NaN in, NaN out (not counted as a test)."""
-    p = np.asarray(p, dtype=np.float64)
-    q = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    m = ok.size
-    if m == 0:
-        return q
-    order = ok[np.argsort(p[ok], kind="stable")]
-    ranked = p[order] * m / np.arange(1, m + 1)
-    q[order] = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
-    return q
 
 
 def _rate(num: int, den: int) -> float | None:
@@ -161,7 +128,11 @@ def _check_columns(src: Source, group_cols: Sequence[str]) -> set[str]:
 
 def _count(keys: Sequence[str], exprs: list[pl.Expr]):
     """A grouped count query and how block answers merge (counts add up)."""
-    return (lambda lf: lf.group_by(list(keys)).agg(exprs)), SumBy(tuple(keys))
+    return _count_query(*keys, exprs=exprs), SumBy(tuple(keys))
+
+
+def _count_query(*keys: str, exprs: list[pl.Expr]):
+    return lambda lf: lf.group_by(list(keys)).agg(exprs)
 
 
 def report_tables(
@@ -171,14 +142,15 @@ def report_tables(
     extra_group_columns: Sequence[str] = (),
     hist_bins: int = HIST_BINS,
 ) -> dict[str, pl.DataFrame]:
-    """The report's raw tables, all small (one row per reason / shard / group / bin).
+    """The report's raw tables, all small (one row per reason / shard / bin).
 
     Keys: ``kept_reason`` (kept, reason, n: every combination that occurs), ``failed_any``
-    (one row, a column per rule), ``shards``, ``group:<column>`` for each grouping column,
-    ``fetch_status`` (status, n), ``clip_stats`` (one row) and ``clip_hist`` (bin, lo, hi, n).
-    Optional input columns (reasons, clip_score, fetch_status) that are absent give no table.
-    `decisions` may be a frame or a source of frames (curate/reports/sources.py: the Ray engine's
-    blocks); every table is a merge of counts, so both give the same tables.
+    (one row, a column per rule), ``shards``, ``fetch_status`` (status, n), ``clip_stats`` (one
+    row) and ``clip_hist`` (bin, lo, hi, n). Optional input columns (reasons, clip_score,
+    fetch_status) that are absent give no table. `decisions` may be a frame or a source of frames
+    (curate/reports/sources.py: the Ray engine's blocks); every table is a merge of counts, so both
+    give the same tables. The per-group tables (one row per value of a grouping column: millions
+    for domains) are not here: build_report computes them in parts (curate/reports/groups.py).
     """
     src = as_source(decisions)
     group_cols = list(dict.fromkeys([*group_columns, *extra_group_columns]))
@@ -191,8 +163,6 @@ def report_tables(
         failed = [pl.col(REASONS).list.contains(r).cast(pl.Int64).sum().alias(r) for r in _REASONS]
         queries["failed_any"] = (lambda lf: lf.select(failed)), SumBy()
     queries["shards"] = _count([SHARD], _count_exprs())
-    for c in group_cols:
-        queries[f"group:{c}"] = _count([c], _count_exprs(REASONS in names))
     if FETCH_STATUS in names:
         queries["fetch_status"] = _count([FETCH_STATUS], [n])
     tables = src.collect(queries)
@@ -250,89 +220,38 @@ def _slice_record(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _with_stats(df: pl.DataFrame, *, min_group_size: int, alpha: float) -> pl.DataFrame:
-    """Add rate, Wilson CI, rest-of-rows rate, two-proportion p (group vs the rest), BH q-value
-    across the groups big enough to test, and the flag, to a full per-group count table."""
-    n1 = df["rows_in"].to_numpy().astype(np.float64)
-    x1 = df["removed"].to_numpy().astype(np.float64)
-    tot_n, tot_x = n1.sum(), x1.sum()
-    n2, x2 = tot_n - n1, tot_x - x1
-    tested = n1 >= min_group_size
-    p = np.where(tested, two_proportion_p(x1, n1, x2, n2), np.nan)
-    q = benjamini_hochberg(p)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rate = x1 / n1
-        rest = np.where(n2 > 0, x2 / n2, np.nan)
-    ci_lo, ci_hi = wilson_bounds(x1, n1)
-    sig = (q < alpha) & ~np.isnan(q)
-    direction = np.where(~sig, None, np.where(rate > rest, "higher", "lower"))
-    return df.with_columns(
-        pl.Series("removal_rate", rate).fill_nan(None),
-        pl.Series("ci_lo", ci_lo).fill_nan(None),
-        pl.Series("ci_hi", ci_hi).fill_nan(None),
-        pl.Series("rest_rate", rest).fill_nan(None),
-        pl.Series("p_value", p).fill_nan(None),
-        pl.Series("q_value", q).fill_nan(None),
-        pl.Series("too_small", ~tested),
-        pl.Series("significant", sig),
-        pl.Series("direction", direction.tolist(), dtype=pl.String),
-    )
-
-
 def _nan_none(x: Any) -> float | None:
     return None if x is None else _finite(x)
 
 
 def _group_section(
-    df: pl.DataFrame,
-    column: str,
-    *,
-    overall_rate: float | None,
-    min_group_size: int,
-    top_groups: int,
-    totals: dict[str, int],
-    alpha: float = 0.05,
-) -> tuple[dict[str, Any], list[str], pl.DataFrame]:
+    g: Grouping, *, overall_rate: float | None, min_group_size: int, totals: dict[str, int]
+) -> tuple[dict[str, Any], list[str]]:
+    """The report's section of one grouping: its counts of groups, the shown groups (the largest
+    top_groups, then up to top_groups more flagged ones, most significant first, so that a
+    significant small group is never hidden in the rollup) in the table's order, and the rollup
+    row of all the other groups (every group's sums minus the shown ones'), so that the rows add up
+    to the totals. The full table stays in g.table (curate/reports/groups.py)."""
     problems: list[str] = []
-    # Work on the group table in polars (it can have millions of rows, e.g. domains); only the
-    # shown groups and the rollup become Python dicts. Sort by size desc, then value, nulls last.
+    column = g.column
     counts = ["rows_in", "kept", "removed", *(f"r:{r}" for r in _REASONS)]
-    extra = [c for c in df.columns if c[:2] in ("a:", "o:")]
-    df = df.with_columns(pl.col(c).fill_null(0) for c in counts[1:] + extra).sort(
-        ["rows_in", column], descending=[True, False], nulls_last=True
-    )
-    df = _with_stats(df, min_group_size=min_group_size, alpha=alpha)
-    explained = pl.sum_horizontal(f"r:{r}" for r in _REASONS)
-    broken = df.filter((pl.col("kept") + pl.col("removed") != pl.col("rows_in")) | (explained != pl.col("removed")))
-    if broken.height:
-        b = {"value": _json_value(broken[column][0]), **_slice_record(broken.row(0, named=True))}
+    extra = [c for c in g.sums if c[:2] in ("a:", "o:")]
+    if g.broken:
+        b = {"value": _json_value(g.broken_first["value"][0]), **_slice_record(g.broken_first.row(0, named=True))}
         problems.append(
-            f"{column}: {broken.height} group(s) do not reconcile, e.g. {b['value']!r} "
+            f"{column}: {g.broken} group(s) do not reconcile, e.g. {b['value']!r} "
             f"(rows_in {b['rows_in']}, kept {b['kept']}, removed {b['removed']}, "
             f"unexplained removals {b['removed_unexplained']})"
         )
-    sums = df.select(pl.col(c).sum() for c in counts).row(0, named=True)
     for k in ("rows_in", "kept", "removed"):
-        if int(sums[k]) != totals[k]:
-            problems.append(f"{column}: groups sum to {k}={int(sums[k])}, totals say {totals[k]}")
+        if g.sums[k] != totals[k]:
+            problems.append(f"{column}: groups sum to {k}={g.sums[k]}, totals say {totals[k]}")
 
-    distinct = df.height
-    # shown: the largest top_groups, plus up to top_groups more flagged groups (most significant
-    # first) so that a significant small group is never hidden in the rollup
-    idx = pl.int_range(pl.len()).alias("_i")
-    df = df.with_columns(idx)
-    # stable: groups that tie on q come in the table's order (size, then value), so the same groups are shown
-    # whatever order the counts came in
-    flagged = df.slice(top_groups).filter(pl.col("significant")).sort("q_value", maintain_order=True)
-    flagged_extra = flagged.head(top_groups)["_i"].to_list()
-    shown_idx = sorted(set(range(min(top_groups, distinct))) | set(flagged_extra))
-    shown_df = df.filter(pl.col("_i").is_in(shown_idx))
-    rest = df.filter(~pl.col("_i").is_in(shown_idx))
     shown = []
-    for row in shown_df.iter_rows(named=True):
+    for row in g.shown.iter_rows(named=True):
         rec = {
-            "value": _json_value(row[column]),
-            "unknown": row[column] is None,
+            "value": _json_value(row["value"]),
+            "unknown": row["value"] is None,
             "other_groups": 0,
             **_slice_record(row),
         }
@@ -345,14 +264,17 @@ def _group_section(
             rec["failed_any"] = {r: int(row[f"a:{r}"]) for r in _REASONS}
             rec["removed_only"] = {r: int(row[f"o:{r}"]) for r in _REASONS}
         shown.append(rec)
-    if rest.height:
-        agg = _slice_record(rest.select(pl.col(c).sum() for c in counts).row(0, named=True))
-        agg["reconciles"] = agg["reconciles"] and not rest.join(broken, on=column, how="semi", nulls_equal=True).height
-        rec = {"value": f"(other {rest.height} groups)", "unknown": False, "other_groups": rest.height, **agg}
+    others = g.distinct - g.shown.height
+    if others:
+        rest = {c: g.sums[c] - int(g.shown[c].sum()) for c in (*counts, *extra)}
+        agg = _slice_record(rest)
+        broken_shown = sum(not r["reconciles"] for r in shown)
+        agg["reconciles"] = agg["reconciles"] and g.broken == broken_shown  # no broken group rolled up
+        rec = {"value": f"(other {others} groups)", "unknown": False, "other_groups": others, **agg}
         rec.update(rest_rate=None, p_value=None, q_value=None, significant=False, direction=None)
         if extra:
-            rec["failed_any"] = {r: int(rest[f"a:{r}"].sum()) for r in _REASONS}
-            rec["removed_only"] = {r: int(rest[f"o:{r}"].sum()) for r in _REASONS}
+            rec["failed_any"] = {r: rest[f"a:{r}"] for r in _REASONS}
+            rec["removed_only"] = {r: rest[f"o:{r}"] for r in _REASONS}
         shown.append(rec)
 
     out = []
@@ -362,23 +284,20 @@ def _group_section(
         rec["ratio_to_overall"] = (rate / overall_rate) if (rate is not None and overall_rate) else None
         rec["too_small"] = rec["rows_in"] < min_group_size
         out.append(_order_group(rec))
-    tested = df.filter(~pl.col("too_small"))
-    full = df.drop("_i").rename({column: "value"} if column != "value" else {})
     return (
         {
             "column": column,
-            "distinct": distinct,
-            "shown": len(shown_idx),
-            "too_small_groups": df.filter(pl.col("too_small")).height,
-            "tested_groups": tested.height,
-            "flagged_groups": int(df["significant"].sum()),
-            "flagged_higher": df.filter(pl.col("direction") == "higher").height,
-            "flagged_lower": df.filter(pl.col("direction") == "lower").height,
+            "distinct": g.distinct,
+            "shown": g.shown.height,
+            "too_small_groups": g.too_small,
+            "tested_groups": g.distinct - g.too_small,
+            "flagged_groups": g.flagged,
+            "flagged_higher": g.flagged_higher,
+            "flagged_lower": g.flagged_lower,
             "reconciles": not problems,
             "rows": out,
         },
         problems,
-        full,
     )
 
 
@@ -403,11 +322,13 @@ def build_report(
     meta: dict | None = None,
     alpha: float = 0.05,
     return_tables: bool = False,
-) -> dict[str, Any] | tuple[dict[str, Any], dict[str, pl.DataFrame]]:
+) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Any]]:
     """Summarise one selection's per-row decisions as a JSON-serialisable dict (see module doc).
 
-    With ``return_tables`` also returns the full machine tables (every group of every grouping,
-    with its statistics, not only the shown ones) as polars DataFrames keyed by name."""
+    With ``return_tables`` also returns the machine tables keyed by name: polars DataFrames, and
+    per grouping ``groups_<column>``, every group with its statistics (not only the shown ones), as
+    a curate.reports.groups.GroupTable: in parts where they were computed (the Ray engine's tasks;
+    one part here for a frame), written by tasks (curate.reports.audit.write_tables)."""
     if top_groups < 1:
         raise ValueError("top_groups must be >= 1")
     group_cols = list(dict.fromkeys([*group_columns, *extra_group_columns]))
@@ -495,22 +416,28 @@ def build_report(
             problems.append(f"shards sum to {k}={s}, totals say {totals[k]}")
 
     # ---- groups ------------------------------------------------------------------------------------
-    groups = {}
-    full_tables: dict[str, pl.DataFrame] = {}
-    for c in group_cols:
-        sec, probs, full = _group_section(
-            tables[f"group:{c}"],
-            c,
-            overall_rate=overall_rate,
-            min_group_size=min_group_size,
-            top_groups=top_groups,
-            totals=totals,
-            alpha=alpha,
-        )
-        groups[c] = sec
-        full_tables[f"groups_{c}"] = full
-        problems.extend(probs)
+    # every value of every grouping, in parts (a grouping can have millions of values): the
+    # driver gets the shown groups and the sums back, the full tables stay in their parts
     names = set(src.schema().names())
+    exprs = _count_exprs(REASONS in names)
+    counts = src.partitioned({c: (_count_query(c, exprs=exprs), c) for c in group_cols})
+    setup = Setup(
+        counts=("rows_in", "kept", "removed", *(f"r:{r}" for r in _REASONS)),
+        extra=tuple(e.meta.output_name() for e in exprs if e.meta.output_name()[:2] in ("a:", "o:")),
+        tot_n=rows_in,
+        tot_x=removed,
+        min_group_size=min_group_size,
+        alpha=alpha,
+        top=top_groups,
+    )
+    schema = src.schema()
+    groups = {}
+    full_tables: dict[str, Any] = {}
+    for c, g in groupings(counts, setup, {c: schema[c] for c in group_cols}).items():
+        sec, probs = _group_section(g, overall_rate=overall_rate, min_group_size=min_group_size, totals=totals)
+        groups[c] = sec
+        full_tables[f"groups_{c}"] = g.table  # a GroupTable: written in parts by write_tables
+        problems.extend(probs)
     if CLIP_SCORE in names and group_cols:
         dists = _clip_by_group(src, groups)
         for c, d in dists.items():

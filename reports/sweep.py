@@ -25,7 +25,8 @@ import polars as pl
 from curate import schema
 from curate.config import ClipRule, SelectionConfig
 from curate.filters.decide import decide, decide_inputs
-from curate.reports.sources import BlockSource, FrameSource, Head, Source, SumBy, as_source
+from curate.reports.groups import VALUE, GroupTable, table_order
+from curate.reports.sources import BlockSource, FrameSource, Head, Source, SumBy, _in_values, as_source
 
 SCORE = "_score"
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
@@ -130,12 +131,16 @@ def sweep(
     include: dict[str, Sequence[str]] | None = None,
     reps: pl.LazyFrame | Source | None = None,
     embeddings: pl.LazyFrame | None = None,
+    group_tables: dict[str, GroupTable] | None = None,
 ) -> dict[str, Any]:
     """Retention vs threshold overall and, per grouping column, for its ``top_groups`` largest
     groups plus any named in ``include[column]``. Returns a JSON-able dict; ``tables`` holds the
     long-form polars tables (threshold, group, rows_in, kept, retention). `annotations` (every
     row, for the group sizes) and `reps` may be frames or sources of frames
-    (curate/reports/sources.py: the Ray engine's blocks)."""
+    (curate/reports/sources.py: the Ray engine's blocks). group_tables: the report's full tables
+    of these groupings over the same rows (curate/reports/groups.py): the sizes of the largest and
+    the named groups are asked of them, so no grouping's every value comes here; without, a
+    grouping's sizes are counted here (every value: fine for a frame of this process)."""
     thr = sorted(float(t) for t in thr)
     if not thr:
         raise ValueError("no thresholds to sweep")
@@ -151,16 +156,39 @@ def sweep(
         reps = FrameSource(reps.lazy().select(SCORE, *group_columns).collect(engine="streaming"))
     above = _above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64).alias(IDX)
     n = pl.len().cast(pl.Int64).alias("n")
-    counts = {"overall": ((lambda lf: lf.select(above).group_by(IDX).agg(n)), SumBy((IDX,)))}
+    group_tables = group_tables or {}
     sizes = {"rows": ((lambda lf: lf.select(n)), SumBy())}
     for c in group_columns:
-        sizes[f"size:{c}"] = (
-            (lambda lf, c=c: lf.group_by(c).agg(pl.len().cast(pl.Int64).alias("rows_in"))),
-            SumBy((c,)),
-        )
-        counts[f"hist:{c}"] = ((lambda lf, c=c: lf.select(c, above).group_by(c, IDX).agg(n)), SumBy((c, IDX)))
-    res = {**rows.collect(sizes), **reps.collect(counts)}
+        if c not in group_tables:
+            sizes[f"size:{c}"] = (
+                (lambda lf, c=c: lf.group_by(c).agg(pl.len().cast(pl.Int64).alias("rows_in"))),
+                SumBy((c,)),
+            )
+    res = rows.collect(sizes)
     rows_in = int(res["rows"]["n"][0])
+    # per grouping: the groups to draw (the largest, then the named ones found) as (value, named, size)
+    picked: dict[str, list[tuple[Any, bool, int]]] = {}
+    for c in group_columns:
+        if c in group_tables:
+            table = group_tables[c]
+            strings = [v for v in include.get(c, []) if isinstance(v, str)]
+            found = [table.top(top_groups).select(VALUE, "rows_in")] + ([table.matching(strings)] if strings else [])
+            size = table_order(pl.concat(found).unique(VALUE, maintain_order=True)).rename({VALUE: c})
+        else:
+            size = res[f"size:{c}"].sort(["rows_in", c], descending=[True, False], nulls_last=True)
+        picked[c] = _picked(size.select(c, "rows_in"), top_groups, include.get(c, []))
+    counts = {"overall": ((lambda lf: lf.select(above).group_by(IDX).agg(n)), SumBy((IDX,)))}
+    for c in group_columns:
+        keys = [k for k, _, size in picked[c] if size]  # a value no row has: nothing to count
+        counts[f"hist:{c}"] = (
+            (
+                lambda lf, c=c, keys=keys: (
+                    lf.filter(_in_values(c, keys, lf.collect_schema())).select(c, above).group_by(c, IDX).agg(n)
+                )
+            ),
+            SumBy((c, IDX)),
+        )
+    res.update(reps.collect(counts))
     overall_kept = _curve(dict(res["overall"].iter_rows()), len(thr))
     out: dict[str, Any] = {
         "thresholds": thr,
@@ -176,29 +204,18 @@ def sweep(
         )
     ]
     for c in group_columns:
-        sizes = res[f"size:{c}"].sort(["rows_in", c], descending=[True, False], nulls_last=True)
-        wanted = sizes.head(top_groups)[c].to_list()
-        named = [v for v in include.get(c, []) if v not in wanted]
-        if named:
-            have = set(sizes[c].cast(pl.String).to_list())
-            wanted += [v for v in named if v in have]
         hist = res[f"hist:{c}"]
         curves = []
-        size_of = {r[0]: r[1] for r in sizes.iter_rows()}
-        for v in wanted:
-            key = v
-            if key not in size_of:  # a named value given as a string for a non-string column
-                key = next((k for k in size_of if str(k) == str(v)), v)
+        for key, named, n in picked[c]:
             h = hist.filter(pl.col(c).is_null() if key is None else pl.col(c) == key)
             kept = _curve(dict(h.select(IDX, "n").iter_rows()), len(thr))
-            n = int(size_of.get(key, 0))
             curves.append(
                 {
                     "value": "(unknown)" if key is None else str(key),
                     "rows_in": n,
                     "kept": kept,
                     "retention": [k / n if n else None for k in kept],
-                    "named": v in named,
+                    "named": named,
                 }
             )
             long.append(
@@ -219,20 +236,42 @@ def sweep(
     return out
 
 
+def _picked(sizes: pl.DataFrame, top_groups: int, include: Sequence[Any]) -> list[tuple[Any, bool, int]]:
+    """The groups a sweep draws: the `top_groups` first of `sizes` (value, rows_in: in the table's
+    order, holding at least those and every value whose string is a named one), then the named
+    values found; each as (value, named, rows_in)."""
+    c = sizes.columns[0]
+    wanted = sizes.head(top_groups)[c].to_list()
+    named = [v for v in include if v not in wanted]
+    if named:
+        have = set(sizes[c].cast(pl.String).to_list())
+        wanted += [v for v in named if v in have]
+    size_of = {r[0]: r[1] for r in sizes.iter_rows()}
+    out = []
+    for v in wanted:
+        key = v
+        if key not in size_of:  # a named value given as a string for a non-string column
+            key = next((k for k in size_of if str(k) == str(v)), v)
+        out.append((key, v in named, int(size_of.get(key, 0))))
+    return out
+
+
 def flips(
     reps: pl.LazyFrame | Source,
     a: float,
     b: float,
     *,
     group_columns: Sequence[str] = (),
-    sizes: dict[str, pl.DataFrame] | None = None,
+    sizes: dict[str, pl.DataFrame | GroupTable] | None = None,
     sample: int = 20,
     top: int = 10,
     score_dtype: pl.DataType = pl.Float32,
 ) -> dict[str, Any]:
     """What changes between threshold a and b (a < b is stricter at b): the representatives with
     a <= score < b are kept at a and removed (clip_score) at b; nothing else changes fate. Per
-    group: rows that flip and the change in retention, largest change first."""
+    group: rows that flip and the change in retention, largest change first. sizes[column]: the
+    groups' rows_in, a frame (column, rows_in) or the report's GroupTable (asked for the groups that
+    flip only)."""
     lo, hi = (a, b) if a <= b else (b, a)
     if score_dtype == pl.Float32:  # compare as decide() does (see _above)
         lo, hi = (float(pl.Series([x], dtype=pl.Float32)[0]) for x in (lo, hi))
@@ -273,7 +312,10 @@ def flips(
     for c in group_columns:
         g = res[f"g:{c}"]
         if sizes and c in sizes:
-            g = g.join(sizes[c].select(c, "rows_in"), on=c, how="left", nulls_equal=True)
+            size = sizes[c]
+            if isinstance(size, GroupTable):
+                size = size.lookup(g[c]).rename({VALUE: c})
+            g = g.join(size.select(c, "rows_in"), on=c, how="left", nulls_equal=True)
             g = g.with_columns((pl.col("flips") / pl.col("rows_in")).alias("retention_change"))
         else:
             g = g.with_columns(
