@@ -385,6 +385,15 @@ class RayConfig(Strict):
         "started with --resources='{\"accel\": 1}'; GPUs are requested on their own (num_gpus=1 when the cluster has any)",
     )
 
+    inline_return_bytes: int = Field(
+        1024,
+        ge=0,
+        le=100 * 1024,
+        description="task results up to this many bytes are kept in the driver's own memory (Ray's "
+        "max_direct_call_object_size, 100 KiB unless set, for the workers of curate's jobs); larger ones stay in the "
+        "object store of the node that made them. Ray's default would let the driver hold up to blocks x partitions x "
+        "100 KiB per shuffle round of a Ray selection: it grew with the pool (docs/SCALE.md)",
+    )
     scorer_max_restarts: int = Field(
         3,
         ge=0,

@@ -87,13 +87,16 @@ def finish_block(
     ranges: int,
 ) -> list:
     """One block's share of a selection: its shards' kept/removed/decisions files written into
-    `out` (None: nothing written, as for `curate report`), then [counts, the columns the report
-    reads, and the kept uids' (high, low) halves cut into `ranges` slices of the uid space]."""
+    `out` (None: nothing written, as for `curate report`), then [counts (and the written files'
+    digests), the columns the report reads, and the kept uids' (high, low) halves cut into `ranges`
+    slices of the uid space]."""
     decided = distributed_decide.block_decisions(plan, b, state)
     shards: dict[str, dict[str, int]] = {}
+    files: selection_files.Digests = {}
     if out is not None:
         for (shard,), part in decided.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
-            shards[shard] = selection_files.write_shard(out, shard, part, write)
+            shards[shard], digests = selection_files.write_shard(out, shard, part, write)
+            files.update(digests)
     kept = decided.filter(pl.col(schema.KEPT))
     hi, lo = selection_files.uid_halves(kept.get_column(schema.UID))
     which = selection_files.uid_range(hi, ranges)
@@ -102,6 +105,7 @@ def finish_block(
         "kept": kept.height,
         "not_scored": int((decided.get_column(schema.REASON) == "not_scored").sum()),
         "shards": shards,
+        "files": files,
     }
     narrow = decided.select([c for c in report_columns if c in decided.columns])
     return [counts, narrow, *((hi[which == r], lo[which == r]) for r in range(ranges))]

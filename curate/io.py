@@ -80,14 +80,30 @@ def list_files(url: str, suffix: str = ".parquet") -> list[str]:
     return sorted(_unprotocol(fs, url, p) for p in found)
 
 
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    atomic_write_chunks(url, [data])
+def atomic_write_bytes(url: str, data: bytes) -> dict[str, Any]:
+    return atomic_write_chunks(url, [data])
 
 
-def atomic_write_chunks(url: str, chunks: Iterable[bytes]) -> None:
+def atomic_write_chunks(url: str, chunks: Iterable[bytes]) -> dict[str, Any]:
     """Write the chunks as one file that appears whole or not at all: a local temp file renamed
     over the target, or one bucket object (an upload is published when it completes). A failure
-    while the chunks are produced leaves the old file, and no temp file."""
+    while the chunks are produced leaves the old file, and no temp file. Returns the file's
+    {bytes, sha256}, hashed as it was written (the run manifest records it without reading the
+    file again: curate/manifest.py record_outputs)."""
+    h, size = hashlib.sha256(), 0
+
+    def hashed():
+        nonlocal size
+        for c in chunks:
+            h.update(c)
+            size += len(c)
+            yield c
+
+    _write_whole(url, hashed())
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def _write_whole(url: str, chunks: Iterable[bytes]) -> None:
     fs, path = fs_and_path(url)
     parent = posixpath.dirname(path) if "://" in url else os.path.dirname(path)
     if parent:
@@ -118,12 +134,12 @@ def atomic_write_chunks(url: str, chunks: Iterable[bytes]) -> None:
         f.close()
 
 
-def atomic_write_text(url: str, text: str) -> None:
-    atomic_write_bytes(url, text.encode("utf-8"))
+def atomic_write_text(url: str, text: str) -> dict[str, Any]:
+    return atomic_write_bytes(url, text.encode("utf-8"))
 
 
-def write_json(url: str, obj: Any) -> None:
-    atomic_write_text(url, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def write_json(url: str, obj: Any) -> dict[str, Any]:
+    return atomic_write_text(url, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(url: str) -> Any:
@@ -134,14 +150,14 @@ def read_json(url: str) -> Any:
 
 def write_parquet(
     url: str, table: pa.Table, row_group_size: int | None = None, stored_columns: Iterable[str] = ()
-) -> None:
+) -> dict[str, Any]:
     """`table` to `url` atomically, zstd-compressed except `stored_columns` (bytes that are already
-    compressed, such as JPEGs: zstd would spend CPU on them for nothing)."""
+    compressed, such as JPEGs: zstd would spend CPU on them for nothing). Returns {bytes, sha256}."""
     buf = io.BytesIO()
     pq.write_table(
         table, buf, compression=_compression(table.schema, set(stored_columns)), row_group_size=row_group_size
     )
-    atomic_write_bytes(url, buf.getvalue())
+    return atomic_write_bytes(url, buf.getvalue())
 
 
 def _compression(schema: pa.Schema, stored: set[str]) -> str | dict[str, str]:

@@ -196,12 +196,18 @@ def opt_out_policy(spec: PipelineSpec) -> dict[str, Any]:
 OUTPUT_DIRS = store.OUTPUT_DIRS
 
 
-def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
+def record_outputs(
+    run_dir: str, m: dict[str, Any], known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """m["outputs"]: every file under the run's output folders (annotations/, images/,
     embeddings/, selections/, forget/) as {relative path: {bytes, version, sha256}}. A file whose
     size and version (mtime locally, ETag on a bucket) match the previous record keeps its
-    checksum; only new or changed files are read (streamed through fsspec)."""
+    checksum; `known` ({url: {bytes, sha256}}) gives the checksums of files just written, hashed by
+    the process that wrote them (a selection's tasks: at billions of rows the driver must not read
+    every file again), used when the listed size matches; only other new or changed files are read
+    (streamed through fsspec)."""
     old = Manifest.of(m, path(run_dir)).outputs["files"]
+    given = {_relative(run_dir, u): d for u, d in (known or {}).items()}
     found: dict[str, dict[str, Any]] = {}  # url -> {bytes, version}, from one listing per folder
     for d in OUTPUT_DIRS:
         top = store.folder(run_dir, d)
@@ -224,6 +230,8 @@ def record_outputs(run_dir: str, m: dict[str, Any]) -> dict[str, Any]:
             and prev.get("bytes") == info["bytes"]
         ):
             return rel, prev
+        if rel in given and given[rel]["bytes"] == info["bytes"]:
+            return rel, {**info, "sha256": given[rel]["sha256"]}
         return rel, {**info, "sha256": io.sha256_file(url)}
 
     with ThreadPoolExecutor(max_workers=8) as pool:

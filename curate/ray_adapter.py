@@ -67,6 +67,9 @@ def connect(cfg: RayConfig) -> ClusterInfo:
             "env_vars": {
                 "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONWARNINGS": "ignore::DeprecationWarning",
+                # read by each worker of this job when it starts: its task results above this size go
+                # to its node's object store, not inline into the driver's memory (RayConfig.inline_return_bytes)
+                "RAY_max_direct_call_object_size": str(cfg.inline_return_bytes),
                 **faults.forwarded_env(),
             }
         }

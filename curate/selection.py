@@ -116,7 +116,7 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
         write = _in_process(run_dir, sel, ann, embeddings, resolved, report_cfg, audit)
 
     def build(out: str, readable_at: str) -> dict:
-        counts, per_shard, report, tables, timings = write(out)
+        counts, per_shard, report, tables, timings, files = write(out)
         # forgotten rows (curate forget) are counted: kept + removed + forgotten == rows read, per shard
         per_shard_counts = accounting.reconcile_report(
             report, run_dir, shards, accounting.excluded_counts(run_dir, shards)
@@ -125,7 +125,10 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
         counts["rows_read"] = sum(c["rows_read"] for c in per_shard_counts.values())
         for shard, c in per_shard_counts.items():
             per_shard.setdefault(shard, {"rows": 0, "kept": 0, "removed": 0}).update(c)
-        write_audit(report, tables, out)
+        *_, table_digests = write_audit(report, tables, out)
+        # the checksums the manifest records, hashed where each file was written (a task, at scale)
+        known.update({io.join(readable_at, rel): d for rel, d in files.items()})
+        known.update({io.join(readable_at, p[len(out) :].lstrip("/")): d for p, d in table_digests.items()})
         faults.fire("selection.report_written", sel.name)
         summary = {
             **meta,
@@ -141,9 +144,10 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
         faults.fire("selection.json_written", sel.name)
         return summary
 
+    known: dict[str, dict[str, Any]] = {}  # final url -> {bytes, sha256}, filled by build
     summary = publish.publish(selection_dir(run_dir, sel.name), build, owned)
     faults.fire("selection.before_manifest", sel.name)
-    _record_in_manifest(run_dir, sel)
+    _record_in_manifest(run_dir, sel, known)
     faults.fire("selection.after_manifest", sel.name)
     return summary
 
@@ -186,15 +190,17 @@ def _in_process(run_dir: str, sel: SelectionConfig, ann, embeddings, resolved, r
     def write(out: str):
         t = time.perf_counter()
         per_shard: dict[str, dict[str, int]] = {}
+        files: selection_files.Digests = {}
         for (shard,), part in decisions.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
             rows = nan_free_scores(annotations.scan(run_dir, [shard])).collect()
             part = rows.join(part.select(schema.ROW, *DECIDED), on=schema.ROW, how="left", maintain_order="left")
-            per_shard[shard] = selection_files.write_shard(out, shard, part, sel.write)
+            per_shard[shard], digests = selection_files.write_shard(out, shard, part, sel.write)
+            files.update(digests)
             faults.fire("selection.shard_written", shard)
-        io.atomic_write_bytes(io.join(out, "uids.npy"), buf.getvalue())
+        files["uids.npy"] = io.atomic_write_bytes(io.join(out, "uids.npy"), buf.getvalue())
         faults.fire("selection.uids_written", sel.name)
         timings["write_s"] = time.perf_counter() - t
-        return counts, per_shard, report, tables, timings
+        return counts, per_shard, report, tables, timings, files
 
     return write
 
@@ -256,13 +262,17 @@ def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, rep
         ex, summaries, narrow, slices = _decided_on_ray(run_dir, shards, sel, resolved, report_cfg, out)
         timings = {"decide_and_write_s": time.perf_counter() - t}
         per_shard: dict[str, dict[str, int]] = {}
+        files: selection_files.Digests = {}
         for s in summaries:
             per_shard.update(s["shards"])
+            files.update(s["files"])
         for shard in per_shard:
             faults.fire("selection.shard_written", shard)
         n_kept = sum(s["kept"] for s in summaries)
         t = time.perf_counter()
-        selection_files.write_uids(io.join(out, "uids.npy"), n_kept, (ex.result(f) for f in slices))
+        files["uids.npy"] = selection_files.write_uids(
+            io.join(out, "uids.npy"), n_kept, (ex.result(f) for f in slices)
+        )
         faults.fire("selection.uids_written", sel.name)
         timings["uids_s"] = time.perf_counter() - t
         rows = sum(s["rows"] for s in summaries)
@@ -276,7 +286,7 @@ def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, rep
         t = time.perf_counter()
         report, tables = audit(narrow, lambda cols: representatives_on(ex, run_dir, shards, sel, cols))
         timings["report_s"] = time.perf_counter() - t
-        return counts, per_shard, report, tables, timings
+        return counts, per_shard, report, tables, timings, files
 
     return write
 
@@ -307,14 +317,15 @@ def sweep_selection(
     )  # fmt: skip
 
 
-def _record_in_manifest(run_dir: str, sel: SelectionConfig) -> None:
+def _record_in_manifest(run_dir: str, sel: SelectionConfig, known: dict[str, dict[str, Any]]) -> None:
     """The selection's name and rules (what `curate forget` re-applies), and the checksums of the
-    run's output files (only new or changed files are read)."""
+    run's output files (`known`: the selection's files, hashed as they were written; other new or
+    changed files are read)."""
     m = manifest.read(run_dir)
     if sel.name not in m.get("selections", []):
         m.setdefault("selections", []).append(sel.name)
     m.setdefault("selection_specs", {})[sel.name] = sel.model_dump(mode="json")
-    manifest.record_outputs(run_dir, m)
+    manifest.record_outputs(run_dir, m, known)
     manifest.write(run_dir, m)
 
 
@@ -402,5 +413,5 @@ def _rebuild_report(
     )
     # forgotten rows count: kept + removed + forgotten == rows read
     accounting.reconcile_report(report, run_dir, shards, accounting.excluded_counts(run_dir, shards))
-    json_path, html_path = write_audit(report, tables, out)
+    json_path, html_path, _ = write_audit(report, tables, out)
     return {"report": report, "report_json": json_path, "report_html": html_path}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io as _io
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -35,21 +36,26 @@ DECISION_COLUMNS = [
 UID_DTYPE = np.dtype("u8,u8")
 
 
-def write_shard(out: str, shard: str, part: pl.DataFrame, write: str) -> dict[str, int]:
+Digests = dict[str, dict[str, Any]]  # file path relative to the selection folder -> {bytes, sha256}
+
+
+def write_shard(out: str, shard: str, part: pl.DataFrame, write: str) -> tuple[dict[str, int], Digests]:
     """Write one shard's decided rows (`part`: annotation columns + decision columns) as
-    selection.write asks; returns its counts {rows, kept, removed}."""
+    selection.write asks; returns its counts {rows, kept, removed} and the files' digests (hashed
+    as they were written, by whichever process wrote them: the run manifest records them without
+    the driver reading the files again)."""
     part = part.drop(DROP_FROM_OUTPUTS, strict=False).sort(schema.ROW)
     n_kept = int(part.get_column(schema.KEPT).sum())
     if write == "decisions":
-        io.write_parquet(io.join(out, "decisions", f"{shard}.parquet"), part.select(DECISION_COLUMNS).to_arrow())
+        frames = {f"decisions/{shard}.parquet": part.select(DECISION_COLUMNS)}
     else:
         kept = part.filter(pl.col(schema.KEPT)).drop(schema.REASON, schema.REASONS, schema.DUPLICATE_OF)
         removed = part.filter(pl.col(schema.KEPT).not_())
         if write == "kept":
             removed = removed.select(DECISION_COLUMNS)
-        io.write_parquet(io.join(out, "kept", f"{shard}.parquet"), kept.to_arrow())
-        io.write_parquet(io.join(out, "removed", f"{shard}.parquet"), removed.to_arrow())
-    return {"rows": part.height, "kept": n_kept, "removed": part.height - n_kept}
+        frames = {f"kept/{shard}.parquet": kept, f"removed/{shard}.parquet": removed}
+    digests = {rel: io.write_parquet(io.join(out, rel), f.to_arrow()) for rel, f in frames.items()}
+    return {"rows": part.height, "kept": n_kept, "removed": part.height - n_kept}, digests
 
 
 def uid_halves(uids: Sequence[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -96,9 +102,9 @@ def npy_header(n: int) -> bytes:
     return buf.getvalue()
 
 
-def write_uids(path: str, n: int, ranges: Iterable[np.ndarray]) -> None:
+def write_uids(path: str, n: int, ranges: Iterable[np.ndarray]) -> dict[str, Any]:
     """uids.npy of n pairs from sorted, consecutive ranges, streamed (one range in memory). A
-    count that does not come out at n fails the write: the old file stays."""
+    count that does not come out at n fails the write: the old file stays. Returns {bytes, sha256}."""
 
     def chunks():
         yield npy_header(n)
@@ -109,4 +115,4 @@ def write_uids(path: str, n: int, ranges: Iterable[np.ndarray]) -> None:
         if written != n:
             raise RuntimeError(f"{path}: {written} uids streamed, {n} expected")
 
-    io.atomic_write_chunks(path, chunks())
+    return io.atomic_write_chunks(path, chunks())

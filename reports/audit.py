@@ -278,22 +278,25 @@ def build_audit(
     return report, tables
 
 
-def write_tables(tables: dict[str, pl.DataFrame | GroupTable], out_dir: str) -> list[str]:
+def write_tables(tables: dict[str, pl.DataFrame | GroupTable], out_dir: str) -> dict[str, dict[str, Any]]:
     """Every table as parquet under out_dir/tables/, each file atomically: a frame as <name>.parquet,
     a grouping's full table (GroupTable) as parts written by the tasks that hold them
-    (<name>.<generation>.part-<i>-of-<n>.parquet, curate/reports/groups.py; read_table reads either)."""
-    paths = []
+    (<name>.<generation>.part-<i>-of-<n>.parquet, curate/reports/groups.py; read_table reads either).
+    Returns {path: {bytes, sha256}} in the order written (for the run manifest's checksums)."""
+    written: dict[str, dict[str, Any]] = {}
     for name, df in tables.items():
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
         if isinstance(df, GroupTable):
-            paths += df.write(io.join(out_dir, "tables"), safe)
+            written.update(df.write(io.join(out_dir, "tables"), safe))
             continue
         p = io.join(out_dir, "tables", f"{safe}.parquet")
-        io.write_parquet(p, df.to_arrow())
-        paths.append(p)
-    return paths
+        written[p] = io.write_parquet(p, df.to_arrow())
+    return written
 
 
-def write_audit(report: dict[str, Any], tables: dict[str, Any], out_dir: str) -> tuple[str, str]:
-    write_tables(tables, out_dir)
-    return write_report(report, out_dir)
+def write_audit(
+    report: dict[str, Any], tables: dict[str, Any], out_dir: str
+) -> tuple[str, str, dict[str, dict[str, Any]]]:
+    """(report.json path, report.html path, the tables' {path: {bytes, sha256}})."""
+    digests = write_tables(tables, out_dir)
+    return (*write_report(report, out_dir), digests)

@@ -272,9 +272,8 @@ def _lookup(rows: pl.DataFrame, values: list[Any], as_string: bool, columns: lis
     return rows.filter(_in_values(VALUE, values, rows.schema)).select(columns)
 
 
-def _write_part(path: str, rows: pl.DataFrame) -> str:
-    io.write_parquet(path, rows.to_arrow())
-    return path
+def _write_part(path: str, rows: pl.DataFrame) -> dict[str, Any]:
+    return io.write_parquet(path, rows.to_arrow())  # {bytes, sha256}: the run manifest's checksum
 
 
 @dataclass
@@ -319,22 +318,22 @@ class GroupTable:
             ex.results([ex.submit(_lookup, f, list(strings), True, list(columns), resources=TASK) for f in self.parts])
         )
 
-    def write(self, tables_dir: str, name: str) -> list[str]:
+    def write(self, tables_dir: str, name: str) -> dict[str, dict[str, Any]]:
         """Each part written by a task (io.write_parquet: atomic) as a new generation of the table
         `name`; then every other file of that table (an older generation, a part set that a killed
-        write left incomplete, a single-file table of an older version) is deleted. Returns the
-        parts' paths."""
+        write left incomplete, a single-file table of an older version) is deleted. Returns
+        {part's path: its {bytes, sha256}} (hashed by the task that wrote it), in part order."""
         now = time.time()
         gen = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z-{uuid.uuid4().hex[:8]}"
         n = len(self.parts)
         paths = [io.join(tables_dir, f"{name}.{gen}.part-{i:05d}-of-{n:05d}.parquet") for i in range(n)]
         ex = self.executor
-        ex.results([ex.submit(_write_part, p, f, resources=TASK) for p, f in zip(paths, self.parts)])
+        digests = ex.results([ex.submit(_write_part, p, f, resources=TASK) for p, f in zip(paths, self.parts)])
         written = {_base(p) for p in paths}
         for old in _files_of(tables_dir, name):
             if _base(old) not in written:
                 io.remove(old)
-        return paths
+        return dict(zip(paths, digests))
 
 
 def _base(path: str) -> str:

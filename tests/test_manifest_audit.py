@@ -94,22 +94,32 @@ def test_manifest_records_the_audit_trail(two_runs):
     assert m["selections"] == ["default"] and m["selection_specs"]["default"]["name"] == "default"
 
 
-def test_checksums_follow_a_new_selection_and_reuse_unchanged_files(two_runs, monkeypatch):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_checksums_follow_a_new_selection_and_reuse_unchanged_files(two_runs, monkeypatch, engine):
     run = two_runs[1]
+    name = f"loose-{engine}"
     before = json.loads((run / "manifest.json").read_text())["outputs"]["files"]
     hashed: list[str] = []
     real = curate_io.sha256_file
     monkeypatch.setattr(curate_io, "sha256_file", lambda url, *a, **k: hashed.append(url) or real(url, *a, **k))
-    res = CliRunner().invoke(app, ["select", str(run), "--name", "loose", "--min-words", "1"])
+    res = CliRunner().invoke(app, ["select", str(run), "--name", name, "--min-words", "1", "--engine", engine])
     assert res.exit_code == 0, res.output
     m = json.loads((run / "manifest.json").read_text())
     files = m["outputs"]["files"]
-    assert "selections/loose/kept/part-0.parquet" in files
-    assert files["selections/loose/uids.npy"]["sha256"] == _sha(run / "selections" / "loose" / "uids.npy")
+    assert f"selections/{name}/kept/part-0.parquet" in files
+    # every file of the selection is recorded with its true checksum and size
+    mine = [k for k in files if k.startswith(f"selections/{name}/")]
+    assert {k.split("/")[2] for k in mine} >= {"kept", "removed", "uids.npy", "tables", "report.json"}
+    for rel in mine:
+        assert files[rel]["sha256"] == _sha(run / rel) and files[rel]["bytes"] == (run / rel).stat().st_size, rel
     # the annotations did not change: their checksums were reused, not recomputed
     assert files["annotations/part-0.parquet"] == before["annotations/part-0.parquet"]
-    assert not any("annotations" in h for h in hashed) and any("loose" in h for h in hashed)
-    assert m["selection_specs"]["loose"]["caption"]["min_words"] == 1
+    assert not any("annotations" in h for h in hashed)
+    # the data files were hashed as they were written (by the tasks, on Ray), never read back to
+    # be hashed; only the few small files the driver writes last (report, selection.json) are
+    data = [h for h in hashed if any(f"/{d}/" in h for d in ("kept", "removed", "tables")) or h.endswith("uids.npy")]
+    assert data == [] and any(name in h for h in hashed)
+    assert m["selection_specs"][name]["caption"]["min_words"] == 1
 
 
 def test_code_version_outside_a_checkout_is_none(tmp_path):

@@ -45,6 +45,10 @@ try:
     import ray
     out["session_dir"] = ray._private.worker.global_worker.node.get_session_dir_path()
     out["task"] = rx.get(rx.cpu_task(lambda x: x * 2).remote(21))
+    # where task results of each size live: in the driver's memory (no node) or a node's object store
+    refs = [rx.cpu_task(lambda n: b"x" * n).remote(n) for n in (100, 5_000, 50_000)]
+    rx.get(refs)
+    out["in_object_store"] = [bool(v["node_ids"]) for v in ray.experimental.get_object_locations(refs).values()]
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
 out["seconds"] = time.monotonic() - t0
@@ -94,6 +98,8 @@ def test_first_start_times_out_then_the_retry_starts_ray(tmp_path):
     assert res["session_dir"] in gcs[0]
     assert res["task"] == 42
     assert res["info"]["cpus"] == 1.0
+    # ray.inline_return_bytes (1 KiB): only the 100-byte result is held in the driver's memory
+    assert res["in_object_store"] == [False, True, True]
 
 
 def test_both_starts_fail_with_an_error_that_says_what_to_do_and_nothing_left():
@@ -161,3 +167,19 @@ def test_a_killed_drivers_local_ray_is_gone_within_seconds():
         )
     finally:
         kill_session(driver.pid)
+
+
+def test_task_results_above_inline_return_bytes_stay_in_the_object_store():
+    """Ray's own threshold (100 KiB) when asked for: every result here is held by the driver; the
+    setting reaches the workers of the job (they read it when they start)."""
+    res = _drive({"num_cpus": 1, "inline_return_bytes": 100 * 1024})
+    assert "error" not in res, res
+    assert res["in_object_store"] == [False, False, False]
+    res = _drive({"num_cpus": 1, "inline_return_bytes": 0})
+    assert res["in_object_store"] == [True, True, True]
+
+
+@pytest.mark.parametrize("bad", [-1, 100 * 1024 + 1])
+def test_inline_return_bytes_is_bounded(bad):
+    with pytest.raises(ValidationError, match="inline_return_bytes"):
+        RayConfig(inline_return_bytes=bad)

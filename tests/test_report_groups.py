@@ -7,6 +7,9 @@ table is written in parts, read back whole, and replaced whole."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -275,7 +278,10 @@ def test_written_in_parts_read_whole_and_replaced_whole(frame, on_blocks, tmp_pa
     d = tmp_path / "tables"
     (d).mkdir()
     (d / "groups_domain.parquet").write_bytes(b"an older single-file table")  # a version before parts
-    first = write_tables({"groups_domain": table, "totals": pl.DataFrame({"n": [1]})}, str(tmp_path))
+    first_digests = write_tables({"groups_domain": table, "totals": pl.DataFrame({"n": [1]})}, str(tmp_path))
+    first = list(first_digests)
+    for p, digest in first_digests.items():  # each file's digest, from the process that wrote it
+        assert digest == {"bytes": Path(p).stat().st_size, "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()}
     names = sorted(p.name for p in d.iterdir())
     assert len(names) == len(table.parts) + 1 and "groups_domain.parquet" not in names  # the old file went
     assert all(store.selection_owned(f"tables/{n}") for n in names)  # a selection's own files (publish)
@@ -287,7 +293,7 @@ def test_written_in_parts_read_whole_and_replaced_whole(frame, on_blocks, tmp_pa
         part = pl.read_parquet(p)
         assert part.equals(table_order(part))
     # rewritten (curate report): a new generation replaces the old one whole
-    again = write_tables({"groups_domain": table}, str(tmp_path))
+    again = list(write_tables({"groups_domain": table}, str(tmp_path)))
     assert sorted(p.name for p in d.glob("groups_domain.*")) == sorted(p.rsplit("/", 1)[-1] for p in again)
     # a newer generation that a killed write left incomplete is not read; the next write removes it
     name = again[0].rsplit("/", 1)[-1]
