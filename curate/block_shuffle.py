@@ -31,6 +31,9 @@ from curate.filters.survivors import Survivor, repeated_losers
 TASK = Resources(cpus=1)
 G, DUP, OF, OF_G, SURVIVOR = "_g", "_dup", "_of", "_of_g", "_survivor"
 KEY = "_key"
+# rows of the pool per shuffle partition when selection.dedup.partitions = 0: a reducer of an exact
+# round holds ~210 B per eligible row of its partition (~0.5 GiB at this size, every row eligible)
+PARTITION_ROWS = 2_500_000
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,21 @@ class Plan:
     starts: tuple[int, ...]  # first shard index of each block
     sel: SelectionConfig
     threshold: float | None
+    rows: int = 0  # annotation rows of all the shards (their markers' counts)
 
     @property
     def blocks(self) -> int:
         return len(self.starts)
+
+    @property
+    def partitions(self) -> int:
+        """Shuffle partitions: selection.dedup.partitions, else one per PARTITION_ROWS rows of the
+        pool (at least 1, at most one per block). Each round makes blocks x partitions objects, and
+        the driver's Ray bookkeeping grows with them (measured: docs/SCALE.md), so they are sized
+        by what a reducer can hold, not by the number of blocks."""
+        if self.sel.dedup.partitions:
+            return self.sel.dedup.partitions
+        return max(1, min(self.blocks, -(-self.rows // PARTITION_ROWS)))
 
     def block_shards(self, b: int) -> list[str]:
         end = self.starts[b + 1] if b + 1 < len(self.starts) else len(self.shards)
@@ -61,8 +75,12 @@ class Plan:
 def plan_blocks(run_dir: str, shards: list[str], rows_per_block: int) -> tuple[int, ...]:
     """Contiguous blocks of shards of about rows_per_block rows each (the shards' markers count
     their rows); a shard bigger than that is a block of its own."""
+    return blocks_of(list(accounting.shard_rows(run_dir, shards).values()), rows_per_block)
+
+
+def blocks_of(shard_rows: list[int], rows_per_block: int) -> tuple[int, ...]:
     starts, acc = [0], 0
-    for i, n in enumerate(accounting.shard_rows(run_dir, shards).values()):
+    for i, n in enumerate(shard_rows):
         if acc and acc + n > rows_per_block:
             starts.append(i)
             acc = 0

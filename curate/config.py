@@ -272,7 +272,13 @@ class DedupRule(Strict):
     # the hash says "same picture" (docs/DEDUP.md: 10-12 keeps re-encodes, resizes and small crops
     # while separating look-alikes the embeddings merge). None = embeddings alone (SemDeDup).
     image_phash_max_distance: Optional[int] = Field(None, ge=0, le=64)
-    partitions: int = Field(0, ge=0, description='shuffle partitions for selection.engine = "ray"; 0 = automatic')
+    partitions: int = Field(
+        0,
+        ge=0,
+        description='shuffle partitions for selection.engine = "ray"; 0 = automatic: one per 2,500,000 rows of the '
+        "pool (block_shuffle.PARTITION_ROWS), at most one per block. A round makes blocks x partitions objects, and "
+        "the driver's Ray bookkeeping grows with them (docs/SCALE.md)",
+    )
     # which copy of a duplicate group is kept, for every dedup (URL, image hash, caption and image
     # near-duplicates, uid; local and Ray engines); filters/survivors.py
     survivor: Literal["best_score", "first", "priority"] = Field(
@@ -320,16 +326,17 @@ class SelectionConfig(Strict):
         "local",
         description='where a selection runs: "local" (polars/numpy in this process; no Ray is imported) or "ray" '
         "(tasks over blocks of annotation shards: per-row rules, exact dedups as hash shuffles, the top-fraction "
-        "threshold and the report's quantiles by exact radix select, files and uids written by tasks; the same "
-        'decisions, files and report; near-duplicate pools still gathered in the driver). "auto": Ray for pools '
+        "threshold and the report's quantiles by exact radix select, near-duplicate candidates verified and their "
+        'components found by tasks, files and uids written by tasks; the same decisions, files and report). "auto": '
+        "Ray for pools "
         "of more than AUTO_RAY_ROWS rows or inside a Ray job (RAY_ADDRESS set); docs/SCALE.md",
     )
     block_rows: int = Field(
         500_000,
         ge=1,
         description='selection.engine = "ray": annotation rows per block task (whole shards; a bigger shard is a '
-        "block of its own). A worker holds about 2.5 KB per block row; a shuffle round makes blocks^2 objects, so "
-        "at billions of rows raise it (docs/SCALE.md)",
+        "block of its own). A worker holds about 2.5 KB per block row; a shuffle round makes blocks x partitions "
+        "objects, so at billions of rows raise it (docs/SCALE.md)",
     )
     write: Literal["full", "kept", "decisions"] = Field(
         "full",

@@ -36,7 +36,7 @@ from typing import Any
 
 import polars as pl
 
-from curate import annotations, schema
+from curate import accounting, annotations, schema
 from curate.block_shuffle import (
     DUP,
     G,
@@ -48,8 +48,8 @@ from curate.block_shuffle import (
     Plan,
     apply_losers,
     by_block,
+    blocks_of,
     map_round,
-    plan_blocks,
     reduce_round,
 )
 from curate.config import SelectionConfig
@@ -213,9 +213,10 @@ def decide_blocks(
     explain=False: only which rows are kept (`_eligible`), as decide(explain=False): no following,
     no clusters."""
     rows_per_block = rows_per_block or sel.block_rows
-    plan = Plan(run_dir, tuple(shards), plan_blocks(run_dir, shards, rows_per_block), sel, threshold)
+    counts = list(accounting.shard_rows(run_dir, shards).values())
+    plan = Plan(run_dir, tuple(shards), blocks_of(counts, rows_per_block), sel, threshold, sum(counts))
     B = plan.blocks
-    P = sel.dedup.partitions or B
+    P = plan.partitions
     started = [executor.submit(start_block, plan, b, resources=TASK, num_returns=2) for b in range(B)]
     states = [s[0] for s in started]
     prev: str | None = None

@@ -292,4 +292,4 @@ def near_round(
 
 
 def _partitions(plan: Plan) -> int:
-    return plan.sel.dedup.partitions or plan.blocks
+    return plan.partitions

@@ -13,6 +13,7 @@ from engine_support import report_numbers, same_report, same_selection
 
 from curate import annotations
 from curate import distributed_decide as dd
+from curate.block_shuffle import PARTITION_ROWS, Plan, plan_blocks
 from curate.config import SelectionConfig, load_spec
 from curate.executor import LocalExecutor
 from curate.filters.decide import decide
@@ -80,7 +81,7 @@ def _local(run_dir, sel):
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
-@pytest.mark.parametrize("rows_per_block,partitions", [(10**9, 0), (500, 0), (500, 3), (900, 1)])
+@pytest.mark.parametrize("rows_per_block,partitions", [(10**9, 0), (500, 0), (500, 3), (900, 2)])
 def test_the_same_decisions_as_the_local_engine(run_dir, name, rows_per_block, partitions):
     rules = RULES[name]
     sel = SelectionConfig.model_validate({**rules, "dedup": {**rules["dedup"], "partitions": partitions}})
@@ -114,9 +115,26 @@ def test_duplicates_follow_their_survivor_to_the_kept_copy(run_dir, monkeypatch)
 
 def test_blocks_follow_the_row_counts(run_dir):
     shards = annotations.completed_shards(run_dir)
-    assert dd.plan_blocks(run_dir, shards, 10**9) == (0,)
-    assert dd.plan_blocks(run_dir, shards, 800) == (0, 2)
-    assert dd.plan_blocks(run_dir, shards, 1) == (0, 1, 2, 3)  # a shard bigger than a block is one
+    assert plan_blocks(run_dir, shards, 10**9) == (0,)
+    assert plan_blocks(run_dir, shards, 800) == (0, 2)
+    assert plan_blocks(run_dir, shards, 1) == (0, 1, 2, 3)  # a shard bigger than a block is one
+
+
+@pytest.mark.parametrize(
+    "rows,blocks,given,expected",
+    [
+        (1_000_000, 2, 0, 1),  # automatic: one partition per PARTITION_ROWS rows of the pool
+        (10_000_000, 20, 0, 4),
+        (2_500_001, 6, 0, 2),
+        (10**10, 100, 0, 100),  # never more than one per block
+        (10_000_000, 20, 7, 7),  # selection.dedup.partitions wins
+    ],
+)
+def test_partitions_are_sized_by_rows_not_blocks(rows, blocks, given, expected):
+    assert PARTITION_ROWS == 2_500_000
+    sel = SelectionConfig.model_validate({"dedup": {"partitions": given}})
+    plan = Plan("run", tuple(f"s{i}" for i in range(blocks)), tuple(range(blocks)), sel, None, rows)
+    assert plan.partitions == expected
 
 
 def test_on_ray_a_worker_killed_mid_shuffle_gives_the_same_decisions(run_dir, ray_session, tmp_path, monkeypatch):

@@ -104,7 +104,7 @@ def _sel(name, partitions=0):
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
-@pytest.mark.parametrize("rows_per_block,partitions", [(10**9, 0), (300, 0), (300, 3), (700, 1)])
+@pytest.mark.parametrize("rows_per_block,partitions", [(10**9, 0), (300, 0), (300, 3), (700, 2)])
 def test_the_same_near_duplicates_as_the_local_engine(run_dir, name, rows_per_block, partitions):
     sel = _sel(name, partitions)
     want, threshold = _local(run_dir, sel)
