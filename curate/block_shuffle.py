@@ -31,9 +31,12 @@ from curate.filters.survivors import Survivor, repeated_losers
 TASK = Resources(cpus=1)
 G, DUP, OF, OF_G, SURVIVOR = "_g", "_dup", "_of", "_of_g", "_survivor"
 KEY = "_key"
-# rows of the pool per shuffle partition when selection.dedup.partitions = 0: a reducer of an exact
-# round holds ~210 B per eligible row of its partition (~0.5 GiB at this size, every row eligible)
-PARTITION_ROWS = 2_500_000
+# rows of the pool per shuffle partition when selection.dedup.partitions = 0: fewer partitions
+# shrink the driver's bookkeeping (blocks x partitions objects per round), more rows per partition
+# grow the reducers: the near-duplicate captions' band-key reducers peaked at 1.7 GB with 1 M rows
+# of the pool per partition and 2.5 GB with 1.5 M (bench_select_scale.py), so 1 M keeps a reducer
+# at about a block task's peak (block_rows = 500,000: ~1.5 GB)
+PARTITION_ROWS = 1_000_000
 
 
 @dataclass(frozen=True)

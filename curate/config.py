@@ -275,7 +275,7 @@ class DedupRule(Strict):
     partitions: int = Field(
         0,
         ge=0,
-        description='shuffle partitions for selection.engine = "ray"; 0 = automatic: one per 2,500,000 rows of the '
+        description='shuffle partitions for selection.engine = "ray"; 0 = automatic: one per 1,000,000 rows of the '
         "pool (block_shuffle.PARTITION_ROWS), at most one per block. A round makes blocks x partitions objects, and "
         "the driver's Ray bookkeeping grows with them (docs/SCALE.md)",
     )

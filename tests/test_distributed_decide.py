@@ -124,14 +124,14 @@ def test_blocks_follow_the_row_counts(run_dir):
     "rows,blocks,given,expected",
     [
         (1_000_000, 2, 0, 1),  # automatic: one partition per PARTITION_ROWS rows of the pool
-        (10_000_000, 20, 0, 4),
-        (2_500_001, 6, 0, 2),
+        (10_000_000, 20, 0, 10),
+        (3_000_001, 6, 0, 4),
         (10**10, 100, 0, 100),  # never more than one per block
         (10_000_000, 20, 7, 7),  # selection.dedup.partitions wins
     ],
 )
 def test_partitions_are_sized_by_rows_not_blocks(rows, blocks, given, expected):
-    assert PARTITION_ROWS == 2_500_000
+    assert PARTITION_ROWS == 1_000_000
     sel = SelectionConfig.model_validate({"dedup": {"partitions": given}})
     plan = Plan("run", tuple(f"s{i}" for i in range(blocks)), tuple(range(blocks)), sel, None, rows)
     assert plan.partitions == expected
