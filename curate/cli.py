@@ -392,6 +392,49 @@ def diff(
         typer.echo(f"diff: {io.join(out, 'diff.html')}")
 
 
+@app.command("export")
+def export_command(
+    run_dir: str = typer.Argument(..., help="a run directory written by `curate run` (local or bucket URL)"),
+    to: str = typer.Option(..., "--to", help="output folder or bucket prefix (new, or an earlier export's)"),
+    selection: Optional[str] = typer.Option(
+        None, "--selection", "-s", help="selection to export (selections/<name>/; default: 'default')"
+    ),
+    fmt: str = typer.Option(
+        "webdataset", "--format", help="webdataset: tars of the cached images; parquet: url + caption pairs"
+    ),
+    shard_size: int = typer.Option(10_000, "--shard-size", min=1, help="rows per output shard"),
+    uids: Optional[str] = typer.Option(
+        None, "--uids", help="instead of a selection: the run's rows whose uid is in this DataComp uids.npy"
+    ),
+) -> None:
+    """Write a selection as training shards (docs/EXPORT.md): webdataset tars of the cached images,
+    or parquet pairs for an img2dataset re-download; one Ray task per shard, resumable."""
+    # lazy: curate.export adds ~0.35 s (pyarrow, fsspec via curate.io); --help and other commands skip it
+    from curate.export import export
+
+    if uids is not None and selection is not None:
+        _fail("give --selection or --uids, not both")
+    try:
+        s = export(
+            run_dir, to, fmt, selection=None if uids else (selection or "default"), uids=uids, shard_size=shard_size
+        )
+    except KeyboardInterrupt:
+        _fail(f"{_INTERRUPTED}: finished shards are kept", 130)
+    except _USER_ERRORS as e:
+        _fail(str(e))
+    c = s["counts"]
+    typer.echo(
+        f"exported {c['exported']:,} of {c['rows']:,} rows into {s['shards']:,} {fmt} shard(s) at {to} "
+        f"({s['skipped_shards']:,} already complete); counts reconcile: {'yes' if s['reconciles'] else 'NO'}"
+    )
+    if c["missing"]:
+        typer.echo(f"{c['missing']:,} row(s) have no image in the run's cache: listed in {to}/_missing.parquet")
+    if uids is not None:
+        typer.echo(f"{c['uids_not_found']:,} of {c['uids_distinct']:,} listed uid(s) are not in the run")
+    if not s["reconciles"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

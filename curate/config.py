@@ -27,13 +27,46 @@ class SpecError(ValueError):
 
 # --------------------------------------------------------------------------------------------------
 class InputConfig(Strict):
-    paths: list[str] = Field(min_length=1, description="parquet files, directories or globs; any fsspec URL")
+    paths: list[str] = Field(
+        min_length=1,
+        description="parquet files (format = 'webdataset': .tar files), directories or globs; any fsspec URL",
+    )
+    format: Literal["parquet", "webdataset"] = Field(
+        "parquet",
+        description="parquet: metadata shards (URL, caption, ...) whose images the fetch stage downloads. "
+        "webdataset: a pool img2dataset (or DataComp's download) already made: NNNNN.tar with NNNNN.parquet beside "
+        "it; each row's image comes from the tar and its fetch_status from img2dataset's status, and no network "
+        "request is made. The network fetch is skipped: fetch.enabled = true means 'take the images from the tars' "
+        "(false: no image is read), and every other fetch.* setting is refused, as it would do nothing. The "
+        "parquet's url, caption and uid (when it has one, e.g. save_additional_columns=['uid']) are read, so "
+        "layout, url_column and caption_column do not apply; docs/FETCH.md 'Pools already downloaded'",
+    )
     layout: Literal["auto", "laion", "datacomp", "custom"] = "auto"
     url_column: Optional[str] = None  # for layout="custom" (or to override)
     caption_column: Optional[str] = None
     uid_column: Optional[str] = None  # None: the layout's own, else uid = md5(url \x00 caption)
     keep_columns: list[str] = Field(default_factory=list, description="input columns carried into outputs")
     max_caption_chars: int = Field(4096, ge=16, description="captions are truncated to this for annotation")
+
+    @model_validator(mode="after")
+    def _pool_columns_are_img2datasets(self) -> "InputConfig":
+        if self.format != "webdataset":
+            return self
+        set_here = [
+            f"input.{k} = {v!r}"
+            for k, v in (
+                ("layout", self.layout),
+                ("url_column", self.url_column),
+                ("caption_column", self.caption_column),
+            )
+            if v not in (None, "auto")
+        ]
+        if set_here:
+            raise ValueError(
+                f"input.format = 'webdataset' reads the url and caption columns img2dataset writes in each tar's "
+                f"parquet: {', '.join(set_here)} does not apply; remove it (input.uid_column may name a kept uid column)"
+            )
+        return self
 
 
 class OutputConfig(Strict):
@@ -483,6 +516,22 @@ class PipelineSpec(Strict):
             problem = unverified_bands_problem(d.caption_jaccard, a.caption_minhash_threshold, a.caption_minhash_perm)
             if problem:
                 raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _pools_are_not_fetched(self) -> "PipelineSpec":
+        """A webdataset pool's images come from its tars: the network fetch is skipped, so a fetch
+        setting other than `enabled` would silently do nothing."""
+        if self.input.format != "webdataset":
+            return self
+        default, ours = FetchConfig().model_dump(), self.fetch.model_dump()
+        unused = [f"fetch.{k}" for k in ours if k != "enabled" and ours[k] != default[k]]
+        if unused:
+            raise ValueError(
+                f"input.format = 'webdataset' takes each image from the pool's tars and makes no network request: "
+                f"{', '.join(unused)} would do nothing; remove it (fetch.enabled = false reads no image at all; the "
+                "images are stored as img2dataset stored them: docs/FETCH.md 'Pools already downloaded')"
+            )
         return self
 
     @property

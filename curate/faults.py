@@ -26,10 +26,12 @@ Names (where they fire):
                       with Ray's start-up waits at 0 s, so Ray's own start-up times out for
                       real (`armed()`, not a crash); the retry runs with ray.init_timeout_s
 
-Kill points (any name starting with selection., publish. or run.; tests/test_data_safety.py):
+Kill points (any name starting with selection., publish., run. or export.; tests/test_data_safety.py):
 the process SIGKILLs itself there, as `kill -9` would, once per once-file. They sit at every step
-of writing and publishing a selection (curate/selection.py, curate/publish.py) and before the
-run's selection phase (curate/runner.py).
+of writing and publishing a selection (curate/selection.py, curate/publish.py), before the
+run's selection phase (curate/runner.py), and in `curate export` (curate/export.py:
+export.before_marker in a shard task, its files written and its marker not; export.shard_done
+in the driver, a shard's result collected).
 
 CURATE_PAUSE=<name>=<seconds>[,...] sleeps at `fire(name)` instead: the concurrency tests hold a
 run's lock open with it.
@@ -49,8 +51,9 @@ ENV = "CURATE_FAILPOINT"
 FAILPOINT_EXIT_CODE = 75
 NAMES = ("score_first_batch", "score_after_write", "score_poison", "ray_start_timeout", "rank_counts", "decide_shuffle")
 # kill points: the process SIGKILLs itself there (once per once-file), as `kill -9` would; used by
-# the publish/selection kill tests (tests/test_data_safety.py). Any name with these prefixes.
-KILL_PREFIXES = ("selection.", "publish.", "run.")
+# the publish/selection kill tests (tests/test_data_safety.py) and the export resume test
+# (tests/test_export.py). Any name with these prefixes.
+KILL_PREFIXES = ("selection.", "publish.", "run.", "export.")
 ALWAYS = ("score_poison",)  # their argument is the shard to crash on, every time
 
 

@@ -149,6 +149,10 @@ def preprocessing(spec: PipelineSpec) -> dict[str, Any]:
     Resizer, see curate/stages/fetch.py) here; the model's own eval transform is recorded with the
     model (manifest["model"]["preprocess"], from the scoring actor)."""
     f = spec.fetch
+    if spec.needs_images and spec.input.format == "webdataset":
+        # a pool img2dataset made: its images were prepared by img2dataset's settings, which curate
+        # cannot see (img2dataset records no resize settings in the pool); curate reads them as stored
+        return {"fetch": {"source": "webdataset pool: images as stored in the tars (img2dataset's own settings)"}}
     return {
         "fetch": None
         if not spec.needs_images
@@ -184,9 +188,10 @@ def opt_out_policy(spec: PipelineSpec) -> dict[str, Any]:
     opt-out source the fetch stage has; there is no opt-out list file to hash). Deletion lists
     (`curate forget`) are recorded under deletion_lists, each with its sha256."""
     f = spec.fetch
+    fetched_here = spec.needs_images and spec.input.format != "webdataset"  # a pool's opt-outs were img2dataset's
     return {
         "x_robots_tag": {"user_agent_token": f.user_agent_token, "directives": list(f.disallowed_header_directives)}
-        if spec.needs_images
+        if fetched_here
         else None,
         "lists": [],
     }
@@ -196,9 +201,7 @@ def opt_out_policy(spec: PipelineSpec) -> dict[str, Any]:
 OUTPUT_DIRS = store.OUTPUT_DIRS
 
 
-def record_outputs(
-    run_dir: str, m: dict[str, Any], known: dict[str, dict[str, Any]] | None = None
-) -> dict[str, Any]:
+def record_outputs(run_dir: str, m: dict[str, Any], known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """m["outputs"]: every file under the run's output folders (annotations/, images/,
     embeddings/, selections/, forget/) as {relative path: {bytes, version, sha256}}. A file whose
     size and version (mtime locally, ETag on a bucket) match the previous record keeps its

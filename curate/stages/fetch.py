@@ -20,6 +20,10 @@ stored JPEG exactly as img2dataset would. Around it, ours:
 
 Every input row gets exactly one status (FetchStatus); detail goes to fetch_error. A failure of
 the shard as a whole raises FetchError naming the shard (the runner records it and exits non-zero).
+
+A pool already downloaded (input.format = "webdataset") is not fetched: the stage takes each row's
+image from the pool's tar and its status from img2dataset's (curate/webdataset_input.py), and
+returns the same table a fetch would.
 """
 
 from __future__ import annotations
@@ -40,10 +44,10 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate import schema
+from curate import schema, webdataset_input
 from curate.annotations import FIELDS
 from curate.urls import host_of as _host
-from curate.config import FetchConfig
+from curate.config import FetchConfig, InputConfig
 from curate.stages.base import Stage
 from curate.fetching import images as image_checks
 from curate.fetching import robots
@@ -383,12 +387,29 @@ def reconcile(
     return status, imgs.sort_by(ROW).combine_chunks()
 
 
-def fetch(rows: pa.Table, cfg: FetchConfig, *, shard: str) -> pa.Table:
+def pool_shard(rows: pa.Table, cfg: InputConfig, shard: str) -> tuple[pa.Table, pa.Table]:
+    """fetch_shard's result for rows of a pool already downloaded (input.format = "webdataset"):
+    images from its tar, statuses from img2dataset's. No network. Raises FetchError naming the
+    shard and the pool file when the tar or its parquet cannot be read."""
+    rows = _checked_rows(rows, shard)
+    try:
+        records, images = webdataset_input.pool_images(rows, cfg, shard)
+    except webdataset_input.PoolError as err:
+        raise FetchError(f"shard {shard!r}: {err}") from err
+    return reconcile(rows[ROW].to_pylist(), records, images, shard)
+
+
+def fetch(rows: pa.Table, cfg: FetchConfig, input_cfg: InputConfig, *, shard: str) -> pa.Table:
     """The fetch stage: one row per input row (STATUS_SCHEMA columns, sorted by row) plus `jpg`,
-    the stored image of each ok row (null for the others)."""
-    status, images = fetch_shard(rows, cfg, "", shard)
+    the stored image of each ok row (null for the others). A webdataset pool's rows are taken from
+    its tars instead (pool_shard)."""
+    if input_cfg.format == "webdataset":
+        status, images = pool_shard(rows, input_cfg, shard)
+    else:
+        status, images = fetch_shard(rows, cfg, "", shard)
     return status.join(images, keys=ROW, join_type="left outer").sort_by(ROW).combine_chunks()
 
 
-# I/O bound: one worker's sockets are fetch.threads threads, not CPUs; resizing is the CPU part
-FETCH = Stage("fetch", ("fetch",), fetch, cpus=1)
+# I/O bound: one worker's sockets are fetch.threads threads, not CPUs; resizing is the CPU part.
+# `input` says where the images are: the network, or the tars of a pool already downloaded
+FETCH = Stage("fetch", ("fetch", "input"), fetch, cpus=1)

@@ -2,6 +2,10 @@
 
 Canonical columns: shard, row, uid, url, caption, then optional metadata the rules can use
 (original_width/height, an input similarity column, sha256) and the spec's keep_columns.
+
+With input.format = "webdataset" an input shard is a pool tar (NNNNN.tar) and its rows are those
+of the parquet img2dataset wrote beside it (curate/webdataset_input.py): url, caption and, when
+the pool kept one, uid; the images and statuses come in the fetch stage.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import io, schema
+from curate import io, schema, webdataset_input
 from curate.annotations import FIELDS
 from curate.config import InputConfig
 
@@ -32,6 +36,9 @@ class Layout:
     # input column -> canonical column, for metadata the rules understand
     metadata: tuple[tuple[str, str], ...] = ()
 
+
+# img2dataset's per-tar parquet: its own url and caption columns; uid when the pool kept one (DataComp)
+POOL = Layout("webdataset", webdataset_input.URL, webdataset_input.CAPTION, webdataset_input.UID)
 
 LAYOUTS = {
     # LAION metadata shards: URL, TEXT, WIDTH, HEIGHT, similarity, ...
@@ -55,13 +62,22 @@ LAYOUTS = {
 
 def shard_name(path: str) -> str:
     base = posixpath.basename(path.rstrip("/"))
-    return base[: -len(".parquet")] if base.endswith(".parquet") else base
+    for suffix in (".parquet", ".tar"):  # a metadata shard, or a pool tar (input.format = "webdataset")
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
 
 
 def list_shards(cfg: InputConfig) -> list[str]:
     paths: list[str] = []
     for p in cfg.paths:
-        found = io.list_files(p)
+        if cfg.format == "webdataset":
+            try:
+                found = webdataset_input.list_pool(p)
+            except webdataset_input.PoolError as e:
+                raise ShardReadError(str(e)) from e
+        else:
+            found = io.list_files(p)
         if not found:
             raise ShardReadError(f"{p}: no parquet files found")
         paths.extend(found)
@@ -120,7 +136,10 @@ def compute_uids(urls: list[str | None], captions: list[str | None]) -> list[str
 
 def footer_rows(path: str) -> int | str:
     """Rows in a parquet file by its footer, without reading data pages (a shard whose pages are
-    corrupt still says how many rows it holds); "unknown" when the footer is unreadable too."""
+    corrupt still says how many rows it holds); "unknown" when the footer is unreadable too. For a
+    pool tar, the rows of the parquet beside it."""
+    if path.endswith(".tar"):
+        path = webdataset_input.parquet_path(path)
     try:
         fs, p = io.fs_and_path(path)
         with fs.open(p, "rb") as f:
@@ -129,48 +148,67 @@ def footer_rows(path: str) -> int | str:
         return "unknown"
 
 
+def pool_layout(cfg: InputConfig, columns: list[str]) -> Layout:
+    """The layout of a pool's per-tar parquet: input.uid_column, else its uid column when it has one
+    (a DataComp pool), else none (uid = md5(url \x00 caption), as for a metadata shard)."""
+    uid = cfg.uid_column or (POOL.uid if POOL.uid in columns else None)
+    return Layout(POOL.name, POOL.url, POOL.caption, uid)
+
+
 def read_shard(path: str, cfg: InputConfig, extra_columns: tuple[str, ...] = ()) -> pa.Table:
     """Read one shard into canonical columns. `extra_columns` are input columns a later stage needs
-    (e.g. the similarity column a spec selects on); they must exist."""
+    (e.g. the similarity column a spec selects on); they must exist. A pool tar (input.format =
+    "webdataset") is read from the parquet beside it, whose key and status columns are checked."""
+    pool = cfg.format == "webdataset"
+    source = webdataset_input.parquet_path(path) if pool else path  # the file the columns are in
     try:
-        fs, p = io.fs_and_path(path)
+        fs, p = io.fs_and_path(source)
         with fs.open(p, "rb") as f:
             pf = pq.ParquetFile(f)
             columns = pf.schema_arrow.names
-            layout = resolve_layout(cfg, columns, path)
+            layout = pool_layout(cfg, columns) if pool else resolve_layout(cfg, columns, source)
             wanted = [layout.url, layout.caption]
             if layout.uid:
                 wanted.append(layout.uid)
+            checked = [webdataset_input.KEY, webdataset_input.STATUS] if pool else []
             meta_cols = [src for src, _ in layout.metadata if src in columns]
             for col in [*extra_columns, *cfg.keep_columns]:
                 if col not in columns:
                     raise ShardReadError(
-                        f"{path}: missing column {col!r} (named in the spec); columns present: {columns}"
+                        f"{source}: missing column {col!r} (named in the spec); columns present: {columns}"
                     )
-            for col in wanted:
+            for col in [*wanted, *checked]:
                 if col not in columns:
                     raise ShardReadError(
-                        f"{path}: missing column {col!r} (layout {layout.name}); columns present: {columns}"
+                        f"{source}: missing column {col!r} (layout {layout.name}); columns present: {columns}"
                     )
-            read_cols = list(dict.fromkeys([*wanted, *meta_cols, *extra_columns, *cfg.keep_columns]))
+            read_cols = list(dict.fromkeys([*wanted, *checked, *meta_cols, *extra_columns, *cfg.keep_columns]))
             table = pf.read(columns=read_cols)
     except ShardReadError:
         raise
     except FileNotFoundError as e:
+        if pool:
+            raise ShardReadError(
+                f"{path}: no parquet beside this tar (expected {source}, as img2dataset writes it): {e}"
+            ) from e
         raise ShardReadError(f"{path}: file not found ({e})") from e
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise ShardReadError(f"{path}: not a readable parquet file: {type(e).__name__}: {e}") from e
+        raise ShardReadError(f"{source}: not a readable parquet file: {type(e).__name__}: {e}") from e
 
     table = _decode_dictionaries(table)
-    _check_utf8(table, path)
+    _check_utf8(table, source)
+    if pool:
+        problem = webdataset_input.pool_problem(table)
+        if problem:
+            raise ShardReadError(f"{source}: {problem}")
     n = table.num_rows
-    url = _as_string(table.column(layout.url), path, layout.url)
-    caption = _as_string(table.column(layout.caption), path, layout.caption)
+    url = _as_string(table.column(layout.url), source, layout.url)
+    caption = _as_string(table.column(layout.caption), source, layout.caption)
     if layout.uid:
-        uid = pc.utf8_lower(_as_string(table.column(layout.uid), path, layout.uid))
+        uid = pc.utf8_lower(_as_string(table.column(layout.uid), source, layout.uid))
         if uid.null_count:
-            raise ShardReadError(f"{path}: column {layout.uid!r} has {uid.null_count} null uids")
-        _check_uids(uid, path, layout.uid)
+            raise ShardReadError(f"{source}: column {layout.uid!r} has {uid.null_count} null uids")
+        _check_uids(uid, source, layout.uid)
     else:
         uid = pa.array(compute_uids(url.to_pylist(), caption.to_pylist()), pa.string())
 
@@ -187,7 +225,7 @@ def read_shard(path: str, cfg: InputConfig, extra_columns: tuple[str, ...] = ())
             try:
                 cols[dst] = pc.cast(table.column(src), target, safe=False)
             except pa.ArrowInvalid as e:
-                raise ShardReadError(f"{path}: column {src!r} cannot be read as {target}: {e}") from e
+                raise ShardReadError(f"{source}: column {src!r} cannot be read as {target}: {e}") from e
     for col in [*extra_columns, *cfg.keep_columns]:
         if col not in cols:
             cols[col] = table.column(col)
