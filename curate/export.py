@@ -268,6 +268,7 @@ def export(
     if to == run_dir or to.startswith(f"{run_dir}/"):
         raise ValueError(f"{to} is inside the run directory {run_dir}: export to a folder of its own")
     publish.check_replaceable(to, layout.owned)  # before any work: a folder with files not ours is refused
+    _check_claimed(to)
     ex = given_or_ray(executor)
     wanted = None
     if uids is not None:
@@ -276,6 +277,7 @@ def export(
         source, counts, about = selection_source(run_dir, selection)
     jobs = plan(counts, shard_size)
     settings = Settings(to, fmt, shard_size, fingerprint(source, fmt, shard_size, counts, about))
+    io.write_json(_at(settings, layout.CLAIM), {"written_by": "curate export"})  # before any file it may delete
     _tidy(to, fmt, len(jobs))
     results = _run(ex, source, settings, jobs, wanted)
     if source.kind != "uids" and selection_created_at(source) != about.get("created_at"):
@@ -332,6 +334,22 @@ def _uid_source(ex: Executor, run_dir: str, path: str):
     not_found = ex.result(wanted)[~found]
     about = {**about, "found": int(found.sum())}
     return Source(run_dir, "uids", uids_file=path), counts, about, wanted, not_found
+
+
+def _check_claimed(to: str) -> None:
+    """A folder that already holds files is an export's only when it holds the claim an export
+    writes first: files named like ours in any other folder (an img2dataset pool: 00000.tar,
+    00000.parquet, 00000_stats.json) are someone else's, and would be overwritten or deleted."""
+    fs, top = io.fs_and_path(to)
+    if not fs.exists(top):
+        return
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.find(top))
+    if names and layout.CLAIM not in names:
+        raise publish.PublishError(
+            f"{to} holds {len(names)} file(s) named like an export's ({', '.join(names[:5])}) but no "
+            f"{layout.CLAIM}: curate export did not write them (an img2dataset pool?); export into a new "
+            "folder (nothing was changed)"
+        )
 
 
 def _tidy(to: str, fmt: str, shards: int) -> None:

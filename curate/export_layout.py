@@ -39,6 +39,9 @@ SHARD_DIGITS = 5  # img2dataset's oom_shard_count: 00000.tar
 LAYOUT_VERSION = 1  # part of every marker's fingerprint: a layout change rewrites old shards
 
 SUMMARY = "_export.json"
+# written first into a folder an export starts in: shard-shaped names (00000.tar, ...) are also what
+# img2dataset writes, so they count as curate export's own only in a folder that holds this claim
+CLAIM = "_curate_export.json"
 MISSING = "_missing.parquet"
 SIZES = "sizes.json"
 UIDS_NOT_FOUND = "_uids_not_found.npy"
@@ -84,7 +87,7 @@ def shard_index_of(name: str) -> int | None:
 
 def is_own_final(name: str) -> bool:
     """A file name that `curate export` writes (not a temporary one)."""
-    return _SHARD_FILE.match(name) is not None or name in (SUMMARY, MISSING, SIZES, UIDS_NOT_FOUND)
+    return _SHARD_FILE.match(name) is not None or name in (SUMMARY, MISSING, SIZES, UIDS_NOT_FOUND, CLAIM)
 
 
 def is_own_temp(name: str) -> bool:

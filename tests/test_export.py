@@ -328,6 +328,7 @@ def test_a_rerun_rewrites_damaged_shards_and_only_those(demo_run, reference, tmp
         "00000.parquet",
         "00000.tar",
         "00000_stats.json",
+        "_curate_export.json",
         "_export.json",
         "_missing.parquet",
         "sizes.json",
@@ -344,6 +345,21 @@ def test_a_folder_holding_files_curate_did_not_write_is_refused(demo_run, tmp_pa
     assert res.exit_code == 2, res.output
     assert str(to) in res.output and "notes.txt" in res.output and "did not write" in res.output, res.output
     assert sorted(str(p.relative_to(to)) for p in to.rglob("*")) == ["notes.txt", "sub", "sub/00000.tar"]
+    # an img2dataset pool: every name is one an export writes too, but no export claimed the folder
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for name, data in {
+        "00000.tar": b"tar",
+        "00000.parquet": b"pq",
+        "00000_stats.json": b"{}",
+        "00001.tar": b"t",
+    }.items():
+        (pool / name).write_bytes(data)
+    res = cli(str(demo_run), "--to", str(pool), "--shard-size", "1000000")
+    assert res.exit_code == 2 and "_curate_export.json" in res.output and "00001.tar" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in pool.iterdir()} == {
+        "00000.tar": b"tar", "00000.parquet": b"pq", "00000_stats.json": b"{}", "00001.tar": b"t"
+    }  # fmt: skip
     res = cli(str(demo_run), "--to", str(demo_run / "export"))
     assert res.exit_code == 2 and "inside the run directory" in res.output, res.output
     res = cli(str(demo_run), "--to", str(tmp_path / "x"), "--selection", "default", "--uids", "u.npy")
