@@ -5,8 +5,6 @@ as parquet under ``selections/<name>/tables/`` (a grouping's full table in parts
 
 from __future__ import annotations
 
-import base64
-import io as _io
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -14,21 +12,18 @@ from typing import Any
 
 import polars as pl
 
-from curate import io, schema, store
-from curate.annotations import scan as scan_annotations
+from curate import io, schema
 from curate.config import ReportConfig, SelectionConfig
 from curate.reports.groups import GroupTable, read_table  # noqa: F401 - read_table: the tables' reader
 from curate.reports.summary import build_report, write_report
-from curate.reports.sources import FrameSource, Head, Source, as_source
+from curate.reports.gallery_rows import THUMB, picked_rows
+from curate.reports.sources import BlockSource, FrameSource, Head, Source, as_source
 from curate.reports.sweep import SCORE, flips, not_sweepable, representatives, sweep, thresholds
-import pyarrow.compute as pc
-from PIL import Image
 
 SWEEP_STEPS = 26
 GALLERY_GROUPS = 6
 GALLERY_PER_SIDE = 4
 GALLERY_WINDOW = 30  # sample from the this-many rows nearest the threshold on each side
-THUMB_PX = 112
 
 
 def _nice_range(reps: Source, t0: float | None) -> list[float]:
@@ -50,39 +45,6 @@ def _nice_range(reps: Source, t0: float | None) -> list[float]:
     if t0 is not None and all(abs(t - t0) > 1e-12 for t in thr):
         thr = sorted(thr + [t0])
     return thr
-
-
-def _thumb(jpg: bytes) -> str | None:
-    try:
-        im = Image.open(_io.BytesIO(jpg))
-        im = im.convert("RGB")
-        im.thumbnail((THUMB_PX, THUMB_PX))
-        buf = _io.BytesIO()
-        im.save(buf, format="JPEG", quality=75)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    except Exception:  # a corrupt cached image: shown as "no image", never fails the report
-        return None
-
-
-def _thumbnails(run_dir: str, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
-    out: dict[tuple[str, int], str] = {}
-    by_shard: dict[str, list[int]] = {}
-    for shard, row in keys:
-        by_shard.setdefault(shard, []).append(int(row))
-    for shard, rows in by_shard.items():
-        path = store.images_path(run_dir, shard)
-        if not io.exists(path):
-            continue
-        t = io.read_parquet(path, columns=[schema.ROW, schema.IMAGE_BYTES])
-        t = t.filter(
-            pc.is_in(t[schema.ROW], value_set=__import__("pyarrow").array(rows, type=t.schema.field(schema.ROW).type))
-        )
-        for r, b in zip(t[schema.ROW].to_pylist(), t[schema.IMAGE_BYTES].to_pylist()):
-            if b:
-                uri = _thumb(b)
-                if uri:
-                    out[(shard, int(r))] = uri
-    return out
 
 
 def boundary_gallery(
@@ -134,29 +96,29 @@ def boundary_gallery(
         by_shard: dict[str, list[int]] = {}
         for p in picked:
             by_shard.setdefault(p[schema.SHARD], []).append(int(p[schema.ROW]))
-        # shard by shard, the row filter pushed into the scan: only the picked rows are read into
-        # memory (a join against the whole scan held every row's caption and URL)
-        info = pl.concat(
-            [
-                (scan_annotations(run_dir, [shard]) if run_dir else annotations.filter(pl.col(schema.SHARD) == shard))
-                .filter(pl.col(schema.ROW).is_in(rows))
-                .select(schema.SHARD, schema.ROW, schema.CAPTION, schema.URL)
-                .collect(engine="streaming")
-                for shard, rows in sorted(by_shard.items())
-            ]
-        )
+        if run_dir:  # a task per shard on the selection's executor (reports/gallery_rows.py)
+            info = picked_rows(run_dir, by_shard, reps.executor if isinstance(reps, BlockSource) else None)
+        else:
+            info = pl.concat(
+                [
+                    annotations.filter((pl.col(schema.SHARD) == shard) & pl.col(schema.ROW).is_in(rows))
+                    .select(schema.SHARD, schema.ROW, schema.CAPTION, schema.URL)
+                    .collect(engine="streaming")
+                    for shard, rows in sorted(by_shard.items())
+                ]
+            ).with_columns(pl.lit(None, pl.String).alias(THUMB))
         text = {(r[schema.SHARD], r[schema.ROW]): r for r in info.iter_rows(named=True)}
-        images = _thumbnails(run_dir, [(p[schema.SHARD], p[schema.ROW]) for p in picked]) if run_dir else {}
         for g in groups:
             for side in ("above", "below"):
                 for p in g[side]:
                     k = (p[schema.SHARD], p[schema.ROW])
                     p["clip_score"] = p.pop(SCORE)
-                    p["caption"] = (text.get(k) or {}).get(schema.CAPTION)
-                    p["url"] = (text.get(k) or {}).get(schema.URL)
-                    if k in images:
-                        thumbs[p[schema.UID]] = images[k]
-                    p["has_image"] = k in images
+                    found = text.get(k) or {}
+                    p["caption"] = found.get(schema.CAPTION)
+                    p["url"] = found.get(schema.URL)
+                    if found.get(THUMB):
+                        thumbs[p[schema.UID]] = found[THUMB]
+                    p["has_image"] = bool(found.get(THUMB))
     return (
         {
             "column": column,

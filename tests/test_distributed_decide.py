@@ -175,6 +175,8 @@ def test_a_whole_selection_on_ray_over_many_blocks(run_dir, name, ray_session, t
     ra = report_numbers(a)
     if rules["dedup"].get("survivor", "best_score") == "best_score":  # the sweep needs it (sweep.not_sweepable)
         assert ra["sweep"] is not None and ra["gallery"]["groups"] and ra["flips"]["rows"]  # every section compared
+        picked = [p for g in ra["gallery"]["groups"] for p in g["above"] + g["below"]]
+        assert picked and all(p["caption"] is not None and p["url"] for p in picked)  # read by a task per shard
     if name == "url-caption":
         assert json.loads(once.read_text())["failpoint"] == "decide_shuffle"  # a worker died mid-shuffle
     rebuild_report(str(run), "ray")  # `curate report` re-asks the blocks: the same numbers

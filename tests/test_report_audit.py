@@ -239,3 +239,30 @@ def test_console_error_capture_really_fails(chromium, tmp_path):
     bad.write_text("<!DOCTYPE html><p>x</p><script>console.error('injected'); null.boom();</script>")
     res = load_page(bad, screenshot=False)
     assert any("injected" in e for e in res.errors) and any("exception" in e for e in res.errors)
+
+
+def test_gallery_rows_read_by_tasks_on_ray_match_the_local_engine(ray_session, tmp_path):
+    """The Ray engine reads the gallery's captions, URLs and thumbnails with a task per shard
+    (reports/gallery_rows.py): the same rows, captions and images as the local engine's reads."""
+    import json
+
+    from curate.config import SelectionConfig
+    from curate.selection import write_selection
+
+    from curate.accounting import annotation_counts
+
+    run = _audit_run_dir(tmp_path)
+    for done in (run / "annotations").glob("*.done"):  # the full markers the Ray engine plans blocks from
+        own = annotation_counts(pl.read_parquet(done.with_suffix(".parquet")))
+        marker = {"shard": done.stem, **own, "rows_read": own["rows"], "finished_at": "2026-01-01T00:00:00Z"}
+        done.write_text(json.dumps(marker))
+    rules = {"language": {"allow": ["en", "de", "pl"]}, "caption": {"min_words": 2}, "clip": {"min_score": 0.3}}
+    write_selection(str(run), SelectionConfig(name="on-ray", engine="ray", block_rows=1000, **rules))
+    local = json.loads((run / "selections" / "default" / "report.json").read_text())["gallery"]
+    ray_ = json.loads((run / "selections" / "on-ray" / "report.json").read_text())["gallery"]
+    assert ray_ == local
+    picked = [p for g in ray_["groups"] for p in g["above"] + g["below"]]
+    assert any(p["has_image"] for p in picked) and all(p["caption"] is not None for p in picked)
+    html = (run / "selections" / "on-ray" / "report.html").read_text()
+    shown = [p for p in picked if p["has_image"]]
+    assert html.count("data:image/jpeg;base64,") >= len(shown) > 0  # the thumbnails reached the page
