@@ -84,6 +84,12 @@ class Future:
         self.slot = slot
         self.actor = actor
 
+    def fetch(self) -> Any:
+        """The value, fetched by the task this future was passed to inside a list (a list is not
+        resolved before the task starts): a task that merges many outputs one at a time
+        (uids.npy's streaming merge), so neither it nor the driver holds them all."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be fetched inside a task")
+
 
 class ActorPool(ABC):
     """`size` instances of one class; the caller picks the slot for each call (`loads()`, `call()`),
@@ -195,6 +201,11 @@ class LocalFuture(Future):
     def __init__(self, value: Any = None, error: BaseException | None = None, slot: int | None = None, actor=None):
         super().__init__(slot, actor)
         self.value, self.error = value, error
+
+    def fetch(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class LocalExecutor(Executor):

@@ -325,6 +325,9 @@ class RayFuture(Future):
         super().__init__(slot, actor)
         self.ref = ref
 
+    def fetch(self) -> Any:
+        return ray.get(self.ref)  # inside a task: Ray tracks the ref the pickled future carries
+
 
 class RayExecutor(Executor):
     """Tasks and actors on Ray: `connect(cfg)` first (a new local Ray by default, RAY_ADDRESS, or

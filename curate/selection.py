@@ -270,7 +270,9 @@ def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, rep
             faults.fire("selection.shard_written", shard)
         n_kept = sum(s["kept"] for s in summaries)
         t = time.perf_counter()
-        files["uids.npy"] = selection_files.write_uids(io.join(out, "uids.npy"), n_kept, (ex.result(f) for f in slices))
+        # a task streams the slices into the file (selection_files.write_uids_fetched): not the driver
+        uids = ex.submit(selection_files.write_uids_fetched, io.join(out, "uids.npy"), n_kept, slices, resources=TASK)
+        files["uids.npy"] = ex.result(uids)
         faults.fire("selection.uids_written", sel.name)
         timings["uids_s"] = time.perf_counter() - t
         rows = sum(s["rows"] for s in summaries)

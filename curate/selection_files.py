@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from curate import io, schema
+from curate.executor import Future
 
 DROP_FROM_OUTPUTS = (schema.URL_NORMALIZED,)
 # what selection.write = "decisions" writes for every row (and "kept" for the removed ones)
@@ -116,3 +117,10 @@ def write_uids(path: str, n: int, ranges: Iterable[np.ndarray]) -> dict[str, Any
             raise RuntimeError(f"{path}: {written} uids streamed, {n} expected")
 
     return io.atomic_write_chunks(path, chunks())
+
+
+def write_uids_fetched(path: str, n: int, ranges: list[Future]) -> dict[str, Any]:
+    """write_uids of the ranges' futures, fetched one at a time: run as a task (the Ray engine),
+    the ranges go from the object store to this task, never through the driver, whose memory
+    would keep every page of them it touched (docs/SCALE.md)."""
+    return write_uids(path, n, (f.fetch() for f in ranges))

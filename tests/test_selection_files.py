@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from curate import selection_files as sf
+from curate.selection_files import UID_DTYPE, write_uids_fetched
 from curate.selection import uids_to_datacomp
 
 
@@ -52,3 +53,43 @@ def test_a_failed_stream_leaves_the_old_file(tmp_path):
     with pytest.raises(RuntimeError, match="1 uids streamed, 2 expected"):
         sf.write_uids(str(path), 2, iter([sf.sorted_pairs(*sf.uid_halves(_uids(1)))]))
     assert path.read_bytes() == b"old"
+
+
+def _echo(x):
+    return x
+
+
+def _ranges(n: int, parts: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    whole = np.sort(rng.integers(0, 2**63, size=(n, 2), dtype=np.uint64).view(UID_DTYPE).ravel())
+    return np.array_split(whole, parts)
+
+
+@pytest.mark.parametrize("on", ["local", "ray"])
+def test_a_task_streams_the_uid_ranges_it_fetches_into_np_saves_bytes(on, request, tmp_path):
+    """uids.npy written by a task that is given the ranges' futures in a list and fetches them
+    one at a time (Future.fetch): byte for byte np.save of the whole sorted array."""
+    from curate.executor import LocalExecutor
+
+    if on == "ray":
+        request.getfixturevalue("ray_session")
+        import sys
+
+        import ray.cloudpickle  # lazy: imports ray
+        from curate.ray_adapter import RayExecutor  # lazy: imports ray
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _echo: workers cannot import tests/
+        ex = RayExecutor()
+    else:
+        ex = LocalExecutor()
+    ranges = _ranges(5000, 4, seed=1)
+    futures = [ex.submit(_echo, r) for r in ranges]
+    path = tmp_path / "uids.npy"
+    digest = ex.result(ex.submit(write_uids_fetched, str(path), 5000, futures))
+    expect = tmp_path / "expect.npy"
+    np.save(expect, np.concatenate(ranges))
+    assert path.read_bytes() == expect.read_bytes()
+    assert digest["bytes"] == path.stat().st_size
+    with pytest.raises(RuntimeError, match="4999 expected"):  # a count that does not add up: no file
+        ex.result(ex.submit(write_uids_fetched, str(tmp_path / "bad.npy"), 4999, futures))
+    assert not (tmp_path / "bad.npy").exists()
