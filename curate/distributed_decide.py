@@ -36,7 +36,7 @@ from typing import Any
 
 import polars as pl
 
-from curate import accounting, annotations, schema
+from curate import accounting, annotations, concepts, schema
 from curate.block_shuffle import (
     DUP,
     G,
@@ -63,7 +63,15 @@ from curate.filters.decide import (
     caption_ngram_sizes,
     check_caption_ngram,
 )
-from curate.filters.rules import BY_REASON, DEDUP_RULES, ROW_RULES, Reason, rule_failures
+from curate.filters.rules import (
+    BY_REASON,
+    DEDUP_RULES,
+    Reason,
+    check_rule_columns,
+    reason_order,
+    row_reasons,
+    rule_failures,
+)
 from curate.filters.survivors import Survivor
 
 
@@ -81,15 +89,19 @@ def _identity(plan: Plan, b: int) -> pl.Expr:
 
 
 def _block_frame(plan: Plan, b: int) -> pl.LazyFrame:
-    """The block's annotation rows as decide() reads them (NaN scores are no score)."""
-    return nan_free_scores(annotations.scan(plan.run_dir, plan.block_shards(b)))
+    """The block's annotation rows as decide() reads them (NaN scores are no score), with each
+    concept's score from the block's own image embeddings (the prompts embedded once, in the plan)."""
+    shards = plan.block_shards(b)
+    return concepts.with_scores(
+        nan_free_scores(annotations.scan(plan.run_dir, shards)), plan.run_dir, shards, plan.concepts
+    )
 
 
 def start_block(plan: Plan, b: int) -> tuple[pl.DataFrame, list[int]]:
     """(state, caption_lsh_ngram values seen): the per-row rules of one block, as failure flags."""
     sel = plan.sel
     survivor = Survivor.of(sel.dedup)
-    fails = rule_failures(sel, plan.threshold)
+    fails = rule_failures(sel, plan.threshold, dict(plan.concepts.thresholds) if plan.concepts else None)
     lf = _block_frame(plan, b)
     names = lf.collect_schema().names()
     steps = dedup_steps(sel)
@@ -171,11 +183,11 @@ def mark_survivors(state: pl.DataFrame, *named: pl.DataFrame) -> pl.DataFrame:
 
 def block_decisions(plan: Plan, b: int, state: pl.DataFrame) -> pl.DataFrame:
     """The block's annotation rows with decide()'s decision columns, in the annotations' order."""
-    flags = [fail_column(Reason(r.reason)) for r in ROW_RULES]
+    flags = [fail_column(r) for r in row_reasons(plan.sel)]
     dedup = [(pl.col(DUP) == r.reason).fill_null(False).alias(fail_column(Reason(r.reason))) for r in DEDUP_RULES]
     decided = state.select(G, *flags, *dedup, OF, SURVIVOR)
     frame = _block_rows(plan, b).join(decided, on=G, how="left", maintain_order="left").drop(G)
-    return explained(frame.lazy()).collect()
+    return explained(frame.lazy(), reason_order(plan.sel)).collect()
 
 
 def block_kept(plan: Plan, b: int, state: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
@@ -206,6 +218,7 @@ def decide_blocks(
     executor: Executor,
     rows_per_block: int | None = None,
     explain: bool = True,
+    concept_set: concepts.ConceptSet | None = None,
 ) -> tuple[Plan, list[Any]]:
     """(plan, one future per block of its final state): run every wave up to the finish. The
     caller turns each state into what it needs (block_decisions, written files, counts). Blocks
@@ -213,8 +226,12 @@ def decide_blocks(
     explain=False: only which rows are kept (`_eligible`), as decide(explain=False): no following,
     no clusters."""
     rows_per_block = rows_per_block or sel.block_rows
+    if shards:  # a column the spec names for a rule (clip.by) that the annotations lack: said here, not in a task
+        check_rule_columns(sel, annotations.scan(run_dir, shards[:1]).collect_schema())
     counts = list(accounting.shard_rows(run_dir, shards).values())
-    plan = Plan(run_dir, tuple(shards), blocks_of(counts, rows_per_block), sel, threshold, sum(counts))
+    if sel.concepts and (concept_set is None or not concept_set.thresholds):
+        raise ValueError("selection.concepts: decide_blocks needs the concepts embedded with their thresholds resolved")
+    plan = Plan(run_dir, tuple(shards), blocks_of(counts, rows_per_block), sel, threshold, sum(counts), concept_set)
     B = plan.blocks
     P = plan.partitions
     started = [executor.submit(start_block, plan, b, resources=TASK, num_returns=2) for b in range(B)]
@@ -275,9 +292,10 @@ def decide_on_ray(
     threshold: float | None,
     executor: Executor,
     rows_per_block: int | None = None,
+    concept_set: concepts.ConceptSet | None = None,
 ) -> pl.DataFrame:
     """Every block's decisions gathered into one frame: for tests and small runs (the writers of
     curate/selection.py consume blocks where they are)."""
-    plan, states = decide_blocks(run_dir, shards, sel, threshold, executor, rows_per_block)
+    plan, states = decide_blocks(run_dir, shards, sel, threshold, executor, rows_per_block, concept_set=concept_set)
     futures = [executor.submit(block_decisions, plan, b, states[b], resources=TASK) for b in range(plan.blocks)]
     return pl.concat(executor.results(futures))

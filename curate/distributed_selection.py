@@ -16,6 +16,7 @@ import polars as pl
 
 from curate import annotations, distributed_decide, exact_rank, faults, schema, selection_files
 from curate.block_shuffle import Plan
+from curate.concepts import ConceptSet
 from curate.config import SelectionConfig
 from curate.executor import Executor, Resources
 from curate.filters.decide import ResolvedSelection, scored_pool
@@ -125,13 +126,21 @@ def block_representatives(plan: Plan, b: int, state: pl.DataFrame, columns: list
 
 
 def representatives_on(
-    executor: Executor, run_dir: str, shards: list[str], sel: SelectionConfig, columns: list[str]
+    executor: Executor,
+    run_dir: str,
+    shards: list[str],
+    sel: SelectionConfig,
+    columns: list[str],
+    concept_set: ConceptSet | None = None,
 ) -> BlockSource:
     """The sweep's representatives (curate.reports.sweep.representatives: the rows decide() keeps
     with the CLIP threshold at -inf, with a score), decided on the cluster and left there, a frame
-    per block (the report asks its questions where they lie: curate/reports/sources.py)."""
+    per block (the report asks its questions where they lie: curate/reports/sources.py).
+    concept_set: the selection's concepts, embedded, with their thresholds (curate/concepts.py)."""
     loose = at_any_threshold(sel)
-    plan, states = distributed_decide.decide_blocks(run_dir, shards, loose, float("-inf"), executor, explain=False)
+    plan, states = distributed_decide.decide_blocks(
+        run_dir, shards, loose, float("-inf"), executor, explain=False, concept_set=concept_set
+    )
     blocks = [
         executor.submit(block_representatives, plan, b, states[b], columns, resources=TASK) for b in range(plan.blocks)
     ]

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
-from curate import deletions, io, store
+from curate import datacomp_embeddings, deletions, io, store
 from curate.config import PipelineSpec
 import curate
 from curate.records import Manifest
@@ -91,6 +91,8 @@ def new(spec: PipelineSpec, shards: list[str], previous: dict[str, Any] | None =
         "packages": package_versions(),
         "inputs": [io.describe_file(p) for p in shards],
         "model": None,  # the runner fills in the scorer's description (incl. its image transform)
+        # what made embeddings/ when the input ships them (DataComp's npz); None: the scorer (`model`)
+        "embeddings_model": datacomp_embeddings.describe(spec.input.embeddings) if spec.input.embeddings else None,
         "language_model": None,
         "preprocessing": preprocessing(spec),
         "opt_out": opt_out_policy(spec),
@@ -102,6 +104,7 @@ def new(spec: PipelineSpec, shards: list[str], previous: dict[str, Any] | None =
         "failed_shards": {},
         "selections": list(prev.selections) if prev else [],
         "selection_specs": dict(prev.selection_specs) if prev else {},
+        "selection_concepts": dict(prev.get("selection_concepts") or {}) if prev else {},
         "outputs": prev.outputs if prev else {"files": {}, "recorded_at": None},
     }
     return Manifest(m, path(run_dir))
@@ -269,6 +272,17 @@ def check_compatible(old: dict[str, Any], spec: PipelineSpec) -> None:
             + "; ".join(problems)
             + ". Use another output.dir (or --overwrite to discard the old run)."
         )
+
+
+def record_concepts(m: dict[str, Any], selection: str, policy: dict[str, Any] | None) -> None:
+    """The concept policy selection `selection` applied (curate/concepts.py describe: each
+    concept's prompts and negatives, the model whose embeddings they were scored against, the
+    scoring and the resolved threshold) under "selection_concepts"; none: its entry is removed."""
+    recorded = m.setdefault("selection_concepts", {})
+    if policy is None:
+        recorded.pop(selection, None)
+    else:
+        recorded[selection] = policy
 
 
 def write(run_dir: str, m: dict[str, Any]) -> None:

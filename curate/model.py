@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import fsspec
+from safetensors import safe_open
+
 from curate import io
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -285,4 +287,122 @@ def load_clip(
         checkpoint_sha256=sha,
         device=dev,
         precision=prec,
+    )
+
+
+# --- the text tower alone (concept prompts at select time: curate/concepts.py) ----------------------
+
+
+@dataclass
+class TextTower:
+    """A CLIP model's text tower and logit scale, built without the image tower: what embedding a
+    few prompts needs. Its embeddings equal the whole model's `encode_text(..., normalize=True)`
+    (tests/test_concepts.py)."""
+
+    module: torch.nn.Module  # open_clip's TextTransformer (or HF text encoder), fp32, eval mode, on CPU
+    tokenizer: Callable[..., torch.Tensor]
+    logit_scale: float  # exp of the checkpoint's learned logit_scale: the temperature CLIP's softmax uses
+    model_name: str
+    pretrained: str
+    checkpoint_sha256: Optional[str]
+
+    @property
+    def model_id(self) -> str:
+        """The same "<model>/<pretrained label>" a scorer of this checkpoint records (LoadedClip.model_id)."""
+        return _model_id(self.model_name, self.pretrained, self.checkpoint_sha256)
+
+    def encode(self, texts: Sequence[str]) -> "Any":
+        """L2-normalised float32 embeddings (a numpy array, one row per text)."""
+        with torch.no_grad():
+            x = self.module(self.tokenizer(list(texts)))
+            if isinstance(x, tuple):  # output_tokens: (pooled, tokens)
+                x = x[0]
+            return torch.nn.functional.normalize(x.float(), dim=-1).numpy()
+
+
+def _model_id(model_name: str, pretrained: str, sha: Optional[str]) -> str:
+    """LoadedClip.model_id's form: the tag for a pretrained tag, "<file name or bundled>:<sha12>" for a file."""
+    if sha is None:
+        return f"{model_name}/{pretrained}"
+    name = BUNDLED if pretrained == BUNDLED else Path(pretrained.rstrip("/")).name
+    return f"{model_name}/{name}:{sha[:12]}"
+
+
+def model_id_of(model_name: str, pretrained: str) -> str:
+    """The model id a scorer or text tower of this checkpoint reports, without building either: a
+    checkpoint file is hashed, a pretrained tag is its own label."""
+    path_or_tag = resolve_pretrained(model_name, pretrained)
+    sha = checkpoint_sha256(path_or_tag) if os.path.isfile(path_or_tag) else None
+    return _model_id(model_name, pretrained, sha)
+
+
+def _text_state(state: dict[str, torch.Tensor], wanted: Sequence[str], source: str) -> dict[str, torch.Tensor]:
+    """The text tower's tensors of a whole-model state dict: CustomTextCLIP keeps them under
+    `text.`, CLIP at the top level under the tower's own names."""
+    out = {}
+    for key in wanted:
+        for name in (f"text.{key}", key):
+            if name in state:
+                out[key] = state[name]
+                break
+    missing = [k for k in wanted if k not in out]
+    if missing:
+        raise ValueError(f"{source}: not a CLIP checkpoint of this model: its text tower lacks {missing[:5]}")
+    return out
+
+
+def _read_tensors(path: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a checkpoint file: a safetensors file is read key by key (the image
+    tower's tensors are never read); a torch file is loaded whole and the rest dropped."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            have = set(f.keys())
+            return {k: f.get_tensor(k) for k in keys if k in have}
+    # lazy: open_clip adds ~3.4 s over torch; only building a model needs it
+    import open_clip
+
+    state = open_clip.load_state_dict(path)
+    return {k: state[k] for k in keys if k in state}
+
+
+def load_text_tower(model_name: str, pretrained: str, threads: Optional[int] = None) -> TextTower:
+    """Build only the text tower of an open_clip model and load its weights (and the logit scale)
+    from the same checkpoint load_clip would use: no image tower is built or read, on the CPU in
+    fp32 (a few prompts; the text tower in bf16 moves similarities, see _LOW_PRECISION)."""
+    # lazy: open_clip adds ~3.4 s over torch; only building a model needs it
+    import open_clip
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    register_bundled_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"model {model_name!r}: no open_clip config of that name (the text tower is built from it)")
+    path_or_tag = resolve_pretrained(model_name, pretrained)
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, path_or_tag) if not os.path.isfile(path_or_tag) else {}
+    if tag_cfg:
+        path, sha = open_clip.download_pretrained(tag_cfg), None
+    elif os.path.isfile(path_or_tag):
+        path, sha = path_or_tag, checkpoint_sha256(path_or_tag)
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise FileNotFoundError(
+            f"pretrained={pretrained!r} for {model_name!r} is neither a checkpoint file nor a known tag "
+            f"(tags: {', '.join(tags) or 'none'})"
+        )
+    text = open_clip.model._build_text_tower(cfg["embed_dim"], cfg["text_cfg"], cfg.get("quick_gelu", False), None)
+    wanted = list(text.state_dict())
+    tensors = _read_tensors(path, [*wanted, *(f"text.{k}" for k in wanted), "logit_scale"])
+    text.load_state_dict(_text_state(tensors, wanted, path), strict=True)
+    if "logit_scale" not in tensors:
+        raise ValueError(f"{path}: no logit_scale in the checkpoint (CLIP's softmax temperature)")
+    text.eval()
+    text.requires_grad_(False)
+    return TextTower(
+        module=text,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        logit_scale=float(tensors["logit_scale"].float().exp().reshape(-1)[0]),
+        model_name=model_name,
+        pretrained=pretrained,
+        checkpoint_sha256=sha,
     )

@@ -51,6 +51,19 @@ IMAGE_PHASH = "image_phash"  # uint64 perceptual hash (imagehash pHash); embeddi
 
 IMAGE_BYTES = "jpg"  # column of the per-shard image cache written by the fetch stage
 
+# selection.concepts (curate/concepts.py): a rule family, one reason and one score column per concept
+CONCEPT = "concept"
+
+
+def concept_reason(name: str) -> str:
+    """The removal reason of concept `name`: concept:<name>."""
+    return f"{CONCEPT}:{name}"
+
+
+def concept_column(name: str) -> str:
+    """The score column of concept `name` (float32; null for a row without an image embedding)."""
+    return f"{CONCEPT}_{name}"
+
 
 class FetchStatus(str, Enum):
     """Outcome of fetching one row's image. Every row has exactly one."""

@@ -16,23 +16,38 @@ from __future__ import annotations
 import io as _io
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from curate import accounting, annotations, faults, io, manifest, publish, run_lock, schema, selection_files, store
+from curate import (
+    accounting,
+    annotations,
+    concepts,
+    faults,
+    io,
+    manifest,
+    publish,
+    run_lock,
+    schema,
+    selection_files,
+    store,
+)
 from curate.config import PipelineSpec, ReportConfig, SelectionConfig
 from curate.distributed_decide import TASK, decide_blocks
 from curate.distributed_selection import finish_block, representatives_on, top_fraction_threshold, uid_slice
 from curate.default_executor import given_or_ray
 from curate.filters.decide import DECIDED, decide, decide_inputs, nan_free_scores, on_ray, resolve_clip_threshold
+from curate.filters.rules import clip_by
 from curate.reports.summary import DEFAULT_GROUP_COLUMNS
 from curate.names import check_name
 from curate.selection_files import DECISION_COLUMNS  # noqa: F401 - what selection.write = "decisions" holds
 from curate.reports.audit import build_audit, write_audit
-from curate.reports.sources import BlockSource
-from curate.reports.sweep import SCORE, check_sweepable, sweep
+from curate.reports.sources import BlockSource, FrameSource
+from curate.reports.sweep import SCORE, check_sweepable, group_cut, representatives, spanning_duplicates, sweep
+from curate.reports.tradeoff import OTHER, Units, tradeoff
 
 
 def selection_dir(run_dir: str, name: str) -> str:
@@ -79,9 +94,14 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
         raise ValueError(f"report.group_columns {missing} are not annotation columns; add them to input.keep_columns")
     ray = on_ray(sel, ann)
     t = time.perf_counter()
+    ann, concept_set, concept_thresholds = _concepts(run_dir, m, sel, shards, ann, ray)
+    concepts_s = time.perf_counter() - t  # the text tower on the prompts, the concepts' thresholds
+    t = time.perf_counter()
     resolved = _ranked_on_ray(run_dir, shards, sel, ann) if ray else None
     if resolved is None:
         resolved = resolve_clip_threshold(ann, sel)
+    if concept_thresholds is not None:
+        resolved = replace(resolved, concepts=concept_thresholds)
     rank_s = time.perf_counter() - t  # the CLIP threshold: a top fraction's ranking
     meta = {
         "selection": sel.name,
@@ -95,6 +115,8 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
         "unaccounted_rows": m.get("unaccounted_rows", {}),  # failed shards' rows (footer count or "unknown")
         "created_at": manifest.now(),
     }
+    if concept_set is not None:  # the concept policy: prompts, the embeddings' model, the thresholds
+        meta["concepts"] = concepts.describe(sel, concept_set, concept_thresholds)
 
     def audit(decisions: pl.LazyFrame, representatives_of=None):
         return build_audit(
@@ -111,9 +133,9 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
         )
 
     if ray:
-        write = _on_ray(run_dir, shards, sel, resolved, report_cfg, audit)
+        write = _on_ray(run_dir, shards, sel, resolved, report_cfg, audit, concept_set)
     else:
-        write = _in_process(run_dir, sel, ann, embeddings, resolved, report_cfg, audit)
+        write = _in_process(run_dir, sel, ann, embeddings, resolved, report_cfg, audit, concept_set)
 
     def build(out: str, readable_at: str) -> dict:
         counts, per_shard, report, tables, timings, files = write(out)
@@ -138,7 +160,11 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
             "report_html": io.join(readable_at, "report.html"),
             "report_json": io.join(readable_at, "report.json"),
             "seconds": round(time.time() - t0, 3),
-            "timings": {"rank_s": round(rank_s, 3), **{k: round(v, 3) for k, v in timings.items()}},
+            "timings": {
+                **({"concepts_s": round(concepts_s, 3)} if concept_set is not None else {}),
+                "rank_s": round(rank_s, 3),
+                **{k: round(v, 3) for k, v in timings.items()},
+            },
         }
         io.write_json(io.join(out, "selection.json"), summary)  # last: a selection folder is complete
         faults.fire("selection.json_written", sel.name)
@@ -147,7 +173,7 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
     known: dict[str, dict[str, Any]] = {}  # final url -> {bytes, sha256}, filled by build
     summary = publish.publish(selection_dir(run_dir, sel.name), build, owned)
     faults.fire("selection.before_manifest", sel.name)
-    _record_in_manifest(run_dir, sel, known)
+    _record_in_manifest(run_dir, sel, known, summary.get("concepts"))
     faults.fire("selection.after_manifest", sel.name)
     return summary
 
@@ -161,7 +187,26 @@ def _ranked_on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, ann: p
     return top_fraction_threshold(run_dir, shards, sel.clip.top_fraction, given_or_ray())
 
 
-def _in_process(run_dir: str, sel: SelectionConfig, ann, embeddings, resolved, report_cfg, audit):
+def _concepts(run_dir: str, m, sel: SelectionConfig, shards: list[str], ann: pl.LazyFrame, ray: bool):
+    """(annotations, concept set, thresholds) for selection.concepts (curate/concepts.py): the
+    prompts embedded here, once, by the text tower of the model that made the run's image
+    embeddings (no image tower, no fetch), and each concept's threshold resolved (a top fraction
+    ranked: over the annotations here, by shard tasks on Ray). For the local engine the
+    annotations get each concept's score column; the Ray engine's blocks score their own shards.
+    Without concepts: (ann, None, None), and nothing is loaded."""
+    if not sel.concepts:
+        return ann, None, None
+    concepts.check_embeddings(run_dir, shards)
+    concept_set = concepts.embed(sel, concepts.embeddings_model(m, run_dir))
+    if ray:
+        thresholds = concepts.thresholds_on(given_or_ray(), run_dir, shards, sel, concept_set)
+    else:
+        ann = concepts.with_scores(ann, run_dir, shards, concept_set)
+        thresholds = concepts.resolve_thresholds(ann, sel)
+    return ann, concept_set.with_thresholds(thresholds), thresholds
+
+
+def _in_process(run_dir: str, sel: SelectionConfig, ann, embeddings, resolved, report_cfg, audit, concept_set=None):
     """The local engine: decide() on the whole frame here, the report and the uid file checked
     before anything is written; returns the writer of the selection's files."""
     # the files get every annotation column back shard by shard (write below)
@@ -192,7 +237,8 @@ def _in_process(run_dir: str, sel: SelectionConfig, ann, embeddings, resolved, r
         per_shard: dict[str, dict[str, int]] = {}
         files: selection_files.Digests = {}
         for (shard,), part in decisions.partition_by(schema.SHARD, as_dict=True, maintain_order=True).items():
-            rows = nan_free_scores(annotations.scan(run_dir, [shard])).collect()
+            rows = nan_free_scores(annotations.scan(run_dir, [shard]))
+            rows = concepts.with_scores(rows, run_dir, [shard], concept_set).collect()  # the tags' scores too
             part = rows.join(part.select(schema.ROW, *DECIDED), on=schema.ROW, how="left", maintain_order="left")
             per_shard[shard], digests = selection_files.write_shard(out, shard, part, sel.write)
             files.update(digests)
@@ -233,13 +279,15 @@ def _report_columns(report_cfg: ReportConfig) -> list[str]:
     )
 
 
-def _decided_on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, report_cfg, out: str | None):
+def _decided_on_ray(
+    run_dir: str, shards: list[str], sel: SelectionConfig, resolved, report_cfg, out: str | None, concept_set=None
+):
     """The Ray engine (curate/distributed_decide.py, curate/distributed_selection.py): blocks of
     shards decided and (out given) written by tasks; returns (the executor, per-block summaries,
     the report's columns of every row left on the cluster as a BlockSource, the uid slices'
     futures)."""
     ex = given_or_ray()
-    plan, states = decide_blocks(run_dir, shards, sel, resolved.clip_threshold, ex)
+    plan, states = decide_blocks(run_dir, shards, sel, resolved.clip_threshold, ex, concept_set=concept_set)
     ranges = plan.blocks
     cols = _report_columns(report_cfg)
     fin = [
@@ -253,13 +301,13 @@ def _decided_on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resol
     return ex, summaries, BlockSource(ex, [f[1] for f in fin]), slices
 
 
-def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, report_cfg, audit):
+def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, report_cfg, audit, concept_set=None):
     """The Ray engine's writer: decisions, files and uid slices by tasks; uids.npy streamed slice
     by slice; the report's questions asked of the blocks where they lie."""
 
     def write(out: str):
         t = time.perf_counter()
-        ex, summaries, narrow, slices = _decided_on_ray(run_dir, shards, sel, resolved, report_cfg, out)
+        ex, summaries, narrow, slices = _decided_on_ray(run_dir, shards, sel, resolved, report_cfg, out, concept_set)
         timings = {"decide_and_write_s": time.perf_counter() - t}
         per_shard: dict[str, dict[str, int]] = {}
         files: selection_files.Digests = {}
@@ -284,7 +332,9 @@ def _on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, resolved, rep
             "not_scored": sum(s["not_scored"] for s in summaries),
         }
         t = time.perf_counter()
-        report, tables = audit(narrow, lambda cols: representatives_on(ex, run_dir, shards, sel, cols))
+        report, tables = audit(
+            narrow, lambda cols: representatives_on(ex, run_dir, shards, sel, cols, concept_set=concept_set)
+        )
         timings["report_s"] = time.perf_counter() - t
         return counts, per_shard, report, tables, timings, files
 
@@ -299,25 +349,44 @@ def sweep_selection(
     group_columns: Sequence[str] = (),
     top_groups: int = 6,
     include: dict[str, Sequence[str]] | None = None,
+    equalize: str | None = None,
+    targets: Sequence[float] = (),
+    max_ratio: float | None = None,
 ) -> dict[str, Any]:
     """`curate sweep`: retention against the CLIP threshold with selection `name`'s other rules
     fixed (curate.reports.sweep), on the engine its rules name: with Ray the representatives are
-    decided on the cluster and counted where they lie; the group sizes stream from the annotations."""
+    decided on the cluster and counted where they lie; the group sizes stream from the annotations.
+    No thresholds: no sweep. equalize: the column of the retention-disparity trade-off at these
+    target retentions (curate.reports.tradeoff), with its duplicate check (sweep.spanning_duplicates);
+    so has a sweep of per-group thresholds. Nothing is written."""
     sel = SelectionConfig.model_validate(io.read_json(io.join(readable_dir(run_dir, name), "selection.json"))["rules"])
     shards = annotations.completed_shards(run_dir)
     ann = annotations.scan(run_dir, shards)
     embeddings = annotations.embeddings_for(run_dir, sel, shards)
-    reps = None
+    check_sweepable(ann, sel)
+    ann, concept_set, _ = _concepts(run_dir, manifest.read(run_dir), sel, shards, ann, on_ray(sel, ann))
+    cols = list(dict.fromkeys([SCORE, *group_columns, *clip_by(sel), *([equalize] if equalize else [])]))
     if on_ray(sel, ann):
-        check_sweepable(ann, sel)
-        reps = representatives_on(given_or_ray(), run_dir, shards, sel, [SCORE, *group_columns])
-    return sweep(
-        ann, sel, thr, group_columns=group_columns, top_groups=top_groups, include=include, reps=reps,
-        embeddings=embeddings,
-    )  # fmt: skip
+        reps = representatives_on(given_or_ray(), run_dir, shards, sel, cols, concept_set=concept_set)
+    else:  # decided once here, for the sweep and the trade-off
+        reps = FrameSource(representatives(ann, sel, keep=cols, embeddings=embeddings).select(cols).collect())
+    res: dict[str, Any] = {}
+    if thr:
+        res = sweep(ann, sel, thr, group_columns=group_columns, top_groups=top_groups, include=include, reps=reps)
+        if sel.clip.by is not None:
+            res["duplicates"] = spanning_duplicates(ann, sel, group_cut(sel.clip, sel.clip.min_score))
+    if equalize:
+        res["tradeoff"] = tradeoff(
+            reps, ann, equalize, targets, score_dtype=ann.collect_schema()[schema.CLIP_SCORE], max_ratio=max_ratio
+        )
+        units = Units(equalize, tuple(u["value"] for u in res["tradeoff"]["units"] if u["value"] != OTHER), (), ())
+        res["tradeoff"]["duplicates"] = spanning_duplicates(ann, sel, units.index())
+    return res
 
 
-def _record_in_manifest(run_dir: str, sel: SelectionConfig, known: dict[str, dict[str, Any]]) -> None:
+def _record_in_manifest(
+    run_dir: str, sel: SelectionConfig, known: dict[str, dict[str, Any]], concept_policy: dict | None = None
+) -> None:
     """The selection's name and rules (what `curate forget` re-applies), and the checksums of the
     run's output files (`known`: the selection's files, hashed as they were written; other new or
     changed files are read)."""
@@ -325,6 +394,7 @@ def _record_in_manifest(run_dir: str, sel: SelectionConfig, known: dict[str, dic
     if sel.name not in m.get("selections", []):
         m.setdefault("selections", []).append(sel.name)
     m.setdefault("selection_specs", {})[sel.name] = sel.model_dump(mode="json")
+    manifest.record_concepts(m, sel.name, concept_policy)
     manifest.record_outputs(run_dir, m, known)
     manifest.write(run_dir, m)
 
@@ -367,12 +437,15 @@ def _rebuild_report(
     ann = annotations.scan(run_dir, shards)
     embeddings = annotations.embeddings_for(run_dir, sel, shards)
     representatives_of = None
+    ann, concept_set, concept_thresholds = _concepts(run_dir, m, sel, shards, ann, on_ray(sel, ann))
     if on_ray(sel, ann):
         resolved = _ranked_on_ray(run_dir, shards, sel, ann) or resolve_clip_threshold(ann, sel)
-        ex, _, decisions, _ = _decided_on_ray(run_dir, shards, sel, resolved, cfg, None)
+        if concept_thresholds is not None:
+            resolved = replace(resolved, concepts=concept_thresholds)
+        ex, _, decisions, _ = _decided_on_ray(run_dir, shards, sel, resolved, cfg, None, concept_set)
 
         def representatives_of(cols):
-            return representatives_on(ex, run_dir, shards, sel, cols)
+            return representatives_on(ex, run_dir, shards, sel, cols, concept_set=concept_set)
     else:
         decisions, resolved = decide(_decided_columns(ann, sel, cfg), sel, embeddings=embeddings)
         decisions = decisions.collect().lazy()  # once: every report query reads it (as write_selection does)
@@ -394,6 +467,8 @@ def _rebuild_report(
         )
     }
     meta["resolved"] = resolved.as_dict()
+    if concept_set is not None:
+        meta["concepts"] = concepts.describe(sel, concept_set, resolved.concepts or {})
     report, tables = build_audit(
         decisions,
         ann,

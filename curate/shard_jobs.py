@@ -32,7 +32,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate import accounting, annotations, deletions, faults, forget, io, schema, store
+from curate import accounting, annotations, datacomp_embeddings, deletions, faults, forget, io, schema, store
 from curate.config import PipelineSpec, ScoreConfig
 from curate.filters.rules import text_rules_mask
 from curate.schema import FetchStatus
@@ -99,6 +99,10 @@ def prepare_shard(path: str, spec_json: str, run_dir: str) -> dict:
         ann = ann.with_columns(pl.lit(status).alias(schema.FETCH_STATUS))
         # every annotation column from here on (fetch and score fill theirs in)
         ann = pl.from_arrow(annotations.conform(ann.to_arrow(), spec.input.keep_columns))
+        if spec.input.embeddings is not None:  # DataComp's <shard>.npz: row alignment checked, before the marker
+            rows = ann.get_column(schema.ROW).to_numpy()
+            emb = datacomp_embeddings.shard_embeddings(path, spec.input, rows)
+            io.write_parquet(annotations.embeddings_path(run_dir, shard), emb)
 
     n_fetch = int(todo.sum())
     counts = {"rows": ann.height, **carried, "fetch_attempted": n_fetch, "fetch_ok": 0}

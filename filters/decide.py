@@ -2,6 +2,9 @@
 
 decide() adds `kept`, `reason` (first failing rule in RULE_ORDER), `reasons` (all failing rules)
 and `duplicate_of` to every annotation row. It reads annotations only: no model, no network.
+With concepts (selection.concepts), the caller joins each concept's score column first
+(curate/concepts.py with_scores): a rule family whose reasons are concept:<name>, in the order
+at the family's place (filters/rules.py reason_order).
 
 Dedup runs last and only among rows that pass every other rule, so a copy that would be removed
 anyway never wins. The survivor of a duplicate group is deterministic, by dedup.survivor
@@ -14,14 +17,23 @@ The last dedup is by uid (duplicate_uid, always on): kept uids are unique, one u
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import polars as pl
 
-from curate import schema
+from curate import concepts, schema
 from curate.config import SelectionConfig
 from curate.exact_rank import top_fraction_index
-from curate.filters.rules import DEDUP_RULES, RULE_INPUTS, RULE_ORDER, Reason, rule_failures
+from curate.filters.rules import (
+    DEDUP_RULES,
+    Reason,
+    check_rule_columns,
+    family_inputs,
+    reason_order,
+    rule_failures,
+    rule_inputs,
+)
 from curate.stages.caption_minhash import DEFAULT_NGRAM
 from curate.filters.survivors import BEST_SCORE, Survivor, duplicates_frame, repeated_losers
 from curate.filters.image_dedup import check_hashes, image_duplicates
@@ -37,9 +49,15 @@ class ResolvedSelection:
     clip_threshold: float | None
     clip_rule: str  # "off", "min_score", "top_fraction"
     scored_pool: int | None  # rows with a score, for top_fraction
+    # each concept's score threshold (min_similarity, or what a top_fraction resolved to); None: not
+    # resolved yet (decide() resolves it over the annotations' concept columns)
+    concepts: dict[str, float] | None = None
 
     def as_dict(self) -> dict:
-        return {"clip_threshold": self.clip_threshold, "clip_rule": self.clip_rule, "scored_pool": self.scored_pool}
+        out = {"clip_threshold": self.clip_threshold, "clip_rule": self.clip_rule, "scored_pool": self.scored_pool}
+        if self.concepts:
+            out["concept_thresholds"] = dict(self.concepts)
+        return out
 
 
 AUTO_RAY_ROWS = (
@@ -61,7 +79,7 @@ def decide_inputs(sel: SelectionConfig) -> set[str]:
     """The annotation columns decide() reads for this selection: every rule's inputs (the registry)
     and the survivor rule's columns, without the caption band keys unless caption near-dedup is on
     (they are the widest column). What a caller may project the annotations to before decide()."""
-    cols = {*RULE_INPUTS, *Survivor.of(sel.dedup).columns}
+    cols = {*rule_inputs(sel), *family_inputs(sel), *Survivor.of(sel.dedup).columns}
     if sel.dedup.caption_jaccard is None:
         cols -= {schema.CAPTION_LSH, schema.CAPTION_LSH_NGRAM}
     return cols
@@ -92,8 +110,9 @@ def resolve_clip_threshold(annotations: pl.LazyFrame, sel: SelectionConfig) -> R
     return ResolvedSelection(float(scores[n]), "top_fraction", n_pool)
 
 
-def _fail(reason: Reason) -> str:
-    return f"_fails_{reason.value}"
+def _fail(reason: Reason | str) -> str:
+    """The failure flag column of a rule, by its reason (a Reason, or a reason string such as concept:<name>)."""
+    return f"_fails_{reason.value if isinstance(reason, Reason) else reason}"
 
 
 fail_column = _fail  # the failure flag of a rule, as both engines name it (curate/distributed_decide.py)
@@ -289,10 +308,13 @@ def decide(
     failure flags; then each dedup rule in turn among the rows still eligible."""
     survivor = Survivor.of(sel.dedup)  # dedup.survivor: which copy of a duplicate group is kept
     survivor.check(annotations.collect_schema())  # a priority column the annotations lack: a clear error
+    check_rule_columns(sel, annotations.collect_schema())  # so is a per-group threshold's column (clip.by)
     sel = sel.model_copy(update={"engine": "ray" if on_ray(sel, annotations) else "local"})  # "auto" resolved once
     if resolved is None:
         resolved = resolve_clip_threshold(annotations, sel)
-    fails = rule_failures(sel, resolved.clip_threshold)
+    if sel.concepts and resolved.concepts is None:  # over the concept score columns the caller joined in
+        resolved = replace(resolved, concepts=concepts.resolve_thresholds(annotations, sel))
+    fails = rule_failures(sel, resolved.clip_threshold, resolved.concepts)
     if sel.dedup.image_cosine is not None and embeddings is None:
         raise ValueError(
             "dedup.image_cosine is set but no image embeddings were given: the run needs "
@@ -326,7 +348,7 @@ def decide(
     helpers = ["_eligible", _IDX, *keys, *(f"{_of(r)}{suffix}" for r in dedups for suffix in ("", "_idx"))]
     if not explain:
         return frame.with_columns(pl.col("_eligible").alias(schema.KEPT)).drop(
-            *map(_fail, RULE_ORDER), *helpers
+            *map(_fail, reason_order(sel)), *helpers
         ), resolved
 
     frame = frame.with_columns(
@@ -338,21 +360,22 @@ def decide(
         frame.select(pl.col("_of_idx").alias(_IDX)).drop_nulls().unique().with_columns(pl.lit(True).alias("_survivor"))
     )
     frame = frame.join(survivors, on=_IDX, how="left")
-    return explained(frame.drop(*helpers, "_of_idx")), resolved
+    return explained(frame.drop(*helpers, "_of_idx"), reason_order(sel)), resolved
 
 
 # the columns decide() adds to the annotation columns, in their order (what explained() makes)
 DECIDED = (schema.REASONS, schema.KEPT, schema.REASON, schema.DUPLICATE_OF, schema.DUPLICATE_CLUSTER)
 
 
-def explained(frame: pl.LazyFrame) -> pl.LazyFrame:
+def explained(frame: pl.LazyFrame, order: Sequence[str] | None = None) -> pl.LazyFrame:
     """The decision columns from a frame holding every rule's failure flag (fail_column), `_of`
     (the survivor's uid, for a duplicate) and `_survivor` (some duplicate names this row): reasons
-    (the rules it fails, in RULE_ORDER), kept, reason (the first), duplicate_of and
-    duplicate_cluster (the group's survivor uid, on the copies and on the survivor). One definition
-    for both engines; the helper columns are dropped."""
+    (the rules it fails, in `order`: the selection's reason_order), kept, reason (the first),
+    duplicate_of and duplicate_cluster (the group's survivor uid, on the copies and on the
+    survivor). One definition for both engines; the helper columns are dropped."""
+    order = reason_order() if order is None else order
     reasons = pl.concat_list(
-        [pl.when(pl.col(_fail(r))).then(pl.lit(r.value)).otherwise(pl.lit(None, pl.String)) for r in RULE_ORDER]
+        [pl.when(pl.col(_fail(r))).then(pl.lit(r)).otherwise(pl.lit(None, pl.String)) for r in order]
     ).list.drop_nulls()
     return (
         frame.with_columns(reasons.alias(schema.REASONS))
@@ -366,5 +389,5 @@ def explained(frame: pl.LazyFrame) -> pl.LazyFrame:
                 schema.DUPLICATE_CLUSTER
             )
         )
-        .drop(*(_fail(r) for r in RULE_ORDER), "_of", "_survivor")
+        .drop(*(_fail(r) for r in order), "_of", "_survivor")
     )

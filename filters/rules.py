@@ -15,15 +15,16 @@ Null annotations never fail a rule by accident: a missing score is `not_scored`,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+import tomllib
 from typing import Any, Literal
 
 import polars as pl
 
 from curate import schema
-from curate.config import CaptionRule, ImageRule, LanguageRule, SelectionConfig
+from curate.config import CaptionRule, ClipRule, ImageRule, LanguageRule, SelectionConfig
 from curate.schema import FetchStatus
 
 # every fetch outcome except ok, opt_out and the never-fetched ones is a failure
@@ -46,6 +47,7 @@ class RuleContext:
     """What a failure expression may need beyond the spec: values resolved from the whole pool."""
 
     clip_threshold: float | None = None  # min_score, or the score a top_fraction resolved to
+    concepts: Mapping[str, float] = field(default_factory=dict)  # each concept's score threshold, resolved
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,20 @@ class Rule:
     # not for the uid step: a uid group's survivor has the uid its copies point at
     follow: bool = True
     flags: tuple[Flag, ...] = field(default_factory=tuple)
+    # a family of per-row rules, one per name the spec gives (concepts): each instance fails by
+    # instance_fails and has the reason "<reason>:<name>", checked at the family's place in the order;
+    # instance_inputs: the columns they read (added to the annotations at select time)
+    names: Callable[[SelectionConfig], tuple[str, ...]] | None = None
+    instance_fails: Callable[[SelectionConfig, RuleContext, str], pl.Expr] | None = None
+    instance_help: Callable[[SelectionConfig, str], str] | None = None
+    instance_inputs: Callable[[SelectionConfig], tuple[str, ...]] | None = None
+    # columns the spec names for this rule (the CLIP rule's per-group `by` column): read as inputs too
+    spec_inputs: Callable[[SelectionConfig], tuple[str, ...]] | None = None
+
+    def inputs_for(self, sel: SelectionConfig) -> tuple[str, ...]:
+        """Every column this rule reads under this selection: `inputs`, then what the spec names."""
+        named = self.spec_inputs(sel) if self.spec_inputs is not None else ()
+        return tuple(dict.fromkeys([*self.inputs, *named]))
 
 
 # --- per-row failure expressions -------------------------------------------------------------------
@@ -172,14 +188,58 @@ def not_scored(sel: SelectionConfig, clip_active: bool) -> pl.Expr:
         expr = expr | (pl.col(schema.CLIP_SCORE).is_null() & fetch_fails().not_() & opt_out_fails().not_())
     if image_rule_active(sel.image):
         expr = expr | (lo.is_null() & skipped)
+    if sel.concepts:  # a concept needs the image embedding: a row whose fetch explains none has not been embedded
+        no_embedding = pl.any_horizontal([pl.col(schema.concept_column(n)).is_null() for n in sel.concepts])
+        expr = expr | (no_embedding & fetch_fails().not_() & opt_out_fails().not_())
     # a row without a URL is never fetched and never will be: missing_url, not "rerun to score it"
     return expr & missing_url_fails().not_()
 
 
-def clip_fails(threshold: float | None) -> pl.Expr:
+def clip_fails(threshold: float | None, clip: ClipRule | None = None) -> pl.Expr:
+    """clip_score < the row's threshold: `threshold` (min_score, or what a top fraction resolved to),
+    or with per-group thresholds (clip.by) the threshold clip.thresholds names for the row's value
+    of clip.by, compared as text; null and unlisted values take `threshold`. Each comparison is the
+    score column against a literal, as for one threshold: polars casts the literal to the score's
+    type, so a float32 score is compared with float32(threshold) in every group. No score: fails
+    nothing here (not_scored)."""
     if threshold is None:
         return _FALSE
-    return (pl.col(schema.CLIP_SCORE) < threshold).fill_null(False)
+    score = pl.col(schema.CLIP_SCORE)
+    if clip is None or clip.by is None:
+        return (score < threshold).fill_null(False)
+    group = pl.col(clip.by).cast(pl.String)
+    chain: Any = pl
+    for value, t in clip.thresholds.items():
+        chain = chain.when(group == value).then(score < t)
+    return chain.otherwise(score < threshold).fill_null(False)
+
+
+def clip_by(sel: SelectionConfig) -> tuple[str, ...]:
+    """The column per-group CLIP thresholds are chosen by, if any: an input of the CLIP rule."""
+    return (sel.clip.by,) if sel.clip.by is not None and sel.clip.thresholds else ()
+
+
+def concept_fails(name: str, threshold: float) -> pl.Expr:
+    """The tag of concept `name` fires: its score (curate/concepts.py) at or above the threshold. A
+    row without an image embedding has no score and never fires (not_scored reports it)."""
+    return (pl.col(schema.concept_column(name)) >= threshold).fill_null(False)
+
+
+def concept_help(sel: SelectionConfig, name: str) -> str:
+    """The report's line for concept `name`: its prompts, scoring and rule."""
+    rule = sel.concepts[name]
+    how = (
+        f"softmax mass on the prompts against {len(rule.negatives)} negative prompt(s)"
+        if rule.negatives
+        else "highest cosine over the prompts"
+    )
+    cut = (
+        f">= {rule.min_similarity}"
+        if rule.min_similarity is not None
+        else f"in the top {rule.top_fraction:.4g} of rows with an embedding"
+    )
+    prompts = "; ".join(repr(p) for p in rule.prompts[:3]) + (" ..." if len(rule.prompts) > 3 else "")
+    return f"the image matches concept {name!r} ({prompts}): {how} {cut}"
 
 
 # --- exact dedup keys ------------------------------------------------------------------------------
@@ -217,8 +277,46 @@ def _no_clip(data: dict, value: bool) -> None:
         data["clip"] = {"min_score": None, "top_fraction": None}
 
 
+def _clip_thresholds(data: dict, value: str) -> None:
+    """--clip-thresholds 'language:en=0.28,de=0.27': clip.by and clip.thresholds (with --clip-min-score,
+    the default for every other value)."""
+    column, sep, pairs = value.partition(":")
+    groups: dict[str, float] = {}
+    for item in pairs.split(","):
+        group, eq, t = item.strip().partition("=")
+        try:
+            groups[group.strip()] = float(t)
+        except ValueError:
+            eq = ""
+        if not (sep and eq and column.strip() and group.strip()):
+            raise ValueError(
+                f"--clip-thresholds {value!r}: write COLUMN:VALUE=THRESHOLD,..., e.g. 'language:en=0.28' "
+                "(with --clip-min-score for every other value)"
+            )
+    data["clip"]["by"], data["clip"]["thresholds"] = column.strip(), groups
+
+
 def _languages(data: dict, value: str) -> None:
     data["language"]["allow"] = [x.strip() for x in value.split(",") if x.strip()]
+
+
+def _concepts_file(data: dict, path: str) -> None:
+    """--concepts FILE: the file's [concepts.<name>] tables replace the spec's concepts."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"--concepts {path}: cannot read it ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--concepts {path}: not valid TOML: {e}") from None
+    if set(raw) != {"concepts"} or not isinstance(raw["concepts"], dict):
+        raise ValueError(f"--concepts {path}: expected only [concepts.<name>] tables, found {sorted(raw)}")
+    data["concepts"] = raw["concepts"]
+
+
+def _no_concepts(data: dict, value: bool) -> None:
+    if value:
+        data["concepts"] = {}
 
 
 # --- the registry ----------------------------------------------------------------------------------
@@ -295,7 +393,8 @@ RULES: tuple[Rule, ...] = (
         "NOT_SCORED",
         "not_scored",
         "score",
-        "row has no CLIP score because an earlier, stricter run skipped it; rerun to score it",
+        "row has no CLIP score (or, with concepts, no image embedding) because an earlier, stricter run skipped it; "
+        "rerun to score it",
         inputs=(schema.CLIP_SCORE, schema.FETCH_STATUS, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.URL),
         fails=lambda sel, ctx: not_scored(sel, ctx.clip_threshold is not None),
     ),
@@ -305,7 +404,8 @@ RULES: tuple[Rule, ...] = (
         "score",
         "image-text similarity below the threshold",
         inputs=(schema.CLIP_SCORE,),
-        fails=lambda sel, ctx: clip_fails(ctx.clip_threshold),
+        spec_inputs=clip_by,
+        fails=lambda sel, ctx: clip_fails(ctx.clip_threshold, sel.clip),
         flags=(
             Flag("--clip-min-score", "clip.min_score", float, "keep rows with clip_score >= this", resets="clip"),
             Flag(
@@ -315,7 +415,38 @@ RULES: tuple[Rule, ...] = (
                 "keep the top fraction by clip_score (DataComp --fraction)",
                 resets="clip",
             ),
+            Flag(
+                "--clip-thresholds",
+                "clip.thresholds",
+                str,
+                "per-group thresholds, COLUMN:VALUE=T,... e.g. 'language:en=0.28'; --clip-min-score is every other "
+                "value's",
+                _clip_thresholds,
+                resets="clip",
+            ),
             Flag("--no-clip", "clip", bool, "switch the CLIP rule off", _no_clip, resets="clip"),
+        ),
+    ),
+    Rule(
+        "CONCEPT",
+        schema.CONCEPT,
+        "score",
+        "the image matches a concept of selection.concepts (its stored embedding scored against the concept's "
+        "text prompts); one reason per concept, concept:<name>",
+        names=lambda sel: tuple(sel.concepts),
+        instance_fails=lambda sel, ctx, name: concept_fails(name, ctx.concepts[name]),
+        instance_help=concept_help,
+        instance_inputs=lambda sel: tuple(schema.concept_column(n) for n in sel.concepts),
+        flags=(
+            Flag(
+                "--concepts",
+                "concepts",
+                str,
+                "a TOML file of [concepts.<name>] tables (prompts, negatives, min_similarity or top_fraction) that "
+                "replace the spec's concepts",
+                _concepts_file,
+            ),
+            Flag("--no-concepts", "concepts", bool, "switch every concept rule off", _no_concepts),
         ),
     ),
     Rule(
@@ -392,11 +523,14 @@ RULES: tuple[Rule, ...] = (
     ),
 )
 
-Reason = Enum("Reason", {r.name: r.reason for r in RULES}, type=str)  # type: ignore[misc]
+# rule families (concepts) give one reason per name in the spec ("concept:<name>"): they are not
+# members of Reason, and take their place in a selection's order through reason_order(sel)
+FAMILIES: tuple[Rule, ...] = tuple(r for r in RULES if r.names is not None)
+Reason = Enum("Reason", {r.name: r.reason for r in RULES if r.names is None}, type=str)  # type: ignore[misc]
 Reason.__doc__ = "Why a row was removed; members in the order rules are checked (filters/rules.py RULES)."
-BY_REASON: dict[Reason, Rule] = {Reason(r.reason): r for r in RULES}
-RULE_ORDER: tuple[Reason, ...] = tuple(Reason(r.reason) for r in RULES)
-REASON_HELP: dict[Reason, str] = {Reason(r.reason): r.help for r in RULES}
+BY_REASON: dict[Reason, Rule] = {Reason(r.reason): r for r in RULES if r.names is None}
+RULE_ORDER: tuple[Reason, ...] = tuple(Reason(r.reason) for r in RULES if r.names is None)
+REASON_HELP: dict[Reason, str] = {Reason(r.reason): r.help for r in RULES if r.names is None}
 ROW_RULES: tuple[Rule, ...] = tuple(r for r in RULES if r.fails is not None)
 DEDUP_RULES: tuple[Rule, ...] = tuple(r for r in RULES if r.phase == "dedup")
 FLAGS: tuple[Flag, ...] = tuple(f for r in RULES for f in r.flags)
@@ -406,10 +540,77 @@ RULE_INPUTS: tuple[str, ...] = tuple(
 )
 
 
-def rule_failures(sel: SelectionConfig, clip_threshold: float | None) -> dict[Reason, pl.Expr]:
-    """Every per-row rule's failure expression, in RULE_ORDER."""
-    ctx = RuleContext(clip_threshold)
-    return {Reason(r.reason): r.fails(sel, ctx) for r in ROW_RULES}
+def rule_inputs(sel: SelectionConfig) -> tuple[str, ...]:
+    """RULE_INPUTS and the columns this selection's rules name (a per-group CLIP rule's `by`)."""
+    return tuple(dict.fromkeys([*RULE_INPUTS, *(c for r in RULES for c in r.inputs_for(sel))]))
+
+
+def check_rule_columns(sel: SelectionConfig, columns: Any) -> None:
+    """A ValueError naming the column when a column the spec names for a rule (clip.by) is not in
+    the annotations (`columns`: their names or schema): polars would fail later with less to go on."""
+    have = set(columns)
+    for rule in RULES:
+        missing = [c for c in rule.inputs_for(sel) if c not in rule.inputs and c not in have]
+        if missing:
+            raise ValueError(
+                f"rule {rule.reason}: the selection names column {missing[0]!r} (selection.clip.by), which is not a "
+                "column of the annotations "
+                "(input columns reach them only through input.keep_columns, at `curate run`); annotation columns: "
+                + ", ".join(sorted(have))
+            )
+
+
+def reason_order(sel: SelectionConfig | None = None) -> tuple[str, ...]:
+    """Every reason selection `sel` can give, in the order rules are checked: RULE_ORDER with each
+    rule family (concepts) expanded to "<reason>:<name>" per name `sel` gives, at its place."""
+    out: list[str] = []
+    for r in RULES:
+        if r.names is None:
+            out.append(r.reason)
+        elif sel is not None:
+            out.extend(f"{r.reason}:{n}" for n in r.names(sel))
+    return tuple(out)
+
+
+def reason_help(sel: SelectionConfig | None = None) -> dict[str, str]:
+    """{reason: help text} in reason_order(sel): the report's reason table."""
+    out: dict[str, str] = {}
+    for r in RULES:
+        if r.names is None:
+            out[r.reason] = r.help
+        elif sel is not None:
+            out.update({f"{r.reason}:{n}": r.instance_help(sel, n) for n in r.names(sel)})
+    return out
+
+
+def row_reasons(sel: SelectionConfig) -> tuple[str, ...]:
+    """The reasons of `sel`'s per-row rules (no dedup), in order: rule_failures' keys."""
+    dedup = {r.reason for r in DEDUP_RULES}
+    return tuple(r for r in reason_order(sel) if r not in dedup)
+
+
+def family_inputs(sel: SelectionConfig) -> tuple[str, ...]:
+    """The columns `sel`'s rule families read (concept scores: added to the annotations at select
+    time, curate/concepts.py)."""
+    return tuple(c for r in FAMILIES for c in r.instance_inputs(sel))
+
+
+def rule_failures(
+    sel: SelectionConfig, clip_threshold: float | None, concept_thresholds: Mapping[str, float] | None = None
+) -> dict[str, pl.Expr]:
+    """Every per-row rule's failure expression by reason, in reason_order(sel). concept_thresholds:
+    each concept's resolved score threshold (curate/concepts.py), needed when `sel` has concepts."""
+    ctx = RuleContext(clip_threshold, dict(concept_thresholds or {}))
+    missing = [n for n in sel.concepts if n not in ctx.concepts]
+    if missing:
+        raise ValueError(f"selection.concepts {missing}: no resolved threshold given")
+    out: dict[str, pl.Expr] = {}
+    for r in RULES:
+        if r.fails is not None:
+            out[r.reason] = r.fails(sel, ctx)
+        elif r.names is not None:
+            out.update({f"{r.reason}:{n}": r.instance_fails(sel, ctx, n) for n in r.names(sel)})
+    return out
 
 
 def text_rules_pass(sel: SelectionConfig) -> pl.Expr:

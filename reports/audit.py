@@ -13,12 +13,14 @@ from typing import Any
 import polars as pl
 
 from curate import io, schema
-from curate.config import ReportConfig, SelectionConfig
+from curate.config import ClipRule, ReportConfig, SelectionConfig
 from curate.reports.groups import GroupTable, read_table  # noqa: F401 - read_table: the tables' reader
 from curate.reports.summary import build_report, write_report
 from curate.reports.gallery_rows import THUMB, picked_rows
 from curate.reports.sources import BlockSource, FrameSource, Head, Source, as_source
-from curate.reports.sweep import SCORE, flips, not_sweepable, representatives, sweep, thresholds
+from curate.filters.rules import clip_by
+from curate.reports.sweep import SCORE, flips, group_cut, not_sweepable, representatives, sweep, thresholds
+from curate.reports.tradeoff import REPORT_TARGETS, tradeoff
 
 SWEEP_STEPS = 26
 GALLERY_GROUPS = 6
@@ -58,17 +60,21 @@ def boundary_gallery(
     per_side: int = GALLERY_PER_SIDE,
     window: int = GALLERY_WINDOW,
     seed: int = 0,
+    clip: ClipRule | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """For each group value: ``per_side`` rows sampled (seeded) from the ``window`` rows just above
     the threshold (kept) and just below it (removed by clip_score). Only representatives, i.e. rows
-    whose fate the threshold decides. Returns the JSON part and the thumbnails ({uid: data URI})."""
+    whose fate the threshold decides. Returns the JSON part and the thumbnails ({uid: data URI}).
+    clip: the selection's CLIP rule; with per-group thresholds (clip.by) each row is above or below
+    its own group's threshold (`threshold` is then the default)."""
+    cut = group_cut(clip, threshold) if clip is not None and clip.by is not None else threshold
     picked: list[dict[str, Any]] = []
     groups = []
     near = (schema.UID, schema.SHARD, schema.ROW, SCORE)
     queries = {}
     for i, v in enumerate(values):
         grp = pl.col(column).is_null() if v is None else pl.col(column) == v
-        above, below = grp & (pl.col(SCORE) >= threshold), grp & (pl.col(SCORE) < threshold)
+        above, below = grp & (pl.col(SCORE) >= cut), grp & (pl.col(SCORE) < cut)
         queries[f"above:{i}"] = (
             (lambda lf, w=above: lf.filter(w).sort([SCORE, schema.UID]).head(window).select(near)),
             Head((SCORE, schema.UID), (False, False), window),
@@ -163,6 +169,7 @@ def build_audit(
         top_groups=cfg.top_groups,
         meta=meta,
         return_tables=True,
+        selection=sel,  # what its rules target by design: the net-of-policy views (reports/policy_net.py)
     )
     report["clip_threshold"] = clip_threshold
     group_cols = report["settings"]["group_columns"]
@@ -174,7 +181,8 @@ def build_audit(
     if (why := not_sweepable(sel)) is not None:
         report["sweep"], report["sweep_note"] = None, why
         return report, tables
-    keep = [SCORE, schema.UID, schema.SHARD, schema.ROW, *group_cols]
+    # the per-group thresholds' column too (clip.by): each representative is counted against its own
+    keep = list(dict.fromkeys([SCORE, schema.UID, schema.SHARD, schema.ROW, *group_cols, *clip_by(sel)]))
     if representatives_of is not None:
         reps = representatives_of(keep)
     else:
@@ -190,6 +198,7 @@ def build_audit(
     tables.update(sw.pop("tables"))
     sw["selection_threshold"] = clip_threshold
     report["sweep"] = sw
+    report["tradeoff"] = _tradeoff(reps, decisions, sel, report, group_cols, cfg, annotations)
     # flips: the selection's threshold vs. the sweep's next-but-one stricter step, unless given
     if compare is None:
         t = sw["thresholds"]
@@ -204,6 +213,7 @@ def build_audit(
         group_columns=group_cols,
         sizes=group_tables,
         score_dtype=annotations.collect_schema()[schema.CLIP_SCORE],
+        clip=sel.clip,
     )
     tables.update(fl.pop("tables"))
     report["flips"] = fl
@@ -212,7 +222,7 @@ def build_audit(
         gc = gallery_column or (schema.LANGUAGE if schema.LANGUAGE in group_cols else group_cols[0])
         sec = report["groups"][gc]
         values = [None if g["unknown"] else g["value"] for g in sec["rows"] if not g["other_groups"]][:GALLERY_GROUPS]
-        gal, thumbs = boundary_gallery(run_dir, reps, annotations, clip_threshold, gc, values, seed=seed)
+        gal, thumbs = boundary_gallery(run_dir, reps, annotations, clip_threshold, gc, values, seed=seed, clip=sel.clip)
         report["gallery"] = gal
         report["_thumbs"] = thumbs
         tables["gallery"] = pl.DataFrame(
@@ -238,6 +248,34 @@ def build_audit(
             },
         )
     return report, tables
+
+
+def _tradeoff(
+    reps: Source,
+    decisions: Source,
+    sel: SelectionConfig,
+    report: dict[str, Any],
+    group_cols: list[str],
+    cfg: ReportConfig,
+    annotations: pl.LazyFrame,
+) -> dict[str, Any] | None:
+    """The retention-disparity trade-off (reports/tradeoff.py) by the per-group thresholds' column,
+    else by language, when the report groups by it: over REPORT_TARGETS and this selection's own
+    retention."""
+    column = sel.clip.by if sel.clip.by is not None else schema.LANGUAGE
+    if column not in group_cols:
+        return None
+    totals = report["totals"]
+    own = totals["kept"] / totals["rows_in"] if totals.get("rows_in") else None
+    targets = sorted({*REPORT_TARGETS, *([own] if own else [])})
+    return tradeoff(
+        reps,
+        decisions,
+        column,
+        targets,
+        score_dtype=annotations.collect_schema()[schema.CLIP_SCORE],
+        min_candidates=cfg.min_group_size,
+    )
 
 
 def write_tables(tables: dict[str, pl.DataFrame | GroupTable], out_dir: str) -> dict[str, dict[str, Any]]:

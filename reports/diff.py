@@ -134,6 +134,9 @@ def diff(a: str, b: str, *, group_columns: tuple[str, ...] = GROUPS, top: int = 
             **_flatten(s.get("rules") or {}, "rules"),
             **_flatten(s.get("resolved") or {}, "resolved"),
         }
+    out["clip_thresholds"] = clip_thresholds(
+        *(io.read_json(io.join(sel, "selection.json")).get("rules") or {} for sel in (sel_a, sel_b))
+    )
     keys = sorted(set(conf["a"]) | set(conf["b"]))
     out["config"] = {
         k: {"a": conf["a"].get(k), "b": conf["b"].get(k)}
@@ -142,6 +145,51 @@ def diff(a: str, b: str, *, group_columns: tuple[str, ...] = GROUPS, top: int = 
         != json.dumps(conf["b"].get(k), sort_keys=True, default=str)
     }
     return out
+
+
+def clip_thresholds(rules_a: dict[str, Any], rules_b: dict[str, Any]) -> dict[str, Any] | None:
+    """The CLIP threshold each group gets in A and in B, when either has per-group thresholds
+    (clip.by): one row per (column, value) either names, then every other value (min_score), each
+    with the threshold in A and in B: that side's own for the value when it groups by the same
+    column, its min_score when it has one threshold for all, None when it has no CLIP threshold or
+    groups by another column (the row's threshold then depends on that column). None when neither
+    side has per-group thresholds."""
+    clips = [r.get("clip") or {} for r in (rules_a, rules_b)]
+    if not any(c.get("by") for c in clips):
+        return None
+
+    def threshold(clip: dict[str, Any], column: str | None, value: str | None) -> float | None:
+        if clip.get("by") is None:
+            return clip.get("min_score")
+        if column is None:
+            return clip.get("min_score")
+        if clip["by"] != column:
+            return None
+        return (clip.get("thresholds") or {}).get(value, clip.get("min_score"))
+
+    named = list(dict.fromkeys((c["by"], v) for c in clips if c.get("by") for v in c.get("thresholds") or {}))
+    rows = []
+    for column, value in [*named, (None, None)]:
+        a, b = threshold(clips[0], column, value), threshold(clips[1], column, value)
+        label = (
+            OTHER_GROUPS
+            if column is None
+            else value
+            if len({c.get("by") for c in clips} - {None}) == 1
+            else f"{column}={value}"
+        )
+        rows.append({"column": column, "value": label, "a": a, "b": b, "changed": a != b})
+    return {
+        "by_a": clips[0].get("by"),
+        "by_b": clips[1].get("by"),
+        # a top fraction resolves to a threshold of its own: compared as resolved.clip_threshold
+        "top_fraction_a": clips[0].get("top_fraction"),
+        "top_fraction_b": clips[1].get("top_fraction"),
+        "groups": rows,
+    }
+
+
+OTHER_GROUPS = "(every other value)"
 
 
 def render_diff_html(d: dict[str, Any]) -> str:
@@ -167,6 +215,23 @@ def render_diff_html(d: dict[str, Any]) -> str:
         body.append("</tbody></table>")
     else:
         body.append("<p>None.</p>")
+    ct = d.get("clip_thresholds")
+    if ct:
+        by = " / ".join(dict.fromkeys(str(x) for x in (ct["by_a"], ct["by_b"]) if x))
+        body.append(
+            f"<h2>CLIP threshold per {esc(by)}</h2><table><thead><tr><th>{esc(by)}</th>"
+            '<th class="n">A</th><th class="n">B</th></tr></thead><tbody>'
+        )
+        for r in ct["groups"]:
+            mark = ' style="font-weight:600"' if r["changed"] else ""
+            body.append(
+                f"<tr{mark}>"
+                + _td(esc(r["value"]), "val")
+                + _td(esc("—" if r["a"] is None else f"{r['a']:g}"))
+                + _td(esc("—" if r["b"] is None else f"{r['b']:g}"))
+                + "</tr>"
+            )
+        body.append("</tbody></table>")
     for c, rows in d["groups"].items():
         body.append(
             f"<h2>Retention change by {esc(c)} (largest first)</h2><table><thead><tr><th>{esc(c)}</th>"

@@ -46,7 +46,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,6 +233,7 @@ def _finish(
         "sums": {k: int(v or 0) for k, v in sums.items()},
         "distinct": table.height,
         "too_small": int(table["too_small"].sum()),
+        "empty": int((table["rows_in"] == 0).sum()),
         "flagged_groups": int(sig.sum()),
         "flagged_higher": int((direction == "higher").sum()),
         "flagged_lower": int((direction == "lower").sum()),
@@ -401,14 +402,19 @@ class Grouping:
     broken: int  # groups whose counts do not add up
     broken_first: pl.DataFrame  # the first of them in the table's order (no rows: none)
     table: GroupTable
+    empty: int = 0  # groups with no row counted (a net-of-policy view: every row excluded)
 
 
-def groupings(parts: dict[str, Parts], setup: Setup, dtypes: dict[str, pl.DataType]) -> dict[str, Grouping]:
+def groupings(
+    parts: dict[str, Parts], setup: Setup | Mapping[str, Setup], dtypes: dict[str, pl.DataType]
+) -> dict[str, Grouping]:
     """Every grouping's shown groups, rollup sums and table, from its counts in parts (one task per
-    part or range per round; the groupings' rounds go together)."""
+    part or range per round; the groupings' rounds go together). `setup`: one for every grouping,
+    or one per grouping (a net-of-policy view has its own totals and count columns)."""
+    setups = setup if isinstance(setup, Mapping) else {c: setup for c in parts}
     prep: dict[str, list[list[Future]]] = {}
     for c, p in parts.items():
-        prep[c] = [p.executor.submit(_prepare, f, p.key, setup, resources=TASK, num_returns=2) for f in p.futures]
+        prep[c] = [p.executor.submit(_prepare, f, p.key, setups[c], resources=TASK, num_returns=2) for f in p.futures]
     ranges: dict[str, tuple[np.ndarray, list[int], int]] = {}
     split: dict[str, list[list[Future]]] = {}
     for c, p in parts.items():
@@ -438,10 +444,10 @@ def groupings(parts: dict[str, Parts], setup: Setup, dtypes: dict[str, pl.DataTy
             above = np.array([min(mins[r + 1 :], default=math.inf) for r in range(len(mins))])
             minima = [[sc[j] for sc in scans[c]] for j in range(len(p.futures))]
         fin = [
-            ex.submit(_finish, f[0], setup, splitters, above, *minima[j], resources=TASK, num_returns=2)
+            ex.submit(_finish, f[0], setups[c], splitters, above, *minima[j], resources=TASK, num_returns=2)
             for j, f in enumerate(prep[c])
         ]
-        out[c] = _merge(c, ex.results([f[1] for f in fin]), setup, GroupTable(ex, [f[0] for f in fin], dtypes[c]))
+        out[c] = _merge(c, ex.results([f[1] for f in fin]), setups[c], GroupTable(ex, [f[0] for f in fin], dtypes[c]))
     return out
 
 
@@ -462,4 +468,5 @@ def _merge(column: str, parts: list[dict[str, Any]], setup: Setup, table: GroupT
         broken=sum(p["broken"] for p in parts),
         broken_first=table_order(pl.concat([p["broken_first"] for p in parts])).head(1),
         table=table,
+        empty=sum(p["empty"] for p in parts),
     )

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Any
 
 SHARDS_OPEN_MAX = 12  # more shards than this: the shard table goes into a closed <details>
+# a name cell (class "val": CSS max-width 16rem, monospace, ~29 columns) always shows 12 characters,
+# even wide (CJK) ones; a longer name may be ellipsised, so it gets its full value as a title (tooltip)
+NAME_FITS_CHARS = 12
 BAR_W = 120
 BAR_H = 12
 
 CSS = """
 :root { color-scheme: light; }
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-       margin: 1.5rem auto; max-width: 76rem; padding: 0 1rem; color: #1b1f24; line-height: 1.4; }
+       margin: 1.5rem auto; max-width: 80rem; padding: 0 1rem; color: #1b1f24; line-height: 1.4; }
 h1 { font-size: 1.5rem; margin-bottom: .25rem; }
 h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; }
 h3 { font-size: 1rem; margin: 1.25rem 0 .4rem; }
@@ -34,10 +38,17 @@ h3 { font-size: 1rem; margin: 1.25rem 0 .4rem; }
          font-size: 1.1rem; margin: 1rem 0; }
 .alarm ul { font-weight: 400; font-size: .95rem; margin: .4rem 0 0; }
 table { border-collapse: collapse; margin: .3rem 0 1rem; font-size: .9rem; }
-th, td { padding: .22rem .6rem; border-bottom: 1px solid #eaeef2; vertical-align: top; }
+/* a table wider than the page scrolls inside itself (display: block), never the page */
+table { display: block; max-width: 100%; overflow-x: auto; width: max-content; }
+th, td { padding: .22rem .45rem; border-bottom: 1px solid #eaeef2; vertical-align: top; }
 th { text-align: left; background: #f6f8fa; font-weight: 600; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.val { max-width: 26rem; overflow-wrap: anywhere; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }
+th.n { white-space: normal; }
+/* names (domains, group values, shards) stay on one line, never broken mid-word: one too long for
+   16rem is ellipsised, and its full value is the cell's title (a tooltip) */
+td.val { max-width: 16rem; white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
+         font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }
+td.val .tag { max-width: 100%; overflow: hidden; text-overflow: ellipsis; vertical-align: bottom; }
 tr.small td { color: #8c959f; }
 tr.other td { font-style: italic; background: #fbfbfc; }
 tr.broken td { background: #ffebe9; }
@@ -92,6 +103,12 @@ def fmt_num(x: Any, digits: int = 3) -> str:
 
 
 def _td(x: str, cls: str = "n") -> str:
+    """A cell holding the HTML `x`. A name cell (cls "val") longer than NAME_FITS_CHARS may be
+    ellipsised (CSS), so its text, tags removed, is also its title."""
+    if cls == "val":
+        text = html.unescape(re.sub(r"<[^>]*>", "", x))  # x: our tags around escaped data (no raw "<")
+        if len(text) > NAME_FITS_CHARS:
+            return f'<td class="val" title="{esc(text)}">{x}</td>'
     return f'<td class="{cls}">{x}</td>' if cls else f"<td>{x}</td>"
 
 
@@ -173,9 +190,13 @@ def _headline(rep: dict[str, Any]) -> str:
     ]
     if t.get("forgotten"):  # rows deleted on request (curate forget): rows read = rows in + forgotten
         cards.insert(1, ("Forgotten (deletion requests)", fmt_int(t.get("forgotten")), ""))
-    flagged = sum((sec.get("flagged_groups") or 0) for sec in (rep.get("groups") or {}).values())
+    # the disparities' lead view: net of the policy that targets a grouping by design (_lead)
+    views = [_lead(n, sec)[1] for n, sec in (rep.get("groups") or {}).items()]
+    flagged = sum((sec.get("flagged_groups") or 0) for sec in views)
     if rep.get("groups"):
-        cards.append(("Groups flagged", fmt_int(flagged), "bad" if flagged else ""))
+        net = any((sec.get("policy") or {}).get("net") for sec in (rep.get("groups") or {}).values())
+        label = "Groups flagged (net of policy)" if net else "Groups flagged"
+        cards.append((label, fmt_int(flagged), "bad" if flagged else ""))
     if rep.get("clip_threshold") is not None:
         cards.append(("CLIP threshold", fmt_num(rep.get("clip_threshold")), ""))
     out = ['<div class="cards">']
@@ -264,6 +285,46 @@ def _reasons(rep: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _concepts(rep: dict[str, Any]) -> str:
+    """The concept policy (selection.concepts, curate/concepts.py): each concept's prompts, scoring,
+    rule and resolved threshold, the model whose embeddings were scored, and what it tagged."""
+    pol = (rep.get("meta") or {}).get("concepts")
+    if not pol:
+        return ""
+    counts = {r.get("reason"): r for r in rep.get("reasons") or []}
+    out = [
+        "<h2>Concepts: tags from image embeddings</h2>",
+        f'<p class="note">Each stored image embedding is scored against the prompts of the text tower of '
+        f"<code>{esc(pol.get('model_id'))}</code> (logit scale {esc(fmt_num(pol.get('logit_scale')))}): the highest "
+        "cosine over the prompts, or, with negatives, the softmax probability mass on the prompts. A row whose score "
+        "reaches the threshold is tagged and removed with reason concept:&lt;name&gt;.</p>",
+        "<table><thead><tr><th>Concept</th><th>Prompts</th><th>Negatives</th><th>Score</th><th>Rule</th>"
+        '<th class="n">Threshold</th><th class="n">Tagged</th><th class="n">Removed (first reason)</th>'
+        "</tr></thead><tbody>",
+    ]
+    for name, c in (pol.get("concepts") or {}).items():
+        rule = (
+            f"score ≥ {fmt_num(c.get('min_similarity'))}"
+            if c.get("min_similarity") is not None
+            else f"top {fmt_pct(c.get('top_fraction'))}"
+        )
+        n = counts.get(c.get("reason")) or {}
+        out.append(
+            "<tr>"
+            + _td(esc(name), "val")
+            + _td(esc("; ".join(c.get("prompts") or [])), "help")
+            + _td(esc("; ".join(c.get("negatives") or [])), "help")
+            + _td(esc(c.get("scoring")), "val")
+            + _td(esc(rule), "val")
+            + _td(esc(fmt_num(c.get("threshold"), 4)))
+            + _td(esc(fmt_int(n.get("failed_any"))))
+            + _td(esc(fmt_int(n.get("removed_first"))))
+            + "</tr>"
+        )
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
 def _shards(rep: dict[str, Any]) -> str:
     shards = rep.get("shards") or []
     bad = [s for s in shards if not s.get("reconciles")]
@@ -308,9 +369,9 @@ def _group(name: str, sec: dict[str, Any], overall: float | None) -> str:
     if not sec.get("reconciles", True):
         out.append(f'<p class="bad" style="padding:.3rem .6rem">Grouping by {esc(name)} does not reconcile.</p>')
     out.append(
-        f'<table><thead><tr><th>{esc(name)}</th><th class="n">Rows in</th><th class="n">Kept</th><th class="n">Removed</th>'
-        '<th class="n">Removal rate</th><th class="n">95% CI</th><th class="n">Rest of rows</th><th class="n">vs overall</th>'
-        '<th class="n">q (BH)</th><th></th><th>Top reason</th><th></th></tr></thead><tbody>'
+        f'<table><thead><tr><th>{esc(name)}</th><th>Flag</th><th class="n">Rows in</th><th class="n">Kept</th>'
+        '<th class="n">Removed</th><th class="n">Removal rate</th><th class="n">95% CI</th><th class="n">Rest of rows</th>'
+        '<th class="n">vs overall</th><th class="n">q (BH)</th><th></th><th>Top reason</th></tr></thead><tbody>'
     )
     for g in sorted(rows, key=_sig_key):
         classes = []
@@ -342,6 +403,7 @@ def _group(name: str, sec: dict[str, Any], overall: float | None) -> str:
         out.append(
             f"<tr{cls}>"
             + _td(value_html, "val")
+            + _td(flag, "")  # second: in view even when the table scrolls (docs/REPORTS.md)
             + _td(esc(fmt_int(g.get("rows_in"))))
             + _td(esc(fmt_int(g.get("kept"))))
             + _td(esc(fmt_int(g.get("removed"))))
@@ -352,7 +414,6 @@ def _group(name: str, sec: dict[str, Any], overall: float | None) -> str:
             + _td(esc(fmt_p(g.get("q_value"))))
             + _td(rate_bar(g.get("removal_rate"), ci, overall), "")
             + _td(esc(top_txt), "")
-            + _td(flag, "")
             + "</tr>"
         )
     out.append("</tbody></table>")
@@ -436,19 +497,30 @@ def _drivers(name: str, sec: dict[str, Any], rep: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _lead(name: str, sec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The view of a grouping the disparities lead with (docs/REPORTS.md): net of the policy that
+    targets it by design when a rule does (its label says so), else all rows."""
+    pol = sec.get("policy") or {}
+    if pol.get("net"):
+        return f"{name} (net of {', '.join(pol['rules'])})", pol["net"]
+    return name, sec
+
+
 def _disparities(rep: dict[str, Any]) -> str:
-    """All flagged groups of every grouping in one table, most significant first: the headline."""
+    """All flagged groups of every grouping in one table, most significant first: the headline.
+    A grouping that a rule targets by design is judged net of that policy (_lead)."""
     flagged = []
-    for name, sec in (rep.get("groups") or {}).items():
+    groups = rep.get("groups") or {}
+    views = dict(_lead(name, sec) for name, sec in groups.items())
+    for name, sec in views.items():
         for g in sec.get("rows") or []:
             if g.get("significant") and not g.get("other_groups"):
                 flagged.append((name, g))
-    groups = rep.get("groups") or {}
     if not groups:
         return ""
-    tested = sum(sec.get("tested_groups", 0) for sec in groups.values())
-    small = sum(sec.get("too_small_groups", 0) for sec in groups.values())
-    total = sum(sec.get("flagged_groups", 0) for sec in groups.values())
+    tested = sum(sec.get("tested_groups", 0) for sec in views.values())
+    small = sum(sec.get("too_small_groups", 0) for sec in views.values())
+    total = sum(sec.get("flagged_groups", 0) for sec in views.values())
     listed = min(len(flagged), 40)
     # a grouping shows its largest groups and up to as many flagged ones (most significant first);
     # every group, flagged or not, is in its full table (tables/groups_<column>)
@@ -461,6 +533,7 @@ def _disparities(rep: dict[str, Any]) -> str:
         "<h2>Disparities: groups removed at a significantly different rate</h2>",
         f'<p class="note">{esc(fmt_int(total))} flagged of {esc(fmt_int(tested))} groups tested{hidden}; '
         f"{esc(fmt_int(small))} groups too small to judge (in the tables below or their last row, never dropped).</p>",
+        _lead_note(groups, total),
     ]
     if not flagged:
         out.append("<p>No group's removal rate differs significantly from the rest of the rows.</p>")
@@ -489,6 +562,85 @@ def _disparities(rep: dict[str, Any]) -> str:
             + "</tr>"
         )
     out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _lead_note(groups: dict[str, Any], lead_flagged: int) -> str:
+    """What the disparities table leads with, and how many flags the view over all rows has."""
+    nets = [name for name, sec in groups.items() if (sec.get("policy") or {}).get("net")]
+    if not nets:
+        return (
+            '<p class="note">No rule targets a grouping by design (or none removed a row), so every grouping is '
+            "judged over all rows.</p>"
+        )
+    everything = sum(sec.get("flagged_groups", 0) for sec in groups.values())
+    return (
+        '<p class="note">This table leads with the <strong>net-of-policy</strong> view: a grouping that a rule '
+        f"targets by design ({esc(', '.join(nets))}) is judged among the rows that pass that rule, so a group it "
+        "excludes on purpose is not flagged for it; what is flagged there is hit harder by a neutral rule. Over all "
+        f"rows, exclusions by policy included, {esc(fmt_int(everything))} groups are flagged "
+        f"({esc(fmt_int(lead_flagged))} here): each grouping's table below shows all rows, and “Excluded by "
+        "policy” what the targeting rules remove.</p>"
+    )
+
+
+def _policy(rep: dict[str, Any]) -> str:
+    """Per grouping that a rule targets by design: what that policy excludes (by group), and the
+    groups among the rows that pass it (the net-of-policy table, flagged on its own)."""
+    groups = {n: s for n, s in (rep.get("groups") or {}).items() if (s.get("policy") or {}).get("net")}
+    if not groups:
+        return ""
+    out = [
+        "<h2>Excluded by policy, and hit harder by a neutral rule</h2>",
+        '<p class="note">A rule targets a grouping by design when it reads the grouping\'s column (the language rule: '
+        "language; a per-group CLIP threshold: its column). A row that fails such a rule is <em>excluded by "
+        "policy</em>, whatever rule removed it first. The rows that pass it are compared group against group as "
+        "everywhere else (Wilson interval, two-proportion test against the rest of the passing rows, "
+        "Benjamini–Hochberg): a flag there is a group <em>hit harder by a neutral rule</em>.</p>",
+    ]
+    for name, sec in groups.items():
+        pol = sec["policy"]
+        net, t = pol["net"], pol["totals"]
+        rules = ", ".join(pol["rules"])
+        them = f"the {rules} rule" if len(pol["rules"]) == 1 else f"the rules {rules}"
+        out.append(
+            f"<h3>By {esc(name)}: targeted by {esc(them)}</h3>"
+            f"<p>{esc(them[0].upper() + them[1:])} excludes {esc(fmt_int(pol['excluded_rows']))} rows "
+            f"({esc(fmt_pct(pol['excluded_share']))} of the input) by policy; "
+            f"{esc(fmt_int(pol['groups_excluded_entirely']))} of {esc(fmt_int(net.get('distinct')))} groups entirely. "
+            f"Of the {esc(fmt_int(t['rows_in']))} rows that pass, {esc(fmt_int(t['removed']))} "
+            f"({esc(fmt_pct(t['removal_rate']))}) are removed by the other rules; "
+            f"{esc(fmt_int(net.get('flagged_groups')))} groups flagged among them.</p>"
+        )
+        hit = [g for g in sec.get("rows") or [] if g.get("excluded_by_policy")]
+        if hit:
+            out.append(
+                f"<details><summary>Rows excluded by policy, by {esc(name)}</summary>"
+                f"<table><thead><tr><th>{esc(name)}</th>"
+                '<th class="n">Rows in</th><th class="n">Excluded by policy</th><th class="n">% of group</th>'
+                "</tr></thead><tbody>"
+            )
+            for g in sorted(hit, key=lambda g: (bool(g.get("other_groups")), -g["excluded_by_policy"])):
+                value = f"<em>{esc(g['value'])}</em>" if g.get("unknown") or g.get("other_groups") else esc(g["value"])
+                share = g["excluded_by_policy"] / g["rows_in"] if g.get("rows_in") else None
+                out.append(
+                    "<tr>"
+                    + _td(value, "val")
+                    + _td(esc(fmt_int(g.get("rows_in"))))
+                    + _td(esc(fmt_int(g["excluded_by_policy"])))
+                    + _td(esc(fmt_pct(share)))
+                    + "</tr>"
+                )
+            out.append("</tbody></table></details>")
+        # groups with no row passing are counted above; the net table lists the groups with rows
+        listed = [g for g in net.get("rows") or [] if g.get("rows_in")]
+        view = {
+            **net,
+            "rows": listed,
+            "distinct": net.get("distinct", 0) - pol["groups_excluded_entirely"],
+            "shown": sum(not g.get("other_groups") for g in listed),
+        }
+        out.append(_group(f"{name}, net of {rules}", view, t["removal_rate"]))
     return "\n".join(out)
 
 
@@ -610,6 +762,16 @@ def _sweep(rep: dict[str, Any]) -> str:
         "same rows at every threshold (highest score wins), so the rows kept at threshold t are the dedup "
         "representatives with score ≥ t.</p>",
     ]
+    pg = sw.get("per_group")
+    if pg:  # per-group thresholds: the axis is the default, every named group moves with it (docs/POLICY.md)
+        at = thr.index(mark) if mark in thr else 0
+        named = ", ".join(f"{g} {v[at]:g}" for g, v in pg["thresholds"].items())
+        out.append(
+            f'<p class="note">Per-group thresholds by {esc(pg["by"])}: the threshold axis is the default '
+            f"(min_score {esc(fmt_num(pg['default'], 4))}, every {esc(pg['by'])} value not named); each named value's "
+            f"threshold moves with it by the same offset ({esc(named)} at the selection's point). Exact when no "
+            f"duplicate group holds copies with different thresholds; `curate sweep` checks it.</p>"
+        )
     for name, curves in (sw.get("groups") or {}).items():
         series = [("all rows", sw["overall"]["retention"])] + [
             (f"{c['value']} ({fmt_int(c['rows_in'])})", c["retention"]) for c in curves
@@ -667,6 +829,118 @@ def _sweep(rep: dict[str, Any]) -> str:
                     + "</tr>"
                 )
             out.append("</tbody></table></details>")
+    return "\n".join(out)
+
+
+def _tradeoff_svg(points: list[dict[str, Any]]) -> str:
+    """Removal rate (among the candidates) against retention: one line per group under one
+    threshold, and the rate every group gets with equalised thresholds (dashed)."""
+    W, H, left, bottom, top, right = 640, 220, 48, 28, 10, 28
+    pw, ph = W - left - right, H - bottom - top
+    xs = [p["single"]["retention"] for p in points]
+    lo, hi = min(xs), max(xs)
+    span = (hi - lo) or 1.0
+    x = lambda v: left + (v - lo) / span * pw  # noqa: E731
+    y = lambda r: top + (1 - r) * ph  # noqa: E731
+    out = [f'<svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="removal rate vs retention">']
+    for r in (0, 0.25, 0.5, 0.75, 1):
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(r):.1f}" y2="{y(r):.1f}" stroke="#eaeef2"/>')
+        out.append(f'<text x="{left - 4}" y="{y(r) + 4:.1f}" text-anchor="end">{int(r * 100)}%</text>')
+    for frac in (0, 0.5, 1):
+        out.append(
+            f'<text x="{left + frac * pw:.1f}" y="{H - 8}" text-anchor="middle">{esc(fmt_pct(lo + frac * span))}</text>'
+        )
+    labels = [g["value"] for g in points[0]["single"]["groups"] if g["candidates"]]
+    for i, label in enumerate(labels):
+        pts = []
+        for p in points:
+            g = next((g for g in p["single"]["groups"] if g["value"] == label), None)
+            if g is not None and g["removal_rate"] is not None:
+                pts.append(f"{x(p['single']['retention']):.1f},{y(g['removal_rate']):.1f}")
+        out.append(
+            f'<polyline fill="none" stroke="{_PALETTE[i % len(_PALETTE)]}" stroke-width="1.5" points="{" ".join(pts)}">'
+            f"<title>{esc(label)}: one threshold</title></polyline>"
+        )
+    eq = " ".join(f"{x(p['equalised']['retention']):.1f},{y(p['equalised']['removal_rate']):.1f}" for p in points)
+    out.append(
+        f'<polyline fill="none" stroke="#1b1f24" stroke-width="2" stroke-dasharray="5,3" points="{eq}">'
+        "<title>every group, equalised thresholds</title></polyline>"
+    )
+    out.append("</svg>")
+    legend = (
+        '<div class="legend">'
+        + "".join(
+            f'<span><i style="background:{_PALETTE[i % len(_PALETTE)]}"></i>{esc(label)}</span>'
+            for i, label in enumerate(labels)
+        )
+        + '<span><i style="background:#1b1f24"></i>equalised (every group)</span></div>'
+    )
+    return "".join(out) + legend
+
+
+def _tradeoff(rep: dict[str, Any]) -> str:
+    """The retention-disparity trade-off (reports/tradeoff.py): a decision aid, never applied."""
+    to = rep.get("tradeoff")
+    if not to:
+        return ""
+    col = to["column"]
+    points = [p for p in to["points"] if p["feasible"]]
+    out = [
+        f"<h2>Trade-off: retention vs disparity by {esc(col)}</h2>",
+        '<p class="note">A decision aid: nothing here changes the selection. For a target retention (rows kept / rows '
+        f"in), one CLIP threshold is set to reach it, or one threshold per {esc(col)} value is set so that every "
+        "group loses the same share of its <i>candidates</i> (rows every other rule, dedup included, keeps: the rows "
+        f"the CLIP threshold decides). Removal rate here = that share. The {fmt_int(len(to['units']) - 1)} largest "
+        f"values with at least {fmt_int(to['min_candidates'])} candidates get a threshold of their own; every other "
+        "value and rows with none share the default (“(other)”). Every number is counted from the thresholds "
+        "shown (score ≥ threshold, as the rule compares), and equals a selection with them when no duplicate group "
+        f"holds copies of two {esc(col)} values (curate sweep --equalize checks it). docs/POLICY.md.</p>",
+    ]
+    if not points:
+        out.append(
+            f'<p class="note">No target is reachable: at most {esc(fmt_pct(to.get("max_retention")))} of the rows '
+            "can be kept by any threshold.</p>"
+        )
+        return "\n".join(out)
+    out.append(_tradeoff_svg(points))
+    out.append(
+        '<table><thead><tr><th class="n">Target retention</th><th class="n">One threshold</th>'
+        '<th class="n">Removal rates (min–max)</th><th class="n">Ratio</th><th class="n">Mean score kept</th>'
+        '<th class="n">Equalised: thresholds</th><th class="n">Removal rates (min–max)</th>'
+        '<th class="n">Retention</th><th class="n">Mean score kept</th></tr></thead><tbody>'
+    )
+    for p in points:
+        one, eq = p["single"], p["equalised"]
+        ts = [*eq["thresholds"].values(), eq["default"]]
+        d = (
+            None
+            if eq["score"]["mean"] is None or one["score"]["mean"] is None
+            else eq["score"]["mean"] - one["score"]["mean"]
+        )
+        out.append(
+            "<tr>"
+            + _td(esc(fmt_pct(p["target_retention"])))
+            + _td(esc(fmt_num(one["threshold"], 4)))
+            + _td(esc(f"{fmt_pct(one['rate_min'])} – {fmt_pct(one['rate_max'])}"))
+            + _td(esc(fmt_ratio(one["rate_ratio"])))
+            + _td(esc(fmt_num(one["score"]["mean"], 4)))
+            + _td(esc(f"{fmt_num(min(ts), 4)} – {fmt_num(max(ts), 4)}"))
+            + _td(esc(f"{fmt_pct(eq['rate_min'])} – {fmt_pct(eq['rate_max'])}"))
+            + _td(esc(fmt_pct(eq["retention"])))
+            + _td(esc(fmt_num(eq["score"]["mean"], 4) + ("" if d is None else f" ({d:+.4f})")))
+            + "</tr>"
+        )
+    out.append("</tbody></table>")
+    out.append("<details><summary>The thresholds, per target (spec lines)</summary><table><tbody>")
+    for p in points:
+        for name in ("single", "equalised"):
+            out.append(
+                "<tr>"
+                + _td(esc(f"{fmt_pct(p['target_retention'])} {name}"), "")
+                + _td(f"<code>{esc(p[name]['spec'])}</code>", "")
+                + "</tr>"
+            )
+    out.append("</tbody></table></details>")
     return "\n".join(out)
 
 
@@ -751,10 +1025,13 @@ def render_html(report: dict[str, Any]) -> str:
         _headline(report),
         _failed_shards(report),
         _disparities(report),
+        _policy(report),
         _groups(report),
         _reasons(report),
+        _concepts(report),
         _boxes(report),
         _sweep(report),
+        _tradeoff(report),
         _gallery(report),
         _clip(report),
         _fetch(report),

@@ -206,8 +206,12 @@ def _answer(frame: pl.DataFrame, queries: list[Query]) -> list[pl.DataFrame]:
 
 
 def _distinct(frame: pl.DataFrame, keys: list[str]) -> list[list[int]]:
-    """One block's number of distinct values per key column (a task: one answer, what sizes the parts)."""
-    return [list(frame.select(pl.col(k).n_unique() for k in keys).row(0)) if frame.height else [0] * len(keys)]
+    """One block's number of distinct values per key column (a task: one answer, what sizes the parts);
+    a key may be asked twice (a grouping and its net-of-policy view, curate/reports/policy_net.py)."""
+    if not frame.height:
+        return [[0] * len(keys)]
+    n = frame.select(pl.col(k).n_unique() for k in dict.fromkeys(keys)).row(0, named=True)
+    return [[n[k] for k in keys]]
 
 
 def _split_answers(frame: pl.DataFrame, queries: list[Query], keys: list[str], parts: list[int]) -> list[pl.DataFrame]:

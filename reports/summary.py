@@ -24,11 +24,13 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import polars as pl
 
-from curate.filters.rules import REASON_HELP, RULE_ORDER
+from curate.config import SelectionConfig
+from curate.filters.rules import RULE_ORDER, reason_help
 from curate.schema import (
     CLIP_SCORE,
     FETCH_STATUS,
@@ -47,6 +49,7 @@ from curate.reports.groups import (  # noqa: F401 - the statistics are imported 
     two_proportion_p,
     wilson_bounds,
 )
+from curate.reports import policy_net
 from curate.reports.html import render_html
 from curate.reports.sources import Source, SumBy, as_source, score_expr
 
@@ -97,10 +100,11 @@ def _finite(x: Any) -> float | None:
 # the aggregations
 
 
-def _count_exprs(with_reasons: bool = False) -> list[pl.Expr]:
+def _count_exprs(with_reasons: bool = False, order: Sequence[str] = _REASONS) -> list[pl.Expr]:
     """Per-slice counts: rows_in, kept, removed, removed_by_reason (one column per rule) and, with
     the ``reasons`` list, failed_any (``a:<rule>``, the rule's marginal effect: rows that fail it,
-    whatever else they fail) and removed_only (``o:<rule>``: rows that this rule alone removes)."""
+    whatever else they fail) and removed_only (``o:<rule>``: rows that this rule alone removes).
+    order: the reasons, in order (a selection's reason_order: its concept:<name> reasons too)."""
     kept = pl.col(KEPT)
     removed = kept.not_()  # null kept -> null -> not counted anywhere but rows_in
     exprs = [
@@ -108,11 +112,11 @@ def _count_exprs(with_reasons: bool = False) -> list[pl.Expr]:
         kept.cast(pl.Int64).sum().alias("kept"),
         removed.cast(pl.Int64).sum().alias("removed"),
     ]
-    for r in _REASONS:
+    for r in order:
         exprs.append((removed & (pl.col(REASON) == r)).cast(pl.Int64).sum().alias(f"r:{r}"))
     if with_reasons:
         rs = pl.col(REASONS)
-        for r in _REASONS:
+        for r in order:
             exprs.append(rs.list.contains(r).cast(pl.Int64).sum().alias(f"a:{r}"))
             exprs.append(((rs.list.len() == 1) & (rs.list.first() == r)).cast(pl.Int64).sum().alias(f"o:{r}"))
     return exprs
@@ -141,6 +145,7 @@ def report_tables(
     group_columns: Sequence[str] = DEFAULT_GROUP_COLUMNS,
     extra_group_columns: Sequence[str] = (),
     hist_bins: int = HIST_BINS,
+    order: Sequence[str] = _REASONS,
 ) -> dict[str, pl.DataFrame]:
     """The report's raw tables, all small (one row per reason / shard / bin).
 
@@ -160,9 +165,9 @@ def report_tables(
     queries: dict[str, tuple] = {}
     queries["kept_reason"] = _count([KEPT, REASON], [n])
     if REASONS in names:
-        failed = [pl.col(REASONS).list.contains(r).cast(pl.Int64).sum().alias(r) for r in _REASONS]
+        failed = [pl.col(REASONS).list.contains(r).cast(pl.Int64).sum().alias(r) for r in order]
         queries["failed_any"] = (lambda lf: lf.select(failed)), SumBy()
-    queries["shards"] = _count([SHARD], _count_exprs())
+    queries["shards"] = _count([SHARD], _count_exprs(order=order))
     if FETCH_STATUS in names:
         queries["fetch_status"] = _count([FETCH_STATUS], [n])
     tables = src.collect(queries)
@@ -206,7 +211,7 @@ def report_tables(
 
 def _slice_record(row: dict[str, Any]) -> dict[str, Any]:
     rows_in, kept, removed = int(row["rows_in"]), int(row["kept"] or 0), int(row["removed"] or 0)
-    by_reason = {r: int(row[f"r:{r}"] or 0) for r in _REASONS}
+    by_reason = {k[2:]: int(v or 0) for k, v in row.items() if k[:2] == "r:"}  # every reason counted, in order
     explained = sum(by_reason.values())
     return {
         "rows_in": rows_in,
@@ -234,8 +239,9 @@ def _group_section(
     to the totals. The full table stays in g.table (curate/reports/groups.py)."""
     problems: list[str] = []
     column = g.column
-    counts = ["rows_in", "kept", "removed", *(f"r:{r}" for r in _REASONS)]
+    counts = ["rows_in", "kept", "removed", *(c for c in g.sums if c[:2] == "r:")]
     extra = [c for c in g.sums if c[:2] in ("a:", "o:")]
+    order = [c[2:] for c in g.sums if c[:2] == "a:"]
     if g.broken:
         b = {"value": _json_value(g.broken_first["value"][0]), **_slice_record(g.broken_first.row(0, named=True))}
         problems.append(
@@ -261,8 +267,8 @@ def _group_section(
         rec["significant"] = bool(row["significant"])
         rec["direction"] = row["direction"]
         if extra:
-            rec["failed_any"] = {r: int(row[f"a:{r}"]) for r in _REASONS}
-            rec["removed_only"] = {r: int(row[f"o:{r}"]) for r in _REASONS}
+            rec["failed_any"] = {r: int(row[f"a:{r}"]) for r in order}
+            rec["removed_only"] = {r: int(row[f"o:{r}"]) for r in order}
         shown.append(rec)
     others = g.distinct - g.shown.height
     if others:
@@ -273,8 +279,8 @@ def _group_section(
         rec = {"value": f"(other {others} groups)", "unknown": False, "other_groups": others, **agg}
         rec.update(rest_rate=None, p_value=None, q_value=None, significant=False, direction=None)
         if extra:
-            rec["failed_any"] = {r: rest[f"a:{r}"] for r in _REASONS}
-            rec["removed_only"] = {r: rest[f"o:{r}"] for r in _REASONS}
+            rec["failed_any"] = {r: rest[f"a:{r}"] for r in order}
+            rec["removed_only"] = {r: rest[f"o:{r}"] for r in order}
         shown.append(rec)
 
     out = []
@@ -322,8 +328,15 @@ def build_report(
     meta: dict | None = None,
     alpha: float = 0.05,
     return_tables: bool = False,
+    selection: SelectionConfig | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Any]]:
     """Summarise one selection's per-row decisions as a JSON-serialisable dict (see module doc).
+
+    Each grouping that a rule targets by design (the language rule: `language`; a per-group CLIP
+    threshold: its column; curate/reports/policy_net.py) also gets its net-of-policy view,
+    ``groups[<column>]["policy"]``: the same statistics over the rows that pass those rules, and the
+    rows they exclude (``excluded_by_policy``, also on each group of the grouping). `selection`: the
+    rules the decisions were made with (what the spec makes a rule target); None: the registry's.
 
     With ``return_tables`` also returns the machine tables keyed by name: polars DataFrames, and
     per grouping ``groups_<column>``, every group with its statistics (not only the shown ones), as
@@ -333,7 +346,9 @@ def build_report(
         raise ValueError("top_groups must be >= 1")
     group_cols = list(dict.fromkeys([*group_columns, *extra_group_columns]))
     src = as_source(decisions)
-    tables = report_tables(src, group_columns=group_cols)
+    helps = reason_help(selection)  # every reason the selection can give (its concepts too), in order
+    order = list(helps)
+    tables = report_tables(src, group_columns=group_cols, order=order)
     problems: list[str] = []
 
     # ---- totals and first reasons, from the (kept, reason) table ---------------------------------
@@ -343,11 +358,11 @@ def build_report(
     removed = int(kr.filter(pl.col(KEPT) == False)["n"].sum())  # noqa: E712
     kept_null = rows_in - kept - removed
     rem = kr.filter(pl.col(KEPT) == False)  # noqa: E712
-    first = {r: int(rem.filter(pl.col(REASON) == r)["n"].sum()) for r in _REASONS}
+    first = {r: int(rem.filter(pl.col(REASON) == r)["n"].sum()) for r in order}
     removed_no_reason = int(rem.filter(pl.col(REASON).is_null())["n"].sum())
     unknown_reasons = {
         str(row[REASON]): int(row["n"])
-        for row in rem.filter(pl.col(REASON).is_not_null() & ~pl.col(REASON).is_in(_REASONS))
+        for row in rem.filter(pl.col(REASON).is_not_null() & ~pl.col(REASON).is_in(order))
         .sort("n", descending=True)
         .iter_rows(named=True)
     }
@@ -378,17 +393,17 @@ def build_report(
 
     failed_any = tables["failed_any"].row(0, named=True) if "failed_any" in tables else None
     reasons = []
-    for r in RULE_ORDER:
-        fa = int(failed_any[r.value] or 0) if failed_any is not None else None
+    for r in order:
+        fa = int(failed_any[r] or 0) if failed_any is not None else None
         reasons.append(
             {
-                "reason": r.value,
-                "removed_first": first[r.value],
-                "removed_first_share": _rate(first[r.value], rows_in),
-                "share_of_removed": _rate(first[r.value], removed),
+                "reason": r,
+                "removed_first": first[r],
+                "removed_first_share": _rate(first[r], rows_in),
+                "share_of_removed": _rate(first[r], removed),
                 "failed_any": fa,
                 "failed_any_share": _rate(fa, rows_in) if fa is not None else None,
-                "help": REASON_HELP[r],
+                "help": helps[r],
             }
         )
 
@@ -419,10 +434,22 @@ def build_report(
     # every value of every grouping, in parts (a grouping can have millions of values): the
     # driver gets the shown groups and the sums back, the full tables stay in their parts
     names = set(src.schema().names())
-    exprs = _count_exprs(REASONS in names)
-    counts = src.partitioned({c: (_count_query(c, exprs=exprs), c) for c in group_cols})
+    exprs = _count_exprs(REASONS in names, order)
+    targets = policy_net.targeting(group_cols, selection)
+    # groupings with a targeting rule that fails some row: their rows' excluded count, and a net view
+    nets = policy_net.active(targets, failed_any or {}) if REASONS in names else {}
+    net_query = {c: (_select_query(policy_net.net_count_exprs(r, order)), SumBy()) for c, r in nets.items()}
+    net_totals = src.collect(net_query) if nets else {}  # the passing rows' totals: each net view's "rest"
+    queries = {c: (_count_query(c, exprs=[*exprs, *_excluded_count(nets.get(c))]), c) for c in group_cols}
+    queries.update(
+        {
+            policy_net.net_name(c): (_count_query(c, exprs=policy_net.net_count_exprs(r, order)), c)
+            for c, r in nets.items()
+        }
+    )
+    counts = src.partitioned(queries)
     setup = Setup(
-        counts=("rows_in", "kept", "removed", *(f"r:{r}" for r in _REASONS)),
+        counts=("rows_in", "kept", "removed", *(f"r:{r}" for r in order)),
         extra=tuple(e.meta.output_name() for e in exprs if e.meta.output_name()[:2] in ("a:", "o:")),
         tot_n=rows_in,
         tot_x=removed,
@@ -431,13 +458,33 @@ def build_report(
         top=top_groups,
     )
     schema = src.schema()
+    setups = {c: replace(setup, extra=(*setup.extra, policy_net.EXCLUDED)) if c in nets else setup for c in group_cols}
+    net_sums = {c: net_totals[c].row(0, named=True) for c in nets}
+    for c in nets:
+        setups[policy_net.net_name(c)] = replace(
+            setup,
+            extra=(policy_net.EXCLUDED,),
+            tot_n=int(net_sums[c]["rows_in"] or 0),
+            tot_x=int(net_sums[c]["removed"] or 0),
+        )
+    dtypes = {name: schema[q[1]] for name, q in queries.items()}
     groups = {}
     full_tables: dict[str, Any] = {}
-    for c, g in groupings(counts, setup, {c: schema[c] for c in group_cols}).items():
+    done = groupings(counts, setups, dtypes)
+    for c in group_cols:
+        g = done[c]
         sec, probs = _group_section(g, overall_rate=overall_rate, min_group_size=min_group_size, totals=totals)
         groups[c] = sec
         full_tables[f"groups_{c}"] = g.table  # a GroupTable: written in parts by write_tables
         problems.extend(probs)
+        sec["policy"] = None
+        if c in nets:
+            net = done[policy_net.net_name(c)]
+            sec["policy"], probs = _policy_section(
+                c, nets[c], sec["rows"], g, net, net_sums[c], rows_in, min_group_size
+            )
+            full_tables[policy_net.table_name(c)] = net.table  # every group's net numbers, in parts
+            problems.extend(probs)
     if CLIP_SCORE in names and group_cols:
         dists = _clip_by_group(src, groups)
         for c, d in dists.items():
@@ -503,6 +550,11 @@ def build_report(
             "test": "two-sided pooled two-proportion z-test, group vs the rest of the rows; "
             "Benjamini-Hochberg across the groups of each grouping with at least min_group_size rows",
             "alpha": alpha,
+            "policy_targets": {c: list(r) for c, r in targets.items() if r},
+            "disparities_lead": policy_net.LEAD_VIEW,
+            "net_of_policy": "for a grouping that a rule targets by design (it reads the grouping's column: the "
+            "language rule for language, a per-group CLIP threshold for its column), the same statistics over the "
+            "rows that pass those rules; rows failing one are excluded by policy, whatever rule removed them first",
         },
     }
     if not return_tables:
@@ -511,6 +563,58 @@ def build_report(
     full_tables["reasons"] = pl.DataFrame(reasons)
     full_tables["shards"] = tables["shards"].sort(SHARD, nulls_last=True)
     return rep, full_tables
+
+
+def _select_query(exprs: list[pl.Expr]):
+    return lambda lf: lf.select(exprs)
+
+
+def _excluded_count(reasons: Sequence[str] | None) -> list[pl.Expr]:
+    """For a grouping with a net view: the count of each group's rows that a targeting rule fails."""
+    if not reasons:
+        return []
+    return [policy_net.excluded(reasons).cast(pl.Int64).sum().alias(policy_net.EXCLUDED)]
+
+
+def _with_excluded(rows: list[dict[str, Any]], g: Grouping) -> None:
+    """Each shown group's rows excluded by policy (g.shown's column), and the rollup's (the rest)."""
+    shown = [int(x) for x in g.shown[policy_net.EXCLUDED].to_list()]
+    for rec, x in zip(rows, shown):
+        rec[policy_net.EXCLUDED] = x
+    if len(rows) > len(shown):
+        rows[-1][policy_net.EXCLUDED] = g.sums[policy_net.EXCLUDED] - sum(shown)
+
+
+def _policy_section(
+    column: str,
+    reasons: Sequence[str],
+    rows: list[dict[str, Any]],
+    g: Grouping,
+    net: Grouping,
+    net_sums: dict[str, Any],
+    rows_in: int,
+    min_group_size: int,
+) -> tuple[dict[str, Any], list[str]]:
+    """A grouping's policy part: the rules that target it, what they exclude, and its groups among
+    the rows that pass them (a section like the grouping's own, its totals those rows' totals).
+    `rows`: the grouping's own shown rows (all rows), which get their excluded counts from `g`."""
+    sums = {k: int(v or 0) for k, v in net_sums.items()}
+    pol = policy_net.summary(reasons, sums, rows_in, net.empty)
+    sec, problems = _group_section(
+        net, overall_rate=pol["totals"]["removal_rate"], min_group_size=min_group_size, totals=sums
+    )
+    sec["column"] = column
+    _with_excluded(sec["rows"], net)
+    _with_excluded(rows, g)
+    for name, got in ((net.column, net.sums[policy_net.EXCLUDED]), (column, g.sums[policy_net.EXCLUDED])):
+        if got != pol["excluded_rows"]:
+            problems.append(f"{name}: groups sum to {policy_net.EXCLUDED}={got}, totals say {pol['excluded_rows']}")
+    if sums["rows_in"] + pol["excluded_rows"] != rows_in:
+        problems.append(
+            f"{net.column}: {sums['rows_in']} rows pass the policy + {pol['excluded_rows']} excluded != {rows_in} rows in"
+        )
+    sec["reconciles"] = not problems
+    return {**pol, "net": sec}, problems
 
 
 def _clip_by_group(src: Source, groups: dict[str, dict[str, Any]]) -> dict[str, pl.DataFrame]:

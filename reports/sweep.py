@@ -12,6 +12,18 @@ the representatives once with ``decide()`` itself and then count, per group, the
 at or above each threshold: one sort for dedup plus a group-by, instead of one ``decide()`` per
 threshold. (A ``top_fraction`` rule is a threshold too; the sweep varies the threshold directly.)
 With the threshold active, rows without a score are ``not_scored`` at every threshold.
+
+Per-group thresholds (``clip.by``, ``clip.thresholds``: docs/POLICY.md). The sweep varies the
+default (``min_score``) and shifts every group's threshold by the same offset: at sweep point ``t``
+a group whose threshold is ``T_g`` (default ``D``) is cut at ``T_g + (t - D)``, rounded to 10
+decimals, and exactly at ``T_g`` when ``t == D``; so the sweep's point ``D`` is the selection, and
+the gap between groups stays as the spec wrote it. The representatives are the same rows (the
+threshold is -inf in every group) and each is counted against its own group's cut. That is exact
+when no duplicate group holds copies with different thresholds (a copy's group is its survivor's):
+then the argument above holds group by group. Where copies of one image or URL fall in groups with
+different thresholds, a survivor below its group's cut can let a copy above a lower cut survive in
+a real selection while the sweep counts it removed: ``spanning_duplicates`` counts such key groups
+for the exact dedups (``curate sweep`` checks it; a near dedup cannot be checked this way).
 """
 
 from __future__ import annotations
@@ -24,7 +36,8 @@ import polars as pl
 
 from curate import schema
 from curate.config import ClipRule, SelectionConfig
-from curate.filters.decide import decide, decide_inputs
+from curate.filters.decide import decide, decide_inputs, dedup_steps
+from curate.filters.rules import rule_failures
 from curate.reports.groups import VALUE, GroupTable, table_order
 from curate.reports.sources import BlockSource, FrameSource, Head, Source, SumBy, _in_values, as_source
 
@@ -104,12 +117,82 @@ def scored(kept: Frame) -> Frame:
     )
 
 
-def _above(thr: Sequence[float], dtype: pl.DataType = pl.Float64) -> pl.Expr:
+def shifted(clip: ClipRule | None, t: float) -> dict[str, float]:
+    """The per-group thresholds at sweep point `t` (the default's value): every group's threshold
+    moved by t - min_score, rounded to 10 decimals (no float drift: 0.28 + 0.01 is 0.29), and the
+    spec's own thresholds at t == min_score. Empty without per-group thresholds."""
+    if clip is None or clip.by is None or clip.min_score is None:
+        return {}
+    if t == clip.min_score:
+        return dict(clip.thresholds)
+    return {g: round(v + (t - clip.min_score), 10) for g, v in clip.thresholds.items()}
+
+
+def group_cut(clip: ClipRule | None, t: float, dtype: pl.DataType = pl.Float64) -> pl.Expr:
+    """Each row's threshold at sweep point `t` as decide() compares it (see _cuts), an expression
+    over clip.by; `t` for every row without per-group thresholds."""
+    chain: Any = pl
+    group = pl.col(clip.by).cast(pl.String) if clip is not None and clip.by is not None else None
+    for g, v in shifted(clip, t).items():
+        chain = chain.when(group == g).then(pl.lit(_cuts([v], dtype)[0]))
+    return pl.lit(_cuts([t], dtype)[0]) if chain is pl else chain.otherwise(pl.lit(_cuts([t], dtype)[0]))
+
+
+def _cuts(thr: Sequence[float], dtype: pl.DataType) -> pl.Series:
     # decide() compares the score column with a float literal, which polars casts to the column's
     # type: a float32 score is compared with float32(t). Do the same, or a score of 0.301f would
     # be kept at t=0.301 by the selection and not by the sweep.
-    cut = pl.Series(list(thr), dtype=pl.Float64).cast(dtype).cast(pl.Float64)
-    return pl.lit(cut).search_sorted(pl.col(SCORE), side="right").cast(pl.Int64)
+    return pl.Series(list(thr), dtype=pl.Float64).cast(dtype).cast(pl.Float64)
+
+
+def as_compared(t: float, dtype: pl.DataType) -> float:
+    """Threshold `t` as decide() compares it with a score of type `dtype` (float32(t) for float32)."""
+    return float(_cuts([t], dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64)[0])
+
+
+def _above(thr: Sequence[float], dtype: pl.DataType = pl.Float64, clip: ClipRule | None = None) -> pl.Expr:
+    """The number of sweep points whose cut is <= the row's score (kept at point i iff > i). With
+    per-group thresholds each row is counted against its own group's cuts (shifted)."""
+
+    def count(points: Sequence[float]) -> pl.Expr:
+        return pl.lit(_cuts(points, dtype)).search_sorted(pl.col(SCORE), side="right").cast(pl.Int64)
+
+    if clip is None or clip.by is None:
+        return count(thr)
+    group = pl.col(clip.by).cast(pl.String)
+    chain: Any = pl
+    for g in clip.thresholds:
+        chain = chain.when(group == g).then(count([shifted(clip, t)[g] for t in thr]))
+    return chain.otherwise(count(thr))
+
+
+def spanning_duplicates(annotations: pl.LazyFrame, sel: SelectionConfig, group: pl.Expr) -> dict[str, Any]:
+    """Whether the sweep's per-group counts are exact for groups `group` (an expression: a row's
+    threshold, or its value of the column the thresholds would follow): the key groups of each exact
+    dedup, among the rows every per-row rule but the CLIP rule keeps, whose rows fall in more than
+    one group ({"key_groups": n per dedup reason, "checked": False when a near dedup is on: its
+    clusters are not keys}). None of them: a loser and its survivor always share a group, so the
+    representatives argument (module doc) holds group by group."""
+    fails = rule_failures(sel, None)
+    pool = annotations.filter(pl.any_horizontal(list(fails.values())).not_()).with_columns(group.alias("_group"))
+    out: dict[str, Any] = {"key_groups": {}, "checked": True}
+    steps = dedup_steps(sel)
+    for reason, key in steps:
+        if key is None:
+            out["checked"] = False  # a near dedup: clusters, not keys
+            continue
+        n = (
+            pool.select(key.alias("_key"), "_group")
+            .filter(pl.col("_key").is_not_null())
+            .group_by("_key")
+            .agg(pl.col("_group").n_unique().alias("_n"))
+            .filter(pl.col("_n") > 1)
+            .select(pl.len())
+            .collect(engine="streaming")
+            .item()
+        )
+        out["key_groups"][reason.value] = int(n)
+    return out
 
 
 def _curve(counts: dict[int, int], n_thr: int) -> list[int]:
@@ -150,11 +233,14 @@ def sweep(
     if reps is None:  # (build_audit passes reps, and only when the run has scores)
         check_sweepable(annotations, sel)
         reps = representatives(annotations, sel, keep=list(group_columns), embeddings=embeddings)
+    by = [sel.clip.by] if sel.clip.by is not None and sel.clip.by not in group_columns else []
     if not isinstance(reps, (FrameSource, BlockSource)):
         # decide() runs once: materialise the few columns the counts need, so the per-group
         # queries below do not each re-run the dedup plan
-        reps = FrameSource(reps.lazy().select(SCORE, *group_columns).collect(engine="streaming"))
-    above = _above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64).alias(IDX)
+        reps = FrameSource(reps.lazy().select(SCORE, *group_columns, *by).collect(engine="streaming"))
+    if by and by[0] not in reps.schema().names():
+        raise ValueError(f"the sweep's representatives lack {by[0]!r}, the column of the per-group thresholds")
+    above = _above(thr, dtype if dtype in (pl.Float32, pl.Float64) else pl.Float64, sel.clip).alias(IDX)
     n = pl.len().cast(pl.Int64).alias("n")
     group_tables = group_tables or {}
     sizes = {"rows": ((lambda lf: lf.select(n)), SumBy())}
@@ -197,6 +283,18 @@ def sweep(
         "groups": {},
         "method": "exact: representatives (decide() at threshold -inf) counted at or above each threshold",
     }
+    if sel.clip.by is not None:
+        out["per_group"] = {
+            "by": sel.clip.by,
+            "default": sel.clip.min_score,
+            # each group's threshold at every sweep point: the default's value plus the spec's gap
+            "thresholds": {g: [shifted(sel.clip, t)[g] for t in thr] for g in sel.clip.thresholds},
+        }
+        out["method"] = (
+            "exact when no duplicate group holds copies with different thresholds: representatives (decide() at "
+            f"threshold -inf) counted at or above their own group's threshold; the sweep varies the default "
+            f"(min_score) and moves every {sel.clip.by} threshold by the same offset"
+        )
     long = [
         pl.DataFrame(
             {"column": "(all)", "value": "(all)", "threshold": thr, "rows_in": rows_in, "kept": overall_kept},
@@ -266,17 +364,19 @@ def flips(
     sample: int = 20,
     top: int = 10,
     score_dtype: pl.DataType = pl.Float32,
+    clip: ClipRule | None = None,
 ) -> dict[str, Any]:
     """What changes between threshold a and b (a < b is stricter at b): the representatives with
     a <= score < b are kept at a and removed (clip_score) at b; nothing else changes fate. Per
     group: rows that flip and the change in retention, largest change first. sizes[column]: the
     groups' rows_in, a frame (column, rows_in) or the report's GroupTable (asked for the groups that
-    flip only)."""
+    flip only). clip: the selection's CLIP rule; with per-group thresholds, a and b are values of the
+    default and each group's threshold moves with it (`shifted`), as in the sweep."""
     lo, hi = (a, b) if a <= b else (b, a)
-    if score_dtype == pl.Float32:  # compare as decide() does (see _above)
-        lo, hi = (float(pl.Series([x], dtype=pl.Float32)[0]) for x in (lo, hi))
     src = as_source(reps)
-    band = (pl.col(SCORE) >= lo) & (pl.col(SCORE) < hi)
+    # compare as decide() does (see _cuts): a float32 score with float32 thresholds
+    dtype = score_dtype if score_dtype in (pl.Float32, pl.Float64) else pl.Float64
+    band = (pl.col(SCORE) >= group_cut(clip, lo, dtype)) & (pl.col(SCORE) < group_cut(clip, hi, dtype))
     have = set(src.schema().names())
     cols = [
         c

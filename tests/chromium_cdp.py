@@ -1,6 +1,7 @@
 """Drive headless Chromium over the DevTools protocol on a pipe (--remote-debugging-pipe; stdlib
 only): load a page, collect console errors, uncaught exceptions and log-domain errors (e.g. CSP
-violations), read the rendered text and take a full-page PNG screenshot."""
+violations), read the rendered text, evaluate JavaScript expressions (layout measurements) and take
+a full-page PNG screenshot."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -35,6 +37,7 @@ class PageResult:
     text: str = ""
     png: bytes = b""
     height: int = 0
+    values: dict[str, Any] = field(default_factory=dict)  # name -> result of load_page(evaluate=...)
 
 
 class _Pipe:
@@ -138,7 +141,17 @@ def _describe(e: dict) -> str | None:
     return None
 
 
-def load_page(path: str | Path, *, width: int = 1280, screenshot: bool = True, binary: str | None = None) -> PageResult:
+def load_page(
+    path: str | Path,
+    *,
+    width: int = 1280,
+    screenshot: bool = True,
+    binary: str | None = None,
+    evaluate: dict[str, str] | None = None,
+) -> PageResult:
+    """Load `path` in a `width`-px-wide viewport. `evaluate`: name -> JavaScript expression, each
+    evaluated after load with its JSON-serialisable result in `PageResult.values[name]`; an
+    expression that throws raises RuntimeError naming it."""
     binary = binary or find_chromium()
     if not binary:
         raise FileNotFoundError("chromium not found (apt-get install chromium)")
@@ -162,6 +175,12 @@ def load_page(path: str | Path, *, width: int = 1280, screenshot: bool = True, b
             res.text = pipe.call(
                 "Runtime.evaluate", {"expression": "document.body.innerText", "returnByValue": True}, session=sid
             )["result"].get("value", "")
+            # before the height: an expression may change the layout (open <details>, ...)
+            for name, expression in (evaluate or {}).items():
+                out = pipe.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=sid)
+                if "exceptionDetails" in out:
+                    raise RuntimeError(f"evaluate {name!r} threw: {out['exceptionDetails']}")
+                res.values[name] = out["result"].get("value")
             res.height = int(
                 pipe.call(
                     "Runtime.evaluate",

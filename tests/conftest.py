@@ -79,3 +79,25 @@ def laion_sample() -> Path:
     if not LAION_SAMPLE.exists():
         pytest.fail(f"the LAION sample is missing at {LAION_SAMPLE} (it is committed under data/laion-sample/)")
     return LAION_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo (`curate demo`'s data: 360 rows in 3 shards, seed 7, served from loopback servers that
+    stay up for the session) run once with the demo spec on the in-process executor: fetched images,
+    the bundled CLIP's scores and stored image embeddings, and the ground truth of each row (what its
+    image shows: image_shape, image_color). Tests may add selections; one that changes the run works
+    on a copy."""
+    from fault_support import demo_servers
+
+    from curate.demo.run_demo import demo_spec, write_inputs
+    from curate.executor import LocalExecutor
+    from curate.runner import run
+
+    out = tmp_path_factory.mktemp("demo-run")
+    with demo_servers() as servers:
+        truth = write_inputs(out, 360, 3, 7, servers)
+        spec = demo_spec(out)
+        res = run(spec, executor=LocalExecutor())
+        assert res.ok, res.failed
+        yield {"run": Path(res.run_dir), "truth": truth, "spec": spec, "servers": servers}

@@ -203,7 +203,7 @@ def test_curate_sweep_follows_the_selections_engine(run_dir, ray_session, tmp_pa
         write_selection(str(run), SelectionConfig.model_validate(spec))
     on_cluster = []
     real = selection.representatives_on
-    monkeypatch.setattr(selection, "representatives_on", lambda *a: on_cluster.append(a[-1]) or real(*a))
+    monkeypatch.setattr(selection, "representatives_on", lambda *a, **k: on_cluster.append(a[-1]) or real(*a, **k))
     out = {}
     for name in ("local", "ray"):
         args = ["sweep", str(run), "--from", "0.1", "--to", "0.4", "--step", "0.05", "-g", "language", "-s", name]

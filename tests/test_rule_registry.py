@@ -30,11 +30,14 @@ MINIMAL = {"name": "t", "input": {"paths": ["x.parquet"]}}
 
 
 def test_order_help_and_reasons_come_from_the_registry():
-    assert [r.value for r in RULE_ORDER] == [r.reason for r in RULES]
-    assert [m.value for m in Reason] == [r.reason for r in RULES]
+    single = [r for r in RULES if r.names is None]  # a rule family (concepts) has a reason per name: concept:<name>
+    assert [r.value for r in RULE_ORDER] == [r.reason for r in single]
+    assert [m.value for m in Reason] == [r.reason for r in single]
     assert set(REASON_HELP) == set(Reason) and all(REASON_HELP[r] for r in Reason)
-    for r in RULES:  # exactly one way to decide: a failure, an exact key, or a near-dedup step
-        assert (r.fails is not None) + (r.key is not None) + r.near == 1, r.name
+    assert rules.reason_order() == tuple(r.value for r in RULE_ORDER)  # no family member without a spec
+    for r in RULES:  # exactly one way to decide: a failure, an exact key, a near-dedup step or a family
+        assert (r.fails is not None) + (r.key is not None) + r.near + (r.names is not None) == 1, r.name
+        assert (r.names is None) == (r.instance_fails is None) == (r.instance_help is None), r.name
         assert r.phase != "dedup" or r.fails is None, r.name
     # dedup after every per-row rule, duplicate_uid last
     phases = [r.phase for r in RULES]

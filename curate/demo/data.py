@@ -101,6 +101,7 @@ def generate(n_rows: int, seed: int, ports: dict[str, int]) -> DemoData:
             rec["gt_language"] = orig["gt_language"]
             rec["TEXT"] = synthetic.caption(orig["_caption_attrs"], orig["gt_language"], rng)
             rec["_caption_attrs"] = orig["_caption_attrs"]
+            rec["_image_attrs"] = orig["_image_attrs"]  # a copy shows the original's picture
             rec["_size"] = orig["_size"]
             if kind == "url_duplicate":
                 # same image URL, spelled differently: host case, explicit default-less port kept, a fragment
@@ -137,6 +138,7 @@ def generate(n_rows: int, seed: int, ports: dict[str, int]) -> DemoData:
             TEXT=synthetic.caption(cap_attrs, lang, rng),
             matched=matched,
             _caption_attrs=cap_attrs,
+            _image_attrs=attrs if body is not None and kind != "corrupt" else None,  # what the image shows
             _size=(w, h),
             _host=host,
             _body=body,
@@ -155,6 +157,9 @@ def generate(n_rows: int, seed: int, ports: dict[str, int]) -> DemoData:
             "matched": [bool(r["matched"]) for r in recs],
             "gt_language": [r["gt_language"] for r in recs],
             "duplicate_of_index": pl.Series([r["duplicate_of_index"] for r in recs], dtype=pl.Int64),
+            # what each served image shows (null where no decodable image is served: 404s, corrupt bytes)
+            "image_shape": pl.Series([a.shape if (a := r["_image_attrs"]) else None for r in recs], dtype=pl.String),
+            "image_color": pl.Series([a.color if (a := r["_image_attrs"]) else None for r in recs], dtype=pl.String),
         }
     )
     return DemoData(df, served)
