@@ -309,9 +309,17 @@ def report(
     rep = res["report"]
     t = rep["totals"]
     flagged = sum(sec.get("flagged_groups", 0) for sec in rep["groups"].values())
+    # the page's lead view: a grouping a rule targets by design is judged net of it (reports/policy_net.py)
+    nets = [((sec.get("policy") or {}).get("net") or sec) for sec in rep["groups"].values()]
+    net = sum(sec.get("flagged_groups", 0) for sec in nets)
+    flags = (
+        f"{net} group(s) flagged net of policy ({flagged} over all rows)"
+        if net != flagged
+        else f"{flagged} group(s) flagged"
+    )
     typer.echo(
         f"{t['rows_in']:,} rows, kept {t['kept']:,}, removal rate {t['removal_rate'] or 0:.1%}; "
-        f"{flagged} group(s) flagged; counts reconcile: {'yes' if rep['reconciles'] else 'NO'}"
+        f"{flags}; counts reconcile: {'yes' if rep['reconciles'] else 'NO'}"
     )
     typer.echo(f"report: {res['report_html']}")
 

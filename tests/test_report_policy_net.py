@@ -293,3 +293,20 @@ def test_both_engines_give_the_same_net_numbers(laion_run, multi, ray_session, m
     assert a.equals(b)
     rep = json.loads((ray_dir / "report.json").read_text())
     assert rep["groups"]["language"]["policy"]["net"]["tested_groups"] >= 3
+
+
+def test_curate_report_prints_the_lead_views_flag_count(laion_run):
+    """`curate report` says how many groups are flagged net of policy (the page's lead view), and
+    how many over all rows, from the report it re-rendered."""
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    out, _ = laion_run
+    res = CliRunner().invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "selections" / "default" / "report.json").read_text())
+    everything = sum(s["flagged_groups"] for s in rep["groups"].values())
+    lead = sum(((s["policy"] or {}).get("net") or s)["flagged_groups"] for s in rep["groups"].values())
+    assert lead < everything  # the language rule's own exclusions are not in the lead view
+    assert f"{lead} group(s) flagged net of policy ({everything} over all rows)" in res.output
