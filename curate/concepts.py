@@ -31,9 +31,7 @@ import polars as pl
 
 from curate import annotations, exact_rank, schema
 from curate.config import ConceptRule, SelectionConfig
-from curate.executor import Executor, Resources
 
-TASK = Resources(cpus=1)
 MAX_COSINE = "max_cosine"
 SOFTMAX_MASS = "softmax_positive_mass"
 
@@ -197,37 +195,12 @@ def _ranked(descending: pl.Series | np.ndarray, fraction: float, name: str) -> f
 
 
 def shard_score_counts(
-    run_dir: str, shard: str, concepts: ConceptSet, name: str, prefix: int, done: int, width: int
+    run_dir: str, shard: str, prefix: int, done: int, width: int, concepts: ConceptSet, name: str
 ) -> exact_rank.Counts:
     """One pass of the radix select (curate/exact_rank.py) over one shard's scores of a concept
-    (a task of the Ray engine)."""
+    (a task of the Ray engine: curate/distributed_selection.py concept_thresholds_on)."""
     scores = shard_scores(run_dir, shard, concepts).get_column(column(name)).cast(pl.Float64).to_numpy()
     return exact_rank.pass_counts(exact_rank.order_keys(scores), prefix, done, width)
-
-
-def thresholds_on(
-    executor: Executor, run_dir: str, shards: Sequence[str], sel: SelectionConfig, concepts: ConceptSet
-) -> dict[str, float]:
-    """resolve_thresholds for the Ray engine: a top fraction by the exact radix select, one task per
-    shard per pass, no score gathered in the driver (the same value, bit for bit)."""
-    out: dict[str, float] = {}
-    for name, rule in sel.concepts.items():
-        if rule.min_similarity is not None:
-            out[name] = float(rule.min_similarity)
-            continue
-
-        def count(prefix: int, done: int, width: int, name: str = name) -> list[exact_rank.Counts]:
-            futures = [
-                executor.submit(shard_score_counts, run_dir, s, concepts, name, prefix, done, width, resources=TASK)
-                for s in shards
-            ]
-            return [exact_rank.merge(executor.results(futures))]
-
-        n, first = exact_rank.total(count)
-        if n == 0:
-            raise ValueError(f"selection.concepts.{name}.top_fraction: no row has an image embedding; nothing to rank")
-        out[name] = exact_rank.kth_largest(count, exact_rank.top_fraction_index(n, rule.top_fraction), first)
-    return out
 
 
 def describe(

@@ -11,10 +11,12 @@ bit, with the same rows: `curate forget` keys filtered out, null and NaN scores 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import polars as pl
 
-from curate import annotations, distributed_decide, exact_rank, faults, schema, selection_files
+from curate import annotations, concepts, distributed_decide, exact_rank, faults, schema, selection_files
 from curate.block_shuffle import Plan
 from curate.concepts import ConceptSet
 from curate.config import SelectionConfig
@@ -24,7 +26,7 @@ from curate.reports.sources import BlockSource
 from curate.reports.sweep import SCORE, at_any_threshold, scored
 
 TASK = Resources(cpus=1)
-MERGE_EVERY = 64  # shard answers held before they are folded into the running sum
+MERGE_EVERY = 4  # shard answers held before they are folded into the running sum (each up to ~20 k bins)
 
 
 def score_keys(run_dir: str, shard: str) -> np.ndarray:
@@ -41,15 +43,20 @@ def shard_score_counts(run_dir: str, shard: str, prefix: int, done: int, width: 
     return counts
 
 
-def _count_pass(executor: Executor, run_dir: str, shards: list[str], in_flight: int) -> exact_rank.CountPass:
+def _count_pass(
+    executor: Executor, run_dir: str, shards: list[str], in_flight: int, fn=None, *extra: Any
+) -> exact_rank.CountPass:
+    """One radix-select pass over the shards: fn(run_dir, shard, prefix, done, width, *extra) per
+    shard (default: its CLIP scores), at most `in_flight` tasks at once, the counts merged as they
+    arrive (at most MERGE_EVERY held)."""
+    fn = fn or shard_score_counts
+
     def count(prefix: int, done: int, width: int) -> list[exact_rank.Counts]:
         todo, pending = list(reversed(shards)), set()
         acc: list[exact_rank.Counts] = []
         while todo or pending:
             while todo and len(pending) < in_flight:
-                pending.add(
-                    executor.submit(shard_score_counts, run_dir, todo.pop(), prefix, done, width, resources=TASK)
-                )
+                pending.add(executor.submit(fn, run_dir, todo.pop(), prefix, done, width, *extra, resources=TASK))
             fut = executor.wait_first(pending)
             pending.discard(fut)
             acc.append(executor.result(fut))
@@ -58,6 +65,31 @@ def _count_pass(executor: Executor, run_dir: str, shards: list[str], in_flight: 
         return [exact_rank.merge(acc)]
 
     return count
+
+
+def concept_thresholds_on(
+    executor: Executor,
+    run_dir: str,
+    shards: list[str],
+    sel: SelectionConfig,
+    concept_set: ConceptSet,
+    in_flight: int = 0,
+) -> dict[str, float]:
+    """concepts.resolve_thresholds on the Ray engine: a concept's top fraction by the same exact
+    radix select as the CLIP score's, over its scores shard by shard (concepts.shard_score_counts),
+    no score gathered in the driver (the same value, bit for bit)."""
+    in_flight = in_flight or max(2, 4 * int(executor.cluster.cpus or 1))
+    out: dict[str, float] = {}
+    for name, rule in sel.concepts.items():
+        if rule.min_similarity is not None:
+            out[name] = float(rule.min_similarity)
+            continue
+        count = _count_pass(executor, run_dir, shards, in_flight, concepts.shard_score_counts, concept_set, name)
+        n, first = exact_rank.total(count)
+        if n == 0:
+            raise ValueError(f"selection.concepts.{name}.top_fraction: no row has an image embedding; nothing to rank")
+        out[name] = exact_rank.kth_largest(count, exact_rank.top_fraction_index(n, rule.top_fraction), first)
+    return out
 
 
 def top_fraction_threshold(

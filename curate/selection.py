@@ -37,7 +37,7 @@ from curate import (
 )
 from curate.config import PipelineSpec, ReportConfig, SelectionConfig
 from curate.distributed_decide import TASK, decide_blocks
-from curate.distributed_selection import finish_block, representatives_on, top_fraction_threshold, uid_slice
+from curate.distributed_selection import concept_thresholds_on, finish_block, representatives_on, top_fraction_threshold, uid_slice
 from curate.default_executor import given_or_ray
 from curate.filters.decide import DECIDED, decide, decide_inputs, nan_free_scores, on_ray, resolve_clip_threshold
 from curate.filters.rules import clip_by
@@ -199,7 +199,7 @@ def _concepts(run_dir: str, m, sel: SelectionConfig, shards: list[str], ann: pl.
     concepts.check_embeddings(run_dir, shards)
     concept_set = concepts.embed(sel, concepts.embeddings_model(m, run_dir))
     if ray:
-        thresholds = concepts.thresholds_on(given_or_ray(), run_dir, shards, sel, concept_set)
+        thresholds = concept_thresholds_on(given_or_ray(), run_dir, shards, sel, concept_set)
     else:
         ann = concepts.with_scores(ann, run_dir, shards, concept_set)
         thresholds = concepts.resolve_thresholds(ann, sel)

@@ -36,7 +36,11 @@ from curate.executor import Executor, Future, LocalExecutor, Resources
 
 Query = Callable[[pl.LazyFrame], pl.LazyFrame]
 TASK = Resources(cpus=1)
-FOLD_EVERY = 16  # block answers held before they are folded into the running result
+# block answers held before they are folded into the running result: the driver holds this many
+# plus the result. An answer can be large (a radix pass's sparse counts for every shown group: up to
+# ~20 k bins each), and with 16 the driver's peak grew with the blocks up to 16 of them (bench:
+# docs/SCALE.md); folding is cheap next to the tasks
+FOLD_EVERY = 2
 HASH_SEED = 0x5EED  # which part a value's counts go to (polars' hash: stable within one polars version)
 ROWS_PER_PART = 1_000_000  # block answer rows a part's reducer sums (about: measured per grouping)
 PARTS_MAX = 256  # parts per grouping, at most (blocks x parts objects per grouping)
