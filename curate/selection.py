@@ -37,7 +37,13 @@ from curate import (
 )
 from curate.config import PipelineSpec, ReportConfig, SelectionConfig
 from curate.distributed_decide import TASK, decide_blocks
-from curate.distributed_selection import concept_thresholds_on, finish_block, representatives_on, top_fraction_threshold, uid_slice
+from curate.distributed_selection import (
+    concept_thresholds_on,
+    finish_block,
+    representatives_on,
+    top_fraction_threshold,
+    uid_slice,
+)
 from curate.default_executor import given_or_ray
 from curate.filters.decide import DECIDED, decide, decide_inputs, nan_free_scores, on_ray, resolve_clip_threshold
 from curate.filters.rules import clip_by
@@ -364,7 +370,8 @@ def sweep_selection(
     ann = annotations.scan(run_dir, shards)
     embeddings = annotations.embeddings_for(run_dir, sel, shards)
     check_sweepable(ann, sel)
-    ann, concept_set, _ = _concepts(run_dir, manifest.read(run_dir), sel, shards, ann, on_ray(sel, ann))
+    m = manifest.read(run_dir)
+    ann, concept_set, _ = _concepts(run_dir, m, sel, shards, ann, on_ray(sel, ann))
     cols = list(dict.fromkeys([SCORE, *group_columns, *clip_by(sel), *([equalize] if equalize else [])]))
     if on_ray(sel, ann):
         reps = representatives_on(given_or_ray(), run_dir, shards, sel, cols, concept_set=concept_set)
@@ -376,8 +383,16 @@ def sweep_selection(
         if sel.clip.by is not None:
             res["duplicates"] = spanning_duplicates(ann, sel, group_cut(sel.clip, sel.clip.min_score))
     if equalize:
+        # a group gets its own threshold from the run's report.min_group_size candidates, as in the report
+        min_group = ReportConfig.model_validate((m.get("spec") or {}).get("report") or {}).min_group_size
         res["tradeoff"] = tradeoff(
-            reps, ann, equalize, targets, score_dtype=ann.collect_schema()[schema.CLIP_SCORE], max_ratio=max_ratio
+            reps,
+            ann,
+            equalize,
+            targets,
+            score_dtype=ann.collect_schema()[schema.CLIP_SCORE],
+            max_ratio=max_ratio,
+            min_candidates=min_group,
         )
         units = Units(equalize, tuple(u["value"] for u in res["tradeoff"]["units"] if u["value"] != OTHER), (), ())
         res["tradeoff"]["duplicates"] = spanning_duplicates(ann, sel, units.index())

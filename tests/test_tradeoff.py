@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from test_per_group_threshold import run_dir  # noqa: F401 - the module's run (a fixture)
 
 from curate.cli import app
-from curate.config import SelectionConfig
+from curate.config import ReportConfig, SelectionConfig
 from curate.reports.tradeoff import _apportion, tradeoff
 from curate.selection import sweep_selection, write_selection
 
@@ -166,3 +166,23 @@ def test_shares_add_up_and_ties_are_kept(run):
     # shares 20 and 30: a's 20th highest is 0.5 (20 rows); b's 30th is 0.4, a tie of 40 rows
     assert (by["a"]["kept"], by["b"]["kept"]) == (20, 40) and p["equalised"]["kept"] == 60
     np.testing.assert_equal(p["equalised"]["thresholds"], {"a": 0.5, "b": 0.4})
+
+
+def test_curate_sweep_uses_the_runs_min_group_size_as_the_report_does(run, tmp_path):
+    """A group gets its own threshold with report.min_group_size candidates (the run's spec), in
+    `curate sweep --equalize` as in the report: the same groups either way."""
+    base = sweep_selection(str(run), "base", [], equalize="language", targets=[0.3])["tradeoff"]
+    sizes = sorted(u["candidates"] for u in base["units"] if u["value"] != "(other)")
+    assert len(sizes) >= 2 and sizes[0] < sizes[-1]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["spec"]["report"]["min_group_size"] = sizes[0] + 1  # the smallest group no longer has its own
+    (copy / "manifest.json").write_text(json.dumps(m))
+    got = sweep_selection(str(copy), "base", [], equalize="language", targets=[0.3])["tradeoff"]
+    named = [u["value"] for u in got["units"] if u["value"] != "(other)"]
+    assert len(named) == len(sizes) - 1 and all(u["candidates"] > sizes[0] for u in got["units"][:-1])
+    # the report of a selection written under that spec names the same groups
+    write_selection(str(copy), SelectionConfig(name="again", **BASE), ReportConfig(min_group_size=sizes[0] + 1))
+    rep = json.loads((copy / "selections" / "again" / "report.json").read_text())["tradeoff"]
+    assert [u["value"] for u in rep["units"] if u["value"] != "(other)"] == named
