@@ -129,6 +129,12 @@ def boundary_gallery(
         {
             "column": column,
             "threshold": threshold,
+            # per-group thresholds (clip.by): the column and each listed value's own; the rest: threshold
+            "per_group": (
+                {"by": clip.by, "thresholds": dict(clip.thresholds)}
+                if clip is not None and clip.by is not None
+                else None
+            ),
             "per_side": per_side,
             "window": window,
             "seed": seed,

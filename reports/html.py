@@ -944,13 +944,23 @@ def _tradeoff(rep: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _per_group_note(gal: dict[str, Any]) -> str:
+    """With per-group CLIP thresholds, the heading's addition after the default: `; per language: en 0.28`."""
+    pg = gal.get("per_group")
+    if not pg:
+        return ""
+    own = ", ".join(f"{v} {fmt_num(t)}" for v, t in pg["thresholds"].items())
+    return esc(f"; per {pg['by']}: {own}")
+
+
 def _gallery(rep: dict[str, Any]) -> str:
     gal = rep.get("gallery")
     if not gal:
         return ""
     thumbs = rep.get("_thumbs") or {}
     out = [
-        f"<h2>Boundary gallery (threshold {esc(fmt_num(gal['threshold']))}, by {esc(gal['column'])})</h2>",
+        f"<h2>Boundary gallery (threshold {esc(fmt_num(gal['threshold']))}{_per_group_note(gal)}, by "
+        f"{esc(gal['column'])})</h2>",
         f'<p class="note">For each of the largest groups, {esc(gal["per_side"])} pairs sampled (seed {esc(gal["seed"])}) from '
         f"the {esc(gal['window'])} nearest the threshold on each side: green = just kept, red = just removed. "
         "Is the threshold in the right place for every group?</p>",

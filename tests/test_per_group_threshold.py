@@ -271,6 +271,8 @@ def test_the_ray_engine_decides_per_group_thresholds_as_the_local_one(run_dir, t
         t = float(np.float32(CLIP["thresholds"].get(g["value"], CLIP["min_score"])))
         assert all(r["clip_score"] >= t for r in g["above"]) and all(r["clip_score"] < t for r in g["below"])
         assert g["above"] or g["below"]
+    assert rep["gallery"]["per_group"] == {"by": "language", "thresholds": CLIP["thresholds"]}
+    assert "Boundary gallery (threshold 0.260; per language: en 0.280, de 0.250, by language)" in html  # all shown
 
 
 def test_on_real_ray_the_same_selection(run_dir, tmp_path, ray_session):
