@@ -153,6 +153,31 @@ def _exists(pid: int) -> bool:
         return False
 
 
+def run_in_session(
+    cmd: list[str], env: dict[str, str], timeout: float, cwd: str | Path | None = None, merge_stderr: bool = False
+) -> subprocess.CompletedProcess:
+    """Run `cmd` to its end in a process session of its own; whatever it started (Ray's processes
+    too) is killed afterwards, also when it overruns `timeout` (then TimeoutExpired). With
+    merge_stderr, stderr goes into stdout."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_session(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def driver_result(
     code: str, *args: str, drop_env: tuple[str, ...] = (), timeout: float = 240, **env_extra: str
 ) -> dict:
@@ -161,22 +186,9 @@ def driver_result(
     Ray of its own: RAY_ADDRESS and CURATE_FAILPOINT (and `drop_env`) are not passed on."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CURATE_FAILPOINT", *drop_env)}
     env.update({"RAY_AUTH_MODE": "disabled", "CURATE_PROGRESS": "0", **env_extra})
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        proc.kill()
-        kill_session(proc.pid)
-    lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, f"driver exited {proc.returncode} without a result:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    res = run_in_session([sys.executable, "-c", code, *args], env, timeout, cwd=REPO)
+    lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, f"driver exited {res.returncode} without a result:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     return json.loads(lines[-1][len("RESULT ") :])
 
 

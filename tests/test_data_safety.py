@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from fault_support import kill_session
+from fault_support import kill_session, run_in_session
 
 CURATE = str(Path(sys.executable).with_name("curate"))
 SHARDS = 3
@@ -48,12 +48,7 @@ def _start(*args: str, **env: str) -> subprocess.Popen:
 
 def curate(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """Run the real `curate` command to its end; nothing it started outlives it."""
-    p = _start(*args, **env)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    finally:
-        _kill_group(p)
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return run_in_session([CURATE, *args], _env(**env), timeout)
 
 
 def _paused_run(base_run, run, seconds: int) -> subprocess.Popen:

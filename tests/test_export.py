@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -31,7 +30,7 @@ from curate.executor import LocalExecutor
 from curate.export import export
 from curate.runner import run
 from curate.selection import uids_to_datacomp
-from fault_support import demo_servers, kill_session
+from fault_support import demo_servers, run_in_session
 
 ROWS, SHARDS, SEED = 80, 3, 5
 SHARD_SIZE = 5
@@ -279,19 +278,8 @@ def test_a_sigkilled_export_resumes_to_the_bytes_of_an_uninterrupted_one(demo_ru
         # dies once it has collected its first finished shard
         CURATE_FAILPOINT=f"export.before_marker:{worker_once},export.shard_done:{driver_once}",
     )
-    proc = subprocess.Popen(
-        [CURATE, "export", str(demo_run), "--to", str(to), "--shard-size", str(SHARD_SIZE)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        _, err = proc.communicate(timeout=300)
-    finally:
-        kill_session(proc.pid)
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, err[-3000:])
+    res = run_in_session([CURATE, "export", str(demo_run), "--to", str(to), "--shard-size", str(SHARD_SIZE)], env, 300)
+    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-3000:])
     assert json.loads(worker_once.read_text())["failpoint"] == "export.before_marker"
     assert json.loads(driver_once.read_text())["failpoint"] == "export.shard_done"
     assert not (to / "_export.json").exists()  # not a whole export

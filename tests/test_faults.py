@@ -38,7 +38,7 @@ from fault_support import (
     child_env,
     demo_inputs,
     demo_servers,
-    kill_session,
+    run_in_session,
     short_tmp,
     slow_down,
     spec_overrides,
@@ -137,22 +137,12 @@ def test_scoring_node_removed_at_40_percent(world, tmp_path):
     slow_down(servers, truth, lambda k: 0.3 * k)  # later shards still in flight at 40%
     cmd = [sys.executable, str(REPO / "tests" / "cluster_node_kill.py"), str(spec_file), str(result_file)]
     ray_tmp = short_tmp("crc")
-    proc = subprocess.Popen(
-        cmd,
-        env=child_env(ray_tmp),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
     try:
-        output, _ = proc.communicate(timeout=400)
+        res = run_in_session(cmd, child_env(ray_tmp), 400, cwd=REPO, merge_stderr=True)
     finally:
-        kill_session(proc.pid)
         slow_down(servers, truth, lambda k: 0.0)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, output[-4000:]
+    assert res.returncode == 0, res.stdout[-4000:]
     info = json.loads(result_file.read_text())
     print(
         f"node-kill run: {info['seconds']}s, cluster up in {info['cluster_up_s']}s, node removed after {info['kill_after_s']}s"
