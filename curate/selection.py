@@ -103,11 +103,7 @@ def _write_selection(run_dir: str, sel: SelectionConfig, report_cfg: ReportConfi
     ann, concept_set, concept_thresholds = _concepts(run_dir, m, sel, shards, ann, ray)
     concepts_s = time.perf_counter() - t  # the text tower on the prompts, the concepts' thresholds
     t = time.perf_counter()
-    resolved = _ranked_on_ray(run_dir, shards, sel, ann) if ray else None
-    if resolved is None:
-        resolved = resolve_clip_threshold(ann, sel)
-    if concept_thresholds is not None:
-        resolved = replace(resolved, concepts=concept_thresholds)
+    resolved = _resolved(run_dir, shards, sel, ann, concept_thresholds)
     rank_s = time.perf_counter() - t  # the CLIP threshold: a top fraction's ranking
     meta = {
         "selection": sel.name,
@@ -191,6 +187,13 @@ def _ranked_on_ray(run_dir: str, shards: list[str], sel: SelectionConfig, ann: p
     if sel.clip.min_score is not None or sel.clip.top_fraction is None or not on_ray(sel, ann):
         return None
     return top_fraction_threshold(run_dir, shards, sel.clip.top_fraction, given_or_ray())
+
+
+def _resolved(run_dir: str, shards: list[str], sel: SelectionConfig, ann: pl.LazyFrame, concept_thresholds):
+    """The values the rules resolve from the pool: the CLIP threshold (a top fraction ranked by
+    shard tasks on Ray, else here) and the concepts' thresholds (_concepts)."""
+    resolved = _ranked_on_ray(run_dir, shards, sel, ann) or resolve_clip_threshold(ann, sel)
+    return resolved if concept_thresholds is None else replace(resolved, concepts=concept_thresholds)
 
 
 def _concepts(run_dir: str, m, sel: SelectionConfig, shards: list[str], ann: pl.LazyFrame, ray: bool):
@@ -384,7 +387,7 @@ def sweep_selection(
             res["duplicates"] = spanning_duplicates(ann, sel, group_cut(sel.clip, sel.clip.min_score))
     if equalize:
         # a group gets its own threshold from the run's report.min_group_size candidates, as in the report
-        min_group = ReportConfig.model_validate((m.get("spec") or {}).get("report") or {}).min_group_size
+        min_group = PipelineSpec.model_validate(m["spec"]).report.min_group_size  # as _rebuild_report reads it
         res["tradeoff"] = tradeoff(
             reps,
             ann,
@@ -454,9 +457,7 @@ def _rebuild_report(
     representatives_of = None
     ann, concept_set, concept_thresholds = _concepts(run_dir, m, sel, shards, ann, on_ray(sel, ann))
     if on_ray(sel, ann):
-        resolved = _ranked_on_ray(run_dir, shards, sel, ann) or resolve_clip_threshold(ann, sel)
-        if concept_thresholds is not None:
-            resolved = replace(resolved, concepts=concept_thresholds)
+        resolved = _resolved(run_dir, shards, sel, ann, concept_thresholds)
         ex, _, decisions, _ = _decided_on_ray(run_dir, shards, sel, resolved, cfg, None, concept_set)
 
         def representatives_of(cols):
