@@ -115,12 +115,14 @@ def test_scores_carry_the_model_and_the_manifest_pins_it(demo):
 def test_reselection_loads_no_model_and_moves_counts_the_right_way(demo):
     run_dir = demo["result"].run_dir
     base = json.loads((Path(run_dir) / "selections" / "default" / "selection.json").read_text())
-    threshold = base["resolved"]["clip_threshold"]
+    # stricter: the median score of the rows the default selection keeps
+    stricter = float(_selection(run_dir).filter(pl.col("kept"))["clip_score"].median())
+    assert stricter > base["resolved"]["clip_threshold"]
     code = f"""
 import sys, json
 from curate.cli import app
 from typer.testing import CliRunner
-res = CliRunner().invoke(app, ["select", {run_dir!r}, "--name", "strict", "--clip-min-score", "{threshold + 0.05}"])
+res = CliRunner().invoke(app, ["select", {run_dir!r}, "--name", "strict", "--clip-min-score", "{stricter}"])
 assert res.exit_code == 0, res.output
 heavy = [m for m in ("torch", "open_clip", "ray", "img2dataset") if m in sys.modules]
 print(json.dumps(heavy))

@@ -117,3 +117,56 @@ def test_synthetic_is_deterministic_and_mismatches_differ():
         a = S.random_attrs(rng)
         b = S.mismatched_attrs(a, rng)
         assert a.shape != b.shape or a.color != b.color
+
+
+def _training_script():
+    """scripts/train_small_clip.py, imported as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    from curate.model import BUNDLED_CHECKPOINT as ckpt
+
+    path = ckpt.parents[2] / "scripts" / "train_small_clip.py"
+    spec = importlib.util.spec_from_file_location("train_small_clip", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_training_loss_is_open_clips_with_several_positives_per_caption():
+    """With one caption per image it is open_clip's ClipLoss exactly; a short caption that describes
+    several images in the batch spreads its target over them, so it is not pushed away from them."""
+    from open_clip.loss import ClipLoss
+
+    train = _training_script()
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    diagonal = torch.eye(6)
+    assert torch.allclose(train.multi_positive_clip_loss(img, txt, scale, diagonal), ClipLoss()(img, txt, scale))
+    # orthonormal images; caption i sits on image i, and caption 0 ("a triangle") also describes image 1:
+    # placing it between images 0 and 1 lowers the loss only when the match matrix says so
+    img = torch.eye(6, 8)
+    away = img.clone()
+    toward = img.clone()
+    toward[0] = torch.nn.functional.normalize(img[0] + img[1], dim=-1)
+    shared = diagonal.clone()
+    shared[1, 0] = 1.0
+    loss = train.multi_positive_clip_loss
+    assert loss(img, toward, scale, shared) < loss(img, away, scale, shared)
+    assert loss(img, toward, scale, diagonal) > loss(img, away, scale, diagonal)
+
+
+def test_training_batches_hold_distinct_attributes_and_every_shape_of_a_pair():
+    train = _training_script()
+    rng = np.random.default_rng(1)
+    attrs = train.batch_attrs(rng, 128, shape_groups=18)
+    assert len(attrs) == 128 and len(set(attrs)) == 128
+    pairs = {}
+    for a in attrs:
+        pairs.setdefault((a.color, a.background), set()).add(a.shape)
+    assert sum(shapes == set(S.SHAPES) for shapes in pairs.values()) >= 18
+    tokenizer = open_clip.get_tokenizer("curate-tiny")
+    images, texts, match = train.make_batch(rng, 32, lambda im: torch.zeros(1), tokenizer, shape_groups=3, short=0.5)
+    assert match.shape == (32, 32) and bool(match.diagonal().all())
+    assert (match.sum(dim=0) > 1).any()  # some short caption describes more than its own image
