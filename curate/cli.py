@@ -414,12 +414,10 @@ def _print_sweep(res: dict, out: str | None) -> None:
         )
         dup = res.get("duplicates") or {}
         spans = sum((dup.get("key_groups") or {}).values())
-        if spans or not dup.get("checked", True):
-            typer.echo(
-                f"  not exact: {spans} duplicate group(s) hold copies with different thresholds"
-                if spans
-                else "  a near-duplicate dedup is on: whether duplicates span thresholds is not checked"
-            )
+        if spans:  # (a near dedup's clusters are not checked: the note below covers them)
+            typer.echo(f"  not exact: {spans} duplicate group(s) hold copies with different thresholds")
+    if res.get("near_dedup"):
+        typer.echo(f"note: {res['near_dedup']}")
     labels = ["all"] + [f"{c}={g['value']}" for c, gs in res["groups"].items() for g in gs]
     series = [res["overall"]["retention"]] + [g["retention"] for gs in res["groups"].values() for g in gs]
     typer.echo("threshold  " + "  ".join(f"{x[:12]:>12}" for x in labels))

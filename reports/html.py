@@ -755,12 +755,19 @@ def _sweep(rep: dict[str, Any]) -> str:
         return f'<h2>Threshold sweep</h2><p class="note">{esc(note)}</p>' if note else ""
     thr = sw["thresholds"]
     mark = sw.get("selection_threshold")
+    exactness = (
+        "Counted from the dedup representatives (the rows kept at threshold −inf) with score ≥ t. Not exact here: "
+        "a near-duplicate dedup is on, and its clusters can hang together through rows below a threshold; a real "
+        "selection at that threshold keeps each part's best row, so it can keep more rows than drawn (a lower bound "
+        "while every pair is compared). Check a threshold with curate select."
+        if sw.get("near_dedup")
+        else "Exact, not estimated: dedup survivors are the same rows at every threshold (highest score wins), so "
+        "the rows kept at threshold t are the dedup representatives with score ≥ t."
+    )
     out = [
         "<h2>Threshold sweep: retention vs CLIP threshold</h2>",
         '<p class="note">Retention = rows kept / rows in, with every other rule (missing URL, language, caption, fetch, image, '
-        "dedup) as in this selection and only the CLIP threshold varied. Exact, not estimated: dedup survivors are the "
-        "same rows at every threshold (highest score wins), so the rows kept at threshold t are the dedup "
-        "representatives with score ≥ t.</p>",
+        f"dedup) as in this selection and only the CLIP threshold varied. {esc(exactness)}</p>",
     ]
     pg = sw.get("per_group")
     if pg:  # per-group thresholds: the axis is the default, every named group moves with it (docs/POLICY.md)

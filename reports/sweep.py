@@ -24,6 +24,17 @@ then the argument above holds group by group. Where copies of one image or URL f
 different thresholds, a survivor below its group's cut can let a copy above a lower cut survive in
 a real selection while the sweep counts it removed: ``spanning_duplicates`` counts such key groups
 for the exact dedups (``curate sweep`` checks it; a near dedup cannot be checked this way).
+
+A near-duplicate dedup (``dedup.image_cosine``, ``dedup.caption_near``) is where the argument stops
+being exact. Its groups are connected components of similarity edges, not keys, and a component can
+hang together only through a row of lower score: A ~ B ~ C with A and C apart, scores 0.9, 0.5,
+0.8. At -inf one component, A survives, and the sweep counts A alone at 0.6; a real selection at
+0.6 drops B with the threshold, A and C fall apart, and both are kept. Whenever clustering compares
+every pair (the pool within ``image_cluster_size``), each representative above t still tops its
+part of the component, so the sweep is a **lower bound** on the rows kept, exact when no such
+bridge lies below t; with k-means clusters, fitted on the pool a threshold leaves, not even that is
+guaranteed. ``near_dedup_on`` says when this applies; the sweep's answer carries it and every
+place that shows a sweep says so.
 """
 
 from __future__ import annotations
@@ -54,6 +65,19 @@ def thresholds(start: float, stop: float, step: float) -> list[float]:
         raise ValueError("--to must be >= --from")
     n = int(math.floor((stop - start) / step + 1e-9)) + 1
     return [round(start + i * step, 10) for i in range(n)]
+
+
+NEAR_DEDUP_CAVEAT = (
+    "a near-duplicate dedup is on: its clusters can hang together through rows below a threshold, and a "
+    "real selection there keeps each part's best row, so it can keep more rows than counted here (a lower "
+    "bound while every pair is compared; docs/REPORTS.md)"
+)
+
+
+def near_dedup_on(sel: SelectionConfig) -> bool:
+    """Whether selection `sel` runs a near-duplicate dedup step (clusters, not keys): its sweep is
+    then a lower bound, not exact (module doc)."""
+    return any(key is None for _, key in dedup_steps(sel))
 
 
 def not_sweepable(sel: SelectionConfig) -> str | None:
@@ -282,6 +306,8 @@ def sweep(
         "overall": {"kept": overall_kept, "retention": [k / rows_in if rows_in else None for k in overall_kept]},
         "groups": {},
         "method": "exact: representatives (decide() at threshold -inf) counted at or above each threshold",
+        # None, or why the counts are a lower bound (module doc): a near-duplicate dedup is on
+        "near_dedup": NEAR_DEDUP_CAVEAT if near_dedup_on(sel) else None,
     }
     if sel.clip.by is not None:
         out["per_group"] = {
@@ -295,6 +321,8 @@ def sweep(
             f"threshold -inf) counted at or above their own group's threshold; the sweep varies the default "
             f"(min_score) and moves every {sel.clip.by} threshold by the same offset"
         )
+    if out["near_dedup"]:
+        out["method"] += "; " + out["near_dedup"]
     long = [
         pl.DataFrame(
             {"column": "(all)", "value": "(all)", "threshold": thr, "rows_in": rows_in, "kept": overall_kept},

@@ -151,6 +151,13 @@ def test_report_sweep_and_diff_commands(demo, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert (Path(run_dir) / "selections" / "default" / "report.html").stat().st_size > 10_000
+    # the demo's image near-dedup makes the sweep a lower bound, and the page says so (docs/REPORTS.md)
+    html = (Path(run_dir) / "selections" / "default" / "report.html").read_text()
+    assert "Not exact here" in html and "lower bound" in html
+    assert (
+        "lower bound"
+        in json.loads((Path(run_dir) / "selections" / "default" / "report.json").read_text())["sweep"]["near_dedup"]
+    )
 
     out = tmp_path / "sweep.parquet"
     res = cli.invoke(

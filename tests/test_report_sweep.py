@@ -120,3 +120,67 @@ def test_flips_groups_that_tie_come_in_one_order():
         got = flips(frame.lazy(), 0.2, 0.3, group_columns=["language"], sizes=sizes, score_dtype=pl.Float64)
         orders.add(tuple(g["value"] for g in got["groups"]["language"]))
     assert orders == {("de", "my", "uz")}
+
+
+def _bridged(scores: list[float]) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """Rows on a chain of unit vectors, neighbours at cosine 0.97 and rows two apart at 0.88: with
+    image_cosine 0.95 the chain is one component only through every row of it."""
+    from curate import schema
+
+    n = len(scores)
+    step = np.arccos(0.97)
+    emb = [[float(np.cos(i * step)), float(np.sin(i * step)), 0.0] for i in range(n)]
+    rows = pl.DataFrame(
+        {
+            "shard": ["s0"] * n,
+            "row": np.arange(n, dtype=np.int64),
+            "uid": [f"{i:032x}" for i in range(n)],
+            "caption": [f"a caption {i}" for i in range(n)],
+            "caption_words": np.full(n, 3, dtype=np.int32),
+            "caption_chars": np.full(n, 12, dtype=np.int32),
+            "url": [f"http://u/raw/{i}" for i in range(n)],
+            "url_normalized": [f"http://u/{i}" for i in range(n)],
+            "image_sha256": [f"h{i}" for i in range(n)],
+            "fetch_status": ["ok"] * n,
+            "width": [96] * n,
+            "height": [96] * n,
+            "original_width": [96] * n,
+            "original_height": [96] * n,
+            "clip_score": np.array(scores, dtype=np.float32),
+        }
+    )
+    ann = pl.from_arrow(conform(rows.to_arrow())).lazy()
+    embeddings = pl.DataFrame(
+        {schema.SHARD: ["s0"] * n, schema.ROW: np.arange(n, dtype=np.int64), schema.IMAGE_EMBEDDING: emb}
+    ).with_columns(pl.col(schema.IMAGE_EMBEDDING).cast(pl.List(pl.Float32)))
+    return ann, embeddings.lazy()
+
+
+def test_with_a_near_dedup_the_sweep_is_a_lower_bound_and_says_so():
+    """A ~ B ~ C with A and C apart, B scored lowest: at -inf one cluster and A survives; at 0.6 a real
+    selection drops B, and A and C are each kept. The sweep counts the representatives (A): fewer,
+    never more, and its answer says why (docs/REPORTS.md)."""
+    ann, emb = _bridged([0.9, 0.5, 0.8])
+    near = dict(caption={"min_words": 1}, image={"min_side": 1}, dedup={"image_cosine": 0.95})
+    thr = [0.4, 0.6, 0.85]
+    res = sweep(ann, SelectionConfig(**near), thr, embeddings=emb)
+    kept = []
+    for t in thr:
+        d, _ = decide(ann, SelectionConfig(**near, clip={"min_score": t}), embeddings=emb)
+        kept.append(int(d.collect()["kept"].sum()))
+    assert kept == [1, 2, 1]  # 0.6: the bridge is gone, both ends kept
+    assert res["overall"]["kept"] == [1, 1, 1]
+    assert all(s <= k for s, k in zip(res["overall"]["kept"], kept))
+    assert "lower bound" in res["near_dedup"] and "lower bound" in res["method"]
+
+    # random chains: still never more than a real selection keeps
+    rng = np.random.default_rng(5)
+    ann, emb = _bridged(list(rng.uniform(0.2, 0.9, 40).round(3)))
+    thr = thresholds(0.2, 0.9, 0.05)
+    res = sweep(ann, SelectionConfig(**near), thr, embeddings=emb)
+    for i, t in enumerate(res["thresholds"]):
+        d, _ = decide(ann, SelectionConfig(**near, clip={"min_score": t}), embeddings=emb)
+        assert res["overall"]["kept"][i] <= int(d.collect()["kept"].sum()), t
+
+    exact = sweep(synthetic_annotations(400), SelectionConfig(**SEL), [0.3])
+    assert exact["near_dedup"] is None and exact["method"].startswith("exact")
