@@ -23,15 +23,14 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
-def _fold_pairs(module: torch.nn.Module) -> int:
-    folded = 0
-    for conv_name, bn_name in _PAIRS:
-        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-        if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
-            setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-            setattr(module, bn_name, torch.nn.Identity())
-            folded += 1
-    return folded
+def _fold(parent: torch.nn.Module, conv_key: str, bn_key: str) -> bool:
+    """Fold child `bn_key` of `parent` into child `conv_key` when they are a Conv2d and a BatchNorm2d."""
+    conv, bn = getattr(parent, conv_key, None), getattr(parent, bn_key, None)
+    if not (isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d)):
+        return False
+    setattr(parent, conv_key, fuse_conv_bn_eval(conv, bn))
+    setattr(parent, bn_key, torch.nn.Identity())
+    return True
 
 
 def fold_resnet_batchnorm(visual: torch.nn.Module) -> int:
@@ -44,17 +43,9 @@ def fold_resnet_batchnorm(visual: torch.nn.Module) -> int:
         return 0
     if visual.training:
         raise ValueError("BatchNorm can only be folded in eval mode (running statistics)")
-    folded = _fold_pairs(visual)  # the stem
-    for block in visual.modules():
-        if not isinstance(block, Bottleneck):
-            continue
-        folded += _fold_pairs(block)
-        ds = block.downsample
-        if ds is not None:
-            items = list(ds.named_children())
-            for (conv_key, conv), (bn_key, bn) in zip(items, items[1:]):
-                if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
-                    setattr(ds, conv_key, fuse_conv_bn_eval(conv, bn))
-                    setattr(ds, bn_key, torch.nn.Identity())
-                    folded += 1
+    blocks = [m for m in visual.modules() if isinstance(m, Bottleneck)]
+    folded = sum(_fold(m, conv, bn) for m in [visual, *blocks] for conv, bn in _PAIRS)  # the stem, then each block
+    for ds in (b.downsample for b in blocks if b.downsample is not None):
+        keys = [k for k, _ in ds.named_children()]  # avgpool, conv, bn
+        folded += sum(_fold(ds, conv, bn) for conv, bn in zip(keys, keys[1:]))
     return folded
