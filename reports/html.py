@@ -757,10 +757,8 @@ def _sweep(rep: dict[str, Any]) -> str:
     mark = sw.get("selection_threshold")
     exactness = (
         "Counted from the dedup representatives (the rows kept at threshold −inf) with score ≥ t. Not exact here: "
-        "a near-duplicate dedup is on, and its clusters can hang together through rows below a threshold; a real "
-        "selection at that threshold keeps each part's best row, so it can keep more rows than drawn (a lower bound "
-        "while every pair is compared). Check a threshold with curate select."
-        if sw.get("near_dedup")
+        f"{sw['near_dedup']}. Check a threshold with curate select."
+        if sw.get("near_dedup")  # why (reports/sweep.py NEAR_DEDUP_CAVEAT)
         else "Exact, not estimated: dedup survivors are the same rows at every threshold (highest score wins), so "
         "the rows kept at threshold t are the dedup representatives with score ≥ t."
     )
